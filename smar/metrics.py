@@ -1,0 +1,212 @@
+"""Routing statistics for analysis: never part of the gradient.
+
+:class:`RoutingStats` accumulates, over any number of batches, per-layer and per-modality sums of
+router probability, top-k selection counts, per-token entropies and token counts. Its memory is
+``O(L * M * E)`` whatever the number of tokens seen, and two accumulators merge exactly (across
+evaluation shards or data-parallel ranks).
+
+Shapes legend: L MoE layers, T tokens, E experts, K top-k, M modalities.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from smar.losses import (
+    _check_modalities,
+    _check_router,
+    _check_top_k,
+    _entropy,
+    _jeffreys,
+    _probs,
+    as_logits,
+    modality_ids_flat,
+)
+
+__all__ = ["RoutingStats", "MODALITY_NAMES"]
+
+MODALITY_NAMES = {0: "text", 1: "image", 2: "video", 3: "audio"}
+
+
+def _name(m: int) -> str:
+    return MODALITY_NAMES.get(m, f"modality{m}")
+
+
+class RoutingStats:
+    """Streaming accumulator of routing statistics per layer and modality.
+
+    Args:
+        modalities: modality ids to track (tokens with other ids, e.g. -1, are skipped).
+        router: ``"softmax"`` or ``"sigmoid"``, as in :func:`smar.routing_probs`.
+
+    Example:
+        >>> stats = RoutingStats()
+        >>> stats.update(router_logits, modality_ids, top_k=2)   # doctest: +SKIP
+        >>> stats.summary()["routing/layer00/mrd"]               # doctest: +SKIP
+    """
+
+    def __init__(self, modalities: Sequence[int] = (0, 1), *, router: str = "softmax"):
+        _check_router(router)
+        self.modalities = _check_modalities(modalities)
+        self.router = router
+        self.top_k: int | None = None
+        self.prob_sum: Tensor | None = None  # (L, M, E) float64
+        self.select_count: Tensor | None = None  # (L, M, E) float64: top-k slots
+        self.entropy_sum: Tensor | None = None  # (L, M) float64: sum of per-token H(p_t)
+        self.tokens: Tensor | None = None  # (M,) float64
+
+    @property
+    def num_layers(self) -> int | None:
+        return None if self.prob_sum is None else self.prob_sum.shape[0]
+
+    @property
+    def num_experts(self) -> int | None:
+        return None if self.prob_sum is None else self.prob_sum.shape[2]
+
+    @torch.no_grad()
+    def update(
+        self, router_logits: Tensor | Sequence[Tensor], modality_ids: Tensor, *, top_k: int
+    ) -> RoutingStats:
+        """Adds one batch.
+
+        Shapes:
+            router_logits: L tensors (T, E) or one (L, T, E) tensor of raw logits.
+            modality_ids: (T,) or (B, S) integer ids; -1 ignored.
+        """
+        z = as_logits(router_logits).detach()
+        L, T, E = z.shape
+        _check_top_k(top_k, E)
+        ids = modality_ids_flat(modality_ids, T)
+        if self.prob_sum is None:
+            M = len(self.modalities)
+            self.top_k = top_k
+            self.prob_sum = torch.zeros(L, M, E, dtype=torch.float64)
+            self.select_count = torch.zeros(L, M, E, dtype=torch.float64)
+            self.entropy_sum = torch.zeros(L, M, dtype=torch.float64)
+            self.tokens = torch.zeros(M, dtype=torch.float64)
+        elif (L, E) != (self.num_layers, self.num_experts) or top_k != self.top_k:
+            raise ValueError(
+                f"batch has L={L}, E={E}, top_k={top_k} but the accumulator holds "
+                f"L={self.num_layers}, E={self.num_experts}, top_k={self.top_k}"
+            )
+        probs = _probs(z, self.router)  # (L, T, E)
+        onehot = (ids[None, :] == ids.new_tensor(self.modalities)[:, None]).to(
+            probs.dtype
+        )  # (M, T)
+        chosen = torch.topk(probs, top_k, dim=-1).indices  # (L, T, K)
+        selected = torch.zeros_like(probs).scatter_(-1, chosen, 1.0)  # (L, T, E) 0/1
+        self.prob_sum += torch.matmul(onehot, probs).double().cpu()  # (L, M, E)
+        self.select_count += torch.matmul(onehot, selected).double().cpu()  # (L, M, E)
+        ent = torch.matmul(onehot, _entropy(probs).unsqueeze(-1)).squeeze(-1)  # (L, M)
+        self.entropy_sum += ent.double().cpu()
+        self.tokens += onehot.sum(dim=1).double().cpu()
+        return self
+
+    def merge(self, other: RoutingStats) -> RoutingStats:
+        """Adds another accumulator's counts into this one (in place) and returns self."""
+        if other.prob_sum is None:
+            return self
+        if other.modalities != self.modalities or other.router != self.router:
+            raise ValueError("cannot merge RoutingStats with different modalities or router")
+        if self.prob_sum is None:
+            self.top_k = other.top_k
+            self.prob_sum = other.prob_sum.clone()
+            self.select_count = other.select_count.clone()
+            self.entropy_sum = other.entropy_sum.clone()
+            self.tokens = other.tokens.clone()
+            return self
+        if other.prob_sum.shape != self.prob_sum.shape or other.top_k != self.top_k:
+            raise ValueError(
+                f"cannot merge RoutingStats of shape {tuple(other.prob_sum.shape)}, top_k="
+                f"{other.top_k} into {tuple(self.prob_sum.shape)}, top_k={self.top_k}"
+            )
+        self.prob_sum += other.prob_sum
+        self.select_count += other.select_count
+        self.entropy_sum += other.entropy_sum
+        self.tokens += other.tokens
+        return self
+
+    def all_reduce(self, group=None) -> RoutingStats:
+        """Sums the statistics over a ``torch.distributed`` process group, in place."""
+        import torch.distributed as dist
+
+        if self.prob_sum is None:
+            raise ValueError("RoutingStats.all_reduce: no batch was added on this rank")
+        for t in (self.prob_sum, self.select_count, self.entropy_sum, self.tokens):
+            dist.all_reduce(t, group=group)
+        return self
+
+    def distributions(self) -> Tensor:
+        """Modality routing distributions ``P`` ``(L, M, E)``; NaN rows for unseen modalities."""
+        self._require_data()
+        return self.prob_sum / self.tokens[None, :, None]
+
+    def mrd(self, text: int = 0, image: int = 1) -> Tensor:
+        """Per-layer MRD ``(L,)`` over everything seen; NaN if a modality was never seen."""
+        P = self.distributions()
+        i, j = self.modalities.index(text), self.modalities.index(image)
+        return _jeffreys(P[:, i], P[:, j])  # (L,); NaN propagates from an unseen modality
+
+    def load(self) -> Tensor:
+        """Expert load per modality ``(L, M, E)``: share of each modality's top-k slots."""
+        self._require_data()
+        return self.select_count / (self.tokens[None, :, None] * self.top_k)
+
+    def _require_data(self) -> None:
+        if self.prob_sum is None:
+            raise ValueError("RoutingStats is empty: call update() with at least one batch first")
+
+    def summary(self) -> dict[str, float]:
+        """A flat dict of floats with slash names, per layer ``routing/layerNN/...``:
+
+        - ``mrd``: text vs each other modality (``mrd`` for image, ``mrd/video``...), NaN when a
+          modality was not seen;
+        - ``load/<modality>/expertEE``: share of the modality's top-k slots per expert;
+        - ``share/<modality>/expertEE``: modality composition of each expert (share of its slots);
+        - ``imbalance``: max over experts of the all-token load divided by the balanced load 1/E
+          (1.0 is perfectly balanced, E is one expert taking everything);
+        - ``entropy/<modality>``: mean per-token routing entropy / log(E) (1 = uniform);
+        - ``entropy_mean/<modality>``: entropy of the modality's mean distribution / log(E).
+
+        Plus ``routing/tokens/<modality>`` and the layer means ``routing/mrd``,
+        ``routing/imbalance``.
+        """
+        self._require_data()
+        L, M, E = self.prob_sum.shape
+        names = [_name(m) for m in self.modalities]
+        P = self.distributions()  # (L, M, E)
+        load = self.load()  # (L, M, E)
+        slots = self.select_count.sum(dim=1)  # (L, E)
+        share = self.select_count / slots.clamp_min(1.0)[:, None, :]  # (L, M, E)
+        all_load = slots / slots.sum(dim=-1, keepdim=True).clamp_min(1.0)  # (L, E)
+        imbalance = all_load.max(dim=-1).values * E  # (L,)
+        tok_entropy = self.entropy_sum / self.tokens[None, :] / math.log(E)  # (L, M)
+        mean_entropy = _entropy(P) / math.log(E)  # (L, M)
+        out: dict[str, float] = {}
+        for m, name in enumerate(names):
+            out[f"routing/tokens/{name}"] = float(self.tokens[m])
+        mrds = {}
+        if 0 in self.modalities:
+            for m in self.modalities:
+                if m != 0:
+                    mrds[m] = self.mrd(0, m)  # (L,)
+        for layer in range(L):
+            pre = f"routing/layer{layer:02d}"
+            for m, d in mrds.items():
+                key = f"{pre}/mrd" if m == 1 else f"{pre}/mrd/{_name(m)}"
+                out[key] = float(d[layer])
+            out[f"{pre}/imbalance"] = float(imbalance[layer])
+            for mi, name in enumerate(names):
+                out[f"{pre}/entropy/{name}"] = float(tok_entropy[layer, mi])
+                out[f"{pre}/entropy_mean/{name}"] = float(mean_entropy[layer, mi])
+                for e in range(E):
+                    out[f"{pre}/load/{name}/expert{e:02d}"] = float(load[layer, mi, e])
+                    out[f"{pre}/share/{name}/expert{e:02d}"] = float(share[layer, mi, e])
+        if 1 in mrds:
+            out["routing/mrd"] = float(mrds[1].mean())
+        out["routing/imbalance"] = float(imbalance.mean())
+        return out

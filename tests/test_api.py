@@ -1,0 +1,38 @@
+"""The public surface is pinned: changing it is a deliberate act."""
+
+import subprocess
+import sys
+
+import smar
+from smar import cli
+
+
+def test_public_api_is_pinned():
+    assert sorted(smar.__all__) == sorted(
+        [
+            "RoutingStats",
+            "limoe_loss",
+            "load_balancing_loss",
+            "modality_distributions",
+            "mrd",
+            "routing_probs",
+            "smar_loss",
+            "z_loss",
+        ]
+    )
+    for name in smar.__all__:
+        assert getattr(smar, name) is not None
+
+
+def test_cli_commands_are_pinned():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert sorted(sub.choices) == sorted(cli.COMMANDS) == ["demo"]
+
+
+def test_import_smar_needs_only_torch():
+    code = (
+        "import sys, smar; heavy = [m for m in ('transformers', 'matplotlib', 'tokenizers', "
+        "'sklearn') if m in sys.modules]; print(heavy); assert not heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
