@@ -5,10 +5,12 @@
 """
 
 from smar.losses import (
+    Routing,
     limoe_loss,
     load_balancing_loss,
     modality_distributions,
     mrd,
+    prepare_routing,
     routing_probs,
     smar_loss,
     z_loss,
@@ -18,11 +20,13 @@ from smar.metrics import RoutingStats
 __version__ = "0.1.0"
 
 __all__ = [
+    "Routing",
     "RoutingStats",
     "limoe_loss",
     "load_balancing_loss",
     "modality_distributions",
     "mrd",
+    "prepare_routing",
     "routing_probs",
     "smar_loss",
     "z_loss",

@@ -30,6 +30,8 @@ from torch import Tensor
 
 __all__ = [
     "EPS",
+    "Routing",
+    "prepare_routing",
     "routing_probs",
     "modality_distributions",
     "mrd",
@@ -87,11 +89,12 @@ def as_logits(router_logits: Tensor | Sequence[Tensor], name: str = "router_logi
         raise ValueError(f"{name} has no tokens or no experts: shape (L, T, E) = {tuple(z.shape)}")
     if z.dtype in (torch.float16, torch.bfloat16):
         z = z.float()
-    zd = z.detach()
-    # -inf marks a masked expert (hard routing); NaN, +inf, or a fully masked token are errors.
-    if torch.isnan(zd).any() or torch.isposinf(zd).any():
+    # One cheap pass: NaN propagates into both, +inf shows in the max, -inf (a masked expert under
+    # hard routing) in the min; only then is the rarer per-token check needed.
+    lo, hi = torch.aminmax(z.detach())
+    if torch.isnan(hi) or torch.isposinf(hi):
         raise ValueError(f"{name} contains NaN or +inf: check the model's forward for overflow")
-    if torch.isneginf(zd).all(dim=-1).any():
+    if torch.isneginf(lo) and torch.isneginf(z.detach().amax(dim=-1)).any():
         raise ValueError(f"{name} has a token whose experts are all -inf: it cannot be routed")
     return z
 
@@ -150,6 +153,54 @@ def _check_modalities(modalities: Sequence[int], name: str = "modalities") -> tu
 # router probabilities and modality routing distributions
 
 
+class Routing:
+    """Validated router logits and their probabilities, computed once and shared by the losses.
+
+    Every loss accepts a ``Routing`` in place of raw logits: build it once per forward with
+    :func:`prepare_routing` when several losses look at the same logits, so that validation,
+    stacking and the softmax (and its backward) run once instead of once per loss.
+
+    Shapes:
+        logits: (L, T, E) float.   probs: (L, T, E), rows summing to 1.
+    """
+
+    __slots__ = ("logits", "router", "_probs")
+
+    def __init__(self, logits: Tensor, router: str):
+        self.logits = logits
+        self.router = router
+        self._probs: Tensor | None = None
+
+    @property
+    def probs(self) -> Tensor:
+        if self._probs is None:
+            self._probs = _probs(self.logits, self.router)
+        return self._probs
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.logits.shape
+
+
+def prepare_routing(
+    router_logits: Tensor | Sequence[Tensor] | Routing, *, router: str = "softmax"
+) -> Routing:
+    """Validates router logits once for several losses (see :class:`Routing`).
+
+    Args:
+        router_logits: L tensors (T, E) or one (L, T, E) tensor of raw logits.
+        router: ``"softmax"`` or ``"sigmoid"`` (see :func:`routing_probs`).
+    """
+    _check_router(router)
+    if isinstance(router_logits, Routing):
+        if router_logits.router != router:
+            raise ValueError(
+                f"router={router!r} but the Routing was prepared with {router_logits.router!r}"
+            )
+        return router_logits
+    return Routing(as_logits(router_logits), router)
+
+
 def routing_probs(router_logits: Tensor | Sequence[Tensor], *, router: str = "softmax") -> Tensor:
     """Router probabilities over all experts, before top-k and renormalisation.
 
@@ -161,8 +212,7 @@ def routing_probs(router_logits: Tensor | Sequence[Tensor], *, router: str = "so
     Returns:
         Probabilities ``(L, T, E)``, float32 or wider, rows summing to 1.
     """
-    _check_router(router)
-    return _probs(as_logits(router_logits), router)
+    return prepare_routing(router_logits, router=router).probs
 
 
 def _probs(z: Tensor, router: str) -> Tensor:
@@ -201,7 +251,7 @@ def _modality_sums(
 
 
 def modality_distributions(
-    router_logits: Tensor | Sequence[Tensor],
+    router_logits: Tensor | Sequence[Tensor] | Routing,
     modality_ids: Tensor,
     *,
     modalities: Sequence[int] = (0, 1),
@@ -221,11 +271,10 @@ def modality_distributions(
         ``(P, counts)``: ``P`` of shape ``(L, M, E)`` and token counts ``(M,)``. A modality with
         no valid token has count 0 and a row of NaN (the mean of nothing): check ``counts``.
     """
-    _check_router(router)
     mods = _check_modalities(modalities)
-    z = as_logits(router_logits)
-    ids = modality_ids_flat(modality_ids, z.shape[1])
-    sums, counts = _modality_sums(_probs(z, router), ids, mods, group)
+    r = prepare_routing(router_logits, router=router)
+    ids = modality_ids_flat(modality_ids, r.shape[1])
+    sums, counts = _modality_sums(r.probs, ids, mods, group)
     P = sums / counts[None, :, None]  # (L, M, E); 0/0 = NaN for an absent modality
     return P, counts
 
@@ -236,11 +285,11 @@ def _jeffreys(p: Tensor, q: Tensor) -> Tensor:
 
 
 def _mrd_and_presence(
-    z: Tensor, ids: Tensor, text: int, images: tuple[int, ...], router: str, group
+    probs: Tensor, ids: Tensor, text: int, images: tuple[int, ...], group
 ) -> tuple[Tensor, Tensor]:
     """D ``(L, N)`` for each non-text modality, and whether both modalities are present ``(N,)``."""
     mods = _check_modalities((text, *images), "text and image")
-    sums, counts = _modality_sums(_probs(z, router), ids, mods, group)
+    sums, counts = _modality_sums(probs, ids, mods, group)
     P = sums / counts.clamp_min(1.0)[None, :, None]  # (L, 1+N, E); finite even when absent
     D = _jeffreys(P[:, :1, :], P[:, 1:, :])  # (L, N)
     present = (counts[0] > 0) & (counts[1:] > 0)  # (N,)
@@ -248,7 +297,7 @@ def _mrd_and_presence(
 
 
 def mrd(
-    router_logits: Tensor | Sequence[Tensor],
+    router_logits: Tensor | Sequence[Tensor] | Routing,
     modality_ids: Tensor,
     *,
     text: int = 0,
@@ -273,11 +322,10 @@ def mrd(
         ``(L,)`` for one ``image`` id, ``(L, N)`` for N ids. NaN where a modality has no valid
         token (the divergence is undefined there).
     """
-    _check_router(router)
-    z = as_logits(router_logits)
-    ids = modality_ids_flat(modality_ids, z.shape[1])
+    r = prepare_routing(router_logits, router=router)
+    ids = modality_ids_flat(modality_ids, r.shape[1])
     images = (image,) if isinstance(image, int) else tuple(image)
-    D, present = _mrd_and_presence(z, ids, text, images, router, group)
+    D, present = _mrd_and_presence(r.probs, ids, text, images, group)
     D = torch.where(present[None, :], D, torch.full_like(D, float("nan")))
     return D[:, 0] if isinstance(image, int) else D
 
@@ -307,7 +355,7 @@ def _check_band(band, num_layers: int) -> Tensor:
 
 
 def smar_loss(
-    router_logits: Tensor | Sequence[Tensor],
+    router_logits: Tensor | Sequence[Tensor] | Routing,
     modality_ids: Tensor,
     *,
     band=(1.5, 2.0),
@@ -333,14 +381,14 @@ def smar_loss(
     Returns:
         A scalar. It is 0, still connected to the graph, when no layer has both modalities.
     """
-    _check_router(router)
     if hinge not in _HINGES:
         raise ValueError(f"hinge must be one of {_HINGES}; got {hinge!r}")
-    z = as_logits(router_logits)
+    r = prepare_routing(router_logits, router=router)
+    z = r.logits
     ids = modality_ids_flat(modality_ids, z.shape[1])
     b = _check_band(band, z.shape[0]).to(device=z.device, dtype=z.dtype)  # (L, 2)
     images = (image,) if isinstance(image, int) else tuple(image)
-    D, present = _mrd_and_presence(z, ids, text, images, router, group)  # (L, N), (N,)
+    D, present = _mrd_and_presence(r.probs, ids, text, images, group)  # (L, N), (N,)
     below = (b[:, :1] - D).clamp_min(0)  # (L, N)
     above = (D - b[:, 1:]).clamp_min(0)  # (L, N)
     h = below + above if hinge == "linear" else below.square() + above.square()  # (L, N)
@@ -360,7 +408,7 @@ def _check_top_k(top_k: int, num_experts: int) -> None:
 
 
 def load_balancing_loss(
-    router_logits: Tensor | Sequence[Tensor],
+    router_logits: Tensor | Sequence[Tensor] | Routing,
     *,
     top_k: int,
     mask: Tensor | None = None,
@@ -386,16 +434,18 @@ def load_balancing_loss(
     Returns:
         A scalar.
     """
-    _check_router(router)
     if variant not in _LB_VARIANTS:
         raise ValueError(f"variant must be one of {_LB_VARIANTS}; got {variant!r}")
-    z = as_logits(router_logits)
+    r = prepare_routing(router_logits, router=router)
+    z = r.logits
     L, T, E = z.shape
     _check_top_k(top_k, E)
-    probs = _probs(z, router)  # (L, T, E)
     w = mask_flat(mask, T)  # (T,) or None
+    probs = r.probs  # (L, T, E)
     w = None if w is None else w.to(probs.dtype)
-    chosen = torch.topk(probs.detach(), top_k, dim=-1).indices  # (L, T, K)
+    # Top-k of the probabilities (as transformers does, so that ties break alike); unsorted is
+    # faster and the order does not matter for counting.
+    chosen = torch.topk(probs.detach(), top_k, dim=-1, sorted=False).indices  # (L, T, K)
     slot_w = (
         torch.ones(1, 1, 1, dtype=probs.dtype, device=z.device).expand(L, T, top_k)
         if w is None
@@ -416,7 +466,9 @@ def load_balancing_loss(
     return (E * (f * P).sum(dim=-1)).mean()
 
 
-def z_loss(router_logits: Tensor | Sequence[Tensor], *, mask: Tensor | None = None) -> Tensor:
+def z_loss(
+    router_logits: Tensor | Sequence[Tensor] | Routing, *, mask: Tensor | None = None
+) -> Tensor:
     """ST-MoE router z-loss: mean over tokens and layers of ``logsumexp(z_t)^2``.
 
     Args:
@@ -426,7 +478,7 @@ def z_loss(router_logits: Tensor | Sequence[Tensor], *, mask: Tensor | None = No
     Returns:
         A scalar.
     """
-    z = as_logits(router_logits)
+    z = router_logits.logits if isinstance(router_logits, Routing) else as_logits(router_logits)
     lse2 = torch.logsumexp(z, dim=-1).square()  # (L, T)
     w = mask_flat(mask, z.shape[1])
     if w is None:
@@ -443,7 +495,7 @@ def _entropy(p: Tensor) -> Tensor:
 
 
 def limoe_loss(
-    router_logits: Tensor | Sequence[Tensor],
+    router_logits: Tensor | Sequence[Tensor] | Routing,
     modality_ids: Tensor,
     *,
     tau: float,
@@ -470,14 +522,13 @@ def limoe_loss(
     Returns:
         A scalar; a graph-connected 0 when no listed modality is present.
     """
-    _check_router(router)
     mods = _check_modalities(modalities)
-    z = as_logits(router_logits)
-    ids = modality_ids_flat(modality_ids, z.shape[1])
-    E = z.shape[-1]
+    r = prepare_routing(router_logits, router=router)
+    ids = modality_ids_flat(modality_ids, r.shape[1])
+    E = r.shape[-1]
     if not (isinstance(tau, (int, float)) and 0 <= tau <= math.log(E) + 1e-6):
         raise ValueError(f"tau must be a number in [0, log(E)={math.log(E):.3f}]; got {tau!r}")
-    probs = _probs(z, router)  # (L, T, E)
+    probs = r.probs  # (L, T, E)
     onehot = (ids[None, :] == ids.new_tensor(mods)[:, None]).to(probs.dtype)  # (M, T)
     counts = onehot.sum(dim=1)  # (M,)
     denom = counts.clamp_min(1.0)  # (M,)

@@ -10,11 +10,13 @@ from smar import cli
 def test_public_api_is_pinned():
     assert sorted(smar.__all__) == sorted(
         [
+            "Routing",
             "RoutingStats",
             "limoe_loss",
             "load_balancing_loss",
             "modality_distributions",
             "mrd",
+            "prepare_routing",
             "routing_probs",
             "smar_loss",
             "z_loss",

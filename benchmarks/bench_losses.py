@@ -1,0 +1,86 @@
+"""Speed of SMAR's losses against transformers' load-balancing loss, on the same logits.
+
+Times forward+backward of ``smar_loss + load_balancing_loss`` against transformers'
+``load_balancing_loss_func`` alone, at two shapes, interleaving the repetitions so that all see
+the same machine load, and prints the median times and the ratios (target: ours <= 1.0x):
+
+- ``separate``: the two functions called on the raw list of per-layer logits;
+- ``prepared``: the same two functions on ``smar.prepare_routing(logits)``, which validates,
+  stacks and soft-maxes the logits once for both (what ``smar.attach`` does).
+
+    python benchmarks/bench_losses.py [--reps 15] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+import smar
+
+SHAPES = [  # (L, T, E, K)
+    (24, 8192, 64, 8),
+    (32, 4096, 8, 2),
+]
+
+
+def candidates(L: int, T: int, E: int, K: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    layers = tuple(torch.randn(T, E, generator=g).requires_grad_(True) for _ in range(L))
+    ids = (torch.rand(T, generator=g) < 0.75).long()  # (T,) 3 image tokens per text token
+
+    def separate():
+        band = smar.smar_loss(layers, ids, band=(1.5, 2.0))
+        (band + smar.load_balancing_loss(layers, top_k=K)).backward()
+
+    def prepared():
+        r = smar.prepare_routing(layers)
+        band = smar.smar_loss(r, ids, band=(1.5, 2.0))
+        (band + smar.load_balancing_loss(r, top_k=K)).backward()
+
+    def hf():
+        load_balancing_loss_func(layers, E, K).backward()
+
+    return {"separate": separate, "prepared": prepared, "hf": hf}
+
+
+def measure(fns: dict, reps: int) -> dict[str, float]:
+    """Median milliseconds per function, repetitions interleaved."""
+    for fn in fns.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.reps} reps")
+    print(
+        f"{'L':>3} {'T':>5} {'E':>3} {'K':>2} | {'separate':>8} {'prepared':>8} {'HF':>8} ms | "
+        "separate/HF prepared/HF"
+    )
+    for L, T, E, K in SHAPES:
+        ms = measure(candidates(L, T, E, K), args.reps)
+        sep, prep, hf = ms["separate"], ms["prepared"], ms["hf"]
+        print(
+            f"{L:>3} {T:>5} {E:>3} {K:>2} | {sep:8.1f} {prep:8.1f} {hf:8.1f}    | "
+            f"{sep / hf:10.2f}x {prep / hf:10.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
