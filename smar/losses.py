@@ -39,6 +39,7 @@ __all__ = [
     "load_balancing_loss",
     "z_loss",
     "limoe_loss",
+    "routing_objective",
 ]
 
 EPS = 1e-9  # lower clamp of a routing distribution before its log (SPEC section 2)
@@ -538,3 +539,71 @@ def limoe_loss(
     present = (counts > 0).to(probs.dtype)  # (M,)
     per = (local_weight * local + global_weight * glob) * present  # (L, M)
     return per.sum(dim=1).mean()
+
+
+def routing_objective(
+    router_logits: Tensor | Sequence[Tensor] | Routing,
+    modality_ids: Tensor | None = None,
+    *,
+    top_k: int,
+    mask: Tensor | None = None,
+    smar_weight: float = 0.0,
+    band=(1.5, 2.0),
+    hinge: str = "linear",
+    lb_weight: float = 0.01,
+    lb_variant: str = "switch",
+    z_weight: float = 0.0,
+    limoe_weight: float = 0.0,
+    limoe_tau: float | None = None,
+    text: int = 0,
+    image: int = 1,
+    router: str = "softmax",
+    group=None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The routing part of SMAR's objective, and its unweighted terms, from one forward.
+
+    ``total = lb_weight * L_LB + smar_weight * L_SMAR + z_weight * L_z + limoe_weight * L_LIMoE``.
+    Terms with weight 0 are not computed. The logits are validated and soft-maxed once.
+
+    Args:
+        router_logits: L tensors (T, E), one (L, T, E) tensor, or a :class:`Routing`.
+        modality_ids: (T,) or (B, S) integer ids; needed by the SMAR and LIMoE terms.
+        top_k: experts per token (load balancing).
+        mask: tokens that count for load balancing and z-loss; by default ``modality_ids >= 0``
+            when modality ids are given, else every token.
+        limoe_tau: LIMoE's global entropy threshold; default ``log(E) / 2``.
+        Others: as in :func:`smar_loss`, :func:`load_balancing_loss`.
+
+    Returns:
+        ``(total, terms)``: ``terms`` maps ``"band"``, ``"lb"``, ``"z"``, ``"limoe"`` (those
+        computed) to unweighted scalars, and ``"mrd"`` to the detached per-layer MRD ``(L,)``
+        when modality ids are given (NaN where a modality is absent).
+    """
+    r = prepare_routing(router_logits, router=router)
+    if mask is None and modality_ids is not None:
+        mask = modality_ids >= 0
+    if (smar_weight or limoe_weight) and modality_ids is None:
+        raise ValueError("modality_ids are required when smar_weight or limoe_weight is set")
+    terms: dict[str, Tensor] = {}
+    total = r.logits.new_zeros(())
+    if lb_weight:
+        terms["lb"] = load_balancing_loss(r, top_k=top_k, mask=mask, variant=lb_variant)
+        total = total + lb_weight * terms["lb"]
+    else:
+        _check_top_k(top_k, r.shape[-1])
+    if smar_weight:
+        terms["band"] = smar_loss(
+            r, modality_ids, band=band, hinge=hinge, text=text, image=image, group=group
+        )
+        total = total + smar_weight * terms["band"]
+    if z_weight:
+        terms["z"] = z_loss(r, mask=mask)
+        total = total + z_weight * terms["z"]
+    if limoe_weight:
+        tau = math.log(r.shape[-1]) / 2 if limoe_tau is None else limoe_tau
+        terms["limoe"] = limoe_loss(r, modality_ids, tau=tau, modalities=(text, image))
+        total = total + limoe_weight * terms["limoe"]
+    if modality_ids is not None:
+        with torch.no_grad():
+            terms["mrd"] = mrd(r, modality_ids, text=text, image=image, group=group)
+    return total, terms

@@ -17,6 +17,7 @@ def test_public_api_is_pinned():
             "modality_distributions",
             "mrd",
             "prepare_routing",
+            "routing_objective",
             "routing_probs",
             "smar_loss",
             "z_loss",

@@ -467,3 +467,34 @@ def test_token_with_all_experts_masked_raises():
     z[0, 0, :] = float("-inf")
     with pytest.raises(ValueError, match="all -inf"):
         smar.mrd(z, ids)
+
+
+def test_routing_objective_is_the_weighted_sum_of_the_functions():
+    z, ids = make(seed=5)
+    mask = ids >= 0
+    total, terms = smar.routing_objective(
+        z,
+        ids,
+        top_k=2,
+        smar_weight=0.5,
+        band=(2.0, 3.0),
+        lb_weight=0.01,
+        z_weight=1e-3,
+        limoe_weight=0.1,
+        limoe_tau=1.0,
+    )
+    want = {
+        "band": smar.smar_loss(z, ids, band=(2.0, 3.0)),
+        "lb": smar.load_balancing_loss(z, top_k=2, mask=mask),
+        "z": smar.z_loss(z, mask=mask),
+        "limoe": smar.limoe_loss(z, ids, tau=1.0),
+    }
+    for k, v in want.items():
+        torch.testing.assert_close(terms[k], v)
+    torch.testing.assert_close(terms["mrd"], smar.mrd(z, ids))
+    weighted = 0.5 * want["band"] + 0.01 * want["lb"] + 1e-3 * want["z"] + 0.1 * want["limoe"]
+    torch.testing.assert_close(total, weighted)
+    only_lb, t = smar.routing_objective(z, top_k=2)
+    assert set(t) == {"lb"} and torch.allclose(only_lb, 0.01 * smar.load_balancing_loss(z, top_k=2))
+    with pytest.raises(ValueError, match="modality_ids"):
+        smar.routing_objective(z, top_k=2, smar_weight=1.0)
