@@ -8,7 +8,7 @@ import sys
 
 log = logging.getLogger("smar")
 
-COMMANDS = ("demo",)
+COMMANDS = ("demo", "inspect", "sweep")
 
 
 def _routing_demo(args: argparse.Namespace) -> int:
@@ -62,7 +62,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--band", type=float, nargs=2, default=(1.5, 2.0))
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_routing_demo)
+
+    insp = sub.add_parser("inspect", help="list the MoE routers smar finds in a saved HF model")
+    insp.add_argument("model_dir", help="a directory written by save_pretrained")
+    insp.set_defaults(func=_inspect)
+
+    sweep = sub.add_parser("sweep", help="arms x seeds x text ratios x bands x learning rates")
+    sweep.set_defaults(func=_sweep)
     return p
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from smar.hf import inspect_model_dir
+
+    print(inspect_model_dir(args.model_dir))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from smar.train import sweep_main
+
+    return sweep_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:

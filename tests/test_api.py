@@ -30,7 +30,7 @@ def test_public_api_is_pinned():
 def test_cli_commands_are_pinned():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert sorted(sub.choices) == sorted(cli.COMMANDS) == ["demo"]
+    assert sorted(sub.choices) == sorted(cli.COMMANDS) == ["demo", "inspect", "sweep"]
 
 
 def test_import_smar_needs_only_torch():

@@ -1,0 +1,298 @@
+"""Mixture-of-experts building blocks: a router with a modality-aware bias, hard modality routing,
+a top-k SwiGLU MoE block and MoE-LLaVA style upcycling of a dense FFN.
+
+Shape legend:
+    T tokens (batch x sequence, flattened)   D model width   F expert hidden width
+    E experts   K experts per token (top-k)   M modalities
+
+The router returns raw logits ``(T, E)`` after the modality bias and the hard-routing mask: the
+canonical routing data that :mod:`smar.losses` consumes. The MoE block keeps the last ones in
+``block.last_router_logits`` so that a model can hand them to the losses without hooks.
+
+Expert weights are stored stacked, in the layout of transformers' MoE experts
+(``gate_up_proj (E, 2F, D)``, ``down_proj (E, D, F)``), so that a block can be copied to and from
+Hugging Face models without reshaping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Router", "MoEBlock", "SwiGLU", "default_partition", "upcycle"]
+
+
+def default_partition(num_experts: int, num_modalities: int = 2) -> list[list[int]]:
+    """Splits ``range(num_experts)`` into ``num_modalities`` contiguous, near-equal groups.
+
+    With 4 experts and 2 modalities: text gets experts ``[0, 1]``, image ``[2, 3]``.
+    """
+    if num_experts < num_modalities:
+        raise ValueError(
+            f"hard routing needs at least one expert per modality: num_experts={num_experts} < "
+            f"num_modalities={num_modalities}"
+        )
+    bounds = [round(i * num_experts / num_modalities) for i in range(num_modalities + 1)]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(num_modalities)]
+
+
+class Router(nn.Module):
+    """A linear gate with an optional per-modality bias and an optional hard modality partition.
+
+    Args:
+        dim: model width ``D``.
+        num_experts: ``E``.
+        num_modalities: ``M``, the number of modality ids the bias and the partition know
+            (0 text, 1 image, ...).
+        modality_bias: add a trainable, zero-initialised bias ``(M, E)`` to each token's logits
+            by its modality (SPEC section 3). Tokens with modality ``-1`` get no bias.
+        hard: mask every expert outside the token's modality group to ``-inf`` before top-k.
+        partition: for ``hard``, the expert indices of each modality (default: contiguous halves).
+            Tokens with modality ``-1`` are not masked.
+
+    Shapes:
+        ``x (T, D)``, ``modality_ids (T,)`` -> logits ``(T, E)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        *,
+        num_modalities: int = 2,
+        modality_bias: bool = False,
+        hard: bool = False,
+        partition: Sequence[Sequence[int]] | None = None,
+    ):
+        super().__init__()
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        self.num_experts = num_experts
+        self.num_modalities = num_modalities
+        self.hard = hard
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        nn.init.normal_(self.weight, std=dim**-0.5)
+        self.bias = nn.Parameter(torch.zeros(num_modalities, num_experts)) if modality_bias else None
+        if hard:
+            groups = default_partition(num_experts, num_modalities) if partition is None else partition
+            if len(groups) != num_modalities:
+                raise ValueError(
+                    f"partition has {len(groups)} groups but num_modalities={num_modalities}: "
+                    "give one list of expert indices per modality"
+                )
+            allowed = torch.zeros(num_modalities, num_experts, dtype=torch.bool)  # (M, E)
+            for m, group in enumerate(groups):
+                if not group or any(not 0 <= e < num_experts for e in group):
+                    raise ValueError(
+                        f"partition[{m}]={list(group)} must be a non-empty list of expert indices "
+                        f"in [0, {num_experts})"
+                    )
+                allowed[m, list(group)] = True
+            self.register_buffer("allowed", allowed, persistent=False)
+            self.partition = [list(g) for g in groups]
+        else:
+            self.allowed = None
+            self.partition = None
+
+    def forward(self, x: torch.Tensor, modality_ids: torch.Tensor | None = None) -> torch.Tensor:
+        logits = F.linear(x, self.weight).float()  # (T, E), routing in float32
+        if self.bias is None and not self.hard:
+            return logits
+        if modality_ids is None:
+            raise ValueError(
+                "this router has a modality bias or hard routing and needs modality_ids (T,) "
+                "(0 text, 1 image, -1 none)"
+            )
+        mod = modality_ids.reshape(-1)  # (T,)
+        if mod.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"modality_ids has {mod.shape[0]} entries but the router saw {logits.shape[0]} tokens"
+            )
+        if mod.numel() and int(mod.max()) >= self.num_modalities:
+            raise ValueError(
+                f"modality_ids contains {int(mod.max())} but the router knows num_modalities="
+                f"{self.num_modalities}"
+            )
+        valid = mod >= 0  # (T,)
+        index = mod.clamp(min=0)  # (T,)
+        if self.bias is not None:
+            logits = logits + self.bias[index] * valid[:, None]  # (T, E)
+        if self.hard:
+            blocked = ~self.allowed[index] & valid[:, None]  # (T, E)
+            logits = logits.masked_fill(blocked, float("-inf"))
+        return logits
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.weight.shape[1]}, num_experts={self.num_experts}, "
+            f"modality_bias={self.bias is not None}, hard={self.hard}"
+        )
+
+
+class SwiGLU(nn.Module):
+    """The dense feed-forward block ``down(silu(gate(x)) * up(x))`` (Llama, Qwen, Mistral)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEBlock(nn.Module):
+    """``E`` SwiGLU experts behind a :class:`Router`, top-k with gates renormalised over the k.
+
+    Tokens are grouped by expert (one sort), each expert runs once on its contiguous slice, and the
+    weighted outputs are scattered back with one ``index_add_``: no loop over tokens and no expert
+    computed for a token that did not choose it.
+
+    Args:
+        dim: model width ``D``.
+        hidden: expert hidden width ``F``.
+        num_experts: ``E``.
+        top_k: ``K``.
+        router_kwargs: passed to :class:`Router` (``modality_bias``, ``hard``, ``partition``,
+            ``num_modalities``).
+
+    Shapes:
+        ``x (..., D)``, ``modality_ids (...)`` or ``(T,)`` -> ``(..., D)``; the router logits
+        ``(T, E)`` of the call are kept in ``last_router_logits``.
+    """
+
+    def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int, **router_kwargs):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.router = Router(dim, num_experts, **router_kwargs)
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))  # (E, 2F, D)
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))  # (E, D, F)
+        nn.init.normal_(self.gate_up_proj, std=dim**-0.5)
+        nn.init.normal_(self.down_proj, std=hidden**-0.5)
+        self.last_router_logits: torch.Tensor | None = None
+
+    def route(
+        self, x: torch.Tensor, modality_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits ``(T, E)``, chosen experts ``(T, K)`` and renormalised gates ``(T, K)``."""
+        logits = self.router(x, modality_ids)  # (T, E)
+        top_logits, experts = logits.topk(self.top_k, dim=-1)  # (T, K)
+        # Softmax over all E then renormalising over the chosen k equals a softmax over the k.
+        gates = top_logits.softmax(dim=-1)  # (T, K)
+        return logits, experts, gates
+
+    def forward(self, x: torch.Tensor, modality_ids: torch.Tensor | None = None) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (T, D)
+        logits, experts, gates = self.route(x, modality_ids)
+        self.last_router_logits = logits
+        out = self._dispatch(x, experts, gates.to(x.dtype))
+        return out.reshape(shape)
+
+    def _dispatch(self, x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        flat_experts = experts.reshape(-1)  # (T*K,)
+        order = flat_experts.argsort(stable=True)  # (T*K,) assignments grouped by expert
+        token = order // self.top_k  # (T*K,) token of each grouped assignment
+        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        xs = x[token]  # (T*K, D)
+        outs = []
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            h = xs[start : start + n]  # (n, D)
+            g, u = F.linear(h, self.gate_up_proj[e]).chunk(2, dim=-1)  # (n, F) each
+            outs.append(F.linear(F.silu(g) * u, self.down_proj[e]))  # (n, D)
+            start += n
+        ys = torch.cat(outs) * gates.reshape(-1)[order, None]  # (T*K, D)
+        return torch.zeros_like(x).index_add_(0, token, ys)  # (T, D)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.gate_up_proj.shape[2]}, hidden={self.down_proj.shape[2]}, "
+            f"num_experts={self.num_experts}, top_k={self.top_k}"
+        )
+
+
+def _dense_weights(dense_mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gate (F, D), up (F, D), down (D, F)) of a SwiGLU MLP, tiny or Hugging Face style."""
+    names = ("gate_proj", "up_proj", "down_proj")
+    if all(hasattr(dense_mlp, n) for n in names):
+        for n in names:
+            if getattr(getattr(dense_mlp, n), "bias", None) is not None:
+                raise ValueError(
+                    f"{type(dense_mlp).__name__}.{n} has a bias; upcycle supports bias-free SwiGLU "
+                    "MLPs (Llama, Qwen, Mistral, Phi-3 style)"
+                )
+        return tuple(getattr(dense_mlp, n).weight for n in names)  # type: ignore[return-value]
+    if hasattr(dense_mlp, "gate_up_proj") and hasattr(dense_mlp, "down_proj"):
+        gate, up = dense_mlp.gate_up_proj.weight.chunk(2, dim=0)  # Phi-3: fused (2F, D)
+        return gate, up, dense_mlp.down_proj.weight
+    raise ValueError(
+        f"cannot upcycle {type(dense_mlp).__name__}: expected a SwiGLU MLP with gate_proj, up_proj "
+        "and down_proj linear layers (or a fused gate_up_proj)"
+    )
+
+
+def _check_silu(dense_mlp: nn.Module) -> None:
+    act = getattr(dense_mlp, "act_fn", None)
+    if act is None:
+        return
+    probe = torch.linspace(-3, 3, 13)
+    if not torch.allclose(act(probe), F.silu(probe), atol=1e-6):
+        raise ValueError(
+            f"{type(dense_mlp).__name__}.act_fn is not SiLU; the MoE experts are SwiGLU and would "
+            "not reproduce this MLP"
+        )
+
+
+@torch.no_grad()
+def upcycle(
+    dense_mlp: nn.Module,
+    *,
+    num_experts: int,
+    top_k: int,
+    noise: float = 0.0,
+    generator: torch.Generator | None = None,
+    **router_kwargs,
+) -> MoEBlock:
+    """Turns a dense SwiGLU FFN into a :class:`MoEBlock` whose experts all copy it (MoE-LLaVA).
+
+    The router is new (random); because every expert is the same function and the gates sum to 1,
+    the block's output equals the dense FFN's on any input when ``noise == 0``. ``noise > 0`` adds
+    Gaussian noise of that relative scale to each expert copy, to break the symmetry between them.
+
+    Args:
+        dense_mlp: an MLP with ``gate_proj``, ``up_proj``, ``down_proj`` (:class:`SwiGLU`, or the
+            MLP of a Hugging Face Llama/Qwen/Mistral decoder) or Phi-3's fused ``gate_up_proj``.
+        num_experts: ``E``.
+        top_k: ``K``.
+        noise: relative standard deviation of the noise added to each copy.
+        generator: random generator for the router and the noise.
+        router_kwargs: passed to :class:`Router`.
+    """
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    _check_silu(dense_mlp)
+    gate, up, down = _dense_weights(dense_mlp)  # (F, D), (F, D), (D, F)
+    hidden, dim = gate.shape
+    block = MoEBlock(dim, hidden, num_experts, top_k, **router_kwargs)
+    block.to(device=gate.device, dtype=gate.dtype)
+    block.router.weight.copy_(
+        torch.randn(block.router.weight.shape, generator=generator) * dim**-0.5
+    )
+    gate_up = torch.cat([gate, up], dim=0)  # (2F, D)
+    block.gate_up_proj.copy_(gate_up.expand(num_experts, -1, -1))
+    block.down_proj.copy_(down.expand(num_experts, -1, -1))
+    if noise > 0:
+        for p in (block.gate_up_proj, block.down_proj):
+            eps = torch.randn(p.shape, generator=generator).to(p)
+            p.add_(eps * noise * p.std())
+    return block
