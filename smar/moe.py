@@ -75,9 +75,13 @@ class Router(nn.Module):
         self.hard = hard
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         nn.init.normal_(self.weight, std=dim**-0.5)
-        self.bias = nn.Parameter(torch.zeros(num_modalities, num_experts)) if modality_bias else None
+        self.bias = (
+            nn.Parameter(torch.zeros(num_modalities, num_experts)) if modality_bias else None
+        )
         if hard:
-            groups = default_partition(num_experts, num_modalities) if partition is None else partition
+            groups = (
+                default_partition(num_experts, num_modalities) if partition is None else partition
+            )
             if len(groups) != num_modalities:
                 raise ValueError(
                     f"partition has {len(groups)} groups but num_modalities={num_modalities}: "
@@ -109,7 +113,8 @@ class Router(nn.Module):
         mod = modality_ids.reshape(-1)  # (T,)
         if mod.shape[0] != logits.shape[0]:
             raise ValueError(
-                f"modality_ids has {mod.shape[0]} entries but the router saw {logits.shape[0]} tokens"
+                f"modality_ids has {mod.shape[0]} entries but the router saw "
+                f"{logits.shape[0]} tokens"
             )
         if mod.numel() and int(mod.max()) >= self.num_modalities:
             raise ValueError(
@@ -196,7 +201,9 @@ class MoEBlock(nn.Module):
         out = self._dispatch(x, experts, gates.to(x.dtype))
         return out.reshape(shape)
 
-    def _dispatch(self, x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    def _dispatch(
+        self, x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor
+    ) -> torch.Tensor:
         flat_experts = experts.reshape(-1)  # (T*K,)
         order = flat_experts.argsort(stable=True)  # (T*K,) assignments grouped by expert
         token = order // self.top_k  # (T*K,) token of each grouped assignment

@@ -1,0 +1,89 @@
+"""Forward+backward throughput of ``smar.moe.MoEBlock`` against transformers'
+``Qwen3MoeSparseMoeBlock`` (its default experts implementation) with the same dims and weights.
+
+Both blocks get identical router and expert weights (so they route the same tokens to the same
+experts), repetitions are interleaved so that both see the same machine load, and the median
+tokens/s and the ratio ours/HF are printed (target: ratio >= 1.0).
+
+    python benchmarks/bench_moe.py [--tokens 4096] [--reps 15] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import Qwen3MoeConfig
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+from smar.moe import MoEBlock
+
+
+def build(D: int, F: int, E: int, K: int):
+    torch.manual_seed(0)
+    ours = MoEBlock(D, F, E, K)
+    cfg = Qwen3MoeConfig(
+        hidden_size=D,
+        moe_intermediate_size=F,
+        num_experts=E,
+        num_experts_per_tok=K,
+        norm_topk_prob=True,
+        hidden_act="silu",
+    )
+    hf = Qwen3MoeSparseMoeBlock(cfg)
+    with torch.no_grad():
+        hf.gate.weight.copy_(ours.router.weight)
+        hf.experts.gate_up_proj.copy_(ours.gate_up_proj)
+        hf.experts.down_proj.copy_(ours.down_proj)
+    return ours, hf
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--ffn", type=int, default=512)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    D, F, E, K, T = args.dim, args.ffn, args.experts, args.top_k, args.tokens
+    ours, hf = build(D, F, E, K)
+    x = torch.randn(1, T, D)
+    with torch.no_grad():  # same function, so the comparison is like for like
+        diff = (ours(x) - hf(x)).abs().max().item()
+
+    def step(block):
+        def run():
+            xi = x.clone().requires_grad_(True)
+            block(xi).square().mean().backward()
+            block.zero_grad(set_to_none=True)
+
+        return run
+
+    fns = {"ours": step(ours), "hf": step(hf)}
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(args.reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.reps} reps; "
+        f"D={D} FFN={F} E={E} K={K} T={T}; max |ours - HF| = {diff:.2e}"
+    )
+    for name in fns:
+        print(f"{name:>5}: {med[name] * 1e3:8.1f} ms  {T / med[name]:10.0f} tokens/s")
+    print(f"ratio ours/HF tokens/s: {med['hf'] / med['ours']:.2f}x (target >= 1.0)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,428 @@
+"""The testbed model, in one file: a small LLaVA-style multimodal language model whose FFNs can
+be mixture-of-experts layers.
+
+    image (N, C, H, W) -> VisionEncoder -> (N, P, V) -> Projector -> (N, P, D) --+
+                                                                                 | placed at the
+    input_ids (B, S) -> token embedding (B, S, D) <------------------------------+ <image> tokens
+                     -> n_layers x [RMSNorm -> causal attention (RoPE) -> RMSNorm -> FFN or MoE]
+                     -> RMSNorm -> tied LM head -> logits (B, S, vocab)
+
+Shape legend: B batch, S sequence, D model width, V vision width, N images, P image tokens per
+image, T = B*S tokens, E experts.
+
+``forward`` returns the LM loss, the logits, the router logits of each MoE layer ``(T, E)`` and
+the modality ids ``(T,)``: exactly the inputs of :mod:`smar.losses`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smar.moe import MoEBlock, SwiGLU, upcycle
+
+__all__ = ["TinyConfig", "TinyModel", "TinyOutput"]
+
+TRAINABLE = ("all", "moe", "projector", "lm", "vision", "none")
+
+
+@dataclass
+class TinyConfig:
+    """Sizes and options of :class:`TinyModel`.
+
+    Attributes:
+        vocab_size: tokenizer vocabulary size (the ``<image>`` token included).
+        image_token_id: id of the ``<image>`` placeholder; each image fills ``image_tokens``
+            of them.
+        dim: model width ``D``.
+        n_layers: decoder layers.
+        n_heads: attention heads.
+        ffn_hidden: SwiGLU hidden width of each FFN (and of each expert).
+        max_seq_len: longest sequence (RoPE table size).
+        rope_theta: RoPE base.
+        moe_layers: which layers hold MoE blocks: ``[]`` for a dense LM; ``upcycle`` fills it.
+        num_experts: ``E`` of the MoE layers.
+        top_k: experts per token.
+        modality_bias: MoE routers get a trainable per-modality bias (SPEC section 3).
+        hard: MoE routers mask the other modality's experts (hard modality routing).
+        partition: expert groups per modality for ``hard`` (default: halves).
+        image_size: square image side in pixels.
+        channels: image channels.
+        patch_size: vision patch side; ``image_tokens = (image_size // patch_size) ** 2``.
+        vision_dim: vision encoder width ``V``.
+        vision_layers: vision transformer layers.
+        vision_heads: vision attention heads.
+        vision_classes: classes of the vision pretraining head (0: no head).
+    """
+
+    vocab_size: int = 2048
+    image_token_id: int = 1
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_hidden: int = 384
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    moe_layers: list[int] = field(default_factory=list)
+    num_experts: int = 4
+    top_k: int = 2
+    modality_bias: bool = False
+    hard: bool = False
+    partition: list[list[int]] | None = None
+    image_size: int = 24
+    channels: int = 3
+    patch_size: int = 4
+    vision_dim: int = 96
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_classes: int = 0
+
+    def __post_init__(self):
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(f"dim={self.dim} must split into n_heads={self.n_heads} even heads")
+        if self.vision_dim % self.vision_heads:
+            raise ValueError(f"vision_dim={self.vision_dim} must divide by {self.vision_heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}"
+            )
+        if not 0 <= self.image_token_id < self.vocab_size:
+            raise ValueError(f"image_token_id={self.image_token_id} outside the vocabulary")
+        bad = [i for i in self.moe_layers if not 0 <= i < self.n_layers]
+        if bad:
+            raise ValueError(f"moe_layers {bad} outside [0, n_layers={self.n_layers})")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+
+    @property
+    def image_tokens(self) -> int:
+        """Image tokens per image (``P``)."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TinyConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TinyConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+@dataclass
+class TinyOutput:
+    """What :meth:`TinyModel.forward` returns.
+
+    Attributes:
+        loss: mean next-token cross-entropy over labelled positions (None without labels).
+        logits: ``(B, S, vocab)``.
+        router_logits: one ``(T, E)`` tensor per MoE layer, raw logits after bias and mask.
+        modality_ids: ``(T,)``: 0 text, 1 image, -1 padding (or the ids the caller passed).
+    """
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    router_logits: list[torch.Tensor]
+    modality_ids: torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)  # (hd/2,)
+    angles = torch.outer(torch.arange(max_len).float(), inv)  # (S, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, H, S, hd/2) each
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, H, S, hd/2, 2)
+    return out.flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, *, causal: bool):
+        super().__init__()
+        self.n_heads, self.causal = n_heads, causal
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # (B,H,S,hd)
+        if rope is not None:
+            cos, sin = rope[0][:S], rope[1][:S]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, S, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TinyConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim)
+        self.attn = Attention(cfg.dim, cfg.n_heads, causal=True)
+        self.ffn_norm = RMSNorm(cfg.dim)
+        self.ffn: nn.Module = SwiGLU(cfg.dim, cfg.ffn_hidden)
+
+    def forward(self, x, rope, modality_ids):
+        x = x + self.attn(self.attn_norm(x), rope)
+        h = self.ffn_norm(x)
+        if isinstance(self.ffn, MoEBlock):
+            return x + self.ffn(h, modality_ids)
+        return x + self.ffn(h)
+
+
+class VisionEncoder(nn.Module):
+    """Patch embedding, learned positions and a few bidirectional pre-LN transformer layers."""
+
+    def __init__(self, cfg: TinyConfig):
+        super().__init__()
+        V = cfg.vision_dim
+        self.patch = nn.Conv2d(cfg.channels, V, cfg.patch_size, stride=cfg.patch_size)
+        self.pos = nn.Parameter(torch.randn(cfg.image_tokens, V) * 0.02)
+        self.layers = nn.ModuleList()
+        for _ in range(cfg.vision_layers):
+            self.layers.append(
+                nn.ModuleDict(
+                    {
+                        "norm1": nn.LayerNorm(V),
+                        "attn": Attention(V, cfg.vision_heads, causal=False),
+                        "norm2": nn.LayerNorm(V),
+                        "mlp": nn.Sequential(nn.Linear(V, 4 * V), nn.GELU(), nn.Linear(4 * V, V)),
+                    }
+                )
+            )
+        self.norm = nn.LayerNorm(V)
+        self.head = nn.Linear(V, cfg.vision_classes) if cfg.vision_classes else None
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch(pixels).flatten(2).transpose(1, 2) + self.pos  # (N, P, V)
+        for layer in self.layers:
+            x = x + layer["attn"](layer["norm1"](x))
+            x = x + layer["mlp"](layer["norm2"](x))
+        return self.norm(x)  # (N, P, V)
+
+    def classify(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            raise ValueError("this vision encoder has no head: set TinyConfig.vision_classes > 0")
+        return self.head(self(pixels).mean(1))  # (N, classes)
+
+
+class TinyModel(nn.Module):
+    """The testbed's multimodal LM (see the module docstring for the data flow)."""
+
+    def __init__(self, cfg: TinyConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim)
+        self.vision = VisionEncoder(cfg)
+        self.projector = nn.Sequential(
+            nn.Linear(cfg.vision_dim, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, cfg.dim)
+        )
+        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init)
+        for name, p in self.named_parameters():
+            if name.endswith(
+                ("attn.proj.weight", "ffn.down_proj.weight")
+            ):  # scaled residual branches
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        if cfg.moe_layers:
+            moe_layers = list(cfg.moe_layers)
+            cfg.moe_layers = []
+            self.upcycle_(layers=moe_layers)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    # ----------------------------------------------------------------------------------- forward
+    def embed_inputs(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Token embeddings with the projected image features at the ``<image>`` positions."""
+        x = self.embed(input_ids)  # (B, S, D)
+        is_image = input_ids == self.cfg.image_token_id  # (B, S)
+        n_slots = int(is_image.sum())
+        if pixel_values is None:
+            if n_slots:
+                raise ValueError(
+                    f"input_ids hold {n_slots} <image> tokens but no pixel_values were given"
+                )
+            return x
+        feats = self.projector(self.vision(pixel_values))  # (N, P, D)
+        if feats.shape[0] * feats.shape[1] != n_slots:
+            raise ValueError(
+                f"{feats.shape[0]} images x {feats.shape[1]} tokens = "
+                f"{feats.shape[0] * feats.shape[1]} image features, but input_ids hold {n_slots} "
+                f"<image> tokens (id {self.cfg.image_token_id}); put {self.cfg.image_tokens} "
+                "placeholders per image"
+            )
+        return x.masked_scatter(is_image[..., None], feats.to(x.dtype))  # (B, S, D)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        modality_ids: torch.Tensor | None = None,
+    ) -> TinyOutput:
+        """Runs the model.
+
+        Args:
+            input_ids: ``(B, S)`` token ids with ``image_tokens`` ``<image>`` ids per image.
+            pixel_values: ``(N, C, H, W)`` images, in the order of their placeholders.
+            labels: ``(B, S)`` targets aligned with ``input_ids`` (shifted inside, HF style);
+                ``-100`` is ignored.
+            attention_mask: ``(B, S)``, 0 at padding (right padding; padding becomes modality -1).
+            modality_ids: ``(B, S)`` or ``(T,)`` ids for routing and losses; by default image
+                positions 1, text 0, padding -1 (token level).
+        """
+        B, S = input_ids.shape
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds max_seq_len={self.cfg.max_seq_len}")
+        if modality_ids is None:
+            modality_ids = (input_ids == self.cfg.image_token_id).long()  # (B, S)
+            if attention_mask is not None:
+                modality_ids = modality_ids.masked_fill(attention_mask == 0, -1)
+        modality_ids = modality_ids.reshape(-1)  # (T,)
+        if modality_ids.numel() != B * S:
+            raise ValueError(f"modality_ids has {modality_ids.numel()} entries, expected {B * S}")
+        x = self.embed_inputs(input_ids, pixel_values)
+        rope = (self.rope_cos, self.rope_sin)
+        router_logits = []
+        for layer in self.layers:
+            x = layer(x, rope, modality_ids)
+            if isinstance(layer.ffn, MoEBlock):
+                router_logits.append(layer.ffn.last_router_logits)  # (T, E)
+        logits = F.linear(self.norm(x), self.embed.weight)  # (B, S, vocab), tied head
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
+            )
+        return TinyOutput(loss, logits, router_logits, modality_ids)
+
+    # --------------------------------------------------------------------------------- surgery
+    @torch.no_grad()
+    def upcycle_(
+        self,
+        *,
+        layers: str | list[int] = "all",
+        noise: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> TinyModel:
+        """Replaces the FFNs of ``layers`` (``"all"``, ``"alternate"`` = odd layers, or indices)
+        by MoE blocks whose experts copy the FFN (MoE-LLaVA), with the config's E, K, bias and
+        hard-routing options. With ``noise=0`` the model computes the same function as before.
+        """
+        n = self.cfg.n_layers
+        if layers == "all":
+            idx = list(range(n))
+        elif layers == "alternate":
+            idx = list(range(1, n, 2))
+        elif isinstance(layers, str):
+            raise ValueError(f"layers must be 'all', 'alternate' or a list of ints, got {layers!r}")
+        else:
+            idx = sorted(set(int(i) for i in layers))
+        for i in idx:
+            layer = self.layers[i]
+            if isinstance(layer.ffn, MoEBlock):
+                raise ValueError(f"layer {i} is already a MoE layer")
+            layer.ffn = upcycle(
+                layer.ffn,
+                num_experts=self.cfg.num_experts,
+                top_k=self.cfg.top_k,
+                noise=noise,
+                generator=generator,
+                modality_bias=self.cfg.modality_bias,
+                hard=self.cfg.hard,
+                partition=self.cfg.partition,
+            )
+        self.cfg.moe_layers = sorted(set(self.cfg.moe_layers) | set(idx))
+        return self
+
+    def set_trainable(self, part: str) -> list[str]:
+        """Freezes everything except ``part`` and returns the names of the trainable parameters.
+
+        ``"all"``; ``"moe"``: the MoE layers (experts, routers, modality bias) and the projector
+        (MoE-LLaVA stage 3); ``"projector"`` (LLaVA alignment); ``"lm"``: the language model
+        without vision encoder and projector; ``"vision"``; ``"none"``.
+        """
+        if part not in TRAINABLE:
+            raise ValueError(f"trainable must be one of {TRAINABLE}, got {part!r}")
+        moe_prefixes = tuple(f"layers.{i}.ffn." for i in self.cfg.moe_layers)
+        names = []
+        for name, p in self.named_parameters():
+            on = {
+                "all": True,
+                "none": False,
+                "moe": name.startswith(moe_prefixes) or name.startswith("projector."),
+                "projector": name.startswith("projector."),
+                "lm": not name.startswith(("vision.", "projector.")),
+                "vision": name.startswith("vision."),
+            }[part]
+            p.requires_grad_(on)
+            if on:
+                names.append(name)
+        if part == "moe" and not self.cfg.moe_layers:
+            raise ValueError("trainable='moe' on a model without MoE layers: upcycle it first")
+        return names
+
+    # ------------------------------------------------------------------------------ save / load
+    def save(self, directory: str | Path) -> Path:
+        """Writes ``model.safetensors`` and ``config.json`` into ``directory`` (atomically)."""
+        from safetensors.torch import save_file
+
+        from smar.config import write_json
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        tmp = d / ".model.safetensors.tmp"
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.replace(d / "model.safetensors")
+        write_json(d / "config.json", asdict(self.cfg))
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> TinyModel:
+        """Rebuilds a model written by :meth:`save`."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        if not (d / "config.json").exists() or not (d / "model.safetensors").exists():
+            raise FileNotFoundError(f"{d} has no config.json + model.safetensors (see save())")
+        cfg = TinyConfig.from_dict(json.loads((d / "config.json").read_text()))
+        model = cls(cfg)
+        model.load_state_dict(load_file(str(d / "model.safetensors")))
+        return model
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

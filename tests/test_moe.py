@@ -1,0 +1,155 @@
+"""MoE block, router bias, hard routing and upcycling against explicit references."""
+
+import pytest
+import torch
+
+from smar.losses import load_balancing_loss, smar_loss
+from smar.moe import MoEBlock, Router, SwiGLU, default_partition, upcycle
+
+
+def reference_moe(block: MoEBlock, x, modality_ids=None):
+    """Every token, one at a time: softmax over all experts, top-k, renormalise, sum of experts."""
+    logits = block.router(x, modality_ids)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        p = logits[t].softmax(-1)
+        w, idx = p.topk(block.top_k)
+        w = w / w.sum()
+        for j in range(block.top_k):
+            e = int(idx[j])
+            gu = block.gate_up_proj[e] @ x[t]
+            g, u = gu.chunk(2)
+            out[t] += w[j] * (block.down_proj[e] @ (torch.nn.functional.silu(g) * u))
+    return out
+
+
+@pytest.mark.parametrize("E,K", [(4, 2), (8, 2), (4, 1), (3, 3)])
+def test_block_matches_token_by_token_reference(E, K):
+    torch.manual_seed(0)
+    block = MoEBlock(16, 24, E, K)
+    x = torch.randn(40, 16)
+    torch.testing.assert_close(block(x), reference_moe(block, x), rtol=1e-5, atol=1e-6)
+
+
+def test_block_accepts_batch_sequence_and_keeps_router_logits():
+    torch.manual_seed(0)
+    block = MoEBlock(16, 24, 4, 2)
+    x = torch.randn(3, 5, 16)
+    y = block(x)
+    assert y.shape == x.shape
+    assert block.last_router_logits.shape == (15, 4)
+    torch.testing.assert_close(y.reshape(15, 16), reference_moe(block, x.reshape(15, 16)))
+
+
+def test_router_top_k_equals_experts_used():
+    """Perturbing one expert's weights changes exactly the tokens that chose that expert."""
+    torch.manual_seed(1)
+    block = MoEBlock(16, 24, 4, 2)
+    x = torch.randn(64, 16)
+    _, experts, _ = block.route(x)
+    before = block(x).detach()
+    for e in range(4):
+        with torch.no_grad():
+            block.down_proj[e] += 1.0
+        after = block(x).detach()
+        with torch.no_grad():
+            block.down_proj[e] -= 1.0
+        changed = (after - before).abs().amax(-1) > 1e-6
+        chose = (experts == e).any(-1)
+        assert torch.equal(changed, chose)
+
+
+def test_gradients_reach_router_experts_and_bias():
+    torch.manual_seed(0)
+    block = MoEBlock(16, 24, 4, 2, modality_bias=True)
+    x = torch.randn(32, 16)
+    ids = torch.randint(0, 2, (32,))
+    out = block(x, ids)
+    loss = (
+        out.pow(2).mean()
+        + smar_loss([block.last_router_logits], ids)
+        + load_balancing_loss([block.last_router_logits], top_k=2)
+    )
+    loss.backward()
+    for p in (block.router.weight, block.router.bias, block.gate_up_proj, block.down_proj):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_zero_bias_reproduces_unbiased_routing_exactly():
+    torch.manual_seed(0)
+    plain = Router(16, 4)
+    biased = Router(16, 4, modality_bias=True)
+    biased.weight.data.copy_(plain.weight.data)
+    x = torch.randn(50, 16)
+    ids = torch.randint(-1, 2, (50,))
+    assert torch.equal(plain(x), biased(x, ids))
+    with torch.no_grad():
+        biased.bias[1, 3] = 5.0
+    out = biased(x, ids)
+    assert torch.equal(out[ids != 1], plain(x)[ids != 1])
+    torch.testing.assert_close(out[ids == 1, 3], plain(x)[ids == 1, 3] + 5.0)
+
+
+@pytest.mark.parametrize("partition", [None, [[0, 1, 2], [3]], [[1, 3], [0, 2]]])
+def test_hard_routing_never_crosses_modalities(partition):
+    torch.manual_seed(0)
+    E = 4
+    block = MoEBlock(
+        16, 24, E, 1 if partition == [[0, 1, 2], [3]] else 2, hard=True, partition=partition
+    )
+    groups = partition or default_partition(E)
+    x = torch.randn(200, 16)
+    ids = torch.randint(-1, 2, (200,))
+    _, experts, gates = block.route(x, ids)
+    for t in range(200):
+        if ids[t] < 0:
+            continue
+        for j in range(block.top_k):
+            if gates[t, j] > 0:
+                assert int(experts[t, j]) in groups[int(ids[t])]
+    block(x, ids).sum().backward()  # -inf masked logits keep gradients finite
+    assert torch.isfinite(block.router.weight.grad).all()
+
+
+def test_default_partition_is_halves():
+    assert default_partition(4) == [[0, 1], [2, 3]]
+    assert default_partition(8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    with pytest.raises(ValueError, match="num_experts"):
+        default_partition(1)
+
+
+@pytest.mark.parametrize("shape", [(7, 16), (2, 9, 16)])
+def test_upcycled_output_equals_dense(shape):
+    torch.manual_seed(0)
+    dense = SwiGLU(16, 40)
+    block = upcycle(dense, num_experts=4, top_k=2)
+    x = torch.randn(*shape)
+    torch.testing.assert_close(block(x), dense(x), rtol=1e-5, atol=1e-6)
+    noisy = upcycle(dense, num_experts=4, top_k=2, noise=0.1)
+    assert not torch.allclose(noisy(x), dense(x), atol=1e-4)
+
+
+def test_upcycle_hf_style_mlp():
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+    cfg = transformers.Qwen2Config(hidden_size=16, intermediate_size=40, hidden_act="silu")
+    mlp = Qwen2MLP(cfg)
+    block = upcycle(mlp, num_experts=4, top_k=2)
+    x = torch.randn(2, 5, 16)
+    torch.testing.assert_close(block(x), mlp(x), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="top_k"):
+        MoEBlock(8, 8, 4, 5)
+    with pytest.raises(ValueError, match="modality_ids"):
+        MoEBlock(8, 8, 4, 2, modality_bias=True)(torch.randn(3, 8))
+    with pytest.raises(ValueError, match="partition"):
+        Router(8, 4, hard=True, partition=[[0, 1]])
+    with pytest.raises(ValueError, match="partition"):
+        Router(8, 4, hard=True, partition=[[0, 9], [1]])
+    with pytest.raises(ValueError, match="num_modalities"):
+        Router(8, 4, modality_bias=True)(torch.randn(3, 8), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="cannot upcycle"):
+        upcycle(torch.nn.Linear(4, 4), num_experts=2, top_k=1)

@@ -1,0 +1,160 @@
+"""The testbed model: shapes, causality, image placement, routing, upcycling, overfit, save/load."""
+
+import pytest
+import torch
+
+from smar.losses import load_balancing_loss, mrd
+from smar.moe import MoEBlock
+from smar.tiny import TinyConfig, TinyModel
+
+IMG = 3  # image token id
+
+
+def tiny_config(**kw):
+    base = dict(
+        vocab_size=64,
+        image_token_id=IMG,
+        dim=32,
+        n_layers=2,
+        n_heads=2,
+        ffn_hidden=48,
+        max_seq_len=32,
+        image_size=8,
+        patch_size=4,
+        vision_dim=16,
+        vision_layers=1,
+        vision_heads=2,
+    )
+    base.update(kw)
+    return TinyConfig(**base)
+
+
+def batch(cfg, B=2, S=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, cfg.vocab_size, (B, S), generator=g)
+    P = cfg.image_tokens
+    ids[:, 1 : 1 + P] = IMG  # one image per sample after a BOS-like token
+    pixels = torch.randn(B, cfg.channels, cfg.image_size, cfg.image_size, generator=g)
+    labels = ids.masked_fill(ids == IMG, -100)
+    return ids, pixels, labels
+
+
+def test_shapes_and_modality_ids():
+    cfg = tiny_config(moe_layers=[1])
+    model = TinyModel(cfg)
+    ids, pix, labels = batch(cfg)
+    out = model(ids, pix, labels)
+    assert out.logits.shape == (2, 12, 64)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert len(out.router_logits) == 1 and out.router_logits[0].shape == (24, cfg.num_experts)
+    assert torch.equal(out.modality_ids, (ids == IMG).long().reshape(-1))
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0
+    out = model(ids, pix, attention_mask=mask)
+    assert (out.modality_ids.view(2, 12)[1, -3:] == -1).all()
+
+
+def test_causal():
+    cfg = tiny_config(moe_layers=[0, 1])
+    model = TinyModel(cfg).eval()
+    ids, pix, _ = batch(cfg)
+    a = model(ids, pix).logits
+    ids2 = ids.clone()
+    ids2[:, 9] = (ids2[:, 9] + 1) % 60 + 4
+    b = model(ids2, pix).logits
+    torch.testing.assert_close(a[:, :9], b[:, :9])
+    assert not torch.allclose(a[:, 9:], b[:, 9:])
+
+
+def test_image_features_land_at_placeholders():
+    cfg = tiny_config()
+    model = TinyModel(cfg)
+    ids, pix, _ = batch(cfg)
+    x = model.embed_inputs(ids, pix)
+    feats = model.projector(model.vision(pix))  # (N, P, D)
+    P = cfg.image_tokens
+    for b in range(2):
+        torch.testing.assert_close(x[b, 1 : 1 + P], feats[b])
+    torch.testing.assert_close(x[:, 1 + P :], model.embed(ids[:, 1 + P :]))
+    with pytest.raises(ValueError, match="placeholders per image"):
+        model.embed_inputs(ids[:, : -P - 2].clone().fill_(IMG), pix)
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model.embed_inputs(ids, None)
+
+
+def test_upcycled_model_computes_the_dense_function():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = TinyModel(cfg).eval()
+    ids, pix, _ = batch(cfg)
+    before = model(ids, pix).logits
+    model.upcycle_(layers="alternate")
+    assert cfg.moe_layers == [1] and isinstance(model.layers[1].ffn, MoEBlock)
+    torch.testing.assert_close(model(ids, pix).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_hard_routing_model_respects_partition():
+    cfg = tiny_config(hard=True, num_experts=4, top_k=2)
+    model = TinyModel(cfg).upcycle_(layers="all")
+    ids, pix, _ = batch(cfg)
+    out = model(ids, pix)
+    for logits in out.router_logits:
+        chosen = logits.topk(2).indices
+        img = out.modality_ids == 1
+        assert (chosen[img] >= 2).all() and (chosen[~img] < 2).all()
+
+
+def test_set_trainable():
+    cfg = tiny_config(modality_bias=True)
+    model = TinyModel(cfg).upcycle_(layers="alternate")
+    names = model.set_trainable("moe")
+    assert names and all(n.startswith(("layers.1.ffn.", "projector.")) for n in names)
+    assert "layers.1.ffn.router.bias" in names
+    assert model.set_trainable("projector") == [n for n in names if n.startswith("projector.")]
+    with pytest.raises(ValueError, match="trainable"):
+        model.set_trainable("experts")
+
+
+def test_overfits_one_multimodal_batch():
+    torch.manual_seed(0)
+    cfg = tiny_config(moe_layers=[0, 1], modality_bias=True)
+    model = TinyModel(cfg)
+    ids, pix, labels = batch(cfg, B=4, S=16)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(200):
+        out = model(ids, pix, labels)
+        loss = out.loss + 0.01 * load_balancing_loss(out.router_logits, top_k=2)
+        first = first if first is not None else out.loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 3.5 and out.loss.item() < 0.05
+    assert torch.isfinite(mrd(out.router_logits, out.modality_ids)).all()
+
+
+def test_save_load_round_trip_bit_exact(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_config(modality_bias=True, vision_classes=10)
+    model = TinyModel(cfg).upcycle_(layers="alternate", noise=0.01)
+    with torch.no_grad():
+        model.layers[1].ffn.router.bias.normal_()
+    model.save(tmp_path / "m")
+    again = TinyModel.load(tmp_path / "m")
+    assert again.cfg == model.cfg
+    sd1, sd2 = model.state_dict(), again.state_dict()
+    assert sd1.keys() == sd2.keys()
+    assert all(torch.equal(sd1[k], sd2[k]) for k in sd1)
+    ids, pix, _ = batch(cfg)
+    assert torch.equal(model.eval()(ids, pix).logits, again.eval()(ids, pix).logits)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        TinyModel.load(tmp_path / "missing")
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="patch_size"):
+        tiny_config(image_size=10)
+    with pytest.raises(ValueError, match="moe_layers"):
+        tiny_config(moe_layers=[5])
+    with pytest.raises(ValueError, match="unknown TinyConfig"):
+        TinyConfig.from_dict({"width": 3})
