@@ -1,0 +1,133 @@
+"""Modality ids: which token is text, image, video or audio, in the canonical form of SPEC.md.
+
+Modality ids are an integer tensor ``(B, S)`` (flattened row-major to ``(T,)`` to match router
+logits): ``0`` text, ``1`` image, ``2`` video, ``3`` audio, ``-1`` ignore (padding). They come,
+in order of preference, from:
+
+1. explicit ids given by the caller;
+2. the processor's ``mm_token_type_ids`` (Qwen-VL, GLM-4V, Ernie-4.5-VL, Gemma 3 processors
+   return them; same convention);
+3. ``input_ids == image_token_id`` (and ``video_token_id``, ``audio_token_id``) of the model config:
+   processors expand each image into that many placeholder tokens before the model sees them.
+
+Padding (``attention_mask == 0``) always becomes ``-1``.
+
+Shapes legend: B batch, S sequence, T = B * S tokens.
+
+This module does not import transformers: a config is read by attribute name only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "TEXT",
+    "IMAGE",
+    "VIDEO",
+    "AUDIO",
+    "IGNORE",
+    "LEVELS",
+    "special_token_ids",
+    "modality_ids",
+]
+
+TEXT, IMAGE, VIDEO, AUDIO, IGNORE = 0, 1, 2, 3, -1
+LEVELS = ("token", "sample")
+
+# Config attribute names of placeholder tokens, per modality id. Llava, Llama 4 and Aria call the
+# image token ``image_token_index``; most newer models ``image_token_id``.
+_TOKEN_ATTRS = {
+    IMAGE: ("image_token_id", "image_token_index"),
+    VIDEO: ("video_token_id", "video_token_index"),
+    AUDIO: ("audio_token_id", "audio_token_index"),
+}
+
+
+def special_token_ids(config) -> dict[int, list[int]]:
+    """Placeholder token ids per modality found in a (transformers) config.
+
+    Looks at the top-level config, then at ``text_config``. Only non-negative integer ids count.
+
+    Returns:
+        ``{modality_id: [token ids]}``, e.g. ``{1: [151655], 2: [151656]}``; empty if none found.
+    """
+    found: dict[int, list[int]] = {}
+    configs = [config, getattr(config, "text_config", None)]
+    for mod, attrs in _TOKEN_ATTRS.items():
+        for cfg in configs:
+            if cfg is None:
+                continue
+            for attr in attrs:
+                value = getattr(cfg, attr, None)
+                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                    if value not in found.setdefault(mod, []):
+                        found[mod].append(value)
+    return {m: ids for m, ids in found.items() if ids}
+
+
+def modality_ids(
+    input_ids: Tensor | None = None,
+    *,
+    token_ids: dict[int, int | Sequence[int]] | None = None,
+    mm_token_type_ids: Tensor | None = None,
+    attention_mask: Tensor | None = None,
+    level: str = "token",
+) -> Tensor:
+    """Modality ids ``(B, S)`` from the inputs a Hugging Face model receives.
+
+    Args:
+        input_ids: ``(B, S)`` token ids; used with ``token_ids`` when ``mm_token_type_ids`` is
+            not given.
+        token_ids: placeholder token ids per modality, e.g. ``{1: image_token_id}`` (see
+            :func:`special_token_ids`).
+        mm_token_type_ids: ``(B, S)`` processor output (0 text, 1 image, 2 video, 3 audio); wins
+            over ``input_ids``.
+        attention_mask: ``(B, S)``, 0 for padding; padding becomes ``-1``.
+        level: ``"token"`` (each token its own modality, the default) or ``"sample"`` (every
+            token of a sample holding any non-text token gets that sample's non-text modality,
+            the smallest one if several; pure-text samples stay 0).
+
+    Returns:
+        ``(B, S)`` int64 tensor.
+
+    Raises:
+        ValueError: if neither ``mm_token_type_ids`` nor ``input_ids`` with ``token_ids`` is
+            given, on shape mismatches, or an unknown ``level``.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}; got {level!r}")
+    if mm_token_type_ids is not None:
+        ids = mm_token_type_ids.long()  # (B, S)
+    elif input_ids is not None and token_ids:
+        ids = torch.zeros_like(input_ids, dtype=torch.long)  # (B, S)
+        for mod, toks in token_ids.items():
+            toks = [toks] if isinstance(toks, int) else list(toks)
+            hit = torch.isin(input_ids, input_ids.new_tensor(toks))  # (B, S)
+            ids = ids.masked_fill(hit, int(mod))
+    else:
+        raise ValueError(
+            "cannot tell modalities apart: pass mm_token_type_ids (from the processor), or "
+            "input_ids together with token_ids={1: image_token_id}, or explicit modality ids"
+        )
+    if ids.dim() == 1:
+        ids = ids[None, :]  # (1, S)
+    if ids.dim() != 2:
+        raise ValueError(f"modality ids must be (B, S); got shape {tuple(ids.shape)}")
+    if level == "sample":
+        nontext = torch.where(ids > 0, ids, torch.full_like(ids, 1 << 30))  # (B, S)
+        sample_mod = nontext.amin(dim=1, keepdim=True)  # (B, 1)
+        sample_mod = torch.where(sample_mod == 1 << 30, torch.zeros_like(sample_mod), sample_mod)
+        ids = torch.where(ids >= 0, sample_mod.expand_as(ids), ids)  # (B, S)
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape != ids.shape:
+            raise ValueError(
+                f"attention_mask must be (B, S) = {tuple(ids.shape)}; got "
+                f"{tuple(attention_mask.shape)} (4-D and packed masks are not supported: pass "
+                "modality ids explicitly)"
+            )
+        ids = ids.masked_fill(attention_mask == 0, IGNORE)
+    return ids
