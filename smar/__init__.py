@@ -1,7 +1,9 @@
 """SMAR: Soft Modality-Aware Routing for mixture-of-experts multimodal language models.
 
-``import smar`` needs only torch. The routing mathematics (``smar.losses``) and analysis
-(``smar.metrics``) are re-exported here.
+``import smar`` needs only torch. The routing mathematics (``smar.losses``), analysis
+(``smar.metrics``) and the model integration (``smar.routing``: ``attach``, ``record``,
+``SMARConfig``) are re-exported here; ``upcycle_hf`` (``smar.hf``) imports transformers on first
+use.
 """
 
 from smar.losses import (
@@ -17,19 +19,32 @@ from smar.losses import (
     z_loss,
 )
 from smar.metrics import RoutingStats
+from smar.routing import SMARConfig, attach, record
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Routing",
     "RoutingStats",
+    "SMARConfig",
+    "attach",
     "limoe_loss",
     "load_balancing_loss",
     "modality_distributions",
     "mrd",
     "prepare_routing",
+    "record",
     "routing_objective",
     "routing_probs",
     "smar_loss",
+    "upcycle_hf",
     "z_loss",
 ]
+
+
+def __getattr__(name: str):
+    if name == "upcycle_hf":  # smar.hf imports transformers: only when asked for
+        from smar.hf import upcycle_hf
+
+        return upcycle_hf
+    raise AttributeError(f"module 'smar' has no attribute {name!r}")

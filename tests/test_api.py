@@ -12,14 +12,18 @@ def test_public_api_is_pinned():
         [
             "Routing",
             "RoutingStats",
+            "SMARConfig",
+            "attach",
             "limoe_loss",
             "load_balancing_loss",
             "modality_distributions",
             "mrd",
             "prepare_routing",
+            "record",
             "routing_objective",
             "routing_probs",
             "smar_loss",
+            "upcycle_hf",
             "z_loss",
         ]
     )
