@@ -1,0 +1,172 @@
+"""Benchmarks of the testbed: text skills and multimodal questions scored by answer
+log-likelihood among choices, held-out prose by bits per byte; retention against the stage-1 LM.
+
+Scores are higher-is-better: accuracies for the choice benchmarks, ``1 / bits-per-byte`` for
+prose (so that retention is ``bpb_before / bpb_after``). Benchmark names are ``text/<task>``
+and ``mm/<question type>``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from smar.data import Example, ImageSample, MMSample, Tokenizer
+from smar.stats import mean_retention, mean_without_outlier, retention
+
+__all__ = [
+    "ChoiceItem",
+    "choice_logprobs",
+    "choice_accuracy",
+    "prose_bits_per_byte",
+    "unigram_bits_per_byte",
+    "text_items",
+    "mm_items",
+    "summarize",
+]
+
+
+@dataclass
+class ChoiceItem:
+    """A scored question: ``prompt`` ids (after the optional image), one id list per choice."""
+
+    prompt: list[int]
+    choices: list[list[int]]
+    answer: int
+    image: ImageSample | None = None
+
+
+def text_items(examples: Sequence[Example], tok: Tokenizer) -> list[ChoiceItem]:
+    return [
+        ChoiceItem(tok.encode(e.prompt), [tok.encode(c) for c in e.choices], e.answer)
+        for e in examples
+    ]
+
+
+def mm_items(samples: Sequence[MMSample], tok: Tokenizer) -> list[ChoiceItem]:
+    return [
+        ChoiceItem(tok.encode(s.prompt), [tok.encode(c) for c in s.choices], s.answer, s.image)
+        for s in samples
+    ]
+
+
+@torch.no_grad()
+def choice_logprobs(
+    model,
+    items: Sequence[ChoiceItem],
+    *,
+    bos_id: int,
+    pad_id: int,
+    image_id: int,
+    image_tokens: int,
+    modality: str = "token",
+    batch_size: int = 256,
+) -> list[list[float]]:
+    """Sum of log-probabilities of each choice's tokens after its prompt, per item.
+
+    ``model(input_ids, pixel_values, attention_mask=, modality_ids=)`` must return an object with
+    ``logits (B, S, V)``. Image items get ``image_tokens`` placeholders after ``<bos>``; with
+    ``modality="sample"`` every token of an image item has modality 1 (routing as in training).
+    """
+    seqs = []  # (item index, choice index, ids, first scored position, image)
+    for i, it in enumerate(items):
+        img = [image_id] * image_tokens if it.image is not None else []
+        for j, c in enumerate(it.choices):
+            if not c:
+                raise ValueError(f"item {i} has an empty choice {j}")
+            ids = [bos_id] + img + it.prompt + c
+            seqs.append((i, j, ids, len(ids) - len(c), it.image))
+    out = [[0.0] * len(it.choices) for it in items]
+    order = sorted(range(len(seqs)), key=lambda k: len(seqs[k][2]))  # similar lengths together
+    for b in range(0, len(order), batch_size):
+        chunk = [seqs[k] for k in order[b : b + batch_size]]
+        S = max(len(s[2]) for s in chunk)
+        ids = torch.full((len(chunk), S), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(chunk), S, dtype=torch.long)
+        for r, (_, _, s, _, _) in enumerate(chunk):
+            ids[r, : len(s)] = torch.tensor(s)
+            mask[r, : len(s)] = 1
+        images = [s[4].pixels for s in chunk if s[4] is not None]
+        pixels = torch.stack(images) if images else None
+        mod = (ids == image_id).long()
+        if modality == "sample":
+            has_image = torch.tensor([s[4] is not None for s in chunk])
+            mod = has_image[:, None].long().expand(-1, S).clone()
+        mod = mod.masked_fill(mask == 0, -1)
+        logits = model(ids, pixels, attention_mask=mask, modality_ids=mod).logits
+        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, S-1, V)
+        tok_lp = logp.gather(-1, ids[:, 1:, None])[..., 0]  # (B, S-1) log p(token s+1)
+        for r, (i, j, s, start, _) in enumerate(chunk):
+            out[i][j] = float(tok_lp[r, start - 1 : len(s) - 1].sum())
+    return out
+
+
+def choice_accuracy(logprobs: Sequence[Sequence[float]], answers: Sequence[int]) -> float:
+    """Share of items whose correct choice has the highest log-likelihood (ties count wrong)."""
+    if len(logprobs) != len(answers) or not answers:
+        raise ValueError("need one answer per item and at least one item")
+    right = 0
+    for lp, a in zip(logprobs, answers, strict=True):
+        best = max(range(len(lp)), key=lambda j: lp[j])
+        right += int(best == a and sum(v == lp[a] for v in lp) == 1)
+    return right / len(answers)
+
+
+@torch.no_grad()
+def prose_bits_per_byte(
+    model,
+    tok: Tokenizer,
+    text: str,
+    *,
+    seq_len: int,
+    max_bytes: int = 60_000,
+    batch_size: int = 16,
+) -> float:
+    """Bits per byte of ``text[:max_bytes]`` under the model, in non-overlapping windows."""
+    text = text[:max_bytes]
+    ids = torch.tensor([tok.bos_id] + tok.encode(text))
+    n = (len(ids) - 1) // seq_len
+    if n == 0:
+        raise ValueError(f"held-out text too short for one window of {seq_len} tokens")
+    nats, count = 0.0, 0
+    windows = [ids[i * seq_len : (i + 1) * seq_len + 1] for i in range(n)]
+    for b in range(0, n, batch_size):
+        w = torch.stack(windows[b : b + batch_size])  # (B, S+1)
+        logits = model(w[:, :-1]).logits
+        nats += F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), w[:, 1:].reshape(-1), reduction="sum"
+        ).item()
+        count += w[:, 1:].numel()
+    n_bytes = len(tok.decode(ids[1 : n * seq_len + 1].tolist()).encode("utf-8"))
+    return nats / math.log(2) / n_bytes
+
+
+def unigram_bits_per_byte(
+    tok: Tokenizer, train_ids: torch.Tensor, text: str, *, max_bytes: int = 60_000
+) -> float:
+    """Bits per byte of a unigram model (add-one smoothed token frequencies of ``train_ids``)."""
+    counts = torch.bincount(train_ids, minlength=tok.vocab_size).double() + 1.0
+    logp = (counts / counts.sum()).log()
+    ids = torch.tensor(tok.encode(text[:max_bytes]))
+    n_bytes = len(tok.decode(ids.tolist()).encode("utf-8"))
+    return float(-logp[ids].sum() / math.log(2) / n_bytes)
+
+
+def summarize(scores: dict[str, float], base: dict[str, float]) -> dict[str, float | str]:
+    """Retention per text benchmark, mean retention, mean without the most-moved benchmark and
+    mean multimodal accuracy, as a flat dict."""
+    text = {k: v for k, v in scores.items() if k.startswith("text/")}
+    ret = retention(text, base)
+    wo, worst = mean_without_outlier(ret)
+    mm = [v for k, v in scores.items() if k.startswith("mm/")]
+    out: dict[str, float | str] = {f"retention/{k[5:]}": v for k, v in ret.items()}
+    out["retention/mean"] = mean_retention(ret)
+    out["retention/mean_wo_outlier"] = wo
+    out["retention/outlier"] = worst
+    if mm:
+        out["mm/mean"] = sum(mm) / len(mm)
+    return out
