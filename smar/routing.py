@@ -163,9 +163,7 @@ class ModalityBiasRouter(nn.Module):
         self._state = state
         ref = next(router.parameters(), None)
         self.modality_bias = nn.Parameter(
-            torch.zeros(
-                num_modalities, num_experts, device=None if ref is None else ref.device
-            )
+            torch.zeros(num_modalities, num_experts, device=None if ref is None else ref.device)
         )
 
     def forward(self, *args, **kwargs):
@@ -403,6 +401,7 @@ class Regularizer(RouterCapture):
         ``smar_weight * L_SMAR + lb_weight * L_LB + z_weight * L_z`` (SPEC section 3).
         """
         c = self.config
+        logits = self.logits()  # (T, E) per layer; raises before any forward
         ids = self.modality_ids
         if ids is None and c.smar_weight:
             raise ValueError(
@@ -410,7 +409,7 @@ class Regularizer(RouterCapture):
                 "mm_token_type_ids, or regularizer.set_modality(ids) before the forward"
             )
         total, terms = routing_objective(
-            self.logits(),
+            logits,
             ids,
             top_k=self.top_k,
             smar_weight=c.smar_weight,
@@ -434,7 +433,7 @@ class Regularizer(RouterCapture):
             out[f"smar/{name}"] = float(value.detach())
         if "mrd" in terms:
             d = terms["mrd"]  # (L,)
-            for layer, v in zip(self.captured_layers, d.tolist()):
+            for layer, v in zip(self.captured_layers, d.tolist(), strict=True):
                 out[f"smar/layer{layer:02d}/mrd"] = v
             finite = d[torch.isfinite(d)]
             out["smar/mrd"] = float(finite.mean()) if finite.numel() else float("nan")
@@ -472,7 +471,8 @@ def attach(
             MoE, or a model upcycled with :func:`smar.hf.upcycle_hf`), or any module whose routers
             an adapter recognises.
         config: weights and options (:class:`SMARConfig` defaults if None).
-        adapter: adapters for router classes smar does not know (see :class:`smar.adapters.Adapter`).
+        adapter: adapters for router classes smar does not know
+            (see :class:`smar.adapters.Adapter`).
 
     Returns:
         The regularizer; ``regularizer.detach()`` restores the model.
