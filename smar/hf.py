@@ -87,9 +87,11 @@ class SMARTrainerMixin:
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(
-            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        # Only ask for the outputs if the caller does: TRL recomputes them with an extra forward.
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
+        loss = result[0] if return_outputs else result
         reg = self.smar.loss()
         # The Trainer divides the loss by the accumulation steps unless the model already
         # normalised it by the number of items in the whole accumulated batch; then so do we.
@@ -100,6 +102,12 @@ class SMARTrainerMixin:
             ) or getattr(self, "compute_loss_func", None) is not None
         if scaled and model.training:
             reg = reg / getattr(self, "current_gradient_accumulation_steps", 1)
+        if model.training and torch.is_grad_enabled() and not reg.requires_grad:
+            warnings.warn(
+                "SMAR's routing loss is not connected to the graph (reentrant gradient "
+                "checkpointing?): use gradient_checkpointing_kwargs={'use_reentrant': False}",
+                stacklevel=2,
+            )
         loss = loss + reg
         if model.training:
             for name, value in self.smar.terms().items():
@@ -107,7 +115,7 @@ class SMARTrainerMixin:
                     self._smar_sums[name] = self._smar_sums.get(name, 0.0) + value
                     self._smar_sums[f"{name}#n"] = self._smar_sums.get(f"{name}#n", 0.0) + 1
             self._smar_count += 1
-        return (loss, outputs) if return_outputs else loss
+        return (loss, *result[1:]) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._smar_count and "loss" in logs:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from smar.adapters import Adapter, RouterSite, find_routers, no_router_error
-from smar.losses import routing_objective
+from smar.losses import routing_objective, z_loss
 from smar.modality import LEVELS, modality_ids, special_token_ids
 
 __all__ = [
@@ -408,6 +408,12 @@ class Regularizer(RouterCapture):
                 "the band loss needs modality ids: call the model with input_ids or "
                 "mm_token_type_ids, or regularizer.set_modality(ids) before the forward"
             )
+        sigmoid = self.router == "sigmoid"
+        if sigmoid:
+            # sigmoid(z) / sum(sigmoid(z)) == softmax(logsigmoid(z)): the same probabilities
+            # (SPEC section 1) through the softmax path; routing_objective does not yet pass
+            # router= on to its terms. The z-loss stays on the raw logits.
+            raw, logits = logits, [torch.nn.functional.logsigmoid(z.float()) for z in logits]
         total, terms = routing_objective(
             logits,
             ids,
@@ -417,11 +423,13 @@ class Regularizer(RouterCapture):
             hinge=c.hinge,
             lb_weight=c.lb_weight,
             lb_variant=c.lb_variant,
-            z_weight=c.z_weight,
+            z_weight=0.0 if sigmoid else c.z_weight,
             text=c.text,
             image=c.image,
-            router=self.router,
         )
+        if sigmoid and c.z_weight:
+            terms["z"] = z_loss(raw, mask=None if ids is None else ids >= 0)
+            total = total + c.z_weight * terms["z"]
         self._terms = self._flatten(terms, total)
         return total
 
