@@ -275,7 +275,11 @@ def load_model_dir(path: str, *, weights: bool = True) -> nn.Module:
         if weights:
             return from_pretrained_upcycled(path)
         with torch.device("meta"):
-            return upcycled_class(_model_class(config), config.smar_upcycle)._from_config(config)
+            model = _model_class(config)._from_config(config)
+        # Outside the meta context: upcycling checks the activation on real numbers; the new
+        # blocks follow the dense weights onto the meta device.
+        spec = config.smar_upcycle
+        return upcycle_hf(model, **{k: spec[k] for k in ("num_experts", "top_k", "layers")})
     cls = _model_class(config)
     if weights:
         return cls.from_pretrained(path)
