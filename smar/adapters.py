@@ -261,7 +261,12 @@ def _resolve(adapter: Adapter) -> Adapter:
         return adapter
     classes = tuple(_smar_router_class() if c == "smar.moe.Router" else c for c in adapter.classes)
     return Adapter(
-        adapter.name, classes, adapter.router, adapter.index, adapter.top_k, adapter.reroute,
+        adapter.name,
+        classes,
+        adapter.router,
+        adapter.index,
+        adapter.top_k,
+        adapter.reroute,
         adapter.note,
     )
 
