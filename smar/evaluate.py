@@ -72,12 +72,18 @@ def choice_logprobs(
     ``logits (B, S, V)``. Image items get ``image_tokens`` placeholders after ``<bos>``; with
     ``modality="sample"`` every token of an image item has modality 1 (routing as in training).
     """
-    seqs = []  # (item index, choice index, ids, first scored position, image)
+    # One sequence per (item, choice); items whose choices are all single tokens need only one
+    # sequence (the prompt), whose last position scores every choice at once.
+    seqs = []  # (item index, choice index or -1 for all, ids, first scored position, image)
     for i, it in enumerate(items):
         img = [image_id] * image_tokens if it.image is not None else []
+        if any(not c for c in it.choices):
+            raise ValueError(f"item {i} has an empty choice")
+        if all(len(c) == 1 for c in it.choices):
+            ids = [bos_id] + img + it.prompt
+            seqs.append((i, -1, ids, len(ids), it.image))
+            continue
         for j, c in enumerate(it.choices):
-            if not c:
-                raise ValueError(f"item {i} has an empty choice {j}")
             ids = [bos_id] + img + it.prompt + c
             seqs.append((i, j, ids, len(ids) - len(c), it.image))
     out = [[0.0] * len(it.choices) for it in items]
@@ -98,10 +104,14 @@ def choice_logprobs(
             mod = has_image[:, None].long().expand(-1, S).clone()
         mod = mod.masked_fill(mask == 0, -1)
         logits = model(ids, pixels, attention_mask=mask, modality_ids=mod).logits
-        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, S-1, V)
-        tok_lp = logp.gather(-1, ids[:, 1:, None])[..., 0]  # (B, S-1) log p(token s+1)
+        logp = F.log_softmax(logits.float(), dim=-1)  # (B, S, V): position s predicts s+1
         for r, (i, j, s, start, _) in enumerate(chunk):
-            out[i][j] = float(tok_lp[r, start - 1 : len(s) - 1].sum())
+            if j < 0:
+                firsts = torch.tensor([c[0] for c in items[i].choices])
+                out[i] = logp[r, len(s) - 1, firsts].tolist()
+            else:
+                target = torch.tensor(s[start:])
+                out[i][j] = float(logp[r, start - 1 : len(s) - 1].gather(-1, target[:, None]).sum())
     return out
 
 
@@ -156,14 +166,34 @@ def unigram_bits_per_byte(
     return float(-logp[ids].sum() / math.log(2) / n_bytes)
 
 
-def summarize(scores: dict[str, float], base: dict[str, float]) -> dict[str, float | str]:
-    """Retention per text benchmark, mean retention, mean without the most-moved benchmark and
-    mean multimodal accuracy, as a flat dict."""
+LEARNED = 0.5  # a choice benchmark counts in mean retention when the base model scores >= this
+
+
+def learned_benchmarks(base: dict[str, float], threshold: float = LEARNED) -> list[str]:
+    """Text benchmarks the base model has learned: prose always, choice tasks scored
+    ``>= threshold`` (chance is 1/4 for the text skills). Retention on a task the base model
+    never learned measures noise, not forgetting."""
+    return [k for k, v in base.items()
+            if k.startswith("text/") and (k == "text/prose" or v >= threshold)]
+
+
+def summarize(
+    scores: dict[str, float], base: dict[str, float], *, include: Sequence[str] | None = None
+) -> dict[str, float | str]:
+    """Retention per text benchmark, mean retention (over ``include``, default every text
+    benchmark), mean without the most-moved benchmark and mean multimodal accuracy, as a flat
+    dict."""
     text = {k: v for k, v in scores.items() if k.startswith("text/")}
     ret = retention(text, base)
+    if include is not None:
+        missing = [k for k in include if k not in ret]
+        if missing:
+            raise ValueError(f"include names benchmarks without scores: {missing}")
+    out_all = ret
+    ret = ret if include is None else {k: ret[k] for k in include}
     wo, worst = mean_without_outlier(ret)
     mm = [v for k, v in scores.items() if k.startswith("mm/")]
-    out: dict[str, float | str] = {f"retention/{k[5:]}": v for k, v in ret.items()}
+    out: dict[str, float | str] = {f"retention/{k[5:]}": v for k, v in out_all.items()}
     out["retention/mean"] = mean_retention(ret)
     out["retention/mean_wo_outlier"] = wo
     out["retention/outlier"] = worst

@@ -587,13 +587,16 @@ def routing_objective(
     terms: dict[str, Tensor] = {}
     total = r.logits.new_zeros(())
     if lb_weight:
-        terms["lb"] = load_balancing_loss(r, top_k=top_k, mask=mask, variant=lb_variant)
+        terms["lb"] = load_balancing_loss(
+            r, top_k=top_k, mask=mask, variant=lb_variant, router=router
+        )
         total = total + lb_weight * terms["lb"]
     else:
         _check_top_k(top_k, r.shape[-1])
     if smar_weight:
         terms["band"] = smar_loss(
-            r, modality_ids, band=band, hinge=hinge, text=text, image=image, group=group
+            r, modality_ids, band=band, hinge=hinge, text=text, image=image, group=group,
+            router=router,
         )
         total = total + smar_weight * terms["band"]
     if z_weight:
@@ -601,9 +604,13 @@ def routing_objective(
         total = total + z_weight * terms["z"]
     if limoe_weight:
         tau = math.log(r.shape[-1]) / 2 if limoe_tau is None else limoe_tau
-        terms["limoe"] = limoe_loss(r, modality_ids, tau=tau, modalities=(text, image))
+        terms["limoe"] = limoe_loss(
+            r, modality_ids, tau=tau, modalities=(text, image), router=router
+        )
         total = total + limoe_weight * terms["limoe"]
     if modality_ids is not None:
         with torch.no_grad():
-            terms["mrd"] = mrd(r, modality_ids, text=text, image=image, group=group)
+            terms["mrd"] = mrd(
+                r, modality_ids, text=text, image=image, group=group, router=router
+            )
     return total, terms

@@ -9,7 +9,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from smar.evaluate import summarize
+from smar.evaluate import LEARNED, learned_benchmarks, summarize
 from smar.stats import confidence_interval
 
 __all__ = ["aggregate", "write_report"]
@@ -40,12 +40,13 @@ def _fmt(mean: float, half: float, digits: int = 3) -> str:
 def aggregate(results: dict) -> dict[str, dict]:
     """Per group of runs (a run name without its seed): retention and accuracy with 95% CIs."""
     base = results["base"]["scores"]
+    include = learned_benchmarks(base)
     groups: dict[str, list[dict]] = defaultdict(list)
     for name, r in results["runs"].items():
         groups[_group(name)].append(r)
     out = {}
     for g, runs in groups.items():
-        sums = [summarize(r["scores"], base) for r in runs]
+        sums = [summarize(r["scores"], base, include=include) for r in runs]
         row = {"n": len(runs), "arm": runs[0]["arm"]}
         for key in ("retention/mean", "retention/mean_wo_outlier", "mm/mean"):
             row[key] = confidence_interval([s[key] for s in sums])
@@ -86,7 +87,9 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
         "",
         f"Held-out prose: {base['prose_bpb']:.3f} bits/byte (unigram model: "
         f"{base['unigram_bpb']:.3f}); pretraining throughput "
-        f"{base['pretrain'].get('tokens_per_s', float('nan')):.0f} tokens/s.",
+        f"{base['pretrain'].get('tokens_per_s', float('nan')):.0f} tokens/s. Multimodal "
+        f"samples hold {base.get('image_text_ratio', float('nan')):.1f} image tokens per text "
+        "token.",
         "",
         "| benchmark | stage-1 score |",
         "|---|---|",

@@ -61,9 +61,9 @@ class StageConfig:
 class TuneConfig:
     """Stage 3: upcycling and visual instruction tuning."""
 
-    steps: int = 300
+    steps: int = 200
     batch_size: int = 16
-    lr: float = 5e-4
+    lr: float = 2e-3
     warmup: int = 20
     text_ratio: float = 0.025
     text_len: int = 48
@@ -83,10 +83,15 @@ class RunConfig:
     """Everything the pipeline needs; ``arms`` and ``controls`` say which stage-3 runs to make."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    model: TinyConfig = field(default_factory=TinyConfig)
-    vision: StageConfig = field(default_factory=lambda: StageConfig(600, 64, 2e-3, 30))
-    pretrain: StageConfig = field(default_factory=lambda: StageConfig(1800, 16, 2e-3, 100))
-    align: StageConfig = field(default_factory=lambda: StageConfig(300, 32, 2e-3, 20))
+    model: TinyConfig = field(
+        default_factory=lambda: TinyConfig(
+            dim=96, n_layers=4, n_heads=4, ffn_hidden=256, max_seq_len=128, image_size=32,
+            patch_size=4, vision_dim=64, vision_layers=2, vision_heads=4,
+        )
+    )
+    vision: StageConfig = field(default_factory=lambda: StageConfig(800, 32, 3e-3, 30))
+    pretrain: StageConfig = field(default_factory=lambda: StageConfig(1100, 16, 2e-3, 60))
+    align: StageConfig = field(default_factory=lambda: StageConfig(300, 32, 3e-3, 20))
     tune: TuneConfig = field(default_factory=TuneConfig)
     arms: list[str] = field(
         default_factory=lambda: [
@@ -605,6 +610,18 @@ def jobs_for(cfg: RunConfig, sweep: bool = False) -> list[Job]:
     return jobs
 
 
+def image_text_ratio(cfg: RunConfig, bundle: Bundle, n: int = 400) -> float:
+    """Image tokens per text token in the multimodal samples of stage 3 (LLaVA: about 6)."""
+    from smar.data import TextStream, collate, mixed_items
+
+    items = mixed_items(n, tok=bundle.tok, text=TextStream(bundle.train_ids, 0), seed=0,
+                        text_ratio=0.0, text_len=cfg.tune.text_len,
+                        image_size=cfg.data.image_size)
+    b = collate(items, bundle.tok, image_tokens=cfg.model.image_tokens)
+    image = int((b.input_ids == bundle.tok.image_id).sum())
+    return image / (int(b.attention_mask.sum()) - image)
+
+
 def run_pipeline(cfg: RunConfig, *, quiet: bool = False) -> dict:
     """Runs (or reuses) every stage and every stage-3 job; writes results.json, report.md, plots.
 
@@ -678,9 +695,25 @@ def run_pipeline(cfg: RunConfig, *, quiet: bool = False) -> dict:
 
 
 def sweep_main(args) -> int:
+    """``smar sweep [overrides]``; ``bands=1.5:2.0,0:0`` gives bands as ``low:high`` pairs."""
     from smar.config import apply_overrides
 
-    cfg = apply_overrides(sweep_config(), list(getattr(args, "overrides", []) or []))
+    overrides = []
+    bands = None
+    for item in list(getattr(args, "overrides", []) or []):
+        if item.startswith("bands="):
+            fix = f"{item!r}: write bands as low:high pairs, e.g. bands=1.5:2,0:0"
+            try:
+                bands = [tuple(float(x) for x in b.split(":")) for b in item[6:].split(",")]
+            except ValueError as err:
+                raise ValueError(fix) from err
+            if any(len(b) != 2 for b in bands):
+                raise ValueError(fix)
+        else:
+            overrides.append(item)
+    cfg = apply_overrides(sweep_config(), overrides)
+    if bands is not None:
+        cfg.bands = bands
     run_pipeline(cfg)
     log.info("wrote %s/report.md", cfg.out)
     return 0

@@ -498,3 +498,18 @@ def test_routing_objective_is_the_weighted_sum_of_the_functions():
     assert set(t) == {"lb"} and torch.allclose(only_lb, 0.01 * smar.load_balancing_loss(z, top_k=2))
     with pytest.raises(ValueError, match="modality_ids"):
         smar.routing_objective(z, top_k=2, smar_weight=1.0)
+
+
+def test_routing_objective_sigmoid_router_matches_the_functions():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 40, 6)
+    ids = torch.randint(-1, 2, (40,))
+    total, terms = smar.routing_objective(
+        logits, ids, top_k=2, smar_weight=1.0, lb_weight=0.1, limoe_weight=0.2, router="sigmoid"
+    )
+    band = smar.smar_loss(logits, ids, router="sigmoid")
+    lb = smar.load_balancing_loss(logits, top_k=2, mask=ids >= 0, router="sigmoid")
+    tau = math.log(6) / 2
+    limoe = smar.limoe_loss(logits, ids, tau=tau, router="sigmoid")
+    torch.testing.assert_close(total, band + 0.1 * lb + 0.2 * limoe)
+    torch.testing.assert_close(terms["mrd"], smar.mrd(logits, ids, router="sigmoid"))

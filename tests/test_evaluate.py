@@ -1,0 +1,153 @@
+"""Scoring: an oracle scores 1.0, a random model scores near chance, retention against itself is 1."""
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from smar import data
+from smar.evaluate import (
+    ChoiceItem,
+    choice_accuracy,
+    choice_logprobs,
+    mm_items,
+    prose_bits_per_byte,
+    summarize,
+    text_items,
+)
+
+VOCAB = 300
+
+
+class CharTok:
+    """A character tokenizer: enough to exercise the scoring without training a BPE."""
+
+    pad_id, image_id, bos_id, eos_id = 0, 1, 2, 3
+    vocab_size = VOCAB
+
+    def encode(self, s):
+        return [4 + min(ord(c), VOCAB - 5) for c in s]
+
+    def decode(self, ids):
+        return "".join(chr(i - 4) for i in ids if i >= 4)
+
+
+def _key(pixels):
+    return None if pixels is None else hash(pixels.numpy().tobytes())
+
+
+class Oracle(torch.nn.Module):
+    """Puts all probability on the next token of the correct sequence with the same prefix
+    (and the same image)."""
+
+    def __init__(self, items, image_tokens):
+        super().__init__()
+        self.next = {}
+        for it in items:
+            img = [CharTok.image_id] * image_tokens if it.image is not None else []
+            seq = [CharTok.bos_id] + img + it.prompt + it.choices[it.answer]
+            key = _key(None if it.image is None else it.image.pixels)
+            for t in range(1, len(seq)):
+                self.next[key, tuple(seq[:t])] = seq[t]
+
+    def forward(self, ids, pixels=None, **kw):
+        logits = torch.zeros(*ids.shape, VOCAB)
+        has_image = (ids == CharTok.image_id).any(1).tolist()
+        images = iter(pixels if pixels is not None else [])
+        for b in range(ids.shape[0]):
+            key = _key(next(images)) if has_image[b] else None
+            for t in range(ids.shape[1]):
+                nxt = self.next.get((key, tuple(ids[b, : t + 1].tolist())))
+                if nxt is not None:
+                    logits[b, t, nxt] = 30.0
+        return SimpleNamespace(logits=logits)
+
+
+class RandomModel(torch.nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        self.g = torch.Generator().manual_seed(seed)
+
+    def forward(self, ids, pixels=None, **kw):
+        return SimpleNamespace(logits=torch.randn(*ids.shape, VOCAB, generator=self.g))
+
+
+KW = dict(bos_id=2, pad_id=0, image_id=1, image_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def items():
+    tok = CharTok()
+    text = text_items(data.skill_examples("calendar", 150, 0), tok)
+    mm = mm_items(data.qa_samples("colour", 60, 0, "eval", size=8), tok)
+    return text, mm
+
+
+def test_oracle_scores_one(items):
+    for its in items:
+        lp = choice_logprobs(Oracle(its, 4), its, **KW)
+        assert choice_accuracy(lp, [it.answer for it in its]) == 1.0
+
+
+def test_random_model_scores_near_chance(items):
+    text, _ = items
+    many = text * 4
+    acc = choice_accuracy(choice_logprobs(RandomModel(), many, **KW), [i.answer for i in many])
+    chance = 1 / len(text[0].choices)
+    assert abs(acc - chance) < 0.08
+
+
+def test_choice_logprobs_match_explicit_sum():
+    model = RandomModel(3)
+    it = ChoiceItem([10, 11, 12], [[20], [21, 22]], 1)
+    torch.manual_seed(0)
+    lp = choice_logprobs(_Fixed(), [it], **KW)
+    seq = [2, 10, 11, 12, 21, 22]
+    logits = _Fixed()(torch.tensor([seq])).logits[0].log_softmax(-1)
+    expect = logits[3, 21] + logits[4, 22]
+    assert lp[0][1] == pytest.approx(float(expect), abs=1e-5)
+    del model
+
+
+class _Fixed(torch.nn.Module):
+    """Deterministic logits depending only on the token and its position."""
+
+    def forward(self, ids, pixels=None, **kw):
+        g = torch.Generator().manual_seed(7)
+        table = torch.randn(VOCAB, VOCAB, generator=g)
+        return SimpleNamespace(logits=table[ids] + 0.1 * torch.arange(ids.shape[1])[None, :, None])
+
+
+def test_ties_count_wrong():
+    assert choice_accuracy([[0.0, 0.0], [1.0, 0.0]], [0, 0]) == 0.5
+
+
+def test_retention_against_itself_is_exactly_one():
+    scores = {"text/prose": 0.41, "text/facts": 0.93, "text/alphabet": 1.0, "mm/digit": 0.8}
+    s = summarize(scores, scores)
+    assert s["retention/mean"] == 1.0 and s["retention/mean_wo_outlier"] == 1.0
+    assert all(
+        v == 1.0
+        for k, v in s.items()
+        if k.startswith("retention/") and k[10:] in ("prose", "facts", "alphabet")
+    )
+    assert s["mm/mean"] == 0.8
+
+
+def test_prose_bits_per_byte_of_uniform_model():
+    class Uniform(torch.nn.Module):
+        def forward(self, ids, *a, **k):
+            return SimpleNamespace(logits=torch.zeros(*ids.shape, VOCAB))
+
+    text = "".join(random.Random(0).choice("abcdefgh ") for _ in range(3000))
+    bpb = prose_bits_per_byte(Uniform(), CharTok(), text, seq_len=50)
+    # one character = one byte = one token, each with probability 1/VOCAB
+    assert bpb == pytest.approx(torch.log2(torch.tensor(float(VOCAB))).item(), rel=1e-5)
+
+
+def test_single_token_choices_scored_from_one_sequence():
+    it = ChoiceItem([10, 11, 12], [[20], [21], [22]], 2)
+    lp = choice_logprobs(_Fixed(), [it], **KW)
+    logits = _Fixed()(torch.tensor([[2, 10, 11, 12]])).logits[0].log_softmax(-1)
+    assert lp[0] == pytest.approx([float(logits[3, t]) for t in (20, 21, 22)], abs=1e-5)

@@ -1,0 +1,45 @@
+"""The testbed end to end at tiny sizes (``smar demo --smoke``), and its configuration."""
+
+import json
+
+import pytest
+
+from smar import cli
+from smar.config import to_dict
+from smar.train import Job, RunConfig, config_from_dict, jobs_for, smoke_config
+
+
+def test_smoke_demo_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["demo", "--smoke", "--quiet", "--out", "out"]) == 0
+    out = tmp_path / "out"
+    report = (out / "report.md").read_text()
+    assert "## Calibration" in report and "`smar`" in report and "`hard_sample`" in report
+    results = json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    assert set(runs) == {j.name for j in jobs_for(smoke_config())}
+    for name, r in runs.items():
+        assert (out / name / "config.json").exists() and (out / name / "model.safetensors").exists()
+        assert {"text/prose", "text/facts", "mm/digit"} <= set(r["scores"])
+    assert (out / "mrd.png").exists() and (out / "retention_vs_accuracy.png").exists()
+    assert results["base"]["unigram_bpb"] > 0
+    # a second run reuses every cached stage and every finished run
+    before = (out / "smar_seed0" / "results.json").stat().st_mtime
+    assert cli.main(["demo", "--smoke", "--quiet", "--out", "out"]) == 0
+    assert (out / "smar_seed0" / "results.json").stat().st_mtime == before
+
+
+def test_jobs_cover_arms_seeds_and_controls():
+    cfg = RunConfig(arms=["none", "smar"], seeds=[0, 1], text_ratios=[0.025, 0.1])
+    names = [j.name for j in jobs_for(cfg)]
+    assert "smar_text0.1_seed1" in names and "control_text_seed0" in names
+    assert len(names) == 2 * 2 * 2 + 3 * 2
+    with pytest.raises(ValueError, match="unknown arm"):
+        jobs_for(RunConfig(arms=["nonsense"]))
+    assert Job("x", "none").drop_images is False
+
+
+def test_config_round_trips_through_json():
+    cfg = smoke_config()
+    again = config_from_dict(json.loads(json.dumps(to_dict(cfg))))
+    assert to_dict(again) == to_dict(cfg)
