@@ -173,8 +173,11 @@ def learned_benchmarks(base: dict[str, float], threshold: float = LEARNED) -> li
     """Text benchmarks the base model has learned: prose always, choice tasks scored
     ``>= threshold`` (chance is 1/4 for the text skills). Retention on a task the base model
     never learned measures noise, not forgetting."""
-    return [k for k, v in base.items()
-            if k.startswith("text/") and (k == "text/prose" or v >= threshold)]
+    return [
+        k
+        for k, v in base.items()
+        if k.startswith("text/") and (k == "text/prose" or v >= threshold)
+    ]
 
 
 def summarize(

@@ -595,7 +595,13 @@ def routing_objective(
         _check_top_k(top_k, r.shape[-1])
     if smar_weight:
         terms["band"] = smar_loss(
-            r, modality_ids, band=band, hinge=hinge, text=text, image=image, group=group,
+            r,
+            modality_ids,
+            band=band,
+            hinge=hinge,
+            text=text,
+            image=image,
+            group=group,
             router=router,
         )
         total = total + smar_weight * terms["band"]
@@ -610,7 +616,5 @@ def routing_objective(
         total = total + limoe_weight * terms["limoe"]
     if modality_ids is not None:
         with torch.no_grad():
-            terms["mrd"] = mrd(
-                r, modality_ids, text=text, image=image, group=group, router=router
-            )
+            terms["mrd"] = mrd(r, modality_ids, text=text, image=image, group=group, router=router)
     return total, terms

@@ -95,7 +95,11 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
         "|---|---|",
     ]
     lines += [f"| {k} | {v:.3f} |" for k, v in base["scores"].items()]
+    learned = [k[5:] for k in learned_benchmarks(base["scores"])]
     lines += [
+        "",
+        f"Mean retention averages the benchmarks the stage-1 LM learned (prose, and choice "
+        f"tasks at >= {LEARNED:.0%}): {', '.join(learned)}.",
         "",
         "## Calibration",
         "",

@@ -85,8 +85,16 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: TinyConfig = field(
         default_factory=lambda: TinyConfig(
-            dim=96, n_layers=4, n_heads=4, ffn_hidden=256, max_seq_len=128, image_size=32,
-            patch_size=4, vision_dim=64, vision_layers=2, vision_heads=4,
+            dim=96,
+            n_layers=4,
+            n_heads=4,
+            ffn_hidden=256,
+            max_seq_len=128,
+            image_size=32,
+            patch_size=4,
+            vision_dim=64,
+            vision_layers=2,
+            vision_heads=4,
         )
     )
     vision: StageConfig = field(default_factory=lambda: StageConfig(800, 32, 3e-3, 30))
@@ -614,9 +622,15 @@ def image_text_ratio(cfg: RunConfig, bundle: Bundle, n: int = 400) -> float:
     """Image tokens per text token in the multimodal samples of stage 3 (LLaVA: about 6)."""
     from smar.data import TextStream, collate, mixed_items
 
-    items = mixed_items(n, tok=bundle.tok, text=TextStream(bundle.train_ids, 0), seed=0,
-                        text_ratio=0.0, text_len=cfg.tune.text_len,
-                        image_size=cfg.data.image_size)
+    items = mixed_items(
+        n,
+        tok=bundle.tok,
+        text=TextStream(bundle.train_ids, 0),
+        seed=0,
+        text_ratio=0.0,
+        text_len=cfg.tune.text_len,
+        image_size=cfg.data.image_size,
+    )
     b = collate(items, bundle.tok, image_tokens=cfg.model.image_tokens)
     image = int((b.input_ids == bundle.tok.image_id).sum())
     return image / (int(b.attention_mask.sum()) - image)
