@@ -252,7 +252,7 @@ def _check_silu(dense_mlp: nn.Module) -> None:
     act = getattr(dense_mlp, "act_fn", None)
     if act is None:
         return
-    probe = torch.linspace(-3, 3, 13)
+    probe = torch.linspace(-3, 3, 13, device="cpu")  # explicit: works under a meta context
     if not torch.allclose(act(probe), F.silu(probe), atol=1e-6):
         raise ValueError(
             f"{type(dense_mlp).__name__}.act_fn is not SiLU; the MoE experts are SwiGLU and would "

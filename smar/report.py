@@ -86,7 +86,9 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
         "## Stage-1 language model",
         "",
         f"Held-out prose: {base['prose_bpb']:.3f} bits/byte (unigram model: "
-        f"{base['unigram_bpb']:.3f}); pretraining throughput "
+        f"{base['unigram_bpb']:.3f}); per-token perplexity "
+        f"{base.get('prose_ppl', float('nan')):.1f} (unigram: "
+        f"{base.get('unigram_ppl', float('nan')):.1f}); pretraining throughput "
         f"{base['pretrain'].get('tokens_per_s', float('nan')):.0f} tokens/s. Multimodal "
         f"samples hold {base.get('image_text_ratio', float('nan')):.1f} image tokens per text "
         "token.",

@@ -536,8 +536,10 @@ def run_job(cfg_dict: dict, job_dict: dict, base_dir: str) -> dict:
     job = Job(**job_dict)
     out = Path(cfg.out) / job.name
     resolved = {"run": to_dict(cfg), "job": dataclasses.asdict(job)}
-    if (out / "results.json").exists() and (out / "config.json").exists():
-        if read_json(out / "config.json") == json_roundtrip(resolved):
+    # config.json beside model.safetensors is the model's (TinyModel.save); the run's own
+    # resolved config goes to run_config.json
+    if (out / "results.json").exists() and (out / "run_config.json").exists():
+        if read_json(out / "run_config.json") == json_roundtrip(resolved):
             return read_json(out / "results.json")
     t0 = time.time()
     bundle = load_bundle(cfg)
@@ -557,8 +559,8 @@ def run_job(cfg_dict: dict, job_dict: dict, base_dir: str) -> dict:
         "train_s": train_s,
         "total_s": time.time() - t0,
     }
-    write_json(out / "config.json", resolved)
     model.save(out)
+    write_json(out / "run_config.json", resolved)
     write_json(out / "results.json", results)
     return results
 
@@ -636,6 +638,19 @@ def image_text_ratio(cfg: RunConfig, bundle: Bundle, n: int = 400) -> float:
     return image / (int(b.attention_mask.sum()) - image)
 
 
+def _base_extras(cfg: RunConfig, bundle: Bundle, base_eval: dict) -> dict:
+    """Per-token perplexities of the stage-1 LM and the unigram model on the held-out prose,
+    and the image:text token ratio of stage 3."""
+    text = bundle.held_out[: cfg.data.prose_bytes]
+    tokens_per_byte = len(bundle.tok.encode(text)) / len(text.encode("utf-8"))
+    nats = math.log(2) / tokens_per_byte  # nats per token for one bit per byte
+    return {
+        "prose_ppl": math.exp(base_eval["prose_bpb"] * nats),
+        "unigram_ppl": math.exp(base_eval["unigram_bpb"] * nats),
+        "image_text_ratio": image_text_ratio(cfg, bundle),
+    }
+
+
 def run_pipeline(cfg: RunConfig, *, quiet: bool = False) -> dict:
     """Runs (or reuses) every stage and every stage-3 job; writes results.json, report.md, plots.
 
@@ -657,6 +672,9 @@ def run_pipeline(cfg: RunConfig, *, quiet: bool = False) -> dict:
     base_scores_path = base_dir / "scores.json"
     if base_scores_path.exists():
         base_eval = read_json(base_scores_path)
+        if "prose_ppl" not in base_eval:  # written by an older version
+            base_eval.update(_base_extras(cfg, bundle, base_eval))
+            write_json(base_scores_path, base_eval)
     else:
         scores, extra = evaluate_model(base, cfg, bundle, eval_sets(cfg, bundle))
         uni = unigram_bits_per_byte(
@@ -671,6 +689,7 @@ def run_pipeline(cfg: RunConfig, *, quiet: bool = False) -> dict:
                 _stage_dir("vision", cfg.data, cfg.model, cfg.vision) / "metrics.json"
             ),
         }
+        base_eval.update(_base_extras(cfg, bundle, base_eval))
         write_json(base_scores_path, base_eval)
     timings["base_eval_s"] = time.time() - t_start - sum(timings.values())
     jobs = jobs_for(cfg)

@@ -11,6 +11,7 @@ from smar.evaluate import (
     ChoiceItem,
     choice_accuracy,
     choice_logprobs,
+    learned_benchmarks,
     mm_items,
     prose_bits_per_byte,
     summarize,
@@ -133,6 +134,20 @@ def test_retention_against_itself_is_exactly_one():
         if k.startswith("retention/") and k[10:] in ("prose", "facts", "alphabet")
     )
     assert s["mm/mean"] == 0.8
+
+
+def test_learned_benchmarks_keep_prose_and_learned_skills():
+    base = {"text/prose": 0.4, "text/facts": 0.93, "text/calendar": 0.3, "mm/digit": 0.8}
+    assert learned_benchmarks(base) == ["text/prose", "text/facts"]
+
+
+def test_learned_benchmarks_fall_back_to_all_text_when_nothing_learned():
+    # a --smoke model learns no skill: mean without the outlier needs two benchmarks
+    base = {"text/prose": 0.4, "text/facts": 0.25, "text/calendar": 0.3, "mm/digit": 0.8}
+    include = learned_benchmarks(base)
+    assert include == ["text/prose", "text/facts", "text/calendar"]
+    s = summarize({**base, "text/facts": 0.2}, base, include=include)
+    assert s["retention/outlier"] == "text/facts"
 
 
 def test_prose_bits_per_byte_of_uniform_model():

@@ -19,7 +19,9 @@ def test_smoke_demo_end_to_end(tmp_path, monkeypatch):
     runs = results["runs"]
     assert set(runs) == {j.name for j in jobs_for(smoke_config())}
     for name, r in runs.items():
-        assert (out / name / "config.json").exists() and (out / name / "model.safetensors").exists()
+        assert (out / name / "model.safetensors").exists()
+        run_cfg = json.loads((out / name / "run_config.json").read_text())
+        assert run_cfg["job"]["name"] == name and run_cfg["run"]["tune"]["steps"] > 0
         assert {"text/prose", "text/facts", "mm/digit"} <= set(r["scores"])
     assert (out / "mrd.png").exists() and (out / "retention_vs_accuracy.png").exists()
     assert results["base"]["unigram_bpb"] > 0
