@@ -72,20 +72,21 @@ def choice_logprobs(
     ``logits (B, S, V)``. Image items get ``image_tokens`` placeholders after ``<bos>``; with
     ``modality="sample"`` every token of an image item has modality 1 (routing as in training).
     """
-    # One sequence per (item, choice); items whose choices are all single tokens need only one
-    # sequence (the prompt), whose last position scores every choice at once.
-    seqs = []  # (item index, choice index or -1 for all, ids, first scored position, image)
+    # One sequence per multi-token choice (prompt + choice). A single-token choice needs no
+    # sequence of its own: its log-probability is read at the last prompt position of one of the
+    # item's sequences (the prompt alone when every choice is a single token).
+    seqs = []  # (item, multi-token choice or -1, ids, first scored position, image, singles)
     for i, it in enumerate(items):
         img = [image_id] * image_tokens if it.image is not None else []
         if any(not c for c in it.choices):
             raise ValueError(f"item {i} has an empty choice")
-        if all(len(c) == 1 for c in it.choices):
-            ids = [bos_id] + img + it.prompt
-            seqs.append((i, -1, ids, len(ids), it.image))
-            continue
-        for j, c in enumerate(it.choices):
-            ids = [bos_id] + img + it.prompt + c
-            seqs.append((i, j, ids, len(ids) - len(c), it.image))
+        prefix = [bos_id] + img + it.prompt
+        singles = [j for j, c in enumerate(it.choices) if len(c) == 1]
+        multi = [j for j, c in enumerate(it.choices) if len(c) > 1]
+        if not multi:
+            seqs.append((i, -1, prefix, len(prefix), it.image, singles))
+        for n, j in enumerate(multi):
+            seqs.append((i, j, prefix + it.choices[j], len(prefix), it.image, [] if n else singles))
     out = [[0.0] * len(it.choices) for it in items]
     order = sorted(range(len(seqs)), key=lambda k: len(seqs[k][2]))  # similar lengths together
     for b in range(0, len(order), batch_size):
@@ -93,7 +94,7 @@ def choice_logprobs(
         S = max(len(s[2]) for s in chunk)
         ids = torch.full((len(chunk), S), pad_id, dtype=torch.long)
         mask = torch.zeros(len(chunk), S, dtype=torch.long)
-        for r, (_, _, s, _, _) in enumerate(chunk):
+        for r, (_, _, s, _, _, _) in enumerate(chunk):
             ids[r, : len(s)] = torch.tensor(s)
             mask[r, : len(s)] = 1
         images = [s[4].pixels for s in chunk if s[4] is not None]
@@ -105,11 +106,12 @@ def choice_logprobs(
         mod = mod.masked_fill(mask == 0, -1)
         logits = model(ids, pixels, attention_mask=mask, modality_ids=mod).logits
         logp = F.log_softmax(logits.float(), dim=-1)  # (B, S, V): position s predicts s+1
-        for r, (i, j, s, start, _) in enumerate(chunk):
-            if j < 0:
-                firsts = torch.tensor([c[0] for c in items[i].choices])
-                out[i] = logp[r, len(s) - 1, firsts].tolist()
-            else:
+        for r, (i, j, s, start, _, singles) in enumerate(chunk):
+            if singles:
+                firsts = torch.tensor([items[i].choices[k][0] for k in singles])
+                for k, v in zip(singles, logp[r, start - 1, firsts].tolist(), strict=True):
+                    out[i][k] = v
+            if j >= 0:
                 target = torch.tensor(s[start:])
                 out[i][j] = float(logp[r, start - 1 : len(s) - 1].gather(-1, target[:, None]).sum())
     return out

@@ -100,15 +100,20 @@ def test_random_model_scores_near_chance(items):
 
 
 def test_choice_logprobs_match_explicit_sum():
-    model = RandomModel(3)
-    it = ChoiceItem([10, 11, 12], [[20], [21, 22]], 1)
-    torch.manual_seed(0)
-    lp = choice_logprobs(_Fixed(), [it], **KW)
-    seq = [2, 10, 11, 12, 21, 22]
-    logits = _Fixed()(torch.tensor([seq])).logits[0].log_softmax(-1)
-    expect = logits[3, 21] + logits[4, 22]
-    assert lp[0][1] == pytest.approx(float(expect), abs=1e-5)
-    del model
+    # mixed single- and multi-token choices, against one explicit sequence per choice
+    items = [
+        ChoiceItem([10, 11, 12], [[20], [21, 22], [23], [24, 25, 26]], 1),
+        ChoiceItem([13], [[27, 28], [29]], 0),
+        ChoiceItem([14, 15], [[30], [31]], 1),
+    ]
+    lp = choice_logprobs(_Fixed(), items, **KW, batch_size=2)
+    for it, got in zip(items, lp, strict=True):
+        for c, value in zip(it.choices, got, strict=True):
+            seq = [2, *it.prompt, *c]
+            logits = _Fixed()(torch.tensor([seq])).logits[0].log_softmax(-1)
+            start = 1 + len(it.prompt)
+            expect = sum(float(logits[start - 1 + n, t]) for n, t in enumerate(c))
+            assert value == pytest.approx(expect, abs=1e-5)
 
 
 class _Fixed(torch.nn.Module):
