@@ -37,6 +37,12 @@ def _fmt(mean: float, half: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
+def _delta(mean: float, half: float) -> str:
+    if math.isnan(mean):
+        return ""
+    return f"{mean:+.3f}" if math.isnan(half) else f"{mean:+.3f} ± {half:.3f}"
+
+
 def aggregate(results: dict) -> dict[str, dict]:
     """Per group of runs (a run name without its seed): retention and accuracy with 95% CIs."""
     base = results["base"]["scores"]
@@ -61,7 +67,22 @@ def aggregate(results: dict) -> dict[str, dict]:
             k for k in runs[0].get("routing", {}) if re.match(r"routing/layer\d+/mrd", k)
         )
         row["mrd"] = [sum(r["routing"][k] for r in runs) / len(runs) for k in layers]
+        row["seeds"] = [r["seed"] for r in runs]
+        row["_mean_by_seed"] = {
+            r["seed"]: x["retention/mean"] for r, x in zip(runs, sums, strict=True)
+        }
         out[g] = row
+    for g, row in out.items():  # paired over seeds: same data order, same router init
+        ref = out.get("none" + g[len(row["arm"]) :]) if g.startswith(row["arm"]) else None
+        row["delta_none"] = (float("nan"), float("nan"))
+        if ref is not None and ref is not row:
+            common = [s for s in row["seeds"] if s in ref["_mean_by_seed"]]
+            if common:
+                row["delta_none"] = confidence_interval(
+                    [row["_mean_by_seed"][s] - ref["_mean_by_seed"][s] for s in common]
+                )
+    for row in out.values():
+        del row["_mean_by_seed"]
     return out
 
 
@@ -122,13 +143,17 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
         "## Arms",
         "",
         "Retention = score after stage 3 / stage-1 score, mean over the text benchmarks; "
-        "`w/o outlier` drops the benchmark that moved most. `avoided` is the share of the "
+        "`Δ vs none` is the arm's mean retention minus `none`'s with the same seed (and the same "
+        "text ratio, band and learning rate), averaged over seeds: a paired interval, tighter than "
+        "comparing the two intervals. `w/o outlier` drops the benchmark that moved most. "
+        "`avoided` is the share of the "
         "loss between `none` and the sample-level hard-routing floor that the arm avoids "
         "(n/a when that floor does not retain at least 0.01 more than `none`). "
         "MRD is measured at token level on a held-out half-text mix.",
         "",
-        "| arm | n | mean retention | w/o outlier | multimodal acc. | avoided | MRD per layer |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | n | mean retention | Δ vs `none` (paired) | w/o outlier | multimodal acc. | "
+        "avoided | MRD per layer |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for g in arms:
         r = agg[g]
@@ -136,7 +161,7 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
         avoided = (m - none) / (floor - none) if floor - none > 0.01 else float("nan")
         mrd = ", ".join(f"{v:.2f}" for v in r["mrd"])
         lines.append(
-            f"| `{g}` | {r['n']} | {_fmt(*r['retention/mean'])} | "
+            f"| `{g}` | {r['n']} | {_fmt(*r['retention/mean'])} | {_delta(*r['delta_none'])} | "
             f"{_fmt(*r['retention/mean_wo_outlier'])} (drops {r['outlier']}) | "
             f"{_fmt(*r['mm/mean'])} | {'n/a' if math.isnan(avoided) else f'{avoided:.2f}'} | "
             f"{mrd} |"

@@ -529,13 +529,18 @@ def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool 
     return model, arm, history
 
 
+_NOT_IN_RUN = ("arms", "controls", "seeds", "text_ratios", "bands", "lrs", "workers", "out")
+
+
 def run_job(cfg_dict: dict, job_dict: dict, base_dir: str) -> dict:
     """Worker entry point: tune one job from the cached stage-2 model, evaluate, save."""
     torch.set_num_threads(1)
     cfg = config_from_dict(cfg_dict)
     job = Job(**job_dict)
     out = Path(cfg.out) / job.name
-    resolved = {"run": to_dict(cfg), "job": dataclasses.asdict(job)}
+    # what the run depends on: not which other runs share its folder, nor where it is
+    run = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_RUN}
+    resolved = {"run": run, "job": dataclasses.asdict(job)}
     # config.json beside model.safetensors is the model's (TinyModel.save); the run's own
     # resolved config goes to run_config.json
     if (out / "results.json").exists() and (out / "run_config.json").exists():

@@ -25,10 +25,16 @@ def test_smoke_demo_end_to_end(tmp_path, monkeypatch):
         assert {"text/prose", "text/facts", "mm/digit"} <= set(r["scores"])
     assert (out / "mrd.png").exists() and (out / "retention_vs_accuracy.png").exists()
     assert results["base"]["unigram_bpb"] > 0
-    # a second run reuses every cached stage and every finished run
+    # a second run reuses every cached stage and every finished run, also when it adds an arm;
+    # a changed stage-3 option makes the run again
     before = (out / "smar_seed0" / "results.json").stat().st_mtime
-    assert cli.main(["demo", "--smoke", "--quiet", "--out", "out"]) == 0
+    assert cli.main(["demo", "--smoke", "--quiet", "--out", "out", "arms=smar,lb"]) == 0
     assert (out / "smar_seed0" / "results.json").stat().st_mtime == before
+    assert set(json.loads((out / "results.json").read_text())["runs"]) >= {"smar_seed0", "lb_seed0"}
+    assert (
+        cli.main(["demo", "--smoke", "--quiet", "--out", "out", "arms=smar", "tune.steps=3"]) == 0
+    )
+    assert (out / "smar_seed0" / "results.json").stat().st_mtime > before
 
 
 def test_jobs_cover_arms_seeds_and_controls():
