@@ -36,6 +36,11 @@ def _parse(value: str, annotation: Any, current: Any) -> Any:
     """Parses ``value`` as the type of a field (from its annotation or current value)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if type(None) in args:  # Optional[X] / X | None
+        if value.lower() == "none":
+            return None
+        rest = [a for a in args if a is not type(None)]
+        return _parse(value, rest[0] if len(rest) == 1 else None, current)
     if origin in (list, tuple) or isinstance(current, (list, tuple)):
         items = [v for v in value.split(",") if v != ""]
         inner = args[0] if args else (type(current[0]) if current else str)
@@ -54,7 +59,7 @@ def _parse(value: str, annotation: Any, current: Any) -> Any:
         if value.lower() in ("0", "false", "no", "off"):
             return False
         raise ValueError(f"expected a boolean, got {value!r}")
-    if value.lower() == "none" and current is None:
+    if value.lower() == "none" and current is None and annotation is None:
         return None
     return kind(value)
 

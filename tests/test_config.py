@@ -31,6 +31,17 @@ def test_overrides_parse_by_field_type():
     assert cfg == Outer(name="y", arms=("lb", "hard"), inner=Inner(lr=3e-4, steps=7, flag=True))
 
 
+def test_arm_named_none_is_a_string_not_python_none():
+    assert apply_overrides(Outer(), ["arms=none,smar"]).arms == ("none", "smar")
+    assert apply_overrides(Optional_(), ["part=none"]).part is None
+    assert apply_overrides(Optional_(), ["part=1,2"]).part == [1, 2]
+
+
+@dataclass(frozen=True)
+class Optional_:
+    part: list[int] | None = None
+
+
 @pytest.mark.parametrize(
     ("override", "match"),
     [
