@@ -31,16 +31,15 @@ def _group(name: str) -> str:
     return re.sub(r"_seed\d+$", "", name)
 
 
-def _fmt(mean: float, half: float, digits: int = 3) -> str:
+def _fmt(mean: float, half: float, digits: int = 3, sign: str = "") -> str:
+    """``mean ± half``; ``sign="+"`` writes differences with their sign."""
     if math.isnan(half):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {half:.{digits}f}"
+        return f"{mean:{sign}.{digits}f}"
+    return f"{mean:{sign}.{digits}f} ± {half:.{digits}f}"
 
 
 def _delta(mean: float, half: float) -> str:
-    if math.isnan(mean):
-        return ""
-    return f"{mean:+.3f}" if math.isnan(half) else f"{mean:+.3f} ± {half:.3f}"
+    return "" if math.isnan(mean) else _fmt(mean, half, sign="+")
 
 
 def aggregate(results: dict) -> dict[str, dict]:
@@ -146,8 +145,8 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
         "`Δ vs none` is the arm's mean retention minus `none`'s with the same seed (and the same "
         "text ratio, band and learning rate), averaged over seeds: a paired interval, tighter than "
         "comparing the two intervals. `w/o outlier` drops the benchmark that moved most. "
-        "`avoided` is the share of the "
-        "loss between `none` and the sample-level hard-routing floor that the arm avoids "
+        "`avoided` is the share of the loss between `none` and the sample-level hard-routing "
+        "floor that the arm avoids "
         "(n/a when that floor does not retain at least 0.01 more than `none`). "
         "MRD is measured at token level on a held-out half-text mix.",
         "",
