@@ -13,8 +13,9 @@ COMMANDS = ("demo", "inspect", "sweep")
 
 def _demo(args: argparse.Namespace) -> int:
     """The paper's experiment end to end: stages 0-3 for every arm and control, then the report."""
-    from smar.config import apply_overrides
-    from smar.train import demo_config, run_pipeline, smoke_config
+    from smar.testbed.config import demo_config, smoke_config
+    from smar.testbed.overrides import apply_overrides
+    from smar.testbed.pipeline import run_pipeline
 
     cfg = smoke_config() if args.smoke else demo_config()
     if args.out:
@@ -53,7 +54,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from smar.train import sweep_main
+    from smar.testbed.sweep import sweep_main
 
     return sweep_main(args)
 

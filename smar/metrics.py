@@ -16,15 +16,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from smar.losses import (
-    _check_modalities,
-    _check_router,
-    _check_top_k,
-    _entropy,
-    _jeffreys,
-    _probs,
+from smar.distributions import (
     as_logits,
+    check_modalities,
+    check_router,
+    check_top_k,
+    entropy,
+    jeffreys,
     modality_ids_flat,
+    probabilities,
 )
 
 __all__ = ["RoutingStats", "MODALITY_NAMES"]
@@ -50,8 +50,8 @@ class RoutingStats:
     """
 
     def __init__(self, modalities: Sequence[int] = (0, 1), *, router: str = "softmax"):
-        _check_router(router)
-        self.modalities = _check_modalities(modalities)
+        check_router(router)
+        self.modalities = check_modalities(modalities)
         self.router = router
         self.top_k: int | None = None
         self.prob_sum: Tensor | None = None  # (L, M, E) float64
@@ -79,7 +79,7 @@ class RoutingStats:
         """
         z = as_logits(router_logits).detach()
         L, T, E = z.shape
-        _check_top_k(top_k, E)
+        check_top_k(top_k, E)
         ids = modality_ids_flat(modality_ids, T)
         if self.prob_sum is None:
             M = len(self.modalities)
@@ -93,7 +93,7 @@ class RoutingStats:
                 f"batch has L={L}, E={E}, top_k={top_k} but the accumulator holds "
                 f"L={self.num_layers}, E={self.num_experts}, top_k={self.top_k}"
             )
-        probs = _probs(z, self.router)  # (L, T, E)
+        probs = probabilities(z, self.router)  # (L, T, E)
         onehot = (ids[None, :] == ids.new_tensor(self.modalities)[:, None]).to(
             probs.dtype
         )  # (M, T)
@@ -101,7 +101,7 @@ class RoutingStats:
         selected = torch.zeros_like(probs).scatter_(-1, chosen, 1.0)  # (L, T, E) 0/1
         self.prob_sum += torch.matmul(onehot, probs).double().cpu()  # (L, M, E)
         self.select_count += torch.matmul(onehot, selected).double().cpu()  # (L, M, E)
-        ent = torch.matmul(onehot, _entropy(probs).unsqueeze(-1)).squeeze(-1)  # (L, M)
+        ent = torch.matmul(onehot, entropy(probs).unsqueeze(-1)).squeeze(-1)  # (L, M)
         self.entropy_sum += ent.double().cpu()
         self.tokens += onehot.sum(dim=1).double().cpu()
         return self
@@ -149,7 +149,7 @@ class RoutingStats:
         """Per-layer MRD ``(L,)`` over everything seen; NaN if a modality was never seen."""
         P = self.distributions()
         i, j = self.modalities.index(text), self.modalities.index(image)
-        return _jeffreys(P[:, i], P[:, j])  # (L,); NaN propagates from an unseen modality
+        return jeffreys(P[:, i], P[:, j])  # (L,); NaN propagates from an unseen modality
 
     def load(self) -> Tensor:
         """Expert load per modality ``(L, M, E)``: share of each modality's top-k slots."""
@@ -185,7 +185,7 @@ class RoutingStats:
         all_load = slots / slots.sum(dim=-1, keepdim=True).clamp_min(1.0)  # (L, E)
         imbalance = all_load.max(dim=-1).values * E  # (L,)
         tok_entropy = self.entropy_sum / self.tokens[None, :] / math.log(E)  # (L, M)
-        mean_entropy = _entropy(P) / math.log(E)  # (L, M)
+        mean_entropy = entropy(P) / math.log(E)  # (L, M)
         out: dict[str, float] = {}
         for m, name in enumerate(names):
             out[f"routing/tokens/{name}"] = float(self.tokens[m])

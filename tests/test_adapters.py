@@ -20,8 +20,8 @@ transformers = pytest.importorskip("transformers")
 import smar  # noqa: E402
 import smar.hf  # noqa: E402
 from smar.adapters import ADAPTERS, Adapter, find_routers  # noqa: E402
+from smar.bias import ModalityBiasRouter  # noqa: E402
 from smar.moe import MoEBlock  # noqa: E402
-from smar.routing import ModalityBiasRouter  # noqa: E402
 
 B, S, IMG = 2, 12, 120  # batch, sequence, image placeholder token id
 TXT = dict(

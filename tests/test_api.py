@@ -43,3 +43,17 @@ def test_import_smar_needs_only_torch():
         "'sklearn') if m in sys.modules]; print(heavy); assert not heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_cli_options_are_pinned():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    options = {
+        name: sorted(s for a in p._actions for s in (a.option_strings or [a.dest]))
+        for name, p in sub.choices.items()
+    }
+    assert options == {
+        "demo": ["--help", "--out", "--quiet", "--smoke", "-h", "overrides"],
+        "inspect": ["--help", "-h", "model_dir"],
+        "sweep": ["--help", "-h", "overrides"],
+    }

@@ -8,9 +8,9 @@ from torch import nn
 
 import smar
 from smar.adapters import Adapter
+from smar.bias import ModalityBiasRouter
 from smar.losses import routing_objective
 from smar.moe import MoEBlock
-from smar.routing import ModalityBiasRouter
 
 IMG = 9
 

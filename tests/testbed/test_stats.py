@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from smar.stats import (
+from smar.testbed.stats import (
     confidence_interval,
     mean_retention,
     mean_without_outlier,

@@ -1,8 +1,8 @@
-"""Run configuration helpers: one override syntax, stable hashes, atomic files.
+"""One override syntax for the testbed's configs, and their stable hashes.
 
 Configs are small dataclasses. ``apply_overrides(cfg, ["tune.lr=3e-4", "arms=none,smar"])``
-changes fields by dotted path with values parsed from their field's type; every run writes its
-resolved config next to its results with :func:`write_json`.
+changes fields by dotted path with values parsed from their field's type; :func:`config_hash`
+keys the cached stages on what they depend on.
 """
 
 from __future__ import annotations
@@ -10,13 +10,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import typing
-from pathlib import Path
 from typing import Any
 
-__all__ = ["apply_overrides", "to_dict", "config_hash", "write_json", "read_json", "cache_dir"]
+__all__ = ["apply_overrides", "to_dict", "config_hash"]
 
 
 def to_dict(cfg) -> dict[str, Any]:
@@ -95,33 +92,3 @@ def _set(obj, names: list[str], value: str, item: str):
     except (TypeError, ValueError) as e:
         raise ValueError(f"override {item!r}: cannot parse {value!r} ({e})") from e
     return dataclasses.replace(obj, **{name: parsed})
-
-
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Writes JSON atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=float)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    with open(path) as f:
-        return json.load(f)
-
-
-def cache_dir() -> Path:
-    """The user's cache folder for smar: ``$SMAR_CACHE``, ``$XDG_CACHE_HOME/smar`` or
-    ``~/.cache/smar``."""
-    if os.environ.get("SMAR_CACHE"):
-        return Path(os.environ["SMAR_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "smar"

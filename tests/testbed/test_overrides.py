@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from smar.arms import ARM_NAMES, make_arm
-from smar.config import apply_overrides, config_hash, read_json, write_json
+from smar.testbed.arms import ARM_NAMES, make_arm
+from smar.testbed.io import read_json, write_json
+from smar.testbed.overrides import apply_overrides, config_hash
 
 
 @dataclass(frozen=True)

@@ -6,15 +6,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from smar import data
-from smar.evaluate import (
+from smar.testbed.data import questions, skills
+from smar.testbed.evaluate import learned_benchmarks, summarize
+from smar.testbed.scoring import (
     ChoiceItem,
     choice_accuracy,
     choice_logprobs,
-    learned_benchmarks,
     mm_items,
     prose_bits_per_byte,
-    summarize,
     text_items,
 )
 
@@ -80,8 +79,8 @@ KW = dict(bos_id=2, pad_id=0, image_id=1, image_tokens=4)
 @pytest.fixture(scope="module")
 def items():
     tok = CharTok()
-    text = text_items(data.skill_examples("calendar", 150, 0), tok)
-    mm = mm_items(data.qa_samples("colour", 60, 0, "eval", size=8), tok)
+    text = text_items(skills.skill_examples("calendar", 150, 0), tok)
+    mm = mm_items(questions.qa_samples("colour", 60, 0, "eval", size=8), tok)
     return text, mm
 
 

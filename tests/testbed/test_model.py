@@ -5,7 +5,7 @@ import torch
 
 from smar.losses import load_balancing_loss, mrd
 from smar.moe import MoEBlock
-from smar.tiny import TinyConfig, TinyModel
+from smar.testbed.model import TinyConfig, TinyModel
 
 IMG = 3  # image token id
 

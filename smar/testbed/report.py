@@ -1,6 +1,6 @@
 """The testbed's report: calibration, arm table with confidence intervals, per-layer MRD,
 per-benchmark tables (``report.md``) and plots, from the results dictionary of
-:func:`smar.train.run_pipeline`."""
+:func:`smar.testbed.pipeline.run_pipeline`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from smar.evaluate import LEARNED, learned_benchmarks, summarize
-from smar.stats import confidence_interval
+from smar.testbed.evaluate import LEARNED, learned_benchmarks, summarize
+from smar.testbed.stats import confidence_interval
 
 __all__ = ["aggregate", "write_report"]
 

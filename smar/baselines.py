@@ -1,0 +1,157 @@
+"""The baseline regularizers of SPEC section 4: load balancing (Switch, and transformers'
+pooled variant), the ST-MoE router z-loss and LIMoE's per-modality entropy losses.
+
+Pure functions of router logits (or a prepared :class:`smar.distributions.Routing`), as in
+:mod:`smar.losses`; shapes as there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from smar.distributions import (
+    Routing,
+    as_logits,
+    check_modalities,
+    check_top_k,
+    entropy,
+    mask_flat,
+    modality_ids_flat,
+    prepare_routing,
+)
+
+__all__ = ["load_balancing_loss", "z_loss", "limoe_loss"]
+
+_LB_VARIANTS = ("switch", "hf")
+
+
+def load_balancing_loss(
+    router_logits: Tensor | Sequence[Tensor] | Routing,
+    *,
+    top_k: int,
+    mask: Tensor | None = None,
+    variant: str = "switch",
+    router: str = "softmax",
+) -> Tensor:
+    """Load-balancing loss (Switch Transformer).
+
+    ``variant="switch"``: per layer, ``f_i`` is the share of the ``T*K`` top-k slots given to
+    expert ``i`` and ``P_i`` the mean router probability; ``L_LB = E * sum_i f_i * P_i`` (1 when
+    balanced), averaged over layers. Only ``P`` carries gradient.
+
+    ``variant="hf"``: transformers' ``load_balancing_loss_func`` exactly: statistics pooled over
+    all layers and ``f`` summing to ``K`` (``K`` when balanced).
+
+    Args:
+        router_logits: L tensors (T, E) or one (L, T, E) tensor of raw logits.
+        top_k: experts per token, ``1 <= top_k <= E``.
+        mask: (T,) or (B, S), true for tokens that count (e.g. the attention mask).
+        variant: ``"switch"`` or ``"hf"``.
+        router: ``"softmax"`` or ``"sigmoid"`` (``P`` then uses normalised sigmoid scores).
+
+    Returns:
+        A scalar.
+    """
+    if variant not in _LB_VARIANTS:
+        raise ValueError(f"variant must be one of {_LB_VARIANTS}; got {variant!r}")
+    r = prepare_routing(router_logits, router=router)
+    z = r.logits
+    L, T, E = z.shape
+    check_top_k(top_k, E)
+    w = mask_flat(mask, T)  # (T,) or None
+    probs = r.probs  # (L, T, E)
+    w = None if w is None else w.to(probs.dtype)
+    # Top-k of the probabilities (as transformers does, so that ties break alike); unsorted is
+    # faster and the order does not matter for counting.
+    chosen = torch.topk(probs.detach(), top_k, dim=-1, sorted=False).indices  # (L, T, K)
+    slot_w = (
+        torch.ones(1, 1, 1, dtype=probs.dtype, device=z.device).expand(L, T, top_k)
+        if w is None
+        else w[None, :, None].expand(L, T, top_k)
+    )  # (L, T, K)
+    counts = torch.zeros(L, E, dtype=probs.dtype, device=z.device)
+    counts.scatter_add_(1, chosen.reshape(L, T * top_k), slot_w.reshape(L, T * top_k))  # (L, E)
+    prob_sum = probs.sum(dim=1) if w is None else torch.einsum("lte,t->le", probs, w)  # (L, E)
+    n_tok = torch.tensor(float(T), device=z.device) if w is None else w.sum()
+    if n_tok <= 0:
+        raise ValueError("mask selects no token: the load-balancing loss is undefined")
+    if variant == "hf":
+        f = counts.sum(dim=0) / (L * n_tok)  # (E,) sums to K
+        P = prob_sum.sum(dim=0) / (L * n_tok)  # (E,)
+        return E * (f * P).sum()
+    f = counts / (top_k * n_tok)  # (L, E) sums to 1 per layer
+    P = prob_sum / n_tok  # (L, E)
+    return (E * (f * P).sum(dim=-1)).mean()
+
+
+def z_loss(
+    router_logits: Tensor | Sequence[Tensor] | Routing, *, mask: Tensor | None = None
+) -> Tensor:
+    """ST-MoE router z-loss: mean over tokens and layers of ``logsumexp(z_t)^2``.
+
+    Args:
+        router_logits: L tensors (T, E) or one (L, T, E) tensor of raw logits.
+        mask: (T,) or (B, S), true for tokens that count.
+
+    Returns:
+        A scalar.
+    """
+    z = router_logits.logits if isinstance(router_logits, Routing) else as_logits(router_logits)
+    lse2 = torch.logsumexp(z, dim=-1).square()  # (L, T)
+    w = mask_flat(mask, z.shape[1])
+    if w is None:
+        return lse2.mean()
+    w = w.to(lse2.dtype)
+    if w.sum() <= 0:
+        raise ValueError("mask selects no token: the z-loss is undefined")
+    return (lse2 * w[None, :]).sum() / (w.sum() * z.shape[0])
+
+
+def limoe_loss(
+    router_logits: Tensor | Sequence[Tensor] | Routing,
+    modality_ids: Tensor,
+    *,
+    tau: float,
+    local_weight: float = 1.0,
+    global_weight: float = 1.0,
+    modalities: Sequence[int] = (0, 1),
+    router: str = "softmax",
+) -> Tensor:
+    """LIMoE's per-modality entropy losses (Mustafa et al., 2022).
+
+    For each modality ``m`` present and each layer: local ``mean_{t in T_m} H(p_t)`` (minimised:
+    confident routing) and global ``max(0, tau - H(P_m))`` (the modality spreads over experts).
+    The weighted sum is summed over modalities and averaged over layers. Add load balancing
+    separately.
+
+    Args:
+        router_logits: L tensors (T, E) or one (L, T, E) tensor of raw logits.
+        modality_ids: (T,) or (B, S) integer ids; -1 tokens are ignored.
+        tau: global entropy threshold in nats, ``0 <= tau <= log(E)``.
+        local_weight, global_weight: weights of the two terms.
+        modalities: which modality ids get the losses.
+        router: ``"softmax"`` or ``"sigmoid"``.
+
+    Returns:
+        A scalar; a graph-connected 0 when no listed modality is present.
+    """
+    mods = check_modalities(modalities)
+    r = prepare_routing(router_logits, router=router)
+    ids = modality_ids_flat(modality_ids, r.shape[1])
+    E = r.shape[-1]
+    if not (isinstance(tau, (int, float)) and 0 <= tau <= math.log(E) + 1e-6):
+        raise ValueError(f"tau must be a number in [0, log(E)={math.log(E):.3f}]; got {tau!r}")
+    probs = r.probs  # (L, T, E)
+    onehot = (ids[None, :] == ids.new_tensor(mods)[:, None]).to(probs.dtype)  # (M, T)
+    counts = onehot.sum(dim=1)  # (M,)
+    denom = counts.clamp_min(1.0)  # (M,)
+    local = torch.matmul(onehot, entropy(probs).unsqueeze(-1)).squeeze(-1) / denom  # (L, M)
+    P = torch.matmul(onehot, probs) / denom[None, :, None]  # (L, M, E)
+    glob = (tau - entropy(P)).clamp_min(0)  # (L, M)
+    present = (counts > 0).to(probs.dtype)  # (M,)
+    per = (local_weight * local + global_weight * glob) * present  # (L, M)
+    return per.sum(dim=1).mean()

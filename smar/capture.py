@@ -1,0 +1,210 @@
+"""Capture of raw router logits with removable forward hooks, and of each forward's modality ids.
+
+``record(model)`` finds a model's routers (through :mod:`smar.adapters`), captures their raw
+logits ``(T, E)`` per MoE layer on every forward and derives the modality ids of the batch from
+the model's inputs (:mod:`smar.modality`), without changing the model::
+
+    with smar.record(model) as rec:
+        model(**batch)
+        stats.update(rec.logits(), rec.modality_ids, top_k=rec.top_k)
+
+It does not use ``output_router_logits``, whose behaviour varies across transformers versions and
+models. :class:`smar.routing.Regularizer` builds on :class:`RouterCapture`.
+
+Shapes legend: B batch, S sequence, T = B * S tokens, L MoE layers, E experts.
+
+This module does not import transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from smar.adapters import Adapter, RouterSite, find_routers, no_router_error
+from smar.modality import LEVELS, modality_ids, special_token_ids
+
+__all__ = ["RouterCapture", "record"]
+
+
+class ModalityState:
+    """The modality ids of the current forward, shared by the hooks and the bias wrappers."""
+
+    def __init__(self):
+        self.ids: Tensor | None = None  # (B, S) or (T,), derived from the last forward's inputs
+        self.explicit: Tensor | None = None  # set by the caller; wins over derived ids
+
+    def current(self) -> Tensor | None:
+        return self.explicit if self.explicit is not None else self.ids
+
+    def flat(self, num_tokens: int, who: str) -> Tensor:
+        ids = self.current()
+        if ids is None:
+            raise ValueError(
+                f"{who} needs the modality ids of this forward but none are known: call the "
+                "model with input_ids (and a config with image_token_id) or mm_token_type_ids, "
+                "or call regularizer.set_modality(ids) before the forward"
+            )
+        flat = ids.reshape(-1)  # (T,)
+        if flat.numel() != num_tokens:
+            raise ValueError(
+                f"{who} routed {num_tokens} tokens but the modality ids have {flat.numel()} "
+                f"(shape {tuple(ids.shape)}); set explicit ids with regularizer.set_modality(ids)"
+            )
+        return flat
+
+
+class RouterCapture:
+    """Captures raw router logits per MoE layer and the modality ids of each forward.
+
+    Created by :func:`record` (and, with a loss, :func:`attach`). A forward pre-hook on the model
+    clears the last capture and derives modality ids from the call's ``input_ids``,
+    ``mm_token_type_ids`` and ``attention_mask``; forward hooks on the routers store their logits.
+    Usable as a context manager that detaches on exit.
+
+    Attributes:
+        sites: the routers found, ordered by layer (:class:`smar.adapters.RouterSite`).
+        layers: the decoder layer index of each router.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        adapter: Adapter | Sequence[Adapter] | None = None,
+        modality: str = "token",
+    ):
+        if modality not in LEVELS:
+            raise ValueError(f"modality must be one of {LEVELS}; got {modality!r}")
+        sites = find_routers(model, adapter)
+        if not sites:
+            raise no_router_error(model)
+        routers = {s.adapter.router for s in sites}
+        if len(routers) > 1:
+            raise ValueError(f"mixed softmax and sigmoid routers in one model: {routers}")
+        self.model = model
+        self.sites: list[RouterSite] = sites
+        self.layers = [s.layer for s in sites]
+        self.router = sites[0].adapter.router
+        self.level = modality
+        self.token_ids = special_token_ids(getattr(model, "config", None))
+        self._state = ModalityState()
+        self._logits: dict[int, Tensor] = {}
+        self._handles: list = []
+        self._hook_routers()
+        self._handles.append(
+            model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        )
+
+    def _hook_routers(self) -> None:
+        for site in self.sites:
+            self._handles.append(site.module.register_forward_hook(self._capture_hook(site)))
+
+    def _capture_hook(self, site: RouterSite):
+        def hook(module, args, output):
+            self._logits[site.layer] = site.adapter.logits(output)  # (T, E)
+
+        return hook
+
+    def _before_forward(self, module, args, kwargs):
+        self._logits = {}
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(input_ids, Tensor):
+            input_ids = None
+        mm = kwargs.get("mm_token_type_ids")
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            mask = None  # 4-D masks carry no padding in a form we can read
+        if mm is None and input_ids is None:
+            self._state.ids = None  # inputs_embeds only: set_modality() must say
+            return None
+        # A text-only model (no placeholder token in its config) sees text only.
+        token_ids = self.token_ids if self.token_ids else None
+        if mm is None and token_ids is None:
+            ids = torch.zeros_like(input_ids, dtype=torch.long)
+            ids = ids if mask is None else ids.masked_fill(mask == 0, -1)
+        else:
+            ids = modality_ids(
+                input_ids,
+                token_ids=token_ids,
+                mm_token_type_ids=mm,
+                attention_mask=mask,
+                level=self.level,
+            )
+        self._state.ids = ids  # (B, S)
+        return None
+
+    def set_modality(self, ids: Tensor | None) -> None:
+        """Sets explicit modality ids ``(B, S)`` or ``(T,)`` for the next forwards (``None``:
+        derive them from the inputs again)."""
+        if ids is not None and (not isinstance(ids, Tensor) or ids.is_floating_point()):
+            raise ValueError("modality ids must be an integer tensor (0 text, 1 image, -1 ignore)")
+        self._state.explicit = ids
+
+    @property
+    def modality_ids(self) -> Tensor | None:
+        """The modality ids of the last forward, flattened ``(T,)``, or None if unknown."""
+        ids = self._state.current()
+        return None if ids is None else ids.reshape(-1)
+
+    def logits(self) -> list[Tensor]:
+        """The raw logits ``(T, E)`` of each MoE layer in the last forward, ordered by layer.
+
+        Raises:
+            ValueError: if no router ran since the last forward started.
+        """
+        if not self._logits:
+            raise ValueError(
+                "no router logits captured: run a forward pass of the model after attach/record "
+                "(and before detach)"
+            )
+        return [self._logits[layer] for layer in sorted(self._logits)]
+
+    @property
+    def captured_layers(self) -> list[int]:
+        """Decoder layer indices of the captured logits, in the order of :meth:`logits`."""
+        return sorted(self._logits)
+
+    @property
+    def top_k(self) -> int:
+        ks = {s.top_k for s in self.sites}
+        if len(ks) > 1:
+            raise ValueError(f"routers disagree on top-k: {sorted(ks)}")
+        return ks.pop()
+
+    def detach(self) -> None:
+        """Removes every hook; the model is as before."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._logits = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({type(self.model).__name__}, {len(self.sites)} routers "
+            f"({self.sites[0].adapter.name}), layers={self.layers})"
+        )
+
+
+def record(
+    model: nn.Module,
+    *,
+    adapter: Adapter | Sequence[Adapter] | None = None,
+    modality: str = "token",
+) -> RouterCapture:
+    """Captures router logits and modality ids of each forward, without changing the model.
+
+    Example:
+        >>> with smar.record(model) as rec:          # doctest: +SKIP
+        ...     model(**batch)
+        ...     stats.update(rec.logits(), rec.modality_ids, top_k=rec.top_k)
+    """
+    return RouterCapture(model, adapter=adapter, modality=modality)

@@ -1,0 +1,289 @@
+"""The canonical routing representation and the distributions computed from it.
+
+Raw router logits are validated and stacked once (:func:`as_logits`, :class:`Routing`,
+:func:`prepare_routing`), turned into probabilities (:func:`routing_probs`) and averaged per
+modality (:func:`modality_distributions`), over the local batch or, with ``group=``, the global
+one. Every loss (:mod:`smar.losses`, :mod:`smar.baselines`) and the analysis
+(:mod:`smar.metrics`) start here, so errors read the same everywhere.
+
+Shapes legend:
+    L  MoE layers          T  tokens (batch x sequence, flattened row-major)
+    E  experts             K  experts chosen per token (top-k)
+    M  modalities          B, S  batch, sequence
+
+Canonical inputs:
+    router_logits  a sequence of L tensors (T, E) or one tensor (L, T, E); raw, pre-softmax.
+                   ``-inf`` marks an expert a token may not use (hard routing); NaN and ``+inf``
+                   are errors.
+    modality_ids   integer tensor (T,) or (B, S): 0 text, 1 image, 2 video, 3 audio, -1 ignore.
+    mask           bool or 0/1 tensor (T,) or (B, S): true for tokens that count.
+
+All computation is vectorised across layers, experts and tokens: there is no Python loop over
+any of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "EPS",
+    "Routing",
+    "as_logits",
+    "prepare_routing",
+    "routing_probs",
+    "modality_distributions",
+]
+
+EPS = 1e-9  # lower clamp of a routing distribution before its log (SPEC section 2)
+
+_ROUTERS = ("softmax", "sigmoid")
+_HINGES = ("linear", "squared")
+
+# ----------------------------------------------------------------------------------------------
+# input validation: every public function goes through these, so errors read the same everywhere
+
+
+def as_logits(router_logits: Tensor | Sequence[Tensor], name: str = "router_logits") -> Tensor:
+    """Validates router logits and returns them as one float tensor ``(L, T, E)``.
+
+    Low-precision logits (fp16, bf16) are upcast to float32: routing statistics are sums over
+    many tokens and lose too much in half precision.
+    """
+    if isinstance(router_logits, Tensor):
+        if router_logits.dim() != 3:
+            raise ValueError(
+                f"{name} must be a sequence of (T, E) tensors or one (L, T, E) tensor; got a "
+                f"tensor of shape {tuple(router_logits.shape)}. For a single layer pass [logits]."
+            )
+        z = router_logits
+    elif isinstance(router_logits, (list, tuple)):
+        if len(router_logits) == 0:
+            raise ValueError(f"{name} is empty: no MoE layer was captured")
+        for i, layer in enumerate(router_logits):
+            if not isinstance(layer, Tensor) or layer.dim() != 2:
+                shape = tuple(layer.shape) if isinstance(layer, Tensor) else type(layer).__name__
+                raise ValueError(f"{name}[{i}] must be a (T, E) tensor; got {shape}")
+            if layer.shape != router_logits[0].shape:
+                raise ValueError(
+                    f"{name}[{i}] has shape {tuple(layer.shape)} but {name}[0] has "
+                    f"{tuple(router_logits[0].shape)}: every layer must route the same tokens"
+                )
+        z = torch.stack(list(router_logits))  # (L, T, E)
+    else:
+        raise ValueError(
+            f"{name} must be a sequence of (T, E) tensors or one (L, T, E) tensor; "
+            f"got {type(router_logits).__name__}"
+        )
+    if not z.is_floating_point():
+        raise ValueError(f"{name} must be floating point (raw router logits); got {z.dtype}")
+    if z.shape[1] == 0 or z.shape[2] == 0:
+        raise ValueError(f"{name} has no tokens or no experts: shape (L, T, E) = {tuple(z.shape)}")
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
+    # One cheap pass: NaN propagates into both, +inf shows in the max, -inf (a masked expert under
+    # hard routing) in the min; only then is the rarer per-token check needed.
+    lo, hi = torch.aminmax(z.detach())
+    if torch.isnan(hi) or torch.isposinf(hi):
+        raise ValueError(f"{name} contains NaN or +inf: check the model's forward for overflow")
+    if torch.isneginf(lo) and torch.isneginf(z.detach().amax(dim=-1)).any():
+        raise ValueError(f"{name} has a token whose experts are all -inf: it cannot be routed")
+    return z
+
+
+def _flat_ids(ids: Tensor, num_tokens: int, name: str, *, allow_bool: bool) -> Tensor:
+    if not isinstance(ids, Tensor):
+        raise ValueError(f"{name} must be a tensor; got {type(ids).__name__}")
+    if ids.dtype == torch.bool:
+        if not allow_bool:
+            raise ValueError(
+                f"{name} must be an integer tensor (0 text, 1 image, -1 ignore); got bool"
+            )
+    elif ids.is_floating_point() or ids.is_complex():
+        if not allow_bool:
+            raise ValueError(
+                f"{name} must be an integer tensor (0 text, 1 image, -1 ignore); got {ids.dtype}"
+            )
+        if not torch.isin(ids, ids.new_tensor([0.0, 1.0])).all():
+            raise ValueError(f"{name} must hold only 0 and 1 (or be bool)")
+    if ids.dim() not in (1, 2):
+        raise ValueError(f"{name} must have shape (T,) or (B, S); got {tuple(ids.shape)}")
+    flat = ids.reshape(-1)  # (T,) row-major, matching the logits' rows
+    if flat.numel() != num_tokens:
+        raise ValueError(
+            f"{name} has {flat.numel()} tokens (shape {tuple(ids.shape)}) but the router logits "
+            f"have T={num_tokens} rows"
+        )
+    return flat
+
+
+def modality_ids_flat(modality_ids: Tensor, num_tokens: int) -> Tensor:
+    """Validates modality ids and returns them flattened to ``(T,)`` int64."""
+    return _flat_ids(modality_ids, num_tokens, "modality_ids", allow_bool=False).long()
+
+
+def mask_flat(mask: Tensor | None, num_tokens: int) -> Tensor | None:
+    """Validates a token mask and returns it as float ``(T,)`` of 0/1, or None."""
+    if mask is None:
+        return None
+    return _flat_ids(mask, num_tokens, "mask", allow_bool=True).float()
+
+
+def check_router(router: str) -> None:
+    if router not in _ROUTERS:
+        raise ValueError(f"router must be one of {_ROUTERS}; got {router!r}")
+
+
+def check_top_k(top_k: int, num_experts: int) -> None:
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be an integer in [1, E={num_experts}]; got {top_k!r}")
+
+
+def check_modalities(modalities: Sequence[int], name: str = "modalities") -> tuple[int, ...]:
+    mods = tuple(int(m) for m in modalities)
+    if not mods or any(m < 0 for m in mods) or len(set(mods)) != len(mods):
+        raise ValueError(f"{name} must be distinct non-negative ids; got {tuple(modalities)}")
+    return mods
+
+
+# ----------------------------------------------------------------------------------------------
+# router probabilities and modality routing distributions
+
+
+class Routing:
+    """Validated router logits and their probabilities, computed once and shared by the losses.
+
+    Every loss accepts a ``Routing`` in place of raw logits: build it once per forward with
+    :func:`prepare_routing` when several losses look at the same logits, so that validation,
+    stacking and the softmax (and its backward) run once instead of once per loss.
+
+    Shapes:
+        logits: (L, T, E) float.   probs: (L, T, E), rows summing to 1.
+    """
+
+    __slots__ = ("logits", "router", "_probs")
+
+    def __init__(self, logits: Tensor, router: str):
+        self.logits = logits
+        self.router = router
+        self._probs: Tensor | None = None
+
+    @property
+    def probs(self) -> Tensor:
+        if self._probs is None:
+            self._probs = probabilities(self.logits, self.router)
+        return self._probs
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.logits.shape
+
+
+def prepare_routing(
+    router_logits: Tensor | Sequence[Tensor] | Routing, *, router: str = "softmax"
+) -> Routing:
+    """Validates router logits once for several losses (see :class:`Routing`).
+
+    Args:
+        router_logits: L tensors (T, E) or one (L, T, E) tensor of raw logits.
+        router: ``"softmax"`` or ``"sigmoid"`` (see :func:`routing_probs`).
+    """
+    check_router(router)
+    if isinstance(router_logits, Routing):
+        if router_logits.router != router:
+            raise ValueError(
+                f"router={router!r} but the Routing was prepared with {router_logits.router!r}"
+            )
+        return router_logits
+    return Routing(as_logits(router_logits), router)
+
+
+def routing_probs(router_logits: Tensor | Sequence[Tensor], *, router: str = "softmax") -> Tensor:
+    """Router probabilities over all experts, before top-k and renormalisation.
+
+    Args:
+        router_logits: L tensors (T, E) or one (L, T, E) tensor of raw logits.
+        router: ``"softmax"``, or ``"sigmoid"`` for routers that score experts independently:
+            ``sigmoid(z) / sum(sigmoid(z))``.
+
+    Returns:
+        Probabilities ``(L, T, E)``, float32 or wider, rows summing to 1.
+    """
+    return prepare_routing(router_logits, router=router).probs
+
+
+def probabilities(z: Tensor, router: str) -> Tensor:
+    if router == "softmax":
+        return torch.softmax(z, dim=-1)  # (L, T, E)
+    s = torch.sigmoid(z)  # (L, T, E)
+    return s / s.sum(dim=-1, keepdim=True)
+
+
+def _all_reduce_keep_local_grad(x: Tensor, group) -> Tensor:
+    """Sum of ``x`` over the process group; the gradient flows through the local part only.
+
+    The local part's gradient is scaled by the world size: data-parallel engines average
+    gradients over ranks, so the averaged router gradient equals the gradient of one process on
+    the concatenated batch.
+    """
+    import torch.distributed as dist
+
+    total = x.detach().clone()
+    dist.all_reduce(total, group=group)
+    world = dist.get_world_size(group)
+    return total + world * (x - x.detach())
+
+
+def modality_sums(
+    probs: Tensor, ids: Tensor, modalities: tuple[int, ...], group=None
+) -> tuple[Tensor, Tensor]:
+    """Per-modality probability sums ``(L, M, E)`` and token counts ``(M,)``."""
+    onehot = (ids[None, :] == ids.new_tensor(modalities)[:, None]).to(probs.dtype)  # (M, T)
+    sums = torch.matmul(onehot, probs)  # (M, T) @ (L, T, E) -> (L, M, E)
+    counts = onehot.sum(dim=1)  # (M,)
+    if group is not None:
+        sums = _all_reduce_keep_local_grad(sums, group)
+        counts = _all_reduce_keep_local_grad(counts, group).detach()
+    return sums, counts
+
+
+def modality_distributions(
+    router_logits: Tensor | Sequence[Tensor] | Routing,
+    modality_ids: Tensor,
+    *,
+    modalities: Sequence[int] = (0, 1),
+    router: str = "softmax",
+    group=None,
+) -> tuple[Tensor, Tensor]:
+    """The modality routing distributions ``P_m^l``: mean router probability per modality.
+
+    Args:
+        router_logits: L tensors (T, E) or one (L, T, E) tensor of raw logits.
+        modality_ids: (T,) or (B, S) integer ids; -1 tokens are ignored.
+        modalities: which modality ids to return, in this order.
+        router: ``"softmax"`` or ``"sigmoid"`` (see :func:`routing_probs`).
+        group: a ``torch.distributed`` process group: average over the global batch.
+
+    Returns:
+        ``(P, counts)``: ``P`` of shape ``(L, M, E)`` and token counts ``(M,)``. A modality with
+        no valid token has count 0 and a row of NaN (the mean of nothing): check ``counts``.
+    """
+    mods = check_modalities(modalities)
+    r = prepare_routing(router_logits, router=router)
+    ids = modality_ids_flat(modality_ids, r.shape[1])
+    sums, counts = modality_sums(r.probs, ids, mods, group)
+    P = sums / counts[None, :, None]  # (L, M, E); 0/0 = NaN for an absent modality
+    return P, counts
+
+
+def jeffreys(p: Tensor, q: Tensor) -> Tensor:
+    """Symmetric KL ``KL(p||q) + KL(q||p)`` over the last dim, each clamped below at EPS."""
+    return ((p - q) * (p.clamp_min(EPS).log() - q.clamp_min(EPS).log())).sum(dim=-1)
+
+
+def entropy(p: Tensor) -> Tensor:
+    """Entropy over the last dim, in nats; ``0 log 0 = 0``."""
+    return -(p * p.clamp_min(EPS).log()).sum(dim=-1)

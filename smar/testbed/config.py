@@ -1,0 +1,162 @@
+"""The testbed's run configuration: small dataclasses with documented fields, and presets.
+
+Presets are functions: :func:`demo_config` (``smar demo``), :func:`smoke_config` (``--smoke``,
+tiny sizes for the tests) and :func:`sweep_config` (``smar sweep``). Change any field with
+:func:`smar.testbed.overrides.apply_overrides` (``section.field=value``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from smar.testbed.model import TinyConfig
+
+STAGE_VERSION = 1  # bump when a stage's code changes what it produces
+
+
+@dataclass
+class DataConfig:
+    """Data options. ``text_files``: local text instead of the Shakespeare corpus."""
+
+    text_files: list[str] = field(default_factory=list)
+    vocab_size: int = 2048
+    skill_examples: int = 60000
+    image_size: int = 32
+    eval_text: int = 1000
+    eval_mm: int = 200
+    prose_bytes: int = 60000
+    seed: int = 0
+
+
+@dataclass
+class StageConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup: int = 50
+
+
+@dataclass
+class TuneConfig:
+    """Stage 3: upcycling and visual instruction tuning."""
+
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup: int = 20
+    text_ratio: float = 0.025
+    text_len: int = 48
+    trainable: str = "moe"
+    layers: str = "all"
+    num_experts: int = 4
+    top_k: int = 2
+    noise: float = 0.0
+    label_prompt: bool = True
+    smar_weight: float = 1.0
+    band: tuple[float, float] = (1.5, 2.0)
+    lb_weight: float = 0.01
+
+
+@dataclass
+class RunConfig:
+    """Everything the pipeline needs; ``arms`` and ``controls`` say which stage-3 runs to make."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: TinyConfig = field(
+        default_factory=lambda: TinyConfig(
+            dim=96,
+            n_layers=4,
+            n_heads=4,
+            ffn_hidden=256,
+            max_seq_len=128,
+            image_size=32,
+            patch_size=4,
+            vision_dim=64,
+            vision_layers=2,
+            vision_heads=4,
+        )
+    )
+    vision: StageConfig = field(default_factory=lambda: StageConfig(800, 32, 3e-3, 30))
+    pretrain: StageConfig = field(default_factory=lambda: StageConfig(1100, 16, 2e-3, 60))
+    align: StageConfig = field(default_factory=lambda: StageConfig(300, 32, 3e-3, 20))
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    arms: list[str] = field(
+        default_factory=lambda: [
+            "none",
+            "lb",
+            "bias_lb",
+            "smar_lb",
+            "smar",
+            "hard",
+            "align",
+            "limoe",
+            "smar_sample",
+            "hard_sample",
+        ]
+    )
+    controls: bool = True
+    seeds: list[int] = field(default_factory=lambda: [0])
+    text_ratios: list[float] = field(default_factory=list)
+    bands: list[tuple[float, float]] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    workers: int = 2
+    out: str = "runs/demo"
+
+
+def demo_config() -> RunConfig:
+    return RunConfig()
+
+
+def smoke_config() -> RunConfig:
+    """Tiny sizes: the whole pipeline in well under two minutes (used by the tests)."""
+    return RunConfig(
+        data=DataConfig(
+            vocab_size=512,
+            skill_examples=3000,
+            image_size=16,
+            eval_text=1000,
+            eval_mm=20,
+            prose_bytes=4000,
+        ),
+        model=TinyConfig(
+            dim=32,
+            n_layers=2,
+            n_heads=2,
+            ffn_hidden=64,
+            max_seq_len=128,
+            image_size=16,
+            vision_dim=32,
+            vision_layers=1,
+            vision_heads=2,
+        ),
+        vision=StageConfig(20, 32, 2e-3, 2),
+        pretrain=StageConfig(60, 8, 3e-3, 5),
+        align=StageConfig(20, 8, 2e-3, 2),
+        tune=TuneConfig(steps=15, batch_size=8, warmup=2, text_len=16),
+        arms=["none", "smar", "hard_sample"],
+        out="runs/smoke",
+    )
+
+
+def sweep_config() -> RunConfig:
+    """Arms x seeds for the confidence intervals of the README (long; not in CI)."""
+    cfg = RunConfig(out="runs/sweep", controls=False, seeds=[0, 1, 2])
+    cfg.arms = ["none", "lb", "smar", "hard", "smar_sample", "hard_sample"]
+    return cfg
+
+
+def config_from_dict(d: dict) -> RunConfig:
+    d = dict(d)
+    cfg = RunConfig(
+        data=DataConfig(**d.pop("data")),
+        model=TinyConfig.from_dict(d.pop("model")),
+        vision=StageConfig(**d.pop("vision")),
+        pretrain=StageConfig(**d.pop("pretrain")),
+        align=StageConfig(**d.pop("align")),
+        tune=TuneConfig(**{**d.pop("tune")}),
+    )
+    cfg.tune.band = tuple(cfg.tune.band)
+    d["bands"] = [tuple(b) for b in d.get("bands", [])]
+    for k, v in d.items():
+        setattr(cfg, k, v)
+    return cfg

@@ -1,0 +1,126 @@
+"""Batches for the testbed model: ``<bos> <image> x P question answer <eos>`` samples mixed with
+pure-text samples at a controlled ``text_ratio``, with modality ids at token or sample level
+(SPEC section 2).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from smar.testbed.data.images import ImageSample
+from smar.testbed.data.questions import QA_TYPES, qa_sample
+from smar.testbed.data.tokenizer import Tokenizer
+
+
+@dataclass
+class Batch:
+    """A padded batch for :class:`smar.testbed.model.TinyModel`.
+
+    Attributes:
+        input_ids: ``(B, S)``; labels ``(B, S)`` with -100 on image, prompt and padding;
+        attention_mask: ``(B, S)``; pixel_values ``(N, C, H, W)`` or None;
+        modality_ids: ``(B, S)``: token level (image tokens 1) or sample level (every token of a
+            multimodal sample 1), -1 at padding.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor | None
+    modality_ids: torch.Tensor
+
+
+def collate(
+    items: Sequence[tuple[list[int], list[int], ImageSample | None]],
+    tok: Tokenizer,
+    *,
+    image_tokens: int,
+    modality: str = "token",
+) -> Batch:
+    """Builds a batch from ``(prompt_ids, target_ids, image)`` items.
+
+    Each sample is ``<bos> [<image> x image_tokens] prompt target <eos>``; only ``target`` and
+    ``<eos>`` are labelled (pass the whole text as target to train on all of it).
+    """
+    if modality not in ("token", "sample"):
+        raise ValueError(f"modality must be 'token' or 'sample', got {modality!r}")
+    seqs, labs, mods, pix = [], [], [], []
+    for prompt, target, image in items:
+        img = [tok.image_id] * image_tokens if image is not None else []
+        ids = [tok.bos_id] + img + prompt + target + [tok.eos_id]
+        lab = [-100] * (1 + len(img) + len(prompt)) + target + [tok.eos_id]
+        if image is not None:
+            pix.append(image.pixels)
+            mod = (
+                [1] * len(ids)
+                if modality == "sample"
+                else [0] + [1] * len(img) + [0] * (len(ids) - 1 - len(img))
+            )
+        else:
+            mod = [0] * len(ids)
+        seqs.append(ids)
+        labs.append(lab)
+        mods.append(mod)
+    S = max(len(s) for s in seqs)
+    B = len(seqs)
+    input_ids = torch.full((B, S), tok.pad_id, dtype=torch.long)
+    labels = torch.full((B, S), -100, dtype=torch.long)
+    mask = torch.zeros(B, S, dtype=torch.long)
+    modality_ids = torch.full((B, S), -1, dtype=torch.long)
+    for i, (s, lab, m) in enumerate(zip(seqs, labs, mods, strict=True)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        labels[i, : len(s)] = torch.tensor(lab)
+        mask[i, : len(s)] = 1
+        modality_ids[i, : len(s)] = torch.tensor(m)
+    return Batch(input_ids, labels, mask, torch.stack(pix) if pix else None, modality_ids)
+
+
+class TextStream:
+    """Random windows of tokenised pretraining text (prose + skills), deterministic per seed."""
+
+    def __init__(self, ids: torch.Tensor, seed: int):
+        self.ids = ids
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def window(self, length: int) -> list[int]:
+        i = int(torch.randint(0, len(self.ids) - length - 1, (1,), generator=self.gen))
+        return self.ids[i : i + length].tolist()
+
+    def batch(self, B: int, S: int) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.randint(0, len(self.ids) - S - 1, (B,), generator=self.gen)
+        x = torch.stack([self.ids[s : s + S] for s in starts.tolist()])  # (B, S)
+        return x, x.clone()
+
+
+def mixed_items(
+    n: int,
+    *,
+    tok: Tokenizer,
+    text: TextStream,
+    seed: int,
+    text_ratio: float,
+    text_len: int,
+    image_size: int,
+    drop_images: bool = False,
+) -> list[tuple[list[int], list[int], ImageSample | None]]:
+    """Stage-3 items: question/answer samples over all types, and pure-text samples with
+    probability ``text_ratio``. ``drop_images`` keeps the text of multimodal samples and removes
+    their images (the no-image control)."""
+    if not 0.0 <= text_ratio <= 1.0:
+        raise ValueError(f"text_ratio must be in [0, 1], got {text_ratio}")
+    rng = random.Random(f"mix-{seed}")
+    items = []
+    for _ in range(n):
+        if rng.random() < text_ratio:
+            items.append(([], text.window(text_len), None))
+        else:
+            s = qa_sample(rng.choice(QA_TYPES), rng, "train", image_size)
+            answer = s.choices[s.answer] + "."
+            items.append(
+                (tok.encode(s.prompt), tok.encode(answer), None if drop_images else s.image)
+            )
+    return items

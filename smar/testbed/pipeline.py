@@ -1,0 +1,117 @@
+"""The testbed pipeline (SPEC section 5) end to end: data, stages 0-2 (cached), the stage-1
+evaluation, every stage-3 job, ``results.json``, the report and its plots.
+
+Stages 0-2 are cached in ``cache_dir()/stages`` under a hash of every config they depend on, so
+runs with the same early config reuse them. Stage-3 runs are independent processes
+(:mod:`smar.testbed.jobs`); each writes its resolved config, metrics and checkpoint to
+``<out>/<run>/`` and is skipped when already complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+from smar.testbed.config import RunConfig
+from smar.testbed.data.bundle import Bundle, load_bundle
+from smar.testbed.data.mixing import TextStream, collate, mixed_items
+from smar.testbed.evaluate import eval_sets, evaluate_model
+from smar.testbed.io import read_json, write_json
+from smar.testbed.jobs import jobs_for, run_jobs
+from smar.testbed.overrides import to_dict
+from smar.testbed.report import write_report
+from smar.testbed.scoring import unigram_bits_per_byte
+from smar.testbed.stages import stage_align, stage_dir
+
+
+def image_text_ratio(cfg: RunConfig, bundle: Bundle, n: int = 400) -> float:
+    """Image tokens per text token in the multimodal samples of stage 3 (LLaVA: about 6)."""
+    items = mixed_items(
+        n,
+        tok=bundle.tok,
+        text=TextStream(bundle.train_ids, 0),
+        seed=0,
+        text_ratio=0.0,
+        text_len=cfg.tune.text_len,
+        image_size=cfg.data.image_size,
+    )
+    b = collate(items, bundle.tok, image_tokens=cfg.model.image_tokens)
+    image = int((b.input_ids == bundle.tok.image_id).sum())
+    return image / (int(b.attention_mask.sum()) - image)
+
+
+def _base_extras(cfg: RunConfig, bundle: Bundle, base_eval: dict) -> dict:
+    """Per-token perplexities of the stage-1 LM and the unigram model on the held-out prose,
+    and the image:text token ratio of stage 3."""
+    text = bundle.held_out[: cfg.data.prose_bytes]
+    tokens_per_byte = len(bundle.tok.encode(text)) / len(text.encode("utf-8"))
+    nats = math.log(2) / tokens_per_byte  # nats per token for one bit per byte
+    return {
+        "prose_ppl": math.exp(base_eval["prose_bpb"] * nats),
+        "unigram_ppl": math.exp(base_eval["unigram_bpb"] * nats),
+        "image_text_ratio": image_text_ratio(cfg, bundle),
+    }
+
+
+def evaluate_base(cfg: RunConfig, bundle: Bundle, base) -> dict:
+    """Scores of the stage-2 model (the stage-1 LM with its aligned projector), cached beside it
+    in ``scores.json``: every text and multimodal benchmark, the unigram baseline, the metrics
+    of stages 0 and 1, perplexities and the image:text token ratio."""
+    base_dir = stage_dir("align", cfg.data, cfg.model, cfg.vision, cfg.pretrain, cfg.align)
+    pre_dir = stage_dir("pretrain", cfg.data, cfg.model, cfg.vision, cfg.pretrain)
+    path = base_dir / "scores.json"
+    if path.exists():
+        base_eval = read_json(path)
+        if "prose_ppl" not in base_eval:  # written by an older version
+            base_eval.update(_base_extras(cfg, bundle, base_eval))
+            write_json(path, base_eval)
+        return base_eval
+    scores, extra = evaluate_model(base, cfg, bundle, eval_sets(cfg, bundle))
+    uni = unigram_bits_per_byte(
+        bundle.tok, bundle.train_ids, bundle.held_out, max_bytes=cfg.data.prose_bytes
+    )
+    base_eval = {
+        "scores": scores,
+        **extra,
+        "unigram_bpb": uni,
+        "pretrain": read_json(pre_dir / "metrics.json"),
+        "vision": read_json(stage_dir("vision", cfg.data, cfg.model, cfg.vision) / "metrics.json"),
+    }
+    base_eval.update(_base_extras(cfg, bundle, base_eval))
+    write_json(path, base_eval)
+    return base_eval
+
+
+def run_pipeline(cfg: RunConfig, *, quiet: bool = False) -> dict:
+    """Runs (or reuses) every stage and every stage-3 job; writes results.json, report.md, plots.
+
+    Returns the results dictionary that ``results.json`` holds.
+    """
+    t_start = time.time()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", to_dict(cfg))
+    bundle = load_bundle(cfg)
+    timings = {"data_s": time.time() - t_start}
+    base = stage_align(cfg, bundle, quiet)
+    timings["stages_0_2_s"] = time.time() - t_start - timings["data_s"]
+    base_eval = evaluate_base(cfg, bundle, base)
+    timings["base_eval_s"] = time.time() - t_start - sum(timings.values())
+    jobs = jobs_for(cfg)
+    base_dir = stage_dir("align", cfg.data, cfg.model, cfg.vision, cfg.pretrain, cfg.align)
+    t3 = time.time()
+    results = run_jobs(cfg, jobs, base_dir, quiet=quiet)
+    timings["stage3_s"] = time.time() - t3
+    timings["total_s"] = time.time() - t_start
+    summary = {
+        "base": base_eval,
+        "runs": {j.name: results[j.name] for j in jobs},
+        "jobs": [dataclasses.asdict(j) for j in jobs],
+        "timings": timings,
+        "config": to_dict(cfg),
+    }
+    write_json(out / "results.json", summary)
+    write_report(summary, out)
+    return summary

@@ -1,0 +1,108 @@
+"""Stage 3 of the testbed: upcycling and visual instruction tuning of one run (an arm, a seed, a
+text ratio, a band, a learning rate), with the arm's routing objective."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from smar.losses import routing_objective
+from smar.testbed.arms import make_arm
+from smar.testbed.config import RunConfig
+from smar.testbed.data.bundle import Bundle
+from smar.testbed.data.mixing import TextStream, collate, mixed_items
+from smar.testbed.model import TinyModel
+from smar.testbed.stages import lr_at, make_optimizer
+
+
+@dataclass
+class Job:
+    """One stage-3 run."""
+
+    name: str
+    arm: str
+    seed: int = 0
+    text_ratio: float | None = None
+    band: tuple[float, float] | None = None
+    lr: float | None = None
+    drop_images: bool = False
+
+
+def _mm_batch(items, bundle, cfg: RunConfig, modality: str, label_prompt: bool):
+    if label_prompt:  # train on the question text too, not only on the answer
+        items = [([], p + t, im) for p, t, im in items]
+    return collate(items, bundle.tok, image_tokens=cfg.model.image_tokens, modality=modality)
+
+
+def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool = True):
+    """Stage 3 for one job: upcycle with the arm's router options, tune, return the model."""
+    t = cfg.tune
+    ratio = t.text_ratio if job.text_ratio is None else job.text_ratio
+    band = tuple(t.band if job.band is None else job.band)
+    lr = t.lr if job.lr is None else job.lr
+    arm = make_arm(job.arm, smar_weight=t.smar_weight, lb_weight=t.lb_weight, band=band)
+    torch.manual_seed(1000 + job.seed)
+    model = base
+    model.cfg.num_experts, model.cfg.top_k = t.num_experts, t.top_k
+    model.cfg.modality_bias, model.cfg.hard = arm.modality_bias, arm.hard_routing
+    gen = torch.Generator().manual_seed(1000 + job.seed)
+    model.upcycle_(layers=t.layers, noise=t.noise, generator=gen)
+    model.set_trainable(t.trainable)
+    model.train()
+    opt = make_optimizer(model, lr)
+    stream = TextStream(bundle.train_ids, 500 + job.seed)
+    items = mixed_items(
+        t.steps * t.batch_size,
+        tok=bundle.tok,
+        text=stream,
+        seed=job.seed,
+        text_ratio=ratio,
+        text_len=t.text_len,
+        image_size=cfg.data.image_size,
+        drop_images=job.drop_images,
+    )
+    history = []
+    for step in range(t.steps):
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, t.steps, t.warmup, lr)
+        b = _mm_batch(
+            items[step * t.batch_size : (step + 1) * t.batch_size],
+            bundle,
+            cfg,
+            arm.modality,
+            t.label_prompt,
+        )
+        out = model(
+            b.input_ids,
+            b.pixel_values,
+            b.labels,
+            attention_mask=b.attention_mask,
+            modality_ids=b.modality_ids,
+        )
+        aux, terms = routing_objective(
+            out.router_logits,
+            out.modality_ids,
+            top_k=t.top_k,
+            smar_weight=arm.smar_weight,
+            band=arm.band,
+            lb_weight=arm.lb_weight,
+            z_weight=arm.z_weight,
+            limoe_weight=arm.limoe_weight,
+        )
+        loss = out.loss + aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 25 == 0 or step == t.steps - 1:
+            mrd = terms.get("mrd")
+            history.append(
+                {
+                    "step": step,
+                    "lm": out.loss.item(),
+                    "aux": float(aux.detach()),
+                    "mrd": [] if mrd is None else mrd.tolist(),
+                }
+            )
+    return model, arm, history
