@@ -36,9 +36,18 @@ class StageConfig:
     warmup: int = 50
 
 
+BASES = ("upcycle", "native")
+
+
 @dataclass
 class TuneConfig:
-    """Stage 3: upcycling and visual instruction tuning."""
+    """Stage 3: upcycling and visual instruction tuning.
+
+    ``base``: ``"upcycle"`` (MoE-LLaVA: the dense stage-1 LM's FFNs become ``num_experts`` copies
+    at stage 3) or ``"native"`` (VITA on Mixtral: stage 1 pretrains a MoE LM whose experts differ
+    from the start, with load balancing at ``lb_weight``; stage 3 tunes it without upcycling).
+    ``layers``, ``num_experts`` and ``top_k`` shape the MoE layers either way.
+    """
 
     steps: int = 200
     batch_size: int = 16
@@ -55,6 +64,11 @@ class TuneConfig:
     smar_weight: float = 1.0
     band: tuple[float, float] = (1.5, 2.0)
     lb_weight: float = 0.01
+    base: str = "upcycle"
+
+    def __post_init__(self):
+        if self.base not in BASES:
+            raise ValueError(f"tune.base must be one of {BASES}; got {self.base!r}")
 
 
 @dataclass

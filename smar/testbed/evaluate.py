@@ -18,7 +18,7 @@ from smar.testbed.data.bundle import Bundle
 from smar.testbed.data.mixing import TextStream, collate, mixed_items
 from smar.testbed.model import TinyModel
 from smar.testbed.scoring import (
-    choice_accuracy,
+    choice_correct,
     choice_logprobs,
     mm_items,
     prose_bits_per_byte,
@@ -46,6 +46,9 @@ def eval_sets(cfg: RunConfig, bundle: Bundle):
 
 
 def evaluate_model(model: TinyModel, cfg: RunConfig, bundle: Bundle, sets, modality="token"):
+    """Scores of ``model`` on every benchmark, and extras: the prose bits per byte and each
+    benchmark's per-example outcomes (``examples``: ``"correct"`` as a 0/1 string for choice
+    benchmarks, ``"bits"``/``"bytes"`` per window for prose) for bootstraps over examples."""
     model.eval()
     tok = bundle.tok
     kw = dict(
@@ -55,20 +58,27 @@ def evaluate_model(model: TinyModel, cfg: RunConfig, bundle: Bundle, sets, modal
         image_tokens=cfg.model.image_tokens,
         modality=modality,
     )
+    windows: list[tuple[float, int]] = []
     bpb = prose_bits_per_byte(
-        model, tok, bundle.held_out, seq_len=cfg.model.max_seq_len, max_bytes=cfg.data.prose_bytes
+        model,
+        tok,
+        bundle.held_out,
+        seq_len=cfg.model.max_seq_len,
+        max_bytes=cfg.data.prose_bytes,
+        windows_out=windows,
     )
     scores = {"text/prose": 1.0 / bpb}
+    examples: dict[str, dict] = {
+        "text/prose": {"bits": [w[0] for w in windows], "bytes": [w[1] for w in windows]}
+    }
     text, mm = sets
-    for name, items in text.items():
-        scores[f"text/{name}"] = choice_accuracy(
-            choice_logprobs(model, items, **kw), [it.answer for it in items]
-        )
-    for name, items in mm.items():
-        scores[f"mm/{name}"] = choice_accuracy(
-            choice_logprobs(model, items, **kw, batch_size=64), [it.answer for it in items]
-        )
-    return scores, {"prose_bpb": bpb}
+    for prefix, group, batch in (("text", text, 256), ("mm", mm, 64)):
+        for name, items in group.items():
+            lp = choice_logprobs(model, items, **kw, batch_size=batch)
+            right = choice_correct(lp, [it.answer for it in items])
+            scores[f"{prefix}/{name}"] = sum(right) / len(right)
+            examples[f"{prefix}/{name}"] = {"correct": "".join("1" if r else "0" for r in right)}
+    return scores, {"prose_bpb": bpb, "examples": examples}
 
 
 @torch.no_grad()
@@ -103,7 +113,7 @@ def routing_summary(model: TinyModel, cfg: RunConfig, bundle: Bundle, modality: 
     return stats.summary()
 
 
-LEARNED = 0.5  # a choice benchmark counts in mean retention when the base model scores >= this
+LEARNED = 0.9  # a choice benchmark counts in mean retention when the base model scores >= this
 
 
 def learned_benchmarks(base: dict[str, float], threshold: float = LEARNED) -> list[str]:

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smar.moe import MoEBlock, SwiGLU, upcycle
+from smar.moe import MoEBlock, Router, upcycle
+from smar.testbed.blocks import DecoderLayer, RMSNorm, VisionEncoder, rope_tables
 
 __all__ = ["TinyConfig", "TinyModel", "TinyOutput"]
 
@@ -129,97 +130,6 @@ class TinyOutput:
     logits: torch.Tensor
     router_logits: list[torch.Tensor]
     modality_ids: torch.Tensor
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-
-def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv = theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)  # (hd/2,)
-    angles = torch.outer(torch.arange(max_len).float(), inv)  # (S, hd/2)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, H, S, hd/2) each
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, H, S, hd/2, 2)
-    return out.flatten(-2)
-
-
-class Attention(nn.Module):
-    def __init__(self, dim: int, n_heads: int, *, causal: bool):
-        super().__init__()
-        self.n_heads, self.causal = n_heads, causal
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
-        B, S, D = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # (B,H,S,hd)
-        if rope is not None:
-            cos, sin = rope[0][:S], rope[1][:S]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, S, hd)
-        return self.proj(y.transpose(1, 2).reshape(B, S, D))
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TinyConfig):
-        super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim)
-        self.attn = Attention(cfg.dim, cfg.n_heads, causal=True)
-        self.ffn_norm = RMSNorm(cfg.dim)
-        self.ffn: nn.Module = SwiGLU(cfg.dim, cfg.ffn_hidden)
-
-    def forward(self, x, rope, modality_ids):
-        x = x + self.attn(self.attn_norm(x), rope)
-        h = self.ffn_norm(x)
-        if isinstance(self.ffn, MoEBlock):
-            return x + self.ffn(h, modality_ids)
-        return x + self.ffn(h)
-
-
-class VisionEncoder(nn.Module):
-    """Patch embedding, learned positions and a few bidirectional pre-LN transformer layers."""
-
-    def __init__(self, cfg: TinyConfig):
-        super().__init__()
-        V = cfg.vision_dim
-        self.patch = nn.Conv2d(cfg.channels, V, cfg.patch_size, stride=cfg.patch_size)
-        self.pos = nn.Parameter(torch.randn(cfg.image_tokens, V) * 0.02)
-        self.layers = nn.ModuleList()
-        for _ in range(cfg.vision_layers):
-            self.layers.append(
-                nn.ModuleDict(
-                    {
-                        "norm1": nn.LayerNorm(V),
-                        "attn": Attention(V, cfg.vision_heads, causal=False),
-                        "norm2": nn.LayerNorm(V),
-                        "mlp": nn.Sequential(nn.Linear(V, 4 * V), nn.GELU(), nn.Linear(4 * V, V)),
-                    }
-                )
-            )
-        self.norm = nn.LayerNorm(V)
-        self.head = nn.Linear(V, cfg.vision_classes) if cfg.vision_classes else None
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = self.patch(pixels).flatten(2).transpose(1, 2) + self.pos  # (N, P, V)
-        for layer in self.layers:
-            x = x + layer["attn"](layer["norm1"](x))
-            x = x + layer["mlp"](layer["norm2"](x))
-        return self.norm(x)  # (N, P, V)
-
-    def classify(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.head is None:
-            raise ValueError("this vision encoder has no head: set TinyConfig.vision_classes > 0")
-        return self.head(self(pixels).mean(1))  # (N, classes)
 
 
 class TinyModel(nn.Module):
@@ -342,15 +252,7 @@ class TinyModel(nn.Module):
         by MoE blocks whose experts copy the FFN (MoE-LLaVA), with the config's E, K, bias and
         hard-routing options. With ``noise=0`` the model computes the same function as before.
         """
-        n = self.cfg.n_layers
-        if layers == "all":
-            idx = list(range(n))
-        elif layers == "alternate":
-            idx = list(range(1, n, 2))
-        elif isinstance(layers, str):
-            raise ValueError(f"layers must be 'all', 'alternate' or a list of ints, got {layers!r}")
-        else:
-            idx = sorted(set(int(i) for i in layers))
+        idx = self._layer_indices(layers)
         for i in idx:
             layer = self.layers[i]
             if isinstance(layer.ffn, MoEBlock):
@@ -367,6 +269,55 @@ class TinyModel(nn.Module):
             )
         self.cfg.moe_layers = sorted(set(self.cfg.moe_layers) | set(idx))
         return self
+
+    @torch.no_grad()
+    def make_moe_(self, *, layers: str | list[int] = "all", generator=None) -> TinyModel:
+        """Replaces the FFNs of ``layers`` by MoE blocks with independent random experts (a
+        natively-MoE LM, pretrained as MoE: experts differ from the start), with the config's E,
+        K, bias and hard-routing options."""
+        for i in self._layer_indices(layers):
+            ffn = self.layers[i].ffn
+            if isinstance(ffn, MoEBlock):
+                raise ValueError(f"layer {i} is already a MoE layer")
+            hidden = ffn.down_proj.weight.shape[1]
+            block = MoEBlock(self.cfg.dim, hidden, self.cfg.num_experts, self.cfg.top_k)
+            block.router.weight.copy_(
+                torch.randn(block.router.weight.shape, generator=generator) * self.cfg.dim**-0.5
+            )
+            block.gate_up_proj.copy_(torch.randn(block.gate_up_proj.shape, generator=generator))
+            block.gate_up_proj.mul_(0.02)
+            std = 0.02 / math.sqrt(2 * self.cfg.n_layers)  # scaled residual branch, as the FFN
+            block.down_proj.copy_(torch.randn(block.down_proj.shape, generator=generator) * std)
+            self.layers[i].ffn = block
+            self.cfg.moe_layers = sorted(set(self.cfg.moe_layers) | {i})
+        return self.set_routing_()
+
+    @torch.no_grad()
+    def set_routing_(self) -> TinyModel:
+        """Gives every MoE layer a router with the config's modality-bias and hard-routing options,
+        keeping its learned weight (a new bias starts at zero: the routing is unchanged)."""
+        for i in self.cfg.moe_layers:
+            block = self.layers[i].ffn
+            old = block.router
+            block.router = Router(
+                self.cfg.dim,
+                self.cfg.num_experts,
+                modality_bias=self.cfg.modality_bias,
+                hard=self.cfg.hard,
+                partition=self.cfg.partition,
+            ).to(old.weight)
+            block.router.weight.copy_(old.weight)
+        return self
+
+    def _layer_indices(self, layers: str | list[int]) -> list[int]:
+        n = self.cfg.n_layers
+        if layers == "all":
+            return list(range(n))
+        if layers == "alternate":
+            return list(range(1, n, 2))
+        if isinstance(layers, str):
+            raise ValueError(f"layers must be 'all', 'alternate' or a list of ints, got {layers!r}")
+        return sorted(set(int(i) for i in layers))
 
     def set_trainable(self, part: str) -> list[str]:
         """Freezes everything except ``part`` and returns the names of the trainable parameters.

@@ -59,8 +59,8 @@ def evaluate_base(cfg: RunConfig, bundle: Bundle, base) -> dict:
     """Scores of the stage-2 model (the stage-1 LM with its aligned projector), cached beside it
     in ``scores.json``: every text and multimodal benchmark, the unigram baseline, the metrics
     of stages 0 and 1, perplexities and the image:text token ratio."""
-    base_dir = stage_dir("align", cfg.data, cfg.model, cfg.vision, cfg.pretrain, cfg.align)
-    pre_dir = stage_dir("pretrain", cfg.data, cfg.model, cfg.vision, cfg.pretrain)
+    base_dir = stage_dir(cfg, "align")
+    pre_dir = stage_dir(cfg, "pretrain")
     path = base_dir / "scores.json"
     if path.exists():
         base_eval = read_json(path)
@@ -77,7 +77,7 @@ def evaluate_base(cfg: RunConfig, bundle: Bundle, base) -> dict:
         **extra,
         "unigram_bpb": uni,
         "pretrain": read_json(pre_dir / "metrics.json"),
-        "vision": read_json(stage_dir("vision", cfg.data, cfg.model, cfg.vision) / "metrics.json"),
+        "vision": read_json(stage_dir(cfg, "vision") / "metrics.json"),
     }
     base_eval.update(_base_extras(cfg, bundle, base_eval))
     write_json(path, base_eval)
@@ -100,7 +100,7 @@ def run_pipeline(cfg: RunConfig, *, quiet: bool = False) -> dict:
     base_eval = evaluate_base(cfg, bundle, base)
     timings["base_eval_s"] = time.time() - t_start - sum(timings.values())
     jobs = jobs_for(cfg)
-    base_dir = stage_dir("align", cfg.data, cfg.model, cfg.vision, cfg.pretrain, cfg.align)
+    base_dir = stage_dir(cfg, "align")
     t3 = time.time()
     results = run_jobs(cfg, jobs, base_dir, quiet=quiet)
     timings["stage3_s"] = time.time() - t3

@@ -10,9 +10,11 @@ from collections import defaultdict
 from pathlib import Path
 
 from smar.testbed.evaluate import LEARNED, learned_benchmarks, summarize
-from smar.testbed.stats import confidence_interval
+from smar.testbed.stats import bootstrap_mean_retention, confidence_interval, image_driven_share
 
-__all__ = ["aggregate", "write_report"]
+__all__ = ["aggregate", "significant", "write_report"]
+
+SHARE_TARGET = 0.3  # the image-driven share the testbed's default regime should reach
 
 CALIBRATION = (  # (group, what it checks, threshold, direction)
     ("control_text", "pure-text control (stage 3 on 100% text) keeps >= 98%", 0.98, ">="),
@@ -39,11 +41,18 @@ def _fmt(mean: float, half: float, digits: int = 3, sign: str = "") -> str:
 
 
 def _delta(mean: float, half: float) -> str:
-    return "" if math.isnan(mean) else _fmt(mean, half, sign="+")
+    """A paired difference; bold when its 95% interval excludes 0."""
+    if math.isnan(mean):
+        return ""
+    text = _fmt(mean, half, sign="+")
+    return f"**{text}**" if significant((mean, half)) else text
 
 
 def aggregate(results: dict) -> dict[str, dict]:
-    """Per group of runs (a run name without its seed): retention and accuracy with 95% CIs."""
+    """Per group of runs (a run name without its seed): retention and accuracy with 95% CIs,
+    differences to ``none`` paired by seed (``delta_none``, ``delta_mm_none``), the evaluation
+    noise of the retention difference (``eval_noise``), and on ``control_noimage`` the
+    image-driven share of the forgetting (``image_share``)."""
     base = results["base"]["scores"]
     include = learned_benchmarks(base)
     groups: dict[str, list[dict]] = defaultdict(list)
@@ -70,19 +79,62 @@ def aggregate(results: dict) -> dict[str, dict]:
         row["_mean_by_seed"] = {
             r["seed"]: x["retention/mean"] for r, x in zip(runs, sums, strict=True)
         }
+        row["_mm_by_seed"] = {r["seed"]: x.get("mm/mean") for r, x in zip(runs, sums, strict=True)}
+        row["_run_by_seed"] = {r["seed"]: r for r in runs}
         out[g] = row
     for g, row in out.items():  # paired over seeds: same data order, same router init
         ref = out.get("none" + g[len(row["arm"]) :]) if g.startswith(row["arm"]) else None
-        row["delta_none"] = (float("nan"), float("nan"))
+        row["delta_none"] = row["delta_mm_none"] = row["eval_noise"] = (float("nan"),) * 2
         if ref is not None and ref is not row:
             common = [s for s in row["seeds"] if s in ref["_mean_by_seed"]]
             if common:
                 row["delta_none"] = confidence_interval(
                     [row["_mean_by_seed"][s] - ref["_mean_by_seed"][s] for s in common]
                 )
+                row["delta_mm_none"] = confidence_interval(
+                    [row["_mm_by_seed"][s] - ref["_mm_by_seed"][s] for s in common]
+                )
+                row["eval_noise"] = _eval_noise(row, ref, common, results["base"], include)
+    _image_share(out)
     for row in out.values():
-        del row["_mean_by_seed"]
+        for key in [k for k in row if k.startswith("_")]:
+            del row[key]
     return out
+
+
+def significant(interval: tuple[float, float]) -> bool:
+    """Whether a 95% interval ``(mean, half-width)`` excludes 0."""
+    mean, half = interval
+    return not (math.isnan(mean) or math.isnan(half)) and abs(mean) > half
+
+
+def _eval_noise(row: dict, ref: dict, seeds: list, base: dict, include: list[str]):
+    """The paired difference's evaluation noise alone: a bootstrap over the benchmark examples
+    (models fixed) per seed, combined over seeds; ``(nan, nan)`` without per-example outcomes."""
+    runs = [(row["_run_by_seed"][s], ref["_run_by_seed"][s]) for s in seeds]
+    if "examples" not in base or any("examples" not in r for pair in runs for r in pair):
+        return (float("nan"), float("nan"))
+    var = 0.0
+    for k, (arm, none) in enumerate(runs):
+        boot = bootstrap_mean_retention(
+            [arm["examples"], none["examples"]], base["examples"], include, seed=k
+        )  # (samples, 2)
+        var += float((boot[:, 0] - boot[:, 1]).var())
+    return (0.0, 1.96 * math.sqrt(var) / len(runs))
+
+
+def _image_share(out: dict) -> None:
+    """Adds the image-driven share of the forgetting, paired by seed, to ``control_noimage``."""
+    none, noimage = out.get("none"), out.get("control_noimage")
+    if none is None or noimage is None:
+        return
+    seeds = [s for s in noimage["seeds"] if s in none["_mean_by_seed"]]
+    shares = [
+        image_driven_share(none["_mean_by_seed"][s], noimage["_mean_by_seed"][s]) for s in seeds
+    ]
+    shares = [v for v in shares if not math.isnan(v)]
+    noimage["image_share"] = confidence_interval(shares) if shares else (float("nan"),) * 2
+    noimage["image_share_by_seed"] = shares
 
 
 def write_report(results: dict, out_dir: str | Path) -> Path:
@@ -134,6 +186,21 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
         m, h = agg[g]["retention/mean"]
         ok = "" if thr is None else ("yes" if (m >= thr if op == ">=" else m <= thr) else "**no**")
         lines.append(f"| `{g}` | {_fmt(m, h)} | {text} | {ok} |")
+    if "image_share" in agg.get("control_noimage", {}):
+        m, h = agg["control_noimage"]["image_share"]
+        ok = "yes" if m >= SHARE_TARGET and significant((m, h)) else "**no**"
+        lines.append(
+            f"| image-driven share | {_fmt(m, h)} | `(R_noimage - R_none) / (1 - R_none)`, paired "
+            f"by seed: >= {SHARE_TARGET} with its interval above 0 | {ok} |"
+        )
+        if math.isnan(h):
+            lines += ["", "The image-driven share needs two seeds or more for an interval."]
+        elif not (m > 0 and significant((m, h))):
+            lines += [
+                "",
+                "The image-driven share is not above 0: the text alone causes the forgetting "
+                "here, so no routing method that acts on image tokens can be expected to help.",
+            ]
     arms = [g for g in agg if not g.startswith("control_")]
     floor = agg.get("hard_sample", {}).get("retention/mean", (float("nan"),))[0]
     none = agg.get("none", {}).get("retention/mean", (float("nan"),))[0]
@@ -144,15 +211,17 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
         "Retention = score after stage 3 / stage-1 score, mean over the text benchmarks; "
         "`Δ vs none` is the arm's mean retention minus `none`'s with the same seed (and the same "
         "text ratio, band and learning rate), averaged over seeds: a paired interval, tighter than "
-        "comparing the two intervals. `w/o outlier` drops the benchmark that moved most. "
+        "comparing the two intervals; **bold** where the interval excludes 0 (with one seed "
+        "there is no interval and nothing is marked). `Δ multimodal` is the same for "
+        "multimodal accuracy. `w/o outlier` drops the benchmark that moved most. "
         "`avoided` is the share of the loss between `none` and the sample-level hard-routing "
         "floor that the arm avoids "
         "(n/a when that floor does not retain at least 0.01 more than `none`). "
         "MRD is measured at token level on a held-out half-text mix.",
         "",
         "| arm | n | mean retention | Δ vs `none` (paired) | w/o outlier | multimodal acc. | "
-        "avoided | MRD per layer |",
-        "|---|---|---|---|---|---|---|---|",
+        "Δ multimodal | avoided | MRD per layer |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for g in arms:
         r = agg[g]
@@ -162,9 +231,26 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
         lines.append(
             f"| `{g}` | {r['n']} | {_fmt(*r['retention/mean'])} | {_delta(*r['delta_none'])} | "
             f"{_fmt(*r['retention/mean_wo_outlier'])} (drops {r['outlier']}) | "
-            f"{_fmt(*r['mm/mean'])} | {'n/a' if math.isnan(avoided) else f'{avoided:.2f}'} | "
-            f"{mrd} |"
+            f"{_fmt(*r['mm/mean'])} | {_delta(*r['delta_mm_none'])} | "
+            f"{'n/a' if math.isnan(avoided) else f'{avoided:.2f}'} | {mrd} |"
         )
+    noisy = [g for g in arms if not math.isnan(agg[g]["eval_noise"][1])]
+    if noisy:
+        lines += [
+            "",
+            "### Noise of the paired differences",
+            "",
+            "Two sources of noise in `Δ vs none`: the seeds (the 95% t-interval above) and the "
+            "evaluation examples (a bootstrap over the examples of every benchmark, the models "
+            "fixed, combined over seeds). The second is the part that more evaluation examples "
+            "would remove.",
+            "",
+            "| arm | Δ vs `none` | seed interval ± | evaluation-noise interval ± |",
+            "|---|---|---|---|",
+        ]
+        for g in noisy:
+            m, h = agg[g]["delta_none"]
+            lines.append(f"| `{g}` | {m:+.3f} | {h:.3f} | {agg[g]['eval_noise'][1]:.3f} |")
     bench = [
         k
         for k in next(iter(agg.values()))

@@ -24,6 +24,7 @@ __all__ = [
     "ChoiceItem",
     "choice_logprobs",
     "choice_accuracy",
+    "choice_correct",
     "prose_bits_per_byte",
     "unigram_bits_per_byte",
     "text_items",
@@ -118,15 +119,21 @@ def choice_logprobs(
     return out
 
 
-def choice_accuracy(logprobs: Sequence[Sequence[float]], answers: Sequence[int]) -> float:
-    """Share of items whose correct choice has the highest log-likelihood (ties count wrong)."""
+def choice_correct(logprobs: Sequence[Sequence[float]], answers: Sequence[int]) -> list[bool]:
+    """Per item: whether the correct choice has the highest log-likelihood (ties count wrong)."""
     if len(logprobs) != len(answers) or not answers:
         raise ValueError("need one answer per item and at least one item")
-    right = 0
+    out = []
     for lp, a in zip(logprobs, answers, strict=True):
         best = max(range(len(lp)), key=lambda j: lp[j])
-        right += int(best == a and sum(v == lp[a] for v in lp) == 1)
-    return right / len(answers)
+        out.append(best == a and sum(v == lp[a] for v in lp) == 1)
+    return out
+
+
+def choice_accuracy(logprobs: Sequence[Sequence[float]], answers: Sequence[int]) -> float:
+    """Share of items whose correct choice has the highest log-likelihood (ties count wrong)."""
+    right = choice_correct(logprobs, answers)
+    return sum(right) / len(right)
 
 
 @torch.no_grad()
@@ -138,22 +145,30 @@ def prose_bits_per_byte(
     seq_len: int,
     max_bytes: int = 60_000,
     batch_size: int = 16,
+    windows_out: list | None = None,
 ) -> float:
-    """Bits per byte of ``text[:max_bytes]`` under the model, in non-overlapping windows."""
+    """Bits per byte of ``text[:max_bytes]`` under the model, in non-overlapping windows.
+
+    ``windows_out``, if given, receives one ``(bits, bytes)`` pair per window (for a bootstrap
+    over windows; the bytes of a window are those of its decoded target tokens).
+    """
     text = text[:max_bytes]
     ids = torch.tensor([tok.bos_id] + tok.encode(text))
     n = (len(ids) - 1) // seq_len
     if n == 0:
         raise ValueError(f"held-out text too short for one window of {seq_len} tokens")
-    nats, count = 0.0, 0
+    nats = 0.0
     windows = [ids[i * seq_len : (i + 1) * seq_len + 1] for i in range(n)]
     for b in range(0, n, batch_size):
         w = torch.stack(windows[b : b + batch_size])  # (B, S+1)
         logits = model(w[:, :-1]).logits
-        nats += F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), w[:, 1:].reshape(-1), reduction="sum"
-        ).item()
-        count += w[:, 1:].numel()
+        per_token = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), w[:, 1:].reshape(-1), reduction="none"
+        ).view(w.shape[0], -1)  # (B, S)
+        nats += per_token.sum().item()
+        if windows_out is not None:
+            for row, window in zip(per_token.sum(1).tolist(), w[:, 1:].tolist(), strict=True):
+                windows_out.append((row / math.log(2), len(tok.decode(window).encode("utf-8"))))
     n_bytes = len(tok.decode(ids[1 : n * seq_len + 1].tolist()).encode("utf-8"))
     return nats / math.log(2) / n_bytes
 

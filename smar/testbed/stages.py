@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from smar.losses import load_balancing_loss
 from smar.testbed.config import STAGE_VERSION, RunConfig
 from smar.testbed.data import images
 from smar.testbed.data.bundle import Bundle
@@ -56,7 +57,29 @@ def _model_config(cfg: RunConfig, tok) -> TinyConfig:
     )
 
 
-def stage_dir(name: str, *parts) -> Path:
+STAGES = ("vision", "pretrain", "align")
+
+
+def stage_dir(cfg: RunConfig, name: str) -> Path:
+    """The cache folder of stage ``name``, keyed on every config the stage depends on."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; known: {STAGES}")
+    parts = [cfg.data, cfg.model, cfg.vision]
+    if name != "vision":
+        parts.append(cfg.pretrain)
+        if cfg.tune.base == "native":  # a MoE LM from stage 1 on: its shape is part of the key
+            t = cfg.tune
+            parts.append(
+                {
+                    "base": "native",
+                    "experts": t.num_experts,
+                    "top_k": t.top_k,
+                    "layers": t.layers,
+                    "lb_weight": t.lb_weight,
+                }
+            )
+    if name == "align":
+        parts.append(cfg.align)
     return cache_dir() / "stages" / f"{name}-{config_hash(STAGE_VERSION, *parts)}"
 
 
@@ -69,7 +92,7 @@ def _cached(path: Path) -> TinyModel | None:
 # ------------------------------------------------------------------------------------ stages
 def stage_vision(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyModel:
     """Stage 0: the vision encoder learns to name digits and scene attributes (multi-label)."""
-    out = stage_dir("vision", cfg.data, cfg.model, cfg.vision)
+    out = stage_dir(cfg, "vision")
     model = _cached(out)
     if model is not None:
         return model
@@ -100,13 +123,19 @@ def stage_vision(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyMod
 
 
 def stage_pretrain(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyModel:
-    """Stage 1: the dense LM learns prose and the skill tasks."""
-    out = stage_dir("pretrain", cfg.data, cfg.model, cfg.vision, cfg.pretrain)
+    """Stage 1: the LM learns prose and the skill tasks: a dense LM (``tune.base="upcycle"``,
+    MoE-LLaVA), or a MoE LM with independent experts and load balancing (``"native"``)."""
+    out = stage_dir(cfg, "pretrain")
     model = _cached(out)
     if model is not None:
         return model
     model = stage_vision(cfg, bundle, quiet)
     torch.manual_seed(cfg.data.seed + 1)
+    native = cfg.tune.base == "native"
+    if native:
+        model.cfg.num_experts, model.cfg.top_k = cfg.tune.num_experts, cfg.tune.top_k
+        gen = torch.Generator().manual_seed(cfg.data.seed + 1)
+        model.make_moe_(layers=cfg.tune.layers, generator=gen)
     model.set_trainable("lm")
     opt = make_optimizer(model, cfg.pretrain.lr)
     stream = TextStream(bundle.train_ids, cfg.data.seed)
@@ -117,7 +146,11 @@ def stage_pretrain(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyM
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, cfg.pretrain.steps, cfg.pretrain.warmup, cfg.pretrain.lr)
         x, y = stream.batch(cfg.pretrain.batch_size, S)
-        loss = model(x, labels=y).loss
+        out_ = model(x, labels=y)
+        loss = out_.loss
+        if native:
+            lb = load_balancing_loss(out_.router_logits, top_k=cfg.tune.top_k)
+            loss = loss + cfg.tune.lb_weight * lb
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -133,7 +166,7 @@ def stage_pretrain(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyM
 
 def stage_align(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyModel:
     """Stage 2: only the projector trains, on captions (LLaVA stage 1)."""
-    out = stage_dir("align", cfg.data, cfg.model, cfg.vision, cfg.pretrain, cfg.align)
+    out = stage_dir(cfg, "align")
     model = _cached(out)
     if model is not None:
         return model

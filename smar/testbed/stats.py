@@ -80,3 +80,65 @@ def confidence_interval(values: Sequence[float]) -> tuple[float, float]:
         return mean, float("nan")
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, t_quantile_975(n - 1) * math.sqrt(var / n)
+
+
+def image_driven_share(r_none: float, r_noimage: float) -> float:
+    """The share of the forgetting that the images cause: ``(R_noimage - R_none) / (1 - R_none)``.
+
+    ``R_none`` is the mean retention of the ``none`` arm, ``R_noimage`` that of the same stage 3
+    with the images removed. 1: the images cause all of it; 0: the text alone does; NaN when
+    ``none`` forgets nothing (``R_none >= 1``: there is no forgetting to share).
+    """
+    if r_none >= 1.0:
+        return float("nan")
+    return (r_noimage - r_none) / (1.0 - r_none)
+
+
+def _score_samples(example: Mapping, idx):
+    """Scores of one benchmark under resampled example indices ``idx (n, N)`` -> ``(n,)``."""
+    import torch
+
+    if "correct" in example:
+        right = torch.tensor([c == "1" for c in example["correct"]], dtype=torch.float64)
+        return right[idx].mean(dim=1)
+    bits = torch.tensor(example["bits"], dtype=torch.float64)
+    n_bytes = torch.tensor(example["bytes"], dtype=torch.float64)
+    return n_bytes[idx].sum(dim=1) / bits[idx].sum(dim=1)  # 1 / bits per byte
+
+
+def bootstrap_mean_retention(
+    runs: Sequence[Mapping[str, Mapping]],
+    base: Mapping[str, Mapping],
+    include: Sequence[str],
+    *,
+    samples: int = 400,
+    seed: int = 0,
+):
+    """Mean retention of each run under a bootstrap over the evaluation examples.
+
+    Every run and the base model were scored on the same examples, so one resampling of the
+    example indices per benchmark is shared by all of them: differences between runs keep
+    their pairing. This measures evaluation noise only (the models are fixed).
+
+    Args:
+        runs: per run, the per-example outcomes of each benchmark (``results["examples"]``).
+        base: the same for the stage-1 model.
+        include: the benchmarks averaged in mean retention.
+
+    Returns:
+        A float64 tensor ``(samples, len(runs))``.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    total = None
+    for name in include:
+        ref = base[name]
+        n = len(ref["correct"]) if "correct" in ref else len(ref["bits"])
+        idx = torch.randint(0, n, (samples, n), generator=g)  # (samples, N)
+        b = _score_samples(ref, idx)  # (samples,)
+        r = torch.stack([_score_samples(run[name], idx) / b for run in runs], dim=1)
+        total = r if total is None else total + r
+    if total is None:
+        raise ValueError("no benchmark to bootstrap")
+    return total / len(include)

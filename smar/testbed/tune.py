@@ -36,7 +36,8 @@ def _mm_batch(items, bundle, cfg: RunConfig, modality: str, label_prompt: bool):
 
 
 def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool = True):
-    """Stage 3 for one job: upcycle with the arm's router options, tune, return the model."""
+    """Stage 3 for one job: upcycle with the arm's router options (``tune.base="upcycle"``) or
+    give the MoE LM's routers those options (``"native"``), tune, return the model."""
     t = cfg.tune
     ratio = t.text_ratio if job.text_ratio is None else job.text_ratio
     band = tuple(t.band if job.band is None else job.band)
@@ -47,7 +48,10 @@ def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool 
     model.cfg.num_experts, model.cfg.top_k = t.num_experts, t.top_k
     model.cfg.modality_bias, model.cfg.hard = arm.modality_bias, arm.hard_routing
     gen = torch.Generator().manual_seed(1000 + job.seed)
-    model.upcycle_(layers=t.layers, noise=t.noise, generator=gen)
+    if t.base == "native":
+        model.set_routing_()
+    else:
+        model.upcycle_(layers=t.layers, noise=t.noise, generator=gen)
     model.set_trainable(t.trainable)
     model.train()
     opt = make_optimizer(model, lr)

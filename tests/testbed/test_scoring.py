@@ -170,3 +170,20 @@ def test_single_token_choices_scored_from_one_sequence():
     lp = choice_logprobs(_Fixed(), [it], **KW)
     logits = _Fixed()(torch.tensor([[2, 10, 11, 12]])).logits[0].log_softmax(-1)
     assert lp[0] == pytest.approx([float(logits[3, t]) for t in (20, 21, 22)], abs=1e-5)
+
+
+@pytest.mark.parametrize("qa", questions.QA_TYPES)
+def test_multimodal_benchmarks_can_fail(qa):
+    """A model given the answers scores 1.0; the best model that ignores the image (the most
+    frequent training answer for each question and answer lead) stays near chance."""
+    tok = CharTok()
+    its = mm_items(questions.qa_samples(qa, 200, 10_000, "eval", size=8), tok)
+    answers = [it.answer for it in its]
+    assert choice_accuracy(choice_logprobs(Oracle(its, 4), its, **KW), answers) == 1.0
+    train = {}
+    for it in mm_items(questions.qa_samples(qa, 2000, 0, "train", size=8), tok):
+        train.setdefault(tuple(it.prompt), []).append(it.answer)
+    guess = {k: max(set(v), key=v.count) for k, v in train.items()}
+    blind = sum(guess.get(tuple(it.prompt), 0) == it.answer for it in its) / len(its)
+    chance = 1 / len(its[0].choices)
+    assert blind < chance + 0.1, f"{qa}: an image-blind model scores {blind:.2f}"

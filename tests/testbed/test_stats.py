@@ -3,9 +3,13 @@
 import math
 
 import pytest
+import torch
 
+from smar.testbed.report import aggregate, significant
 from smar.testbed.stats import (
+    bootstrap_mean_retention,
     confidence_interval,
+    image_driven_share,
     mean_retention,
     mean_without_outlier,
     retention,
@@ -53,3 +57,69 @@ def test_plots_are_written(tmp_path):
     )
     assert p1.stat().st_size > 1000 and p2.stat().st_size > 1000
     assert sorted(x.name for x in tmp_path.iterdir()) == ["mrd.png", "r.png"]
+
+
+def test_image_driven_share():
+    assert image_driven_share(0.8, 1.0) == pytest.approx(1.0)  # images cause all the forgetting
+    assert image_driven_share(0.8, 0.8) == pytest.approx(0.0)  # the text alone does
+    assert image_driven_share(0.8, 0.9) == pytest.approx(0.5)
+    assert math.isnan(image_driven_share(1.0, 0.9))  # nothing forgotten: nothing to share
+
+
+def _examples(correct: str, bits=None):
+    out = {"text/a": {"correct": correct}}
+    if bits is not None:
+        out["text/prose"] = {"bits": bits, "bytes": [10] * len(bits)}
+    return out
+
+
+def test_bootstrap_of_a_model_against_itself_is_exactly_one():
+    base = _examples("1101101111", bits=[20.0, 22.0, 18.0, 25.0])
+    boot = bootstrap_mean_retention([base, base], base, ["text/a", "text/prose"], samples=50)
+    assert boot.shape == (50, 2) and torch.allclose(boot, torch.ones_like(boot))
+
+
+def test_bootstrap_pairs_the_runs_and_centres_on_the_point_estimate():
+    base = _examples("1" * 100)
+    a = _examples("1" * 80 + "0" * 20)
+    b = _examples("1" * 78 + "0" * 22)
+    boot = bootstrap_mean_retention([a, b], base, ["text/a"], samples=2000, seed=1)
+    assert boot[:, 0].mean().item() == pytest.approx(0.80, abs=0.01)
+    sd_a = boot[:, 0].std().item()
+    assert sd_a == pytest.approx(math.sqrt(0.8 * 0.2 / 100), rel=0.15)  # binomial SE
+    # paired: a and b differ on 2 of 100 examples, so their difference varies far less than each
+    assert (boot[:, 0] - boot[:, 1]).std().item() < sd_a / 2
+
+
+def _run(arm, seed, mean_score, mm=0.9):
+    return {
+        "arm": arm,
+        "seed": seed,
+        "scores": {"text/prose": mean_score, "text/facts": mean_score, "mm/digit": mm},
+        "routing": {},
+    }
+
+
+def test_report_pairs_seeds_for_differences_and_the_image_share():
+    base = {"scores": {"text/prose": 1.0, "text/facts": 1.0, "mm/digit": 0.1}}
+    none = {0: 0.80, 1: 0.90, 2: 0.70}
+    runs = {}
+    for s, r in none.items():
+        runs[f"none_seed{s}"] = _run("none", s, r)
+        runs[f"smar_seed{s}"] = _run("smar", s, r + 0.02)  # +0.02 on every seed
+        runs[f"control_noimage_seed{s}"] = _run("none", s, r + (1 - r) / 2)  # share 0.5
+    agg = aggregate({"base": base, "runs": runs})
+    mean, half = agg["smar"]["delta_none"]
+    # paired: the seed-to-seed spread of `none` (0.7-0.9) cancels; unpaired it would not
+    assert mean == pytest.approx(0.02) and half == pytest.approx(0.0, abs=1e-9)
+    assert significant(agg["smar"]["delta_none"])
+    share, share_half = agg["control_noimage"]["image_share"]
+    assert share == pytest.approx(0.5) and share_half == pytest.approx(0.0, abs=1e-9)
+    # shuffling which seed is which breaks the pairing and widens the interval
+    runs["smar_seed0"], runs["smar_seed1"] = _run("smar", 0, 0.92), _run("smar", 1, 0.82)
+    assert aggregate({"base": base, "runs": runs})["smar"]["delta_none"][1] > 0.1
+
+
+def test_significance_needs_an_interval_that_excludes_zero():
+    assert significant((0.03, 0.02)) and significant((-0.03, 0.02))
+    assert not significant((0.01, 0.02)) and not significant((0.05, float("nan")))

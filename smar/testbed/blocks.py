@@ -1,0 +1,110 @@
+"""The layers of the testbed model: RMSNorm, rotary position embeddings, attention, the decoder
+layer (dense SwiGLU or MoE FFN) and the patch-based vision encoder.
+
+Shape legend: B batch, S sequence, D model width, V vision width, N images, P image tokens per
+image, H heads.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smar.moe import MoEBlock, SwiGLU
+
+if TYPE_CHECKING:
+    from smar.testbed.model import TinyConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = theta ** (-torch.arange(0, head_dim, 2).float() / head_dim)  # (hd/2,)
+    angles = torch.outer(torch.arange(max_len).float(), inv)  # (S, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, H, S, hd/2) each
+    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, H, S, hd/2, 2)
+    return out.flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_heads: int, *, causal: bool):
+        super().__init__()
+        self.n_heads, self.causal = n_heads, causal
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+        B, S, D = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # (B,H,S,hd)
+        if rope is not None:
+            cos, sin = rope[0][:S], rope[1][:S]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, S, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, S, D))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TinyConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim)
+        self.attn = Attention(cfg.dim, cfg.n_heads, causal=True)
+        self.ffn_norm = RMSNorm(cfg.dim)
+        self.ffn: nn.Module = SwiGLU(cfg.dim, cfg.ffn_hidden)
+
+    def forward(self, x, rope, modality_ids):
+        x = x + self.attn(self.attn_norm(x), rope)
+        h = self.ffn_norm(x)
+        if isinstance(self.ffn, MoEBlock):
+            return x + self.ffn(h, modality_ids)
+        return x + self.ffn(h)
+
+
+class VisionEncoder(nn.Module):
+    """Patch embedding, learned positions and a few bidirectional pre-LN transformer layers."""
+
+    def __init__(self, cfg: TinyConfig):
+        super().__init__()
+        V = cfg.vision_dim
+        self.patch = nn.Conv2d(cfg.channels, V, cfg.patch_size, stride=cfg.patch_size)
+        self.pos = nn.Parameter(torch.randn(cfg.image_tokens, V) * 0.02)
+        self.layers = nn.ModuleList()
+        for _ in range(cfg.vision_layers):
+            self.layers.append(
+                nn.ModuleDict(
+                    {
+                        "norm1": nn.LayerNorm(V),
+                        "attn": Attention(V, cfg.vision_heads, causal=False),
+                        "norm2": nn.LayerNorm(V),
+                        "mlp": nn.Sequential(nn.Linear(V, 4 * V), nn.GELU(), nn.Linear(4 * V, V)),
+                    }
+                )
+            )
+        self.norm = nn.LayerNorm(V)
+        self.head = nn.Linear(V, cfg.vision_classes) if cfg.vision_classes else None
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch(pixels).flatten(2).transpose(1, 2) + self.pos  # (N, P, V)
+        for layer in self.layers:
+            x = x + layer["attn"](layer["norm1"](x))
+            x = x + layer["mlp"](layer["norm2"](x))
+        return self.norm(x)  # (N, P, V)
+
+    def classify(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            raise ValueError("this vision encoder has no head: set TinyConfig.vision_classes > 0")
+        return self.head(self(pixels).mean(1))  # (N, classes)
