@@ -16,11 +16,13 @@ STAGE_VERSION = 1  # bump when a stage's code changes what it produces
 
 @dataclass
 class DataConfig:
-    """Data options. ``text_files``: local text instead of the Shakespeare corpus."""
+    """Data options. ``text_files``: local text instead of the Shakespeare corpus;
+    ``descriptions``: lines of text-only image descriptions in the stage-1 text (0: none)."""
 
     text_files: list[str] = field(default_factory=list)
     vocab_size: int = 2048
     skill_examples: int = 60000
+    descriptions: int = 0
     image_size: int = 32
     eval_text: int = 1000
     eval_mm: int = 200

@@ -19,7 +19,7 @@ from smar.testbed.data.bundle import Bundle
 from smar.testbed.data.mixing import TextStream, collate
 from smar.testbed.io import cache_dir, write_json
 from smar.testbed.model import TinyConfig, TinyModel
-from smar.testbed.overrides import config_hash
+from smar.testbed.overrides import config_hash, to_dict
 
 
 def progress(iterable=None, **kw):
@@ -64,7 +64,11 @@ def stage_dir(cfg: RunConfig, name: str) -> Path:
     """The cache folder of stage ``name``, keyed on every config the stage depends on."""
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; known: {STAGES}")
-    parts = [cfg.data, cfg.model, cfg.vision]
+    data = to_dict(cfg.data)
+    if name == "vision":  # what stage 0 does not read: evaluation sizes, stage-1 text
+        for key in ("eval_text", "eval_mm", "prose_bytes", "descriptions"):
+            data.pop(key)
+    parts = [data, cfg.model, cfg.vision]
     if name != "vision":
         parts.append(cfg.pretrain)
         if cfg.tune.base == "native":  # a MoE LM from stage 1 on: its shape is part of the key

@@ -3,11 +3,14 @@
 import json
 
 import pytest
+import torch
 
 from smar import cli
-from smar.testbed.config import RunConfig, config_from_dict, smoke_config
+from smar.testbed.config import RunConfig, TuneConfig, config_from_dict, smoke_config
 from smar.testbed.jobs import jobs_for
+from smar.testbed.model import TinyModel
 from smar.testbed.overrides import to_dict
+from smar.testbed.stages import stage_dir
 from smar.testbed.tune import Job
 
 
@@ -53,3 +56,31 @@ def test_config_round_trips_through_json():
     cfg = smoke_config()
     again = config_from_dict(json.loads(json.dumps(to_dict(cfg))))
     assert to_dict(again) == to_dict(cfg)
+
+
+def test_smoke_demo_native_base(tmp_path, monkeypatch):
+    """The natively-MoE base: stage 1 pretrains a MoE LM, stage 3 tunes it without upcycling."""
+    monkeypatch.chdir(tmp_path)
+    args = ["demo", "--smoke", "--quiet", "--out", "out", "tune.base=native", "arms=none,smar,hard"]
+    assert cli.main(args + ["controls=false"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["runs"]) == {"none_seed0", "smar_seed0", "hard_seed0"}
+    cfg = smoke_config()
+    cfg.tune.base = "native"
+    model = TinyModel.load(stage_dir(cfg, "pretrain"))  # stage 1 is already a MoE LM
+    assert model.cfg.moe_layers == list(range(cfg.model.n_layers))
+    experts = model.layers[0].ffn.gate_up_proj
+    assert not torch.equal(experts[0], experts[1])  # experts differ from the start
+    assert stage_dir(cfg, "align") != stage_dir(smoke_config(), "align")
+    for name in ("smar_seed0", "hard_seed0"):
+        tuned = TinyModel.load(tmp_path / "out" / name)
+        router = tuned.layers[0].ffn.router
+        assert (router.bias is not None) == (name == "smar_seed0")
+        assert router.hard == (name == "hard_seed0")
+    mrd = results["runs"]["hard_seed0"]["routing"]["routing/layer00/mrd"]
+    assert mrd > 10  # hard routing: the modalities use disjoint experts
+
+
+def test_tune_base_is_validated():
+    with pytest.raises(ValueError, match="tune.base"):
+        TuneConfig(base="dense")

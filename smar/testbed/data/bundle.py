@@ -26,7 +26,8 @@ class Bundle:
 
 
 def load_bundle(cfg: RunConfig) -> Bundle:
-    """Corpus, skill text and tokenizer (cached by the data config)."""
+    """Corpus, skill text, descriptions of images in words, and the tokenizer (cached by the
+    data config)."""
     key = config_hash(STAGE_VERSION, cfg.data, cfg.model.image_size)
     root = cache_dir() / "data" / key
     train_text, held_out = corpus.load_corpus(cfg.data.text_files or None)
@@ -44,7 +45,11 @@ def load_bundle(cfg: RunConfig) -> Bundle:
         cfg.data.vocab_size,
         root / "tokenizer.json",
     )
-    ids = torch.tensor(tok.encode(train_text) + tok.encode("\n" + skill_lines), dtype=torch.long)
+    described = questions.description_text(cfg.data.descriptions, cfg.data.seed)
+    ids = tok.encode(train_text) + tok.encode("\n" + skill_lines)
+    if cfg.data.descriptions:
+        ids += tok.encode("\n" + described)
+    ids = torch.tensor(ids, dtype=torch.long)
     root.mkdir(parents=True, exist_ok=True)
     torch.save(ids, root / "train_ids.tmp")
     os.replace(root / "train_ids.tmp", root / "train_ids.pt")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import torch
+
 from smar.testbed.data.images import (
     COLOURS,
     COUNT_WORDS,
@@ -14,6 +16,7 @@ from smar.testbed.data.images import (
     PLACES,
     SHAPES,
     ImageSample,
+    caption,
     digit_image,
     digit_split,
     shape_scene,
@@ -116,3 +119,36 @@ def qa_samples(qa_type: str, n: int, seed: int, split: str, size: int = 32) -> l
         raise ValueError(f"unknown question type {qa_type!r}; known: {QA_TYPES}")
     rng = random.Random(f"{qa_type}-{split}-{seed}")
     return [qa_sample(qa_type, rng, split, size) for _ in range(n)]
+
+
+def _facts_for(qa_type: str, rng: random.Random) -> ImageSample:
+    """The facts of a random image fit for a question type, without drawing it."""
+    if qa_type == "digit":
+        return ImageSample(torch.empty(0), digit=rng.randrange(10))
+    n = rng.randint(1, 4) if qa_type == "count" else 1
+    places = rng.sample(range(4), n)
+    return ImageSample(
+        torch.empty(0),
+        objects=tuple((rng.choice(list(COLOURS)), rng.choice(SHAPES), p) for p in places),
+    )
+
+
+def description_text(n: int, seed: int) -> str:
+    """``n`` text-only descriptions of random digits and scenes, one per line: captions and
+    question/answer sentences in the words the multimodal stages use, with no pixels.
+
+    A language model pretrained on the web knows how images are talked about before it ever sees
+    one; the testbed's stage-1 LM learns it from these lines, so that alignment can teach the
+    projector to say what it sees in words the LM already knows.
+    """
+    rng = random.Random(f"describe-{seed}")
+    lines = []
+    for _ in range(n):
+        qa_type = rng.choice(QA_TYPES)
+        img = _facts_for(qa_type, rng)
+        if rng.random() < 0.5:
+            lines.append(caption(img, rng).strip())
+        else:
+            q, a = rng.choice(Q_TEMPLATES[qa_type]), rng.choice(A_TEMPLATES[qa_type])
+            lines.append(f"{q} {a} {answer_of(qa_type, img)}.")
+    return "\n".join(lines) + "\n"
