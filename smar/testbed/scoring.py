@@ -74,48 +74,54 @@ def choice_logprobs(
     ``logits (B, S, V)``. Image items get ``image_tokens`` placeholders after ``<bos>``; with
     ``modality="sample"`` every token of an image item has modality 1 (routing as in training).
     """
-    # One sequence per multi-token choice (prompt + choice). A single-token choice needs no
-    # sequence of its own: its log-probability is read at the last prompt position of one of the
-    # item's sequences (the prompt alone when every choice is a single token).
-    seqs = []  # (item, multi-token choice or -1, ids, first scored position, image, singles)
+    # A choice's log-probability is the sum over its tokens, each read at the position before it.
+    # Any sequence that starts with prompt + choice[:-1] (the choice's stem) holds every position
+    # the choice needs, so one sequence per maximal stem scores all choices: choices of one token
+    # (stem empty), and choices that share a stem ("top left", "top right"), need no sequence of
+    # their own.
+    seqs = []  # (item, ids, first scored position, image, choices read from this sequence)
     for i, it in enumerate(items):
         img = [image_id] * image_tokens if it.image is not None else []
         if any(not c for c in it.choices):
             raise ValueError(f"item {i} has an empty choice")
         prefix = [bos_id] + img + it.prompt
-        singles = [j for j, c in enumerate(it.choices) if len(c) == 1]
-        multi = [j for j, c in enumerate(it.choices) if len(c) > 1]
-        if not multi:
-            seqs.append((i, -1, prefix, len(prefix), it.image, singles))
-        for n, j in enumerate(multi):
-            seqs.append((i, j, prefix + it.choices[j], len(prefix), it.image, [] if n else singles))
+        stems = sorted({tuple(c[:-1]) for c in it.choices}, key=len, reverse=True)
+        maximal = [
+            st for k, st in enumerate(stems) if not any(o[: len(st)] == st for o in stems[:k])
+        ]
+        todo = set(range(len(it.choices)))
+        for st in maximal:
+            mine = [
+                j for j in sorted(todo) if st[: len(it.choices[j]) - 1] == tuple(it.choices[j][:-1])
+            ]
+            todo -= set(mine)
+            seqs.append((i, prefix + list(st), len(prefix), it.image, mine))
     out = [[0.0] * len(it.choices) for it in items]
-    order = sorted(range(len(seqs)), key=lambda k: len(seqs[k][2]))  # similar lengths together
+    order = sorted(range(len(seqs)), key=lambda k: len(seqs[k][1]))  # similar lengths together
     for b in range(0, len(order), batch_size):
         chunk = [seqs[k] for k in order[b : b + batch_size]]
-        S = max(len(s[2]) for s in chunk)
+        S = max(len(s[1]) for s in chunk)
         ids = torch.full((len(chunk), S), pad_id, dtype=torch.long)
         mask = torch.zeros(len(chunk), S, dtype=torch.long)
-        for r, (_, _, s, _, _, _) in enumerate(chunk):
+        for r, (_, s, _, _, _) in enumerate(chunk):
             ids[r, : len(s)] = torch.tensor(s)
             mask[r, : len(s)] = 1
-        images = [s[4].pixels for s in chunk if s[4] is not None]
+        images = [s[3].pixels for s in chunk if s[3] is not None]
         pixels = torch.stack(images) if images else None
         mod = (ids == image_id).long()
         if modality == "sample":
-            has_image = torch.tensor([s[4] is not None for s in chunk])
+            has_image = torch.tensor([s[3] is not None for s in chunk])
             mod = has_image[:, None].long().expand(-1, S).clone()
         mod = mod.masked_fill(mask == 0, -1)
         logits = model(ids, pixels, attention_mask=mask, modality_ids=mod).logits
         logp = F.log_softmax(logits.float(), dim=-1)  # (B, S, V): position s predicts s+1
-        for r, (i, j, s, start, _, singles) in enumerate(chunk):
-            if singles:
-                firsts = torch.tensor([items[i].choices[k][0] for k in singles])
-                for k, v in zip(singles, logp[r, start - 1, firsts].tolist(), strict=True):
-                    out[i][k] = v
-            if j >= 0:
-                target = torch.tensor(s[start:])
-                out[i][j] = float(logp[r, start - 1 : len(s) - 1].gather(-1, target[:, None]).sum())
+        for r, (i, s, start, _, mine) in enumerate(chunk):
+            pos = torch.arange(start - 1, len(s) - 1)  # the positions that predict the stem
+            stem = logp[r, pos, torch.tensor(s[start:], dtype=torch.long)]  # (len(stem),)
+            cum = torch.cat([stem.new_zeros(1), stem.cumsum(0)])  # stem log-prob by length
+            for j in mine:
+                c = items[i].choices[j]
+                out[i][j] = float(cum[len(c) - 1] + logp[r, start - 1 + len(c) - 1, c[-1]])
     return out
 
 

@@ -104,8 +104,19 @@ def test_choice_logprobs_match_explicit_sum():
         ChoiceItem([10, 11, 12], [[20], [21, 22], [23], [24, 25, 26]], 1),
         ChoiceItem([13], [[27, 28], [29]], 0),
         ChoiceItem([14, 15], [[30], [31]], 1),
+        ChoiceItem([16], [[40, 41], [40, 42], [43, 41], [43, 42]], 2),  # "top left", ...
+        ChoiceItem([17], [[44, 45, 46], [44, 45], [44], [47, 48]], 3),  # stems inside stems
     ]
-    lp = choice_logprobs(_Fixed(), items, **KW, batch_size=2)
+    rows = []
+
+    class Counting(_Fixed):
+        def forward(self, ids, pixels=None, **kw):
+            rows.append(ids.shape[0])
+            return super().forward(ids, pixels, **kw)
+
+    lp = choice_logprobs(Counting(), items, **KW, batch_size=2)
+    # one sequence per maximal stem: 2 + 1 + 1 + 2 (shared first tokens) + 2
+    assert sum(rows) == 8
     for it, got in zip(items, lp, strict=True):
         for c, value in zip(it.choices, got, strict=True):
             seq = [2, *it.prompt, *c]
