@@ -1,12 +1,15 @@
 """Adapters: the only place that knows model architectures.
 
 An :class:`Adapter` says, for one family of router modules, how to read the canonical routing data
-out of it (SPEC section 1: raw float logits ``(T, E)`` per MoE layer) and, optionally, how to
-re-route from logits changed by a modality bias. Everything else in smar (hooks, losses, trainer)
-works on the canonical form only.
+out of it (SPEC section 1: raw float logits ``(T, E)`` per MoE layer) and whether it can take a
+modality bias. Everything else in smar (hooks, losses, trainer) works on the canonical form only.
 
-Each built-in adapter was checked against the transformers 5.23 source of its router and is tested
-against the model's own ``output_router_logits`` and expert choice (tests/test_adapters.py).
+Most adapters are not written here: :func:`find_routers` reads each transformers model's own
+declaration of which module records ``router_logits`` and at which output index
+(``_can_record_outputs``), so every MoE family of the installed transformers is found and checked
+against the model's own ``output_router_logits`` (tests/test_families.py). The hand-written
+:data:`ADAPTERS` cover what the declaration does not: smar's own router, and Ernie-4.5-VL's hard
+modality split (which cannot take a bias). Users pass their own for other engines.
 
 Shapes legend: T tokens (batch x sequence, flattened), D model width, E experts, K top-k.
 
@@ -15,12 +18,12 @@ This module does not import transformers: router classes are matched by name.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -29,6 +32,7 @@ __all__ = [
     "ADAPTERS",
     "find_routers",
     "no_router_error",
+    "ERNIE_NO_BIAS",
 ]
 
 Reroute = Callable[[nn.Module, object, Tensor], object]
@@ -47,9 +51,12 @@ class Adapter:
             when the output is the logits tensor itself.
         top_k: experts per token, from the router module and its parent module; by default the
             ``top_k`` attribute of the router, else of its parent.
-        reroute: recomputes the router's output from biased logits ``(T, E)``, exactly as the
-            router does from its own; ``None`` if this router cannot take a modality bias.
-        note: one line shown by ``smar inspect``.
+        reroute: recomputes the router's output from biased logits ``(T, E)`` (for routers whose
+            logits do not come out of one linear layer, e.g. other engines'); ``None``: the
+            modality bias is added to the output of the router's linear layer and the router's
+            own code runs on it (see :mod:`smar.bias`).
+        bias: whether this router can take a modality bias at all.
+        note: one line shown by ``smar inspect``; where ``bias`` is False, the reason.
 
     Example:
         >>> Adapter("mine", classes=("MyRouter",), index=0)  # doctest: +SKIP
@@ -61,6 +68,7 @@ class Adapter:
     index: int | None = 0
     top_k: Callable[[nn.Module, nn.Module | None], int] | None = None
     reroute: Reroute | None = None
+    bias: bool = True
     note: str = ""
 
     def __post_init__(self):
@@ -78,6 +86,8 @@ class Adapter:
     def logits(self, output) -> Tensor:
         """The raw logits ``(T, E)`` from a router's output."""
         z = output if self.index is None else output[self.index]
+        if isinstance(z, Tensor) and z.dim() == 3:
+            z = z.reshape(-1, z.shape[-1])  # (B, S, E) -> (T, E), row-major as the ids
         if not isinstance(z, Tensor) or z.dim() != 2:
             shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
             raise ValueError(
@@ -90,13 +100,20 @@ class Adapter:
         if self.top_k is not None:
             return int(self.top_k(module, parent))
         for m in (module, parent):
-            k = getattr(m, "top_k", None)
-            if isinstance(k, int):
-                return k
+            for attr in _TOP_K_ATTRS:
+                k = getattr(m, attr, None)
+                if isinstance(k, int) and not isinstance(k, bool):
+                    return k
+        fixed = re.search(r"Top(\d+)", type(module).__name__)  # NllbMoeTop2Router, ...Top1Router
+        if fixed:
+            return int(fixed.group(1))
         raise ValueError(
             f"adapter {self.name!r}: cannot tell top-k of {type(module).__name__}; give the "
             "Adapter a top_k function"
         )
+
+
+_TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "moe_topk", "moe_k", "topk", "k")
 
 
 @dataclass
@@ -109,6 +126,7 @@ class RouterSite:
     attr: str  # attribute of ``parent`` holding the router
     layer: int  # decoder layer index
     adapter: Adapter
+    kind: str = "mlp"  # "mlp" or "attention" (JetMoE's mixture of attention heads)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -117,133 +135,42 @@ class RouterSite:
 
     @property
     def num_experts(self) -> int | None:
-        for attr in ("num_experts", "out_features"):
+        for attr in ("num_experts", "n_routed_experts", "num_local_experts", "out_features"):
             e = getattr(self.module, attr, None)
-            if isinstance(e, int):
+            if isinstance(e, int) and not isinstance(e, bool):
                 return e
         w = getattr(self.module, "weight", None)
         return int(w.shape[0]) if isinstance(w, Tensor) else None
 
 
 # ----------------------------------------------------------------------------------------------
-# re-routing from biased logits: each mirrors its router's forward after the linear layer
-
-
-def _softmax_topk(norm: str, cast: bool) -> Reroute:
-    """Qwen2/3-MoE, Qwen3-VL-MoE, OLMoE, Mixtral: softmax over E, top-k of the probabilities.
-
-    ``norm``: ``"always"`` renormalises the k probabilities, ``"attr"`` when the router's
-    ``norm_topk_prob`` is set. ``cast``: the scores are cast back to the logits' dtype.
-    """
-
-    def reroute(router: nn.Module, output, z: Tensor):
-        probs = F.softmax(z, dtype=torch.float, dim=-1)  # (T, E)
-        top, experts = torch.topk(probs, router.top_k, dim=-1)  # (T, K)
-        if norm == "always" or (norm == "attr" and router.norm_topk_prob):
-            top /= top.sum(dim=-1, keepdim=True)
-        if cast:
-            top = top.to(z.dtype)
-        return z, top, experts
-
-    return reroute
-
-
-def _reroute_llama4(router: nn.Module, output, z: Tensor):
-    """Llama 4: top-k on the logits, sigmoid of the chosen ones, ``-inf`` elsewhere."""
-    top, experts = torch.topk(z, router.top_k, dim=1)  # (T, K)
-    scores = torch.full_like(z, float("-inf")).scatter_(1, experts, top)  # (T, E)
-    scores = torch.sigmoid(scores.float()).to(scores.dtype)
-    return scores, z
-
-
-def _reroute_aria(router: nn.Module, output, z: Tensor):
-    """Aria: top-k on the logits, softmax over the k."""
-    top, experts = torch.topk(z, router.top_k, dim=-1)  # (T, K)
-    return z, F.softmax(top, dim=-1), experts
-
-
-def _reroute_deepseek(router: nn.Module, output, z: Tensor):
-    """GLM-4.5V / DeepSeek-V3: sigmoid scores, correction bias, group-limited top-k."""
-    E, G = router.num_experts, router.num_group
-    scores = z.sigmoid()  # (T, E)
-    choice = scores + router.e_score_correction_bias  # (T, E)
-    group_scores = choice.view(-1, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)  # (T, G)
-    group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
-    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)  # (T, G)
-    score_mask = group_mask.unsqueeze(-1).expand(-1, G, E // G).reshape(-1, E)  # (T, E)
-    choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
-    experts = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]  # (T, K)
-    weights = scores.gather(1, experts)  # (T, K)
-    if router.norm_topk_prob:
-        weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
-    return z, weights * router.routed_scaling_factor, experts
-
-
-def _reroute_logits_only(router: nn.Module, output, z: Tensor):
-    """Routers that return only logits (the MoE block does top-k): the biased logits."""
-    return z
+# the built-in adapters: only what transformers' own declaration does not cover
 
 
 def _ernie_top_k(module: nn.Module, parent: nn.Module | None) -> int:
     return module.text_moe.top_k
 
 
-# ----------------------------------------------------------------------------------------------
-# the built-in adapters
+ERNIE_NO_BIAS = (
+    "hard modality split: text and vision tokens go to separate expert sets through separate "
+    "routers (moe_mm_token_type_ids), so a per-modality bias on one router has nothing to choose "
+    "between; capture, the band loss and load balancing still work with modality_bias=False"
+)
 
 ADAPTERS: tuple[Adapter, ...] = (
-    Adapter(
-        "qwen-moe",
-        ("Qwen3MoeTopKRouter", "Qwen2MoeTopKRouter", "OlmoeTopKRouter"),
-        reroute=_softmax_topk("attr", cast=True),
-        note="softmax, top-k of probabilities",
-    ),
-    Adapter(
-        "qwen3-vl-moe",
-        ("Qwen3VLMoeTextTopKRouter",),
-        reroute=_softmax_topk("always", cast=True),
-        note="softmax, top-k renormalised",
-    ),
-    Adapter(
-        "mixtral",
-        ("MixtralTopKRouter",),
-        reroute=_softmax_topk("always", cast=False),
-        note="softmax, top-k renormalised",
-    ),
-    Adapter(
-        "llama4",
-        ("Llama4Router",),
-        router="sigmoid",
-        index=1,
-        reroute=_reroute_llama4,
-        note="top-k on logits, sigmoid gates; shared expert",
-    ),
-    Adapter(
-        "aria",
-        ("AriaTextTopKRouter",),
-        reroute=_reroute_aria,
-        note="top-k on logits, softmax over k; shared experts",
-    ),
-    Adapter(
-        "glm4v-moe",
-        ("Glm4vMoeTextTopkRouter",),
-        router="sigmoid",
-        reroute=_reroute_deepseek,
-        note="sigmoid + correction bias, group top-k",
-    ),
     Adapter(
         "ernie4.5-vl-moe",
         ("Ernie4_5_VLMoeMoeBlock",),
         index=1,
         top_k=_ernie_top_k,
-        note="hard modality split: text and vision experts; no modality bias",
+        bias=False,
+        note=ERNIE_NO_BIAS,
     ),
     Adapter(
         "smar",
         ("smar.moe.Router",),
         index=None,
         top_k=lambda module, parent: parent.top_k,
-        reroute=_reroute_logits_only,
         note="smar.moe.Router (upcycled or own MoE block)",
     ),
 )
@@ -260,18 +187,11 @@ def _resolve(adapter: Adapter) -> Adapter:
     if "smar.moe.Router" not in adapter.classes:
         return adapter
     classes = tuple(_smar_router_class() if c == "smar.moe.Router" else c for c in adapter.classes)
-    return Adapter(
-        adapter.name,
-        classes,
-        adapter.router,
-        adapter.index,
-        adapter.top_k,
-        adapter.reroute,
-        adapter.note,
-    )
+    return dataclasses.replace(adapter, classes=classes)
 
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+_ATTENTION = re.compile(r"(?:^|\.)[^.]*(?:attn|attention)[^.]*(?:\.|$)")
 
 
 def _layer_index(name: str) -> int | None:
@@ -279,16 +199,90 @@ def _layer_index(name: str) -> int | None:
     return int(hits[-1]) if hits else None
 
 
-def find_routers(
-    model: nn.Module, adapters: Adapter | Sequence[Adapter] | None = None
-) -> list[RouterSite]:
-    """All router modules of ``model`` that an adapter recognises, ordered by layer.
+def _gating(cls: type) -> str:
+    """``"sigmoid"`` if the router's forward applies a sigmoid (DeepSeek-V3, Llama 4 style)."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return "softmax"
+    return "sigmoid" if "sigmoid" in source else "softmax"
 
-    Modules inside a matched router are not searched (Ernie's MoE block holds two routers).
+
+def _recorders(module: nn.Module) -> list | None:
+    """The ``router_logits`` recorders a transformers model class declares, or None.
+
+    transformers 5.x models declare ``_can_record_outputs = {"router_logits": OutputRecorder(
+    RouterClass, index=i, layer_name=...)}`` (or a list of them, or a bare class: index 1).
+    """
+    table = getattr(type(module), "_can_record_outputs", None)
+    if not isinstance(table, dict) or "router_logits" not in table:
+        return [] if isinstance(table, dict) else None
+    specs = table["router_logits"]
+    specs = specs if isinstance(specs, (list, tuple)) else [specs]
+    out = []
+    for spec in specs:
+        if hasattr(spec, "index") and hasattr(spec, "target_class"):
+            out.append((spec.target_class, spec.class_name, spec.layer_name, spec.index))
+        else:  # a bare class or class name: transformers records output[1]
+            out.append((None, spec, None, 1) if isinstance(spec, str) else (spec, None, None, 1))
+    return out
+
+
+def _declared(model: nn.Module) -> dict[str, Adapter]:
+    """Modules recorded as ``router_logits`` by the declaration of their (sub)model, by name.
+
+    Scoped as transformers scopes it: each ``PreTrainedModel`` inside the model (a vision tower,
+    a text model) brings its own declaration for its own modules.
+    """
+    found: dict[str, Adapter] = {}
+
+    def walk(module: nn.Module, name: str, specs: list) -> None:
+        own = _recorders(module)
+        if own is not None:
+            specs = own
+        for target, class_name, layer_name, index in specs:
+            if target is not None and isinstance(module, target):
+                pass
+            elif class_name is not None and ("." + name).endswith(class_name):
+                pass
+            else:
+                continue
+            if layer_name is not None and f".{layer_name.strip('.')}." not in f".{name}.":
+                continue
+            cls = type(module)
+            found[name] = Adapter(
+                cls.__name__, (cls,), router=_gating(cls), index=index,
+                note="declared by transformers (_can_record_outputs)",
+            )  # fmt: skip
+            break
+        for child_name, child in module.named_children():
+            walk(child, f"{name}.{child_name}" if name else child_name, specs)
+
+    walk(model, "", [])
+    return found
+
+
+def find_routers(
+    model: nn.Module,
+    adapters: Adapter | Sequence[Adapter] | None = None,
+    *,
+    kinds: str | Sequence[str] = "mlp",
+) -> list[RouterSite]:
+    """The router modules of ``model``, ordered by layer (then by position in the model).
+
+    Routers are found, in order of precedence, by the ``adapters`` given, by the model's own
+    declaration (transformers 5.x ``_can_record_outputs["router_logits"]``: the router class and
+    the index of its logits, so every family of the installed transformers is found without an
+    entry here), and by :data:`ADAPTERS`. Where a declared module contains another declared one
+    (JetMoE records both its attention block and the gating inside it) the inner one is the router.
 
     Args:
         model: any ``nn.Module``, e.g. a transformers model.
-        adapters: an adapter or several, tried before the built-in ones (:data:`ADAPTERS`).
+        adapters: an adapter or several, tried before the declaration and the built-in ones.
+        kinds: ``"mlp"`` (routers of the feed-forward experts, the default: SMAR's target),
+            ``"attention"`` (routers of attention experts: JetMoE's mixture of attention heads)
+            or both, e.g. ``("mlp", "attention")``. A router is ``"attention"`` when its module
+            path goes through a module whose name contains ``attn`` or ``attention``.
 
     Returns:
         A list of :class:`RouterSite`, possibly empty (the caller decides whether that is an error;
@@ -296,31 +290,41 @@ def find_routers(
     """
     if isinstance(adapters, Adapter):
         adapters = [adapters]
-    tried = [_resolve(a) for a in (*(adapters or ()), *ADAPTERS)]
-    sites: list[RouterSite] = []
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    if not set(kinds) <= {"mlp", "attention"} or not kinds:
+        raise ValueError(f"kinds must be 'mlp', 'attention' or both; got {kinds!r}")
+    given = [_resolve(a) for a in adapters or ()]
+    builtin = [_resolve(a) for a in ADAPTERS]
+    declared = _declared(model)
     modules = dict(model.named_modules())
-    inside: list[str] = []
+    matched: dict[str, Adapter] = {}
     for name, module in modules.items():
-        if any(name.startswith(p + ".") for p in inside):
-            continue
-        adapter = next((a for a in tried if a.matches(module)), None)
-        if adapter is None:
-            continue
-        inside.append(name)
+        if type(module).__name__ == "ModalityBiasRouter":
+            continue  # a wrapper from an earlier attach: its router inside is the one
+        adapter = next((a for a in (*given, *builtin) if a.matches(module)), None)
+        adapter = adapter or declared.get(name)
+        if adapter is not None:
+            matched[name] = adapter
+    # Keep the innermost: drop a match that holds another match.
+    names = [n for n in matched if not any(o.startswith(n + ".") for o in matched if n)]
+    sites: list[RouterSite] = []
+    for position, name in enumerate(names):
         parent_name, _, attr = name.rpartition(".")
-        parent = modules[parent_name] if name else None
+        kind = "attention" if _ATTENTION.search(name) else "mlp"
+        if kind not in kinds:
+            continue
         layer = _layer_index(name)
-        sites.append(
-            RouterSite(name, module, parent, attr, -1 if layer is None else layer, adapter)
-        )
-    if any(s.layer < 0 for s in sites):  # no layer index in the names: number in module order
+        site = RouterSite(
+            name, modules[name], modules[parent_name] if name else None, attr,
+            -1 if layer is None else layer, matched[name], kind=kind,
+        )  # fmt: skip
+        site.extra["position"] = position
+        sites.append(site)
+    if any(s.layer < 0 for s in sites) or len({s.layer for s in sites}) != len(sites):
+        # No layer index in the names, or several routers per index (encoder and decoder,
+        # attention and MLP): number the routers in module order.
         for i, s in enumerate(sites):
             s.layer = i
-    if len({s.layer for s in sites}) != len(sites):
-        raise ValueError(
-            "several routers map to the same layer index: "
-            f"{[(s.name, s.layer) for s in sites]}; pass adapter= for this model"
-        )
     return sorted(sites, key=lambda s: s.layer)
 
 
@@ -328,7 +332,9 @@ def no_router_error(model: nn.Module) -> ValueError:
     """The error for a model without any recognised router, naming the fix."""
     known = ", ".join(f"{a.name} ({', '.join(map(str, a.classes))})" for a in ADAPTERS)
     return ValueError(
-        f"no router found in {type(model).__name__}; known adapters: {known}. For another MoE "
+        f"no router found in {type(model).__name__}: no module is declared as recording "
+        f"router_logits (transformers' _can_record_outputs) and no adapter matches (built-in: "
+        f"{known}). For another MoE "
         "architecture pass adapter=smar.adapters.Adapter(name, classes=('YourRouterClass',), "
         "index=<position of the logits in its output>, router='softmax' or 'sigmoid'); for a "
         "dense model, see smar.hf.upcycle_hf"

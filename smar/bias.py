@@ -1,32 +1,86 @@
 """The modality-aware router bias (SPEC section 3): a wrapper around a model's router that adds a
-trainable per-modality bias ``b[m(t)]`` to each token's logits before top-k.
+trainable per-modality bias ``b[m(t)]`` to each token's logits before the router's own top-k.
 
-Shapes legend: T tokens, E experts, M modalities.
+No top-k is written here per family. The wrapper runs the original router unchanged, and while it
+runs, a ``TorchFunctionMode`` adds the bias to the output of the router's linear layer (the one
+call of ``F.linear`` whose weight is the router's ``(E, D)`` logit weight): the family's own
+softmax, sigmoid, correction bias, group-limited or top-k code then runs on the biased logits.
+Routers whose logits do not come out of ``F.linear`` can pass an :class:`smar.adapters.Adapter`
+with a ``reroute`` function instead.
+
+Shapes legend: T tokens, D model width, E experts, M modalities.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from smar.adapters import Adapter
 
-__all__ = ["ModalityBiasRouter"]
+__all__ = ["ModalityBiasRouter", "logit_weight"]
+
+
+def logit_weight(router: nn.Module) -> Tensor:
+    """The ``(E, D)`` weight of the linear layer computing a router's logits.
+
+    The router's own 2-D ``weight`` (most transformers 5.x routers), else the weight of its only
+    ``nn.Linear`` child (JetMoE, DBRX, Switch), else its only 2-D parameter.
+
+    Raises:
+        ValueError: if there is none, or several candidates.
+    """
+    w = getattr(router, "weight", None)
+    if isinstance(w, Tensor) and w.dim() == 2:
+        return w
+    linears = [m.weight for m in router.modules() if isinstance(m, nn.Linear)]
+    candidates = linears or [p for p in router.parameters() if p.dim() == 2]
+    if len(candidates) != 1:
+        raise ValueError(
+            f"cannot tell which linear layer of {type(router).__name__} computes its logits "
+            f"({len(candidates)} candidates): pass adapter=smar.adapters.Adapter(..., reroute=...) "
+            "or use SMARConfig(modality_bias=False)"
+        )
+    return candidates[0]
+
+
+class _AddBiasToLogits(TorchFunctionMode):
+    """Adds the bias to the first ``F.linear`` output of the router's logit shape."""
+
+    def __init__(self, wrapper: ModalityBiasRouter):
+        super().__init__()
+        self.wrapper = wrapper
+        self.done = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not self.done and func is F.linear:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if isinstance(weight, Tensor) and tuple(weight.shape) == self.wrapper.weight_shape:
+                self.done = True
+                out = self.wrapper.add_bias(out)
+        return out
 
 
 class ModalityBiasRouter(nn.Module):
     """A router wrapper adding a trainable per-modality bias ``b[m(t)]`` to each token's logits.
 
-    The original router runs unchanged (so the model's own ``output_router_logits`` still sees
-    it); its logits get the bias and the adapter re-routes from them exactly as the router does
-    (top-k, gates). With ``bias == 0`` the outputs are bit-identical to the original's. Tokens of
-    modality ``-1`` get no bias.
+    The original router runs unchanged, as the submodule ``router`` (so hooks on it, like
+    transformers' ``output_router_logits``, still fire); its logits get the bias before its own
+    routing code uses them. With ``bias == 0`` the outputs are bit-identical to the original's.
+    Tokens of modality ``-1`` get no bias. Attributes the wrapper does not have (``weight``,
+    ``top_k``, ...) are read from the original router, so model code and PEFT that look them up
+    on the router still work.
 
     Args:
         router: the original router module (kept as the submodule ``router``).
-        adapter: how to read its logits and re-route.
+        adapter: how to read its logits (and, optionally, re-route).
         num_modalities: ``M``.
         num_experts: ``E``.
+        state: the shared modality state (:class:`smar.capture.ModalityState`).
 
     Shapes:
         bias ``(M, E)``; the wrapped router's logits ``(T, E)``.
@@ -36,32 +90,69 @@ class ModalityBiasRouter(nn.Module):
         self, router: nn.Module, adapter: Adapter, num_modalities: int, num_experts: int, state
     ):
         super().__init__()
-        if adapter.reroute is None:
+        if not adapter.bias:
             raise ValueError(
-                f"adapter {adapter.name!r} cannot add a modality bias to "
-                f"{type(router).__name__} ({adapter.note}); use modality_bias=False"
+                f"cannot add a modality bias to {type(router).__name__} ({adapter.note}); use "
+                "SMARConfig(modality_bias=False)"
             )
         self.router = router
         self.adapter = adapter
         self._state = state
+        if adapter.reroute is None:
+            w = logit_weight(router)
+            if w.shape[0] != num_experts:
+                raise ValueError(
+                    f"the linear layer of {type(router).__name__} has {w.shape[0]} outputs but the "
+                    f"router has {num_experts} experts: cannot add a modality bias to it; use "
+                    "SMARConfig(modality_bias=False)"
+                )
+            self.weight_shape = tuple(w.shape)
         ref = next(router.parameters(), None)
         self.modality_bias = nn.Parameter(
             torch.zeros(num_modalities, num_experts, device=None if ref is None else ref.device)
         )
 
-    def forward(self, *args, **kwargs):
-        out = self.router(*args, **kwargs)
-        z = self.adapter.logits(out)  # (T, E)
-        ids = self._state.flat(z.shape[0], f"the modality bias of {type(self.router).__name__}")
-        ids = ids.to(z.device)
-        if ids.numel() and int(ids.max()) >= self.modality_bias.shape[0]:
-            raise ValueError(
-                f"modality id {int(ids.max())} >= num_modalities={self.modality_bias.shape[0]}; "
-                "raise SMARConfig.num_modalities"
-            )
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("router", "_modules", "_parameters", "_buffers"):
+                raise
+            return getattr(self._modules["router"], name)
+
+    def add_bias(self, z: Tensor) -> Tensor:
+        """``z + b[m(t)]`` for logits ``z (..., E)`` of the current forward's tokens."""
+        E = z.shape[-1]
+        flat = z.reshape(-1, E)  # (T, E)
+        ids = self._state.flat(flat.shape[0], f"the modality bias of {type(self.router).__name__}")
+        ids = ids.to(flat.device)
+        if not torch.compiler.is_compiling() and ids.numel():
+            top = int(ids.max())  # a host sync outside compiled code only
+            if top >= self.modality_bias.shape[0]:
+                raise ValueError(
+                    f"modality id {top} >= num_modalities={self.modality_bias.shape[0]}; "
+                    "raise SMARConfig.num_modalities, or group modalities (SMARConfig.groups)"
+                )
         valid = (ids >= 0).unsqueeze(-1)  # (T, 1)
         bias = self.modality_bias[ids.clamp(min=0)] * valid  # (T, E)
-        return self.adapter.reroute(self.router, out, z + bias.to(z.dtype))
+        return (flat + bias.to(flat.dtype)).reshape(z.shape)
+
+    def forward(self, *args, **kwargs):
+        if self.adapter.reroute is not None:
+            out = self.router(*args, **kwargs)
+            z = self.adapter.logits(out)  # (T, E)
+            return self.adapter.reroute(self.router, out, self.add_bias(z))
+        mode = _AddBiasToLogits(self)
+        with mode:
+            out = self.router(*args, **kwargs)
+        if not mode.done:
+            raise ValueError(
+                f"{type(self.router).__name__} did not compute its logits with F.linear on its "
+                f"{self.weight_shape} weight: cannot add a modality bias to it; pass "
+                "adapter=smar.adapters.Adapter(..., reroute=...) or use "
+                "SMARConfig(modality_bias=False)"
+            )
+        return out
 
     def extra_repr(self) -> str:
         M, E = self.modality_bias.shape

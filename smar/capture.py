@@ -24,7 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from smar.adapters import Adapter, RouterSite, find_routers, no_router_error
-from smar.modality import LEVELS, modality_ids, special_token_ids
+from smar.modality import (
+    LEVELS,
+    group_modalities,
+    modality_ids,
+    resolve_groups,
+    special_token_ids,
+)
 
 __all__ = ["RouterCapture", "record"]
 
@@ -35,9 +41,15 @@ class ModalityState:
     def __init__(self):
         self.ids: Tensor | None = None  # (B, S) or (T,), derived from the last forward's inputs
         self.explicit: Tensor | None = None  # set by the caller; wins over derived ids
+        self.tokens: int | None = None  # B * S of the last forward's inputs, when known
 
     def current(self) -> Tensor | None:
-        return self.explicit if self.explicit is not None else self.ids
+        """Explicit ids if they cover the current forward's tokens, else the derived ones: the
+        decode steps of ``generate()`` after ``set_modality(prompt ids)`` see their new tokens."""
+        explicit = self.explicit
+        if explicit is not None and (self.tokens is None or explicit.numel() == self.tokens):
+            return explicit
+        return self.ids if self.ids is not None else explicit
 
     def flat(self, num_tokens: int, who: str) -> Tensor:
         ids = self.current()
@@ -75,12 +87,20 @@ class RouterCapture:
         *,
         adapter: Adapter | Sequence[Adapter] | None = None,
         modality: str = "token",
+        groups: dict[int, int] | str | None = None,
+        kinds: str | Sequence[str] = "mlp",
     ):
         if modality not in LEVELS:
             raise ValueError(f"modality must be one of {LEVELS}; got {modality!r}")
-        sites = find_routers(model, adapter)
+        self.groups = resolve_groups(groups)
+        sites = find_routers(model, adapter, kinds=kinds)
         if not sites:
-            raise no_router_error(model)
+            if kinds != "mlp" or not find_routers(model, adapter, kinds="attention"):
+                raise no_router_error(model)
+            raise ValueError(
+                f"{type(model).__name__} has attention routers only (kinds='attention'): "
+                "pass SMARConfig(routers='attention') or record(model, kinds='attention')"
+            )
         routers = {s.adapter.router for s in sites}
         if len(routers) > 1:
             raise ValueError(f"mixed softmax and sigmoid routers in one model: {routers}")
@@ -117,6 +137,19 @@ class RouterCapture:
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             mask = None  # 4-D masks carry no padding in a form we can read
+        embeds = kwargs.get("inputs_embeds")
+        shaped = input_ids if input_ids is not None else embeds
+        self._state.tokens = (
+            int(shaped.shape[0] * shaped.shape[1])
+            if isinstance(shaped, Tensor) and shaped.dim() >= 2
+            else None
+        )
+        width = None if shaped is None or shaped.dim() < 2 else shaped.shape[1]
+        if mask is not None and width is not None and mask.shape[1] > width:
+            # With a KV cache the mask covers the cached tokens too: the last S are this call's.
+            mask = mask[:, -width:]
+        if mm is not None and width is not None and mm.dim() == 2 and mm.shape[1] > width:
+            mm = mm[:, -width:]
         if mm is None and input_ids is None:
             self._state.ids = None  # inputs_embeds only: set_modality() must say
             return None
@@ -133,7 +166,7 @@ class RouterCapture:
                 attention_mask=mask,
                 level=self.level,
             )
-        self._state.ids = ids  # (B, S)
+        self._state.ids = group_modalities(ids, self.groups)  # (B, S)
         return None
 
     def set_modality(self, ids: Tensor | None) -> None:
@@ -199,12 +232,22 @@ def record(
     *,
     adapter: Adapter | Sequence[Adapter] | None = None,
     modality: str = "token",
+    groups: dict[int, int] | str | None = None,
+    kinds: str | Sequence[str] = "mlp",
 ) -> RouterCapture:
     """Captures router logits and modality ids of each forward, without changing the model.
+
+    Args:
+        model: a model whose routers :func:`smar.adapters.find_routers` finds.
+        adapter: adapters for routers the model does not declare.
+        modality: ``"token"`` or ``"sample"`` (see :func:`smar.modality.modality_ids`).
+        groups: modality ids counted as one, e.g. ``"visual"`` (video counts as image) or
+            ``{2: 1, 3: 1}`` (see :func:`smar.modality.group_modalities`).
+        kinds: ``"mlp"``, ``"attention"`` or both (see :func:`smar.adapters.find_routers`).
 
     Example:
         >>> with smar.record(model) as rec:          # doctest: +SKIP
         ...     model(**batch)
         ...     stats.update(rec.logits(), rec.modality_ids, top_k=rec.top_k)
     """
-    return RouterCapture(model, adapter=adapter, modality=modality)
+    return RouterCapture(model, adapter=adapter, modality=modality, groups=groups, kinds=kinds)

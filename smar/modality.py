@@ -10,7 +10,8 @@ in order of preference, from:
 3. ``input_ids == image_token_id`` (and ``video_token_id``, ``audio_token_id``) of the model config:
    processors expand each image into that many placeholder tokens before the model sees them.
 
-Padding (``attention_mask == 0``) always becomes ``-1``.
+Padding (``attention_mask == 0``) always becomes ``-1``. Modalities can be counted as one with
+:func:`group_modalities` (``"visual"``: image and video tokens together).
 
 Shapes legend: B batch, S sequence, T = B * S tokens.
 
@@ -33,6 +34,9 @@ __all__ = [
     "LEVELS",
     "special_token_ids",
     "modality_ids",
+    "GROUPS",
+    "resolve_groups",
+    "group_modalities",
 ]
 
 TEXT, IMAGE, VIDEO, AUDIO, IGNORE = 0, 1, 2, 3, -1
@@ -131,3 +135,49 @@ def modality_ids(
             )
         ids = ids.masked_fill(attention_mask == 0, IGNORE)
     return ids
+
+
+# Named groupings: each maps modality ids onto the id they are counted as.
+GROUPS: dict[str, dict[int, int]] = {
+    "visual": {VIDEO: IMAGE},  # image and video tokens are one "visual" modality (id 1)
+    "nontext": {VIDEO: IMAGE, AUDIO: IMAGE},  # everything that is not text is modality 1
+}
+
+
+def resolve_groups(groups: dict[int, int] | str | None) -> dict[int, int]:
+    """A grouping as a ``{from_id: to_id}`` dict: a name of :data:`GROUPS`, a dict, or None.
+
+    Raises:
+        ValueError: for an unknown name, or ids that are not integers >= 0.
+    """
+    if groups is None:
+        return {}
+    if isinstance(groups, str):
+        if groups not in GROUPS:
+            raise ValueError(f"unknown modality grouping {groups!r}; known: {sorted(GROUPS)}")
+        return dict(GROUPS[groups])
+    out = {}
+    for a, b in dict(groups).items():
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (a, b)):
+            raise ValueError(f"modality groups map ids >= 0 onto ids >= 0; got {a!r}: {b!r}")
+        out[a] = b
+    return out
+
+
+def group_modalities(ids: Tensor, groups: dict[int, int] | str | None) -> Tensor:
+    """Modality ids with grouped modalities counted as one, e.g. ``"visual"``: video -> image.
+
+    Args:
+        ids: modality ids, any shape (``-1`` stays ``-1``).
+        groups: ``{from_id: to_id}``, or a name of :data:`GROUPS`.
+
+    Returns:
+        A tensor of the same shape; ``ids`` itself when there is nothing to group.
+    """
+    table = resolve_groups(groups)
+    if not table:
+        return ids
+    out = ids.clone()
+    for a, b in table.items():
+        out = out.masked_fill(ids == a, b)
+    return out

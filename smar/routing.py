@@ -17,9 +17,11 @@ This module does not import transformers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,7 +31,7 @@ from smar.adapters import Adapter
 from smar.bias import ModalityBiasRouter
 from smar.capture import RouterCapture, record
 from smar.losses import routing_objective, z_loss
-from smar.modality import LEVELS
+from smar.modality import LEVELS, resolve_groups
 
 __all__ = [
     "SMARConfig",
@@ -62,6 +64,11 @@ class SMARConfig:
         num_modalities: ``M``, rows of the modality bias (0 text, 1 image, 2 video, 3 audio).
         text: the anchor modality id of the MRD.
         image: the other modality id of the MRD.
+        groups: modality ids counted as one before anything else: ``"visual"`` (video tokens
+            count as image tokens), ``"nontext"`` (video and audio count as image), or a dict
+            ``{from_id: to_id}``; None keeps every id.
+        routers: which routers SMAR acts on: ``"mlp"`` (the feed-forward experts' routers, the
+            default), ``"attention"`` (JetMoE's mixture-of-attention routers) or ``"all"``.
     """
 
     smar_weight: float = 1.0
@@ -75,6 +82,8 @@ class SMARConfig:
     num_modalities: int = 2
     text: int = 0
     image: int = 1
+    groups: dict[int, int] | str | None = None
+    routers: str = "mlp"
 
     def __post_init__(self):
         for name in ("smar_weight", "lb_weight", "z_weight"):
@@ -94,11 +103,20 @@ class SMARConfig:
                 f"text={self.text} and image={self.image} must be < num_modalities="
                 f"{self.num_modalities}"
             )
+        if self.routers not in ("mlp", "attention", "all"):
+            raise ValueError(f"routers must be 'mlp', 'attention' or 'all'; got {self.routers!r}")
+        if isinstance(self.groups, dict):  # JSON keys are strings
+            self.groups = {int(k): int(v) for k, v in self.groups.items()}
+        resolve_groups(self.groups)
         if isinstance(self.band, list) and self.band and isinstance(self.band[0], (int, float)):
             self.band = tuple(self.band)  # a pair read from JSON or YAML
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return ("mlp", "attention") if self.routers == "all" else (self.routers,)
 
 
 def balancing_loss_in_model(model: nn.Module) -> str | None:
@@ -143,7 +161,20 @@ class Regularizer(RouterCapture):
     ):
         self.config = config = SMARConfig() if config is None else config
         self.wrappers: list[ModalityBiasRouter] = []
-        super().__init__(model, adapter=adapter, modality=config.modality)
+        previous = getattr(model, "_smar_regularizer", None)
+        if (previous is not None and previous() is not None) or any(
+            isinstance(m, ModalityBiasRouter) for m in model.modules()
+        ):
+            raise ValueError(
+                f"SMAR is already attached to this {type(model).__name__}: call detach() on the "
+                "regularizer attach() returned before attaching again (SMARTrainer attaches "
+                "itself: pass it the bare model)"
+            )
+        super().__init__(
+            model, adapter=adapter, modality=config.modality, groups=config.groups,
+            kinds=config.kinds,
+        )  # fmt: skip
+        model._smar_regularizer = weakref.ref(self)
         self._terms: dict[str, float] | None = None
         warning = balancing_loss_in_model(model)
         if warning and config.lb_weight > 0:
@@ -234,6 +265,50 @@ class Regularizer(RouterCapture):
                 self.loss()
         return dict(self._terms)
 
+    def bias_state_dict(self) -> dict[str, Tensor]:
+        """The modality bias of each router, keyed ``<router module name>.modality_bias``
+        (the router's name in the model without smar, e.g. ``model.layers.0.mlp.gate``)."""
+        return {
+            f"{s.name}.modality_bias": s.extra["wrapper"].modality_bias
+            for s in self.sites
+            if "wrapper" in s.extra
+        }
+
+    @torch.no_grad()
+    def load_bias_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Copies biases saved by :meth:`bias_state_dict` into this regularizer's wrappers.
+
+        Raises:
+            ValueError: if the keys or shapes do not match this model's routers.
+        """
+        mine = self.bias_state_dict()
+        if set(mine) != set(state):
+            raise ValueError(
+                "the saved modality bias does not fit this model: missing "
+                f"{sorted(set(mine) - set(state))}, unexpected {sorted(set(state) - set(mine))}"
+            )
+        for key, param in mine.items():
+            if param.shape != state[key].shape:
+                raise ValueError(
+                    f"{key}: saved bias {tuple(state[key].shape)} but the router's is "
+                    f"{tuple(param.shape)} (num_modalities, experts)"
+                )
+            param.copy_(state[key].to(param.device, param.dtype))
+
+    @contextlib.contextmanager
+    def original_routers(self) -> Iterator[None]:
+        """Puts the original routers back in the model for the duration (the biases wait in the
+        regularizer): ``model.state_dict()`` and ``save_pretrained`` then have the original
+        keys, and a checkpoint with them loads into the model."""
+        swapped = [s for s in self.sites if "wrapper" in s.extra]
+        for s in swapped:
+            setattr(s.parent, s.attr, s.module)
+        try:
+            yield
+        finally:
+            for s in swapped:
+                setattr(s.parent, s.attr, s.extra["wrapper"])
+
     def detach(self) -> None:
         """Removes hooks and bias wrappers: the model gets its original routers back."""
         super().detach()
@@ -242,6 +317,8 @@ class Regularizer(RouterCapture):
             if wrapper is not None:
                 setattr(site.parent, site.attr, wrapper.router)
         self.wrappers = []
+        if getattr(self.model, "_smar_regularizer", None) is not None:
+            self.model._smar_regularizer = None
 
 
 def attach(

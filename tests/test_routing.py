@@ -163,8 +163,20 @@ def test_user_adapter():
     assert [z.shape for z in reg.logits()] == [(20, 4), (20, 4)]
     reg.loss().backward()
     assert model.layers[0].mlp.gate.weight.grad is not None
-    with pytest.raises(ValueError, match="cannot add a modality bias"):
-        smar.attach(Toy(mlp=MyMoE), adapter=adapter)
+    reg.detach()
+    # The bias needs no re-routing code: it goes into the output of the router's linear layer.
+    reg = smar.attach(model, adapter=adapter)
+    with torch.no_grad():
+        for b in reg.bias_parameters():
+            b[1, 2] = 100.0
+        model(input_ids=ids, attention_mask=mask)
+    image = (ids == IMG).reshape(-1)
+    for z in reg.logits():
+        assert (z[image].argmax(-1) == 2).all()
+    reg.detach()
+    refuse = Adapter("mine", classes=(MyRouter,), index=1, bias=False, note="because")
+    with pytest.raises(ValueError, match=r"cannot add a modality bias to MyRouter \(because\)"):
+        smar.attach(Toy(mlp=MyMoE), adapter=refuse)
 
 
 def test_model_balancing_loss_is_detected():

@@ -1,0 +1,193 @@
+"""Every MoE family of the installed transformers, enumerated from the library, as a tiny model.
+
+A family is a model folder of ``transformers.models`` whose modeling code declares a
+``router_logits`` recorder (``_can_record_outputs``). Its tiny model is its default config with
+every size shrunk (width 32, 2 layers, 4 experts, top-2, ...); some defaults do not build that way,
+and :func:`build` then raises with the reason (listed by tests/test_families.py and the README).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pathlib
+
+import torch
+import transformers
+
+MODELS = pathlib.Path(transformers.__file__).parent / "models"
+
+# Sizes set wherever a config has the attribute (sub-configs included).
+SIZES = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    ffn_hidden_size=64,
+    intermediate_size_mlp=64,
+    expert_intermediate_size=32,
+    mlp_hidden_size=64,
+    num_hidden_layers=2,
+    num_layers=2,
+    decoder_layers=2,
+    encoder_layers=2,
+    num_decoder_layers=2,
+    depth=1,
+    num_attention_heads=2,
+    num_heads=2,
+    encoder_attention_heads=2,
+    decoder_attention_heads=2,
+    num_key_value_heads=1,
+    num_kv_heads=1,
+    head_dim=16,
+    d_model=32,
+    d_ff=64,
+    d_kv=16,
+    vocab_size=128,
+    max_position_embeddings=128,
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    moe_num_experts=4,
+    num_routed_experts=4,
+    ffn_num_experts=4,
+    num_experts_per_tok=2,
+    moe_topk=2,
+    moe_k=2,
+    top_k=2,
+    num_selected_experts=2,
+    n_group=1,
+    topk_group=1,
+    num_expert_group=1,
+    first_k_dense_replace=0,
+    n_shared_experts=1,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+    qk_head_dim=16,
+    index_head_dim=16,
+    index_n_heads=2,
+    index_topk=8,
+    out_hidden_size=32,
+    projection_dim=32,
+    vision_output_dim=32,
+    projector_input_dim=32,
+    projector_output_dim=32,
+    moe_layer_freq=1,
+    decoder_sparse_step=1,
+    expert_interval=1,
+    sliding_window=64,
+    attention_chunk_size=64,
+    linear_num_key_heads=1,
+    linear_num_value_heads=2,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    mamba_n_heads=2,
+    mamba_d_head=16,
+    mamba_d_state=8,
+    ssm_state_size=8,
+    mamba_num_heads=2,
+    mamba_head_dim=16,
+    n_groups=1,
+)
+
+
+MAX_PARAMS = 3_000_000
+
+
+def families() -> list[str]:
+    """Model folders whose modeling code records ``router_logits``: the MoE families."""
+    return sorted(
+        p.parent.name
+        for p in MODELS.glob("*/modeling_*.py")
+        if '"router_logits"' in p.read_text() and "_can_record_outputs" in p.read_text()
+    )
+
+
+def model_class(family: str) -> type:
+    """The family's top model class: ``...ForConditionalGeneration``, else ``...ForCausalLM``,
+    else its base model."""
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    classes = [
+        c for _, c in inspect.getmembers(module, inspect.isclass)
+        if issubclass(c, transformers.PreTrainedModel) and c.__module__ == module.__name__
+    ]  # fmt: skip
+    for suffix in ("ForConditionalGeneration", "ForCausalLM", "Model"):
+        hits = sorted(
+            (c for c in classes if c.__name__.endswith(suffix) and "Pretrained" not in c.__name__
+             and "PreTrained" not in c.__name__), key=lambda c: len(c.__name__),
+        )  # fmt: skip
+        if hits:
+            return hits[0]
+    raise ValueError(f"{family}: no model class with a router_logits recorder")
+
+
+NONE_OK = ("sliding_window", "n_group", "topk_group", "num_experts_per_tok", "n_routed_experts",
+           "num_experts", "moe_intermediate_size")  # fmt: skip
+
+
+def _two(per_layer: list) -> list:
+    """Two layers of a per-layer list, of two different kinds where it has several (a linear
+    and a full attention layer, a dense and a sparse MLP), else the last two."""
+    kinds = list(dict.fromkeys(map(str, per_layer)))
+    if len(kinds) == 1:
+        return per_layer[-2:]
+    return [next(v for v in per_layer if str(v) == k) for k in kinds[:2]]
+
+
+def _shrink(cfg, depth=0) -> None:
+    n_layers = getattr(cfg, "num_hidden_layers", None)
+    for key, value in SIZES.items():
+        if key in cfg.__dict__ and not isinstance(getattr(cfg, key), (list, dict)):
+            old = getattr(cfg, key)
+            if old is None and key not in NONE_OK:
+                continue
+            setattr(cfg, key, value)
+    for key, value in list(cfg.__dict__.items()):
+        if isinstance(value, transformers.PretrainedConfig) and depth < 3:
+            _shrink(value, depth + 1)
+        elif isinstance(value, list) and n_layers and len(value) == n_layers and n_layers > 2:
+            setattr(cfg, key, _two(value))
+    if getattr(cfg, "layer_types", None) and len(cfg.layer_types) != cfg.num_hidden_layers:
+        cfg.layer_types = _two(cfg.layer_types)
+    for key in ("is_moe", "enable_moe_block"):  # MoE off by default in Doge and Gemma 4
+        if cfg.__dict__.get(key) is False:
+            setattr(cfg, key, True)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = cfg.__dict__.get(key)
+        if isinstance(value, int) and value >= 100:
+            setattr(cfg, key, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[key])
+    if "qk_rope_head_dim" in cfg.__dict__ and "head_dim" in cfg.__dict__:
+        cfg.head_dim = cfg.qk_rope_head_dim  # DeepSeek-style attention ropes only that part
+    rope = cfg.__dict__.get("rope_parameters")
+    if isinstance(rope, dict) and rope.get("mrope_section") and "head_dim" in cfg.__dict__:
+        half = int(cfg.head_dim * rope.get("partial_rotary_factor", 1.0)) // 2
+        n = len(rope["mrope_section"])
+        rope["mrope_section"] = [half - (n - 1) * (half // n)] + [half // n] * (n - 1)
+
+
+def build(family: str) -> torch.nn.Module:
+    """The family's top model class on its shrunk default config, in eval mode, seed 0."""
+    cls = model_class(family)
+    cfg = cls.config_class()
+    _shrink(cfg)
+    with torch.device("meta"):  # a size some default does not shrink would fill the memory
+        n = sum(p.numel() for p in cls(cfg).parameters())
+    if n > MAX_PARAMS:
+        raise ValueError(f"{family}: the shrunk default config still has {n:,} parameters")
+    torch.manual_seed(0)
+    return cls(cfg).eval()
+
+
+def inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> dict:
+    """Text-only inputs (every family takes them): ``input_ids``, an attention mask, and decoder
+    inputs for encoder-decoder models."""
+    g = torch.Generator().manual_seed(0)
+    vocab = min(getattr(model.config.get_text_config(), "vocab_size", 128) or 128, 128)
+    ids = torch.randint(3, min(vocab, 100), (batch, seq), generator=g)
+    out = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    if getattr(model.config, "is_encoder_decoder", False):
+        out["decoder_input_ids"] = ids
+    return out
