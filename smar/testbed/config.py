@@ -111,6 +111,7 @@ class RunConfig:
         ]
     )
     controls: bool = True
+    control_seeds: int = 99  # the text-ratio controls run on this many of the seeds
     seeds: list[int] = field(default_factory=lambda: [0])
     text_ratios: list[float] = field(default_factory=list)
     bands: list[tuple[float, float]] = field(default_factory=list)
