@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     insp = sub.add_parser("inspect", help="list the MoE routers smar finds in a saved HF model")
     insp.add_argument("model_dir", help="a directory written by save_pretrained")
+    insp.add_argument(
+        "--adapter",
+        action="append",
+        help="package.module:NAME of a smar.adapters.Adapter for routers the model does not "
+        "declare (repeatable)",
+    )
     insp.set_defaults(func=_inspect)
 
     sweep = sub.add_parser("sweep", help="arms x seeds x text ratios x bands x learning rates")
@@ -47,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from smar.hf import inspect_model_dir
+    from smar.hf.inspect import inspect_model_dir, load_adapter
 
-    print(inspect_model_dir(args.model_dir))
+    adapters = [a for spec in args.adapter or () for a in load_adapter(spec)]
+    print(inspect_model_dir(args.model_dir, adapters or None))
     return 0
 
 

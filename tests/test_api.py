@@ -54,6 +54,6 @@ def test_cli_options_are_pinned():
     }
     assert options == {
         "demo": ["--help", "--out", "--quiet", "--smoke", "-h", "overrides"],
-        "inspect": ["--help", "-h", "model_dir"],
+        "inspect": ["--adapter", "--help", "-h", "model_dir"],
         "sweep": ["--help", "-h", "overrides"],
     }

@@ -1,0 +1,118 @@
+"""Inspection of a saved model: the routers smar finds (``smar inspect DIR``), built on the meta
+device from the config alone.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from torch import nn
+
+from smar.adapters import Adapter, find_routers
+from smar.hf.upcycle import from_pretrained_upcycled, model_class, upcycle_hf
+from smar.modality import special_token_ids
+from smar.routing import balancing_loss_in_model
+
+__all__ = ["load_model_dir", "inspect_model_dir"]
+
+
+def load_model_dir(path: str, *, weights: bool = True) -> nn.Module:
+    """A model from a ``save_pretrained`` directory: upcycled, or the class of its config.
+
+    Args:
+        path: the directory.
+        weights: load the weights; ``False`` builds the architecture on the meta device (enough
+            to list routers, whatever the model's size).
+    """
+    config = transformers.AutoConfig.from_pretrained(path)
+    if getattr(config, "smar_upcycle", None):
+        if weights:
+            return from_pretrained_upcycled(path)
+        with torch.device("meta"):
+            model = model_class(config)._from_config(config)
+        # Outside the meta context: upcycling checks the activation on real numbers; the new
+        # blocks follow the dense weights onto the meta device.
+        spec = config.smar_upcycle
+        return upcycle_hf(model, **{k: spec[k] for k in ("num_experts", "top_k", "layers")})
+    cls = model_class(config)
+    if weights:
+        return cls.from_pretrained(path)
+    with torch.device("meta"):
+        return cls._from_config(config)
+
+
+def load_adapter(spec: str) -> Adapter:
+    """An :class:`smar.adapters.Adapter` named ``"package.module:NAME"`` (``smar inspect
+    --adapter``); ``NAME`` may be an adapter or a list of them."""
+    import importlib
+
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--adapter must be 'package.module:NAME'; got {spec!r}")
+    value = getattr(importlib.import_module(module_name), attr)
+    adapters = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not all(isinstance(a, Adapter) for a in adapters):
+        raise ValueError(f"{spec} is not a smar.adapters.Adapter (or a list of them)")
+    return adapters
+
+
+def inspect_model_dir(path: str, adapter: Adapter | list[Adapter] | None = None) -> str:
+    """A printable table of the MoE routers smar finds in a saved model (``smar inspect DIR``).
+
+    Only the config is needed: the model is built on the meta device, without its weights.
+
+    Args:
+        path: a ``save_pretrained`` directory.
+        adapter: adapters for routers the model does not declare (as given to ``attach``).
+    """
+    model = load_model_dir(path, weights=False)
+    sites = find_routers(model, adapter, kinds=("mlp", "attention"))
+    lines = [f"{type(model).__name__} from {path}"]
+    if not sites:
+        lines.append(
+            "no router found: this model has no MoE layer smar knows (pass adapter= to "
+            "smar.attach, or upcycle a dense model with smar.hf.upcycle_hf)"
+        )
+        return "\n".join(lines)
+    tokens = special_token_ids(model.config)
+    names = {1: "image", 2: "video", 3: "audio"}
+    lines.append(
+        f"{len(sites)} routers; modality tokens: "
+        + (", ".join(f"{names[m]}={ids}" for m, ids in tokens.items()) or "none (text only)")
+    )
+    double = balancing_loss_in_model(model)
+    if double:
+        lines.append(f"note: {double}")
+    header = ("layer", "module", "kind", "class", "adapter", "gating", "experts", "top-k", "bias")
+    rows = [
+        (
+            str(s.layer),
+            s.name,
+            s.kind,
+            type(s.module).__name__,
+            s.adapter.name,
+            s.adapter.router,
+            str(s.num_experts),
+            str(s.top_k),
+            _can_bias(s),
+        )
+        for s in sites
+    ]
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    for r in (header, *rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def _can_bias(site) -> str:
+    if not site.adapter.bias:
+        return "no: " + site.adapter.note.split(":")[0]
+    if site.adapter.reroute is not None:
+        return "yes (reroute)"
+    from smar.bias import logit_weight
+
+    try:
+        logit_weight(site.module)
+    except ValueError:
+        return "no: logits not from one linear layer"
+    return "yes"

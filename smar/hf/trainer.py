@@ -1,0 +1,160 @@
+"""SMARTrainer: a ``transformers.Trainer`` (or any subclass, e.g. TRL's ``SFTTrainer``) whose loss
+adds SMAR's routing loss, whose checkpoints hold the model's original router keys plus the trained
+modality bias (``smar_bias.safetensors``), and whose resume restores both.
+
+Shapes legend: B batch, S sequence, T = B * S tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+
+import torch
+import transformers
+
+from smar.adapters import Adapter
+from smar.hf.saving import load_bias_into, original_state_dict, save_bias
+from smar.routing import Regularizer, SMARConfig, attach, balancing_loss_in_model
+
+__all__ = ["SMARTrainerMixin", "SMARTrainer"]
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Trainer
+
+
+class SMARTrainerMixin:
+    """Adds SMAR's routing loss to a ``transformers.Trainer`` subclass's loss and logs its terms.
+
+    Keyword args (besides the Trainer's):
+        smar_config: :class:`smar.SMARConfig` (defaults if None).
+        smar_adapter: adapters for router classes smar does not know.
+
+    The regularizer is attached before the Trainer is built, so the modality bias parameters are
+    part of the model and of the optimizer. Logged at each logging step (means since the last
+    log): ``smar/total``, ``smar/band``, ``smar/lb``, ``smar/z``, ``smar/mrd`` and
+    ``smar/layerNN/mrd``. Evaluation reports ``eval_lm_loss`` (the model's own loss) beside
+    ``eval_loss`` (which includes the routing loss). If the model adds its own load-balancing
+    loss (``output_router_logits=True`` with ``router_aux_loss_coef > 0``) while
+    ``lb_weight > 0``, a warning says how to keep only one; it is checked after the Trainer is
+    built (TRL's ``SFTTrainer`` turns the model's on in its ``__init__``).
+
+    Saving: checkpoints and ``save_model()`` hold the model's original router keys (a plain
+    ``from_pretrained`` loads them) and the bias in ``smar_bias.safetensors``
+    (:mod:`smar.hf.saving`); ``resume_from_checkpoint`` restores the bias and its optimizer
+    state. With PEFT (a ``PeftModel``, or TRL's ``peft_config``) the bias trains as well, and
+    is saved beside the adapter.
+    """
+
+    def __init__(
+        self,
+        *args,
+        smar_config: SMARConfig | None = None,
+        smar_adapter: Adapter | Sequence[Adapter] | None = None,
+        **kwargs,
+    ):
+        model = kwargs.get("model", args[0] if args else None)
+        if model is None:
+            raise ValueError("SMARTrainer needs the model at construction (model=...)")
+        config = SMARConfig() if smar_config is None else smar_config
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # warned below, once, with the trainer's words
+            self.smar: Regularizer = attach(model, config, adapter=smar_adapter)
+        self._smar_sums: dict[str, float] = {}
+        self._smar_count = 0
+        self._smar_eval: list[float] = []
+        super().__init__(*args, **kwargs)
+        # Checked once the Trainer is built: TRL's SFTTrainer sets output_router_logits inside.
+        double = balancing_loss_in_model(self.model)
+        if double and config.lb_weight > 0:
+            warnings.warn(f"SMARTrainer: load balancing would count twice: {double}", stacklevel=2)
+        # PEFT freezes every parameter but its adapters (TRL wraps the model after the attach).
+        for bias in self.smar.bias_parameters():
+            bias.requires_grad_(True)
+
+    # -- saving and loading: original router keys + smar_bias.safetensors
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if state_dict is not None:
+            state_dict = original_state_dict(self.smar, state_dict)
+        with self.smar.original_routers():
+            super()._save(output_dir, state_dict=state_dict)
+        if self.args.should_save:
+            save_bias(self.smar, output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        with self.smar.original_routers():
+            super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        if self.smar.bias_parameters():
+            load_bias_into(self.smar, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        with self.smar.original_routers():
+            super()._load_best_model()
+        if self.smar.bias_parameters() and self.state.best_model_checkpoint:
+            load_bias_into(self.smar, self.state.best_model_checkpoint)
+
+    # -- evaluation: the LM loss beside eval_loss
+
+    def evaluation_loop(self, *args, **kwargs):
+        self._smar_eval = []
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        if self._smar_eval:
+            output.metrics[f"{prefix}_lm_loss"] = sum(self._smar_eval) / len(self._smar_eval)
+        return output
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Only ask for the outputs if the caller does: TRL recomputes them with an extra forward.
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        loss = result[0] if return_outputs else result
+        reg = self.smar.loss()
+        # The Trainer divides the loss by the accumulation steps unless the model already
+        # normalised it by the number of items in the whole accumulated batch; then so do we.
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (
+                getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
+            ) or getattr(self, "compute_loss_func", None) is not None
+        if scaled and model.training:
+            reg = reg / getattr(self, "current_gradient_accumulation_steps", 1)
+        if model.training and torch.is_grad_enabled() and not reg.requires_grad:
+            warnings.warn(
+                "SMAR's routing loss is not connected to the graph (reentrant gradient "
+                "checkpointing?): use gradient_checkpointing_kwargs={'use_reentrant': False}",
+                stacklevel=2,
+            )
+        if not model.training:
+            self._smar_eval.append(float(loss.detach()))
+        loss = loss + reg
+        if model.training:
+            for name, value in self.smar.terms().items():
+                if value == value:  # NaN MRD: a modality absent from this batch
+                    self._smar_sums[name] = self._smar_sums.get(name, 0.0) + value
+                    self._smar_sums[f"{name}#n"] = self._smar_sums.get(f"{name}#n", 0.0) + 1
+            self._smar_count += 1
+        return (loss, *result[1:]) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._smar_count and "loss" in logs:
+            for name, total in self._smar_sums.items():
+                if not name.endswith("#n"):
+                    logs[name] = total / self._smar_sums[f"{name}#n"]
+            self._smar_sums, self._smar_count = {}, 0
+        super().log(logs, *args, **kwargs)
+
+
+class SMARTrainer(SMARTrainerMixin, transformers.Trainer):
+    """``transformers.Trainer`` with SMAR's routing loss; see :class:`SMARTrainerMixin`.
+
+    Example:
+        >>> trainer = SMARTrainer(model=model, args=TrainingArguments("out"),   # doctest: +SKIP
+        ...                       train_dataset=ds, smar_config=smar.SMARConfig())
+    """

@@ -1,0 +1,161 @@
+"""Upcycling of Hugging Face dense decoders into MoE (the MoE-LLaVA recipe) and loading what
+``save_pretrained`` wrote after it; works on partitioned (DeepSpeed ZeRO-3) parameters too.
+
+Shapes legend: D model width, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+
+import torch
+import transformers
+from torch import nn
+
+from smar.moe import MoEBlock, upcycle
+
+__all__ = ["upcycle_hf", "from_pretrained_upcycled", "upcycled_class", "model_class"]
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# upcycling
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not all(hasattr(la, "mlp") for la in layers):
+        raise ValueError(
+            f"cannot find the decoder layers of {type(model).__name__}: expected "
+            "model.get_decoder().layers[i].mlp (Llama, Qwen2, Qwen3, Mistral, Phi-3 families)"
+        )
+    return layers
+
+
+def _gathered(module: nn.Module):
+    """Under DeepSpeed ZeRO-3 (``zero.Init``), the full weights of ``module`` for the duration:
+    its parameters are partitioned (``ds_id``) and read as empty tensors otherwise. The expert
+    copies are made inside; new modules built under ``zero.Init`` are partitioned by it."""
+    params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+def _layer_indices(layers: str | Sequence[int], n: int) -> list[int]:
+    if layers == "all":
+        return list(range(n))
+    if layers == "alternate":
+        return list(range(0, n, 2))  # MoE-LLaVA's sparse layers: every other one from the first
+    idx = sorted({int(i) for i in layers})
+    if not idx or idx[0] < 0 or idx[-1] >= n:
+        raise ValueError(f"layers must be 'all', 'alternate' or indices in [0, {n}); got {layers}")
+    return idx
+
+
+@torch.no_grad()
+def upcycle_hf(
+    model: nn.Module,
+    *,
+    num_experts: int = 4,
+    top_k: int = 2,
+    layers: str | Sequence[int] = "all",
+    noise: float = 0.0,
+    seed: int = 0,
+) -> nn.Module:
+    """Turns the MLPs of a dense HF decoder into MoE blocks whose experts copy the MLP (MoE-LLaVA).
+
+    Each chosen ``layers[i].mlp`` becomes a :class:`smar.moe.MoEBlock` (router ``smar.moe.Router``,
+    softmax top-k, gates renormalised over the k): with ``noise=0`` it computes the same function
+    as the MLP until training moves the experts apart. Works in place on a causal LM or on a
+    LLaVA-style model around one (``model.get_decoder()``). The choice is stored in
+    ``model.config.smar_upcycle`` so that :func:`from_pretrained_upcycled` rebuilds the model
+    from what ``save_pretrained`` writes.
+
+    Args:
+        model: a transformers model with ``get_decoder().layers[i].mlp`` SwiGLU MLPs.
+        num_experts: ``E``.
+        top_k: ``K``.
+        layers: ``"all"``, ``"alternate"`` (layers 0, 2, 4, ...) or a list of layer indices.
+        noise: relative noise added to each expert copy (see :func:`smar.moe.upcycle`).
+        seed: seed of the new routers and of the noise.
+
+    Returns:
+        The same model, upcycled.
+    """
+    decoder_layers = _decoder_layers(model)
+    idx = _layer_indices(layers, len(decoder_layers))
+    generator = torch.Generator().manual_seed(seed)
+    for i in idx:
+        mlp = decoder_layers[i].mlp
+        if isinstance(mlp, MoEBlock):
+            raise ValueError(f"layer {i} is already a MoE block: upcycle a dense model once")
+        with _gathered(mlp):
+            decoder_layers[i].mlp = upcycle(
+                mlp, num_experts=num_experts, top_k=top_k, noise=noise, generator=generator
+            )
+    model.config.smar_upcycle = {
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "layers": idx,
+        "noise": noise,
+        "seed": seed,
+    }
+    log.info(
+        "upcycled layers %s of %s into %d experts, top-%d",
+        idx,
+        type(model).__name__,
+        num_experts,
+        top_k,
+    )
+    return model
+
+
+def model_class(config) -> type:
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM
+
+
+def upcycled_class(cls: type, spec: dict) -> type:
+    """A subclass of ``cls`` that upcycles itself in ``__init__`` as ``spec`` says.
+
+    transformers' own loading (key renaming, tied weights, sharding, dtype, device map) then
+    fills the MoE blocks like any other module. The class keeps ``cls``'s name, so that what it
+    saves names the original architecture.
+    """
+    options = {k: spec[k] for k in ("num_experts", "top_k", "layers")}
+
+    def __init__(self, config, *args, **kwargs):
+        cls.__init__(self, config, *args, **kwargs)
+        upcycle_hf(self, **options)
+        self.config.smar_upcycle = dict(spec)
+
+    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+
+
+def from_pretrained_upcycled(path: str, cls: type | None = None, **kwargs) -> nn.Module:
+    """Loads a model saved after :func:`upcycle_hf` (``save_pretrained``), bit-exactly.
+
+    Builds the architecture recorded in ``config.smar_upcycle`` and lets transformers load the
+    saved weights into it.
+
+    Args:
+        path: the directory ``save_pretrained`` wrote.
+        cls: the model class; by default the first of ``config.architectures``.
+        kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
+    """
+    config = transformers.AutoConfig.from_pretrained(path)
+    spec = getattr(config, "smar_upcycle", None)
+    if not spec:
+        raise ValueError(f"{path} has no smar_upcycle in its config: load it with from_pretrained")
+    cls = model_class(config) if cls is None else cls
+    return upcycled_class(cls, spec).from_pretrained(path, **kwargs)
