@@ -8,6 +8,7 @@ Shapes legend: B batch, S sequence, T = B * S tokens.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 
@@ -90,6 +91,14 @@ class SMARTrainerMixin:
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         with self.smar.original_routers():
             super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+            target = self.model if model is None else model
+            config = os.path.join(resume_from_checkpoint, "config.json")
+            if isinstance(target, transformers.PreTrainedModel) and os.path.isfile(config):
+                # save_pretrained writes MoE experts in the checkpoint layout (one tensor per
+                # expert) that the Trainer's plain load_state_dict does not convert back;
+                # from_pretrained does.
+                fresh = type(target).from_pretrained(resume_from_checkpoint, config=target.config)
+                target.load_state_dict(fresh.state_dict(), strict=True)
         if self.smar.bias_parameters():
             load_bias_into(self.smar, resume_from_checkpoint)
 
