@@ -186,15 +186,28 @@ class Regularizer(RouterCapture):
                 E = site.num_experts
                 if E is None:
                     raise ValueError(f"cannot tell the number of experts of {site.name}")
+                parent, attr, inner = self._slot(site)
                 wrapper = ModalityBiasRouter(
-                    site.module, site.adapter, self.config.num_modalities, E, self._state
+                    inner, site.adapter, self.config.num_modalities, E, self._state
                 )
-                setattr(site.parent, site.attr, wrapper)
+                setattr(parent, attr, wrapper)
                 site.extra["wrapper"] = wrapper
+                site.extra["slot"] = (parent, attr, inner)
                 self.wrappers.append(wrapper)
         for site in self.sites:
             target = site.extra.get("wrapper", site.module)
             self._handles.append(target.register_forward_hook(self._capture_hook(site)))
+
+    def _slot(self, site) -> tuple[nn.Module, str, nn.Module]:
+        """Where the bias wrapper goes: in place of the router, or, where PEFT put a tuner layer
+        around the router (LoRA on the router's weight: ``gate.base_layer``), of that layer, so
+        that PEFT's parametrization of the router's weight still finds the router."""
+        if site.attr == "base_layer" and "." in site.name:
+            outer = site.name.rsplit(".", 1)[0]
+            grand_name, _, grand_attr = outer.rpartition(".")
+            grand = self.model.get_submodule(grand_name) if grand_name else self.model
+            return grand, grand_attr, site.parent
+        return site.parent, site.attr, site.module
 
     def _before_forward(self, module, args, kwargs):
         self._terms = None
@@ -300,22 +313,23 @@ class Regularizer(RouterCapture):
         """Puts the original routers back in the model for the duration (the biases wait in the
         regularizer): ``model.state_dict()`` and ``save_pretrained`` then have the original
         keys, and a checkpoint with them loads into the model."""
-        swapped = [s for s in self.sites if "wrapper" in s.extra]
-        for s in swapped:
-            setattr(s.parent, s.attr, s.module)
+        swapped = [s.extra["slot"] + (s.extra["wrapper"],) for s in self.sites if "slot" in s.extra]
+        for parent, attr, inner, _ in swapped:
+            setattr(parent, attr, inner)
         try:
             yield
         finally:
-            for s in swapped:
-                setattr(s.parent, s.attr, s.extra["wrapper"])
+            for parent, attr, _, wrapper in swapped:
+                setattr(parent, attr, wrapper)
 
     def detach(self) -> None:
         """Removes hooks and bias wrappers: the model gets its original routers back."""
         super().detach()
         for site in self.sites:
-            wrapper = site.extra.pop("wrapper", None)
-            if wrapper is not None:
-                setattr(site.parent, site.attr, wrapper.router)
+            site.extra.pop("wrapper", None)
+            slot = site.extra.pop("slot", None)
+            if slot is not None:
+                setattr(slot[0], slot[1], slot[2])
         self.wrappers = []
         if getattr(self.model, "_smar_regularizer", None) is not None:
             self.model._smar_regularizer = None

@@ -179,3 +179,30 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     for k, v in reference.items():
         assert torch.allclose(state[k], v, atol=1e-6, rtol=0), k
     assert any("modality_bias" in k for k in state)
+
+
+@pytest.mark.parametrize("attach_first", [True, False])
+def test_glm45v_with_lora_on_all_linear_layers(attach_first):
+    """GLM-4.5V with LoRA on every linear layer, SMAR attached before or after PEFT: it runs,
+    the bias trains, and a zero bias changes nothing (the wrapper used to lack ``weight``)."""
+    peft = pytest.importorskip("peft")
+    from test_adapters import build
+
+    case = build("glm4v_moe")
+    with torch.no_grad():
+        before = case.model(**case.batch).logits
+    lora = peft.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=True)
+    if attach_first:
+        reg = smar.attach(case.model)
+        model = peft.get_peft_model(case.model, lora)
+        for b in reg.bias_parameters():  # PEFT froze it; SMARTrainer does this itself
+            b.requires_grad_(True)
+    else:
+        model = peft.get_peft_model(case.model, lora)
+        reg = smar.attach(model)
+    with torch.no_grad():
+        assert torch.allclose(model(**case.batch).logits, before, atol=1e-6, rtol=0)
+    out = model(**case.batch)
+    (out.loss + reg.loss()).backward()
+    assert all(b.grad is not None and b.grad.abs().sum() > 0 for b in reg.bias_parameters())
+    reg.detach()

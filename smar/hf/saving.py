@@ -33,7 +33,9 @@ _PEFT_PREFIX = "base_model.model."
 
 
 def _plain(name: str) -> str:
-    return name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
+    """The router's name without PEFT's prefix and tuner layer (``.base_layer``)."""
+    name = name[len(_PEFT_PREFIX) :] if name.startswith(_PEFT_PREFIX) else name
+    return name.replace(".base_layer.", ".")
 
 
 def original_state_dict(reg: Regularizer, state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -48,7 +50,7 @@ def original_state_dict(reg: Regularizer, state: dict[str, Tensor]) -> dict[str,
             if at >= 0 and (at == 0 or key[at - 1] == "."):
                 key = key[:at] + f"{name}." + key[at + len(inner) :]
                 break
-            if key.endswith(f"{name}.modality_bias"):
+            if key.endswith(f"{name}.modality_bias") or key.endswith(".modality_bias"):
                 key = None
                 break
         if key is not None:
