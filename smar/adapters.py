@@ -270,10 +270,11 @@ def find_routers(
 ) -> list[RouterSite]:
     """The router modules of ``model``, ordered by layer (then by position in the model).
 
-    Routers are found, in order of precedence, by the ``adapters`` given, by the model's own
+    Routers are found, in order of precedence, by the ``adapters`` given, by :data:`ADAPTERS`
+    (smar's own router; Ernie-4.5-VL, to say why it takes no bias), and by the model's own
     declaration (transformers 5.x ``_can_record_outputs["router_logits"]``: the router class and
     the index of its logits, so every family of the installed transformers is found without an
-    entry here), and by :data:`ADAPTERS`. Where a declared module contains another declared one
+    entry here). Where a declared module contains another declared one
     (JetMoE records both its attention block and the gating inside it) the inner one is the router.
 
     Args:
