@@ -38,6 +38,19 @@ class StageConfig:
     warmup: int = 50
 
 
+@dataclass
+class InstructConfig:
+    """Stage 2b, MoE-LLaVA's stage II: dense multimodal instruction tuning of the whole LM and
+    the projector (the vision encoder stays frozen) on the stage-3 question/answer mix with
+    ``text_ratio`` pure text, before stage 3. ``steps=0`` skips it (LLaVA's two stages)."""
+
+    steps: int = 0
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup: int = 20
+    text_ratio: float = 0.25
+
+
 BASES = ("upcycle", "native")
 
 
@@ -95,6 +108,7 @@ class RunConfig:
     vision: StageConfig = field(default_factory=lambda: StageConfig(800, 32, 3e-3, 30))
     pretrain: StageConfig = field(default_factory=lambda: StageConfig(1100, 16, 2e-3, 60))
     align: StageConfig = field(default_factory=lambda: StageConfig(300, 32, 3e-3, 20))
+    instruct: InstructConfig = field(default_factory=InstructConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     arms: list[str] = field(
         default_factory=lambda: [
@@ -170,6 +184,7 @@ def config_from_dict(d: dict) -> RunConfig:
         vision=StageConfig(**d.pop("vision")),
         pretrain=StageConfig(**d.pop("pretrain")),
         align=StageConfig(**d.pop("align")),
+        instruct=InstructConfig(**d.pop("instruct", {})),
         tune=TuneConfig(**{**d.pop("tune")}),
     )
     cfg.tune.band = tuple(cfg.tune.band)

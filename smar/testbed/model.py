@@ -60,6 +60,9 @@ class TinyConfig:
         vision_layers: vision transformer layers.
         vision_heads: vision attention heads.
         vision_classes: classes of the vision pretraining head (0: no head).
+        vision_summary: add the image's mean patch feature (what the pretraining head reads) to
+            every patch feature before the projector, so that each image token carries the
+            whole image's summary as well as its patch (a deep CLIP tower's patch features do).
     """
 
     vocab_size: int = 2048
@@ -83,6 +86,7 @@ class TinyConfig:
     vision_layers: int = 2
     vision_heads: int = 4
     vision_classes: int = 0
+    vision_summary: bool = False
 
     def __post_init__(self):
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
@@ -182,7 +186,10 @@ class TinyModel(nn.Module):
                     f"input_ids hold {n_slots} <image> tokens but no pixel_values were given"
                 )
             return x
-        feats = self.projector(self.vision(pixel_values))  # (N, P, D)
+        feats = self.vision(pixel_values)  # (N, P, V)
+        if self.cfg.vision_summary:
+            feats = feats + feats.mean(dim=1, keepdim=True)  # (N, P, V)
+        feats = self.projector(feats)  # (N, P, D)
         if feats.shape[0] * feats.shape[1] != n_slots:
             raise ValueError(
                 f"{feats.shape[0]} images x {feats.shape[1]} tokens = "

@@ -23,7 +23,7 @@ from smar.testbed.jobs import jobs_for, run_jobs
 from smar.testbed.overrides import to_dict
 from smar.testbed.report import write_report
 from smar.testbed.scoring import unigram_bits_per_byte
-from smar.testbed.stages import stage_align, stage_dir
+from smar.testbed.stages import final_stage, stage_align, stage_dir, stage_instruct
 
 
 def image_text_ratio(cfg: RunConfig, bundle: Bundle, n: int = 400) -> float:
@@ -55,32 +55,36 @@ def _base_extras(cfg: RunConfig, bundle: Bundle, base_eval: dict) -> dict:
     }
 
 
-def evaluate_base(cfg: RunConfig, bundle: Bundle, base) -> dict:
-    """Scores of the stage-2 model (the stage-1 LM with its aligned projector), cached beside it
-    in ``scores.json``: every text and multimodal benchmark, the unigram baseline, the metrics
-    of stages 0 and 1, perplexities and the image:text token ratio."""
-    base_dir = stage_dir(cfg, "align")
-    pre_dir = stage_dir(cfg, "pretrain")
-    path = base_dir / "scores.json"
+def evaluate_base(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> dict:
+    """Scores of the stage-2 model (the stage-1 LM with its aligned projector: the reference of
+    retention), cached beside it in ``scores.json``: every benchmark, the unigram baseline, the
+    metrics of stages 0 and 1, perplexities and the image:text token ratio. With stage II, the
+    stage-II model's scores too (``"instruct"``: what stage II itself cost and taught)."""
+    path = stage_dir(cfg, "align") / "scores.json"
     if path.exists():
         base_eval = read_json(path)
-        if "prose_ppl" not in base_eval:  # written by an older version
-            base_eval.update(_base_extras(cfg, bundle, base_eval))
-            write_json(path, base_eval)
-        return base_eval
-    scores, extra = evaluate_model(base, cfg, bundle, eval_sets(cfg, bundle))
-    uni = unigram_bits_per_byte(
-        bundle.tok, bundle.train_ids, bundle.held_out, max_bytes=cfg.data.prose_bytes
-    )
-    base_eval = {
-        "scores": scores,
-        **extra,
-        "unigram_bpb": uni,
-        "pretrain": read_json(pre_dir / "metrics.json"),
-        "vision": read_json(stage_dir(cfg, "vision") / "metrics.json"),
-    }
-    base_eval.update(_base_extras(cfg, bundle, base_eval))
-    write_json(path, base_eval)
+    else:
+        base = stage_align(cfg, bundle, quiet)
+        scores, extra = evaluate_model(base, cfg, bundle, eval_sets(cfg, bundle))
+        uni = unigram_bits_per_byte(
+            bundle.tok, bundle.train_ids, bundle.held_out, max_bytes=cfg.data.prose_bytes
+        )
+        base_eval = {
+            "scores": scores,
+            **extra,
+            "unigram_bpb": uni,
+            "pretrain": read_json(stage_dir(cfg, "pretrain") / "metrics.json"),
+            "vision": read_json(stage_dir(cfg, "vision") / "metrics.json"),
+        }
+        base_eval.update(_base_extras(cfg, bundle, base_eval))
+        write_json(path, base_eval)
+    if cfg.instruct.steps > 0:
+        ipath = stage_dir(cfg, "instruct") / "scores.json"
+        if not ipath.exists():
+            model = stage_instruct(cfg, bundle, quiet)
+            scores, extra = evaluate_model(model, cfg, bundle, eval_sets(cfg, bundle))
+            write_json(ipath, {"scores": scores, **extra})
+        base_eval = {**base_eval, "instruct": read_json(ipath)}
     return base_eval
 
 
@@ -95,12 +99,12 @@ def run_pipeline(cfg: RunConfig, *, quiet: bool = False) -> dict:
     write_json(out / "config.json", to_dict(cfg))
     bundle = load_bundle(cfg)
     timings = {"data_s": time.time() - t_start}
-    base = stage_align(cfg, bundle, quiet)
+    stage_instruct(cfg, bundle, quiet)  # stages 0-2 (and stage II), cached
     timings["stages_0_2_s"] = time.time() - t_start - timings["data_s"]
-    base_eval = evaluate_base(cfg, bundle, base)
+    base_eval = evaluate_base(cfg, bundle, quiet)
     timings["base_eval_s"] = time.time() - t_start - sum(timings.values())
     jobs = jobs_for(cfg)
-    base_dir = stage_dir(cfg, "align")
+    base_dir = stage_dir(cfg, final_stage(cfg))
     t3 = time.time()
     results = run_jobs(cfg, jobs, base_dir, quiet=quiet)
     timings["stage3_s"] = time.time() - t3

@@ -174,6 +174,21 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
         "",
         f"Mean retention averages the benchmarks the stage-1 LM learned (prose, and choice "
         f"tasks at >= {LEARNED:.0%}): {', '.join(learned)}.",
+    ]
+    if "instruct" in base:
+        ins = base["instruct"]["scores"]
+        cost = summarize(ins, base["scores"], include=learned_benchmarks(base["scores"]))
+        lines += [
+            "",
+            "## Stage II (dense multimodal instruction tuning before stage 3)",
+            "",
+            f"Retention of the stage-II model against the stage-1 LM: {cost['retention/mean']:.3f}"
+            " (what stage II itself cost; stage-3 retention below is against the stage-1 LM and "
+            "includes it). Multimodal accuracy after stage II: "
+            + ", ".join(f"{k[3:]} {v:.3f}" for k, v in ins.items() if k.startswith("mm/"))
+            + ".",
+        ]
+    lines += [
         "",
         "## Calibration",
         "",

@@ -16,7 +16,7 @@ from smar.losses import load_balancing_loss
 from smar.testbed.config import STAGE_VERSION, RunConfig
 from smar.testbed.data import images
 from smar.testbed.data.bundle import Bundle
-from smar.testbed.data.mixing import TextStream, collate
+from smar.testbed.data.mixing import TextStream, collate, mixed_items, qa_batch
 from smar.testbed.io import cache_dir, write_json
 from smar.testbed.model import TinyConfig, TinyModel
 from smar.testbed.overrides import config_hash, to_dict
@@ -57,7 +57,7 @@ def _model_config(cfg: RunConfig, tok) -> TinyConfig:
     )
 
 
-STAGES = ("vision", "pretrain", "align")
+STAGES = ("vision", "pretrain", "align", "instruct")
 
 
 def stage_dir(cfg: RunConfig, name: str) -> Path:
@@ -82,8 +82,10 @@ def stage_dir(cfg: RunConfig, name: str) -> Path:
                     "lb_weight": t.lb_weight,
                 }
             )
-    if name == "align":
+    if name in ("align", "instruct"):
         parts.append(cfg.align)
+    if name == "instruct":
+        parts += [cfg.instruct, {"text_len": cfg.tune.text_len, "label": cfg.tune.label_prompt}]
     return cache_dir() / "stages" / f"{name}-{config_hash(STAGE_VERSION, *parts)}"
 
 
@@ -195,4 +197,54 @@ def stage_align(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyMode
         opt.step()
     model.save(out)
     write_json(out / "metrics.json", {"caption_loss": loss.item()})
+    return model
+
+
+def final_stage(cfg: RunConfig) -> str:
+    """The stage whose model stage 3 starts from: ``"instruct"`` when stage II runs."""
+    return "instruct" if cfg.instruct.steps > 0 else "align"
+
+
+def stage_instruct(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyModel:
+    """Stage 2b (MoE-LLaVA's stage II): the whole LM and the projector learn the question/answer
+    mix (``instruct.text_ratio`` pure text); the vision encoder stays frozen. Without
+    ``instruct.steps`` this is the stage-2 model itself."""
+    if cfg.instruct.steps <= 0:
+        return stage_align(cfg, bundle, quiet)
+    out = stage_dir(cfg, "instruct")
+    model = _cached(out)
+    if model is not None:
+        return model
+    model = stage_align(cfg, bundle, quiet)
+    torch.manual_seed(cfg.data.seed + 3)
+    model.set_trainable("all")
+    for p in model.vision.parameters():
+        p.requires_grad_(False)
+    c = cfg.instruct
+    opt = make_optimizer(model, c.lr)
+    items = mixed_items(
+        c.steps * c.batch_size,
+        tok=bundle.tok,
+        text=TextStream(bundle.train_ids, 300 + cfg.data.seed),
+        seed=300 + cfg.data.seed,  # other samples than any stage-3 seed's
+        text_ratio=c.text_ratio,
+        text_len=cfg.tune.text_len,
+        image_size=cfg.data.image_size,
+    )
+    for step in progress(range(c.steps), desc="stage 2b: instruction", disable=quiet):
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, c.steps, c.warmup, c.lr)
+        b = qa_batch(
+            items[step * c.batch_size : (step + 1) * c.batch_size],
+            bundle.tok,
+            image_tokens=cfg.model.image_tokens,
+            label_prompt=cfg.tune.label_prompt,
+        )
+        loss = model(b.input_ids, b.pixel_values, b.labels, attention_mask=b.attention_mask).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    model.save(out)
+    write_json(out / "metrics.json", {"loss": loss.item()})
     return model

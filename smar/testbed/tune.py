@@ -11,7 +11,7 @@ from smar.losses import routing_objective
 from smar.testbed.arms import make_arm
 from smar.testbed.config import RunConfig
 from smar.testbed.data.bundle import Bundle
-from smar.testbed.data.mixing import TextStream, collate, mixed_items
+from smar.testbed.data.mixing import TextStream, mixed_items, qa_batch
 from smar.testbed.model import TinyModel
 from smar.testbed.stages import lr_at, make_optimizer
 
@@ -27,12 +27,6 @@ class Job:
     band: tuple[float, float] | None = None
     lr: float | None = None
     drop_images: bool = False
-
-
-def _mm_batch(items, bundle, cfg: RunConfig, modality: str, label_prompt: bool):
-    if label_prompt:  # train on the question text too, not only on the answer
-        items = [([], p + t, im) for p, t, im in items]
-    return collate(items, bundle.tok, image_tokens=cfg.model.image_tokens, modality=modality)
 
 
 def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool = True):
@@ -70,12 +64,12 @@ def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool 
     for step in range(t.steps):
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, t.steps, t.warmup, lr)
-        b = _mm_batch(
+        b = qa_batch(
             items[step * t.batch_size : (step + 1) * t.batch_size],
-            bundle,
-            cfg,
-            arm.modality,
-            t.label_prompt,
+            bundle.tok,
+            image_tokens=cfg.model.image_tokens,
+            modality=arm.modality,
+            label_prompt=t.label_prompt,
         )
         out = model(
             b.input_ids,

@@ -124,3 +124,18 @@ def mixed_items(
                 (tok.encode(s.prompt), tok.encode(answer), None if drop_images else s.image)
             )
     return items
+
+
+def qa_batch(
+    items: Sequence[tuple[list[int], list[int], ImageSample | None]],
+    tok: Tokenizer,
+    *,
+    image_tokens: int,
+    modality: str = "token",
+    label_prompt: bool = True,
+) -> Batch:
+    """A training batch of :func:`mixed_items`; ``label_prompt`` trains on the question text too,
+    not only on the answer."""
+    if label_prompt:
+        items = [([], p + t, im) for p, t, im in items]
+    return collate(items, tok, image_tokens=image_tokens, modality=modality)
