@@ -181,3 +181,26 @@ def test_modality_check_makes_no_graph_break():
     wrapped = torch._dynamo.explain(wrapper)(x)
     assert wrapped.graph_break_count == bare.graph_break_count == 0
     reg.detach()
+
+
+def test_jetmoe_mlp_and_attention_routers_are_told_apart():
+    """JetMoE uses one gating class for its attention experts and its MLP experts: smar used to
+    see two routers per layer. Now SMAR acts on the MLP routers unless told otherwise."""
+    torch.manual_seed(0)
+    cfg = transformers.JetMoeConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2,
+                                    kv_channels=8, intermediate_size=32, num_local_experts=4,
+                                    num_experts_per_tok=2, max_position_embeddings=64)  # fmt: skip
+    model = transformers.JetMoeForCausalLM(cfg).eval()
+    ids = torch.randint(3, 100, (2, 8))
+    for routers, kinds in (
+        ("mlp", {"mlp"}),
+        ("attention", {"attention"}),
+        ("all", {"mlp", "attention"}),
+    ):
+        reg = smar.attach(model, smar.SMARConfig(routers=routers))
+        assert {s.kind for s in reg.sites} == kinds
+        assert len(reg.sites) == 2 * len(kinds)
+        assert all(("attention" in s.name) == (s.kind == "attention") for s in reg.sites)
+        model(input_ids=ids)
+        assert len(reg.logits()) == len(reg.sites)
+        reg.detach()
