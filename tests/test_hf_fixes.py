@@ -204,3 +204,37 @@ def test_jetmoe_mlp_and_attention_routers_are_told_apart():
         model(input_ids=ids)
         assert len(reg.logits()) == len(reg.sites)
         reg.detach()
+
+
+ZERO3 = """
+import os, torch
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29531", RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", DS_ACCELERATOR="cpu")
+import deepspeed, transformers, smar
+deepspeed.init_distributed(dist_backend="gloo")
+cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+dense = transformers.Qwen2ForCausalLM(cfg)
+with deepspeed.zero.Init(config_dict_or_path={"zero_optimization": {"stage": 3},
+                                              "train_batch_size": 1}):
+    model = transformers.Qwen2ForCausalLM(cfg)
+mlp = model.model.layers[0].mlp
+assert mlp.gate_proj.weight.numel() == 0 and hasattr(mlp.gate_proj.weight, "ds_id")
+with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+    model.load_state_dict(dense.state_dict())
+smar.upcycle_hf(model, num_experts=2, top_k=1)
+block = model.model.layers[0].mlp
+gate = dense.model.layers[0].mlp.gate_proj.weight
+assert torch.equal(block.gate_up_proj[1][: gate.shape[0]], gate)
+print("ok")
+"""
+
+
+def test_upcycle_hf_under_a_real_zero3_init():
+    """DeepSpeed ZeRO-3 ``zero.Init`` on CPU (one gloo process): the MLP weights are partitioned
+    (empty) when upcycle_hf reads them; it gathers them and the experts copy the real MLP."""
+    pytest.importorskip("deepspeed")
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-c", ZERO3], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
