@@ -125,7 +125,7 @@ def model_class(family: str) -> type:
 
 
 NONE_OK = ("sliding_window", "n_group", "topk_group", "num_experts_per_tok", "n_routed_experts",
-           "num_experts", "moe_intermediate_size")  # fmt: skip
+           "num_experts", "moe_intermediate_size", "head_dim")  # fmt: skip
 
 
 def _two(per_layer: list) -> list:
@@ -161,6 +161,8 @@ def _shrink(cfg, depth=0) -> None:
             setattr(cfg, key, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[key])
     if "qk_rope_head_dim" in cfg.__dict__ and "head_dim" in cfg.__dict__:
         cfg.head_dim = cfg.qk_rope_head_dim  # DeepSeek-style attention ropes only that part
+    if cfg.__dict__.get("kv_lora_rank") and "num_key_value_heads" in cfg.__dict__:
+        cfg.num_key_value_heads = cfg.num_attention_heads  # latent attention: one KV per head
     rope = cfg.__dict__.get("rope_parameters")
     if isinstance(rope, dict) and rope.get("mrope_section") and "head_dim" in cfg.__dict__:
         half = int(cfg.head_dim * rope.get("partial_rotary_factor", 1.0)) // 2
