@@ -110,7 +110,7 @@ def test_mixing_text_ratio_and_no_image_variant(tok):
     stream = mixing.TextStream(torch.arange(5, 300).repeat(20), 0)
     kw = dict(tok=tok, text=stream, seed=5, text_len=10, image_size=8)
     items = mixing.mixed_items(2000, text_ratio=0.1, **kw)
-    share = sum(im is None for _, _, im in items) / len(items)
+    share = sum(im is None for _, _, im, _ in items) / len(items)
     assert abs(share - 0.1) < 0.03
     again = mixing.mixed_items(
         50, text_ratio=0.1, **{**kw, "text": mixing.TextStream(stream.ids, 0)}
@@ -118,12 +118,15 @@ def test_mixing_text_ratio_and_no_image_variant(tok):
     first = mixing.mixed_items(
         50, text_ratio=0.1, **{**kw, "text": mixing.TextStream(stream.ids, 0)}
     )
-    assert [(p, t) for p, t, _ in again] == [(p, t) for p, t, _ in first]
+    assert [(p, t) for p, t, *_ in again] == [(p, t) for p, t, *_ in first]
     dropped = mixing.mixed_items(
         50, text_ratio=0.1, drop_images=True, **{**kw, "text": mixing.TextStream(stream.ids, 0)}
     )
-    assert all(im is None for _, _, im in dropped)
-    assert [(p, t) for p, t, _ in dropped] == [(p, t) for p, t, _ in first]
+    assert all(im is None for _, _, im, _ in dropped)
+    # windows of running text end without <eos>; question/answer samples end with it
+    assert {eos for _, _, im, eos in items if im is None} == {False}
+    assert {eos for _, _, im, eos in items if im is not None} == {True}
+    assert [(p, t) for p, t, *_ in dropped] == [(p, t) for p, t, *_ in first]
     with pytest.raises(ValueError, match="text_ratio"):
         mixing.mixed_items(5, text_ratio=1.5, **kw)
 

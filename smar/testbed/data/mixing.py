@@ -41,18 +41,21 @@ def collate(
     image_tokens: int,
     modality: str = "token",
 ) -> Batch:
-    """Builds a batch from ``(prompt_ids, target_ids, image)`` items.
+    """Builds a batch from ``(prompt_ids, target_ids, image)`` items, optionally with a fourth
+    element ``eos`` (default True).
 
     Each sample is ``<bos> [<image> x image_tokens] prompt target <eos>``; only ``target`` and
-    ``<eos>`` are labelled (pass the whole text as target to train on all of it).
+    ``<eos>`` are labelled (pass the whole text as target to train on all of it). Windows cut
+    from running text get no ``<eos>`` (``eos=False``): the text does not end there.
     """
     if modality not in ("token", "sample"):
         raise ValueError(f"modality must be 'token' or 'sample', got {modality!r}")
     seqs, labs, mods, pix = [], [], [], []
-    for prompt, target, image in items:
+    for prompt, target, image, *rest in items:
+        end = [tok.eos_id] if (rest[0] if rest else True) else []
         img = [tok.image_id] * image_tokens if image is not None else []
-        ids = [tok.bos_id] + img + prompt + target + [tok.eos_id]
-        lab = [-100] * (1 + len(img) + len(prompt)) + target + [tok.eos_id]
+        ids = [tok.bos_id] + img + prompt + target + end
+        lab = [-100] * (1 + len(img) + len(prompt)) + target + end
         if image is not None:
             pix.append(image.pixels)
             mod = (
@@ -106,9 +109,10 @@ def mixed_items(
     text_len: int,
     image_size: int,
     drop_images: bool = False,
-) -> list[tuple[list[int], list[int], ImageSample | None]]:
-    """Stage-3 items: question/answer samples over all types, and pure-text samples with
-    probability ``text_ratio``. ``drop_images`` keeps the text of multimodal samples and removes
+) -> list[tuple[list[int], list[int], ImageSample | None, bool]]:
+    """Stage-3 items ``(prompt, target, image, eos)``: question/answer samples over all types,
+    and pure-text samples (windows of running text, ``eos=False``) with probability
+    ``text_ratio``. ``drop_images`` keeps the text of multimodal samples and removes
     their images (the no-image control)."""
     if not 0.0 <= text_ratio <= 1.0:
         raise ValueError(f"text_ratio must be in [0, 1], got {text_ratio}")
@@ -116,13 +120,13 @@ def mixed_items(
     items = []
     for _ in range(n):
         if rng.random() < text_ratio:
-            items.append(([], text.window(text_len), None))
+            # a window cut from running text: no <eos> after it (the text goes on)
+            items.append(([], text.window(text_len), None, False))
         else:
             s = qa_sample(rng.choice(QA_TYPES), rng, "train", image_size)
             answer = s.choices[s.answer] + "."
-            items.append(
-                (tok.encode(s.prompt), tok.encode(answer), None if drop_images else s.image)
-            )
+            image = None if drop_images else s.image
+            items.append((tok.encode(s.prompt), tok.encode(answer), image, True))
     return items
 
 
@@ -137,5 +141,5 @@ def qa_batch(
     """A training batch of :func:`mixed_items`; ``label_prompt`` trains on the question text too,
     not only on the answer."""
     if label_prompt:
-        items = [([], p + t, im) for p, t, im in items]
+        items = [([], it[0] + it[1], *it[2:]) for it in items]
     return collate(items, tok, image_tokens=image_tokens, modality=modality)
