@@ -22,7 +22,7 @@ class DataConfig:
     text_files: list[str] = field(default_factory=list)
     vocab_size: int = 2048
     skill_examples: int = 60000
-    descriptions: int = 0
+    descriptions: int = 20000
     image_size: int = 32
     eval_text: int = 1000
     eval_mm: int = 200
@@ -103,30 +103,21 @@ class RunConfig:
             vision_dim=64,
             vision_layers=2,
             vision_heads=4,
+            vision_summary=True,
         )
     )
-    vision: StageConfig = field(default_factory=lambda: StageConfig(800, 32, 3e-3, 30))
+    vision: StageConfig = field(default_factory=lambda: StageConfig(2400, 32, 3e-3, 60))
     pretrain: StageConfig = field(default_factory=lambda: StageConfig(1100, 16, 2e-3, 60))
-    align: StageConfig = field(default_factory=lambda: StageConfig(300, 32, 3e-3, 20))
-    instruct: InstructConfig = field(default_factory=InstructConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
-    arms: list[str] = field(
-        default_factory=lambda: [
-            "none",
-            "lb",
-            "bias_lb",
-            "smar_lb",
-            "smar",
-            "hard",
-            "align",
-            "limoe",
-            "smar_sample",
-            "hard_sample",
-        ]
+    align: StageConfig = field(default_factory=lambda: StageConfig(600, 32, 3e-3, 20))
+    instruct: InstructConfig = field(
+        default_factory=lambda: InstructConfig(steps=1500, lr=5e-4, text_ratio=0.5)
     )
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    # the demo shows three arms over three seeds; `smar sweep` covers the others
+    arms: list[str] = field(default_factory=lambda: ["none", "smar", "hard"])
     controls: bool = True
-    control_seeds: int = 99  # the text-ratio controls run on this many of the seeds
-    seeds: list[int] = field(default_factory=lambda: [0])
+    control_seeds: int = 1  # the text-ratio controls run on this many of the seeds
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     text_ratios: list[float] = field(default_factory=list)
     bands: list[tuple[float, float]] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
@@ -148,6 +139,7 @@ def smoke_config() -> RunConfig:
             eval_text=1000,
             eval_mm=20,
             prose_bytes=4000,
+            descriptions=500,
         ),
         model=TinyConfig(
             dim=32,
@@ -159,20 +151,24 @@ def smoke_config() -> RunConfig:
             vision_dim=32,
             vision_layers=1,
             vision_heads=2,
+            vision_summary=True,
         ),
         vision=StageConfig(20, 32, 2e-3, 2),
         pretrain=StageConfig(60, 8, 3e-3, 5),
         align=StageConfig(20, 8, 2e-3, 2),
+        instruct=InstructConfig(steps=10, batch_size=8, warmup=2, text_ratio=0.5),
         tune=TuneConfig(steps=15, batch_size=8, warmup=2, text_len=16),
         arms=["none", "smar", "hard_sample"],
+        seeds=[0],
+        control_seeds=1,
         out="runs/smoke",
     )
 
 
 def sweep_config() -> RunConfig:
     """Arms x seeds for the confidence intervals of the README (long; not in CI)."""
-    cfg = RunConfig(out="runs/sweep", controls=False, seeds=[0, 1, 2])
-    cfg.arms = ["none", "lb", "smar", "hard", "smar_sample", "hard_sample"]
+    cfg = RunConfig(out="runs/sweep", seeds=[0, 1, 2, 3, 4])
+    cfg.arms = ["none", "lb", "bias_lb", "smar_lb", "smar", "hard", "smar_sample", "hard_sample"]
     return cfg
 
 

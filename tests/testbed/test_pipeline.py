@@ -46,7 +46,9 @@ def test_jobs_cover_arms_seeds_and_controls():
     cfg = RunConfig(arms=["none", "smar"], seeds=[0, 1], text_ratios=[0.025, 0.1])
     names = [j.name for j in jobs_for(cfg)]
     assert "smar_text0.1_seed1" in names and "control_text_seed0" in names
-    assert len(names) == 2 * 2 * 2 + 3 * 2
+    # the no-image control on every seed, the text-ratio controls on the first (control_seeds=1)
+    assert len(names) == 2 * 2 * 2 + 2 + 2
+    assert "control_noimage_seed1" in names and "control_text_seed1" not in names
     with pytest.raises(ValueError, match="unknown arm"):
         jobs_for(RunConfig(arms=["nonsense"]))
     assert Job("x", "none").drop_images is False
