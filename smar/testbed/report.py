@@ -213,8 +213,9 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
         elif not (m > 0 and significant((m, h))):
             lines += [
                 "",
-                "The image-driven share is not above 0: the text alone causes the forgetting "
-                "here, so no routing method that acts on image tokens can be expected to help.",
+                "The image-driven share is not shown to be above 0 (its interval reaches 0 or "
+                "below): as measured, the text alone may cause all of the forgetting, and then no "
+                "routing method that acts on image tokens can help.",
             ]
     arms = [g for g in agg if not g.startswith("control_")]
     floor = agg.get("hard_sample", {}).get("retention/mean", (float("nan"),))[0]
