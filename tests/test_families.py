@@ -5,8 +5,8 @@ expert it favours, and gradients reach router and bias.
 
 Families whose shrunk default config does not build or run are skipped with the reason
 (``pytest -rs``); the README's family table is this file's result. The sweep builds about 40
-models (2-4 minutes on 2 shared cores): it carries the ``slow`` marker,
-``python -m pytest -m slow -rs tests/test_families.py``.
+models (about 15 s on 2 idle cores) and runs in the default suite:
+``python -m pytest -rs tests/test_families.py``.
 """
 
 from __future__ import annotations
@@ -99,7 +99,6 @@ def test_families_are_enumerated_from_the_library():
     assert {"mixtral", "qwen3_moe", "deepseek_v3", "jetmoe", "gpt_oss"} <= set(FAMILIES)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_routers_found_and_captured_as_the_model_records_them(family):
     model, batch = tiny(family)
@@ -119,7 +118,6 @@ def test_routers_found_and_captured_as_the_model_records_them(family):
         unmatched.pop(hit)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_zero_bias_is_bit_identical_and_a_large_bias_routes_image_tokens(family):
     model, batch = tiny(family, bias=True)
@@ -168,7 +166,6 @@ def experts_chosen(model, reg, batch) -> list[torch.Tensor]:
     return chosen
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(CAPTURE_ONLY))
 def test_capture_only_families_refuse_the_bias_with_a_reason(family):
     model, batch = tiny(family)
@@ -177,7 +174,6 @@ def test_capture_only_families_refuse_the_bias_with_a_reason(family):
     smar.attach(model, smar.SMARConfig(modality_bias=False)).detach()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradients_reach_router_and_bias(family):
     model, batch = tiny(family, bias=True)
