@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from smar.collective import all_reduce_sums
 from smar.distributions import (
     Routing,
     as_logits,
@@ -36,6 +37,7 @@ def load_balancing_loss(
     mask: Tensor | None = None,
     variant: str = "switch",
     router: str = "softmax",
+    group=None,
 ) -> Tensor:
     """Load-balancing loss (Switch Transformer).
 
@@ -52,13 +54,27 @@ def load_balancing_loss(
         mask: (T,) or (B, S), true for tokens that count (e.g. the attention mask).
         variant: ``"switch"`` or ``"hf"``.
         router: ``"softmax"`` or ``"sigmoid"`` (``P`` then uses normalised sigmoid scores).
+        group: a ``torch.distributed`` process group: ``f`` and ``P`` over the global batch
+            (gradient through the local part, as in :func:`smar.losses.mrd`).
 
     Returns:
         A scalar.
     """
+    check_lb_variant(variant)
+    r = prepare_routing(router_logits, router=router)
+    parts = all_reduce_sums(lb_sums(r, top_k=top_k, mask=mask), group)
+    return lb_from_sums(parts, top_k=top_k, variant=variant)
+
+
+def check_lb_variant(variant: str) -> None:
     if variant not in _LB_VARIANTS:
         raise ValueError(f"variant must be one of {_LB_VARIANTS}; got {variant!r}")
-    r = prepare_routing(router_logits, router=router)
+
+
+def lb_sums(r: Routing, *, top_k: int, mask: Tensor | None) -> dict[str, Tensor]:
+    """The sums load balancing is a function of: ``lb_counts`` (L, E), top-k slots per expert
+    (no gradient); ``lb_probs`` (L, E), router probabilities summed over tokens; ``lb_tokens``
+    (), the tokens that count."""
     z = r.logits
     L, T, E = z.shape
     check_top_k(top_k, E)
@@ -76,9 +92,21 @@ def load_balancing_loss(
     counts = torch.zeros(L, E, dtype=probs.dtype, device=z.device)
     counts.scatter_add_(1, chosen.reshape(L, T * top_k), slot_w.reshape(L, T * top_k))  # (L, E)
     prob_sum = probs.sum(dim=1) if w is None else torch.einsum("lte,t->le", probs, w)  # (L, E)
-    n_tok = torch.tensor(float(T), device=z.device) if w is None else w.sum()
-    if n_tok <= 0:
+    n_tok = torch.tensor(float(T), dtype=probs.dtype, device=z.device) if w is None else w.sum()
+    return {"lb_counts": counts, "lb_probs": prob_sum, "lb_tokens": n_tok}
+
+
+def lb_from_sums(
+    parts: dict[str, Tensor], *, top_k: int, variant: str, check: bool = True
+) -> Tensor:
+    """Load balancing from the sums of :func:`lb_sums` (local, global or pooled over
+    micro-batches). ``check=False`` skips the test for an empty mask, which waits for the
+    device (the loss is then 0)."""
+    counts, prob_sum, n_tok = parts["lb_counts"], parts["lb_probs"], parts["lb_tokens"]
+    L, E = counts.shape
+    if check and n_tok <= 0:
         raise ValueError("mask selects no token: the load-balancing loss is undefined")
+    n_tok = n_tok.clamp_min(1e-12)
     if variant == "hf":
         f = counts.sum(dim=0) / (L * n_tok)  # (E,) sums to K
         P = prob_sum.sum(dim=0) / (L * n_tok)  # (E,)
@@ -106,9 +134,10 @@ def z_loss(
     if w is None:
         return lse2.mean()
     w = w.to(lse2.dtype)
-    if w.sum() <= 0:
+    check = not isinstance(router_logits, Routing) or router_logits.check
+    if check and w.sum() <= 0:
         raise ValueError("mask selects no token: the z-loss is undefined")
-    return (lse2 * w[None, :]).sum() / (w.sum() * z.shape[0])
+    return (lse2 * w[None, :]).sum() / (w.sum().clamp_min(1.0) * z.shape[0])
 
 
 def limoe_loss(

@@ -65,6 +65,15 @@ class _AddBiasToLogits(TorchFunctionMode):
         return out
 
 
+def check_modality_id(top: int, num_modalities: int) -> None:
+    """Raises if a modality id has no row in the bias."""
+    if top >= num_modalities:
+        raise ValueError(
+            f"modality id {top} >= num_modalities={num_modalities}; raise "
+            "SMARConfig.num_modalities, or group modalities (SMARConfig.groups)"
+        )
+
+
 class ModalityBiasRouter(nn.Module):
     """A router wrapper adding a trainable per-modality bias ``b[m(t)]`` to each token's logits.
 
@@ -126,15 +135,16 @@ class ModalityBiasRouter(nn.Module):
         flat = z.reshape(-1, E)  # (T, E)
         ids = self._state.flat(flat.shape[0], f"the modality bias of {type(self.router).__name__}")
         ids = ids.to(flat.device)
-        if not torch.compiler.is_compiling() and ids.numel():
-            top = int(ids.max())  # a host sync outside compiled code only
-            if top >= self.modality_bias.shape[0]:
-                raise ValueError(
-                    f"modality id {top} >= num_modalities={self.modality_bias.shape[0]}; "
-                    "raise SMARConfig.num_modalities, or group modalities (SMARConfig.groups)"
-                )
-        valid = (ids >= 0).unsqueeze(-1)  # (T, 1)
-        bias = self.modality_bias[ids.clamp(min=0)] * valid  # (T, E)
+        M = self.modality_bias.shape[0]
+        if ids.numel() and not torch.compiler.is_compiling():
+            if self._state.check_ids:
+                check_modality_id(int(ids.max()), M)  # waits for the device
+            else:  # checked later, at Regularizer.check()
+                top = ids.max()
+                prev = self._state.max_id
+                self._state.max_id = top if prev is None else torch.maximum(prev, top)
+        valid = ((ids >= 0) & (ids < M)).unsqueeze(-1)  # (T, 1)
+        bias = self.modality_bias[ids.clamp(min=0, max=M - 1)] * valid  # (T, E)
         return (flat + bias.to(flat.dtype)).reshape(z.shape)
 
     def forward(self, *args, **kwargs):

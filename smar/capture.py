@@ -42,6 +42,10 @@ class ModalityState:
         self.ids: Tensor | None = None  # (B, S) or (T,), derived from the last forward's inputs
         self.explicit: Tensor | None = None  # set by the caller; wins over derived ids
         self.tokens: int | None = None  # B * S of the last forward's inputs, when known
+        # True: the bias wrappers check the ids at once (a host-device sync); False: they keep
+        # the largest id seen (max_id, on the device) for a later check (Regularizer.check)
+        self.check_ids = True
+        self.max_id: Tensor | None = None
 
     def current(self) -> Tensor | None:
         """Explicit ids if they cover the current forward's tokens, else the derived ones: the

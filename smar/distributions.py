@@ -29,6 +29,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from smar.collective import all_reduce_sums
+
 __all__ = [
     "EPS",
     "Routing",
@@ -47,11 +49,15 @@ _HINGES = ("linear", "squared")
 # input validation: every public function goes through these, so errors read the same everywhere
 
 
-def as_logits(router_logits: Tensor | Sequence[Tensor], name: str = "router_logits") -> Tensor:
+def as_logits(
+    router_logits: Tensor | Sequence[Tensor], name: str = "router_logits", *, check: bool = True
+) -> Tensor:
     """Validates router logits and returns them as one float tensor ``(L, T, E)``.
 
     Low-precision logits (fp16, bf16) are upcast to float32: routing statistics are sums over
-    many tokens and lose too much in half precision.
+    many tokens and lose too much in half precision. ``check=False`` skips the checks of the
+    values (NaN, +inf, a token with every expert at -inf), which wait for the device: a training
+    loop that checked its first forward can skip them later (the losses then come out NaN).
     """
     if isinstance(router_logits, Tensor):
         if router_logits.dim() != 3:
@@ -84,6 +90,8 @@ def as_logits(router_logits: Tensor | Sequence[Tensor], name: str = "router_logi
         raise ValueError(f"{name} has no tokens or no experts: shape (L, T, E) = {tuple(z.shape)}")
     if z.dtype in (torch.float16, torch.bfloat16):
         z = z.float()
+    if not check:
+        return z
     # One cheap pass: NaN propagates into both, +inf shows in the max, -inf (a masked expert under
     # hard routing) in the min; only then is the rarer per-token check needed.
     lo, hi = torch.aminmax(z.detach())
@@ -164,11 +172,12 @@ class Routing:
         logits: (L, T, E) float.   probs: (L, T, E), rows summing to 1.
     """
 
-    __slots__ = ("logits", "router", "_probs")
+    __slots__ = ("logits", "router", "check", "_probs")
 
-    def __init__(self, logits: Tensor, router: str):
+    def __init__(self, logits: Tensor, router: str, check: bool = True):
         self.logits = logits
         self.router = router
+        self.check = check  # False: the losses skip checks that wait for the device
         self._probs: Tensor | None = None
 
     @property
@@ -183,13 +192,18 @@ class Routing:
 
 
 def prepare_routing(
-    router_logits: Tensor | Sequence[Tensor] | Routing, *, router: str = "softmax"
+    router_logits: Tensor | Sequence[Tensor] | Routing,
+    *,
+    router: str = "softmax",
+    check: bool = True,
 ) -> Routing:
     """Validates router logits once for several losses (see :class:`Routing`).
 
     Args:
         router_logits: L tensors (T, E) or one (L, T, E) tensor of raw logits.
         router: ``"softmax"`` or ``"sigmoid"`` (see :func:`routing_probs`).
+        check: check the values too (see :func:`as_logits`); False keeps the losses free of
+            host-device synchronisation.
     """
     check_router(router)
     if isinstance(router_logits, Routing):
@@ -198,7 +212,7 @@ def prepare_routing(
                 f"router={router!r} but the Routing was prepared with {router_logits.router!r}"
             )
         return router_logits
-    return Routing(as_logits(router_logits), router)
+    return Routing(as_logits(router_logits, check=check), router, check)
 
 
 def routing_probs(router_logits: Tensor | Sequence[Tensor], *, router: str = "softmax") -> Tensor:
@@ -218,35 +232,23 @@ def routing_probs(router_logits: Tensor | Sequence[Tensor], *, router: str = "so
 def probabilities(z: Tensor, router: str) -> Tensor:
     if router == "softmax":
         return torch.softmax(z, dim=-1)  # (L, T, E)
-    s = torch.sigmoid(z)  # (L, T, E)
-    return s / s.sum(dim=-1, keepdim=True)
-
-
-def _all_reduce_keep_local_grad(x: Tensor, group) -> Tensor:
-    """Sum of ``x`` over the process group; the gradient flows through the local part only.
-
-    The local part's gradient is scaled by the world size: data-parallel engines average
-    gradients over ranks, so the averaged router gradient equals the gradient of one process on
-    the concatenated batch.
-    """
-    import torch.distributed as dist
-
-    total = x.detach().clone()
-    dist.all_reduce(total, group=group)
-    world = dist.get_world_size(group)
-    return total + world * (x - x.detach())
+    # sigmoid(z) / sum(sigmoid(z)) normalised in log space: sigmoid underflows to 0 for logits
+    # below about -104 (float32), and a token whose every logit does would give 0 / 0.
+    return torch.softmax(torch.nn.functional.logsigmoid(z), dim=-1)  # (L, T, E)
 
 
 def modality_sums(
     probs: Tensor, ids: Tensor, modalities: tuple[int, ...], group=None
 ) -> tuple[Tensor, Tensor]:
-    """Per-modality probability sums ``(L, M, E)`` and token counts ``(M,)``."""
+    """Per-modality probability sums ``(L, M, E)`` and token counts ``(M,)``, over the local batch
+    or, with ``group``, the global one (gradient through the local part, see
+    :func:`smar.collective.all_reduce_sums`)."""
     onehot = (ids[None, :] == ids.new_tensor(modalities)[:, None]).to(probs.dtype)  # (M, T)
     sums = torch.matmul(onehot, probs)  # (M, T) @ (L, T, E) -> (L, M, E)
     counts = onehot.sum(dim=1)  # (M,)
     if group is not None:
-        sums = _all_reduce_keep_local_grad(sums, group)
-        counts = _all_reduce_keep_local_grad(counts, group).detach()
+        reduced = all_reduce_sums({"sums": sums, "counts": counts}, group)
+        sums, counts = reduced["sums"], reduced["counts"]
     return sums, counts
 
 

@@ -32,7 +32,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from smar.baselines import limoe_loss, load_balancing_loss, z_loss
+from smar.baselines import (
+    check_lb_variant,
+    lb_from_sums,
+    lb_sums,
+    limoe_loss,
+    load_balancing_loss,
+    z_loss,
+)
+from smar.collective import StepSums, all_reduce_sums
 from smar.distributions import (
     EPS,
     Routing,
@@ -69,6 +77,12 @@ def _mrd_and_presence(
     """D ``(L, N)`` for each non-text modality, and whether both modalities are present ``(N,)``."""
     mods = check_modalities((text, *images), "text and image")
     sums, counts = modality_sums(probs, ids, mods, group)
+    return _mrd_from_sums(sums, counts)
+
+
+def _mrd_from_sums(sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """D ``(L, N)`` and presence ``(N,)`` from per-modality sums ``(L, 1+N, E)`` and counts
+    ``(1+N,)``, text first."""
     P = sums / counts.clamp_min(1.0)[None, :, None]  # (L, 1+N, E); finite even when absent
     D = jeffreys(P[:, :1, :], P[:, 1:, :])  # (L, N)
     present = (counts[0] > 0) & (counts[1:] > 0)  # (N,)
@@ -168,6 +182,11 @@ def smar_loss(
     b = _check_band(band, z.shape[0]).to(device=z.device, dtype=z.dtype)  # (L, 2)
     images = (image,) if isinstance(image, int) else tuple(image)
     D, present = _mrd_and_presence(r.probs, ids, text, images, group)  # (L, N), (N,)
+    return _band_loss(D, present, b, hinge)
+
+
+def _band_loss(D: Tensor, present: Tensor, b: Tensor, hinge: str) -> Tensor:
+    """The tolerance-band loss from D ``(L, N)``, presence ``(N,)`` and the band ``(L, 2)``."""
     below = (b[:, :1] - D).clamp_min(0)  # (L, N)
     above = (D - b[:, 1:]).clamp_min(0)  # (L, N)
     h = below + above if hinge == "linear" else below.square() + above.square()  # (L, N)
@@ -195,11 +214,14 @@ def routing_objective(
     image: int = 1,
     router: str = "softmax",
     group=None,
+    step_sums: StepSums | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The routing part of SMAR's objective, and its unweighted terms, from one forward.
 
     ``total = lb_weight * L_LB + smar_weight * L_SMAR + z_weight * L_z + limoe_weight * L_LIMoE``.
-    Terms with weight 0 are not computed. The logits are validated and soft-maxed once.
+    Terms with weight 0 are not computed. The logits are validated and soft-maxed once; the sums
+    that the band loss, the MRD and load balancing are functions of go through one all-reduce
+    when a ``group`` is given.
 
     Args:
         router_logits: L tensors (T, E), one (L, T, E) tensor, or a :class:`Routing`.
@@ -208,6 +230,10 @@ def routing_objective(
         mask: tokens that count for load balancing and z-loss; by default ``modality_ids >= 0``
             when modality ids are given, else every token.
         limoe_tau: LIMoE's global entropy threshold; default ``log(E) / 2``.
+        group: a ``torch.distributed`` process group: the band loss, MRD and load balancing over
+            the global batch (z-loss and LIMoE stay per token, local).
+        step_sums: a :class:`smar.collective.StepSums`: the band loss, MRD and load balancing
+            over the micro-batches of the optimizer step so far.
         Others: as in :func:`smar_loss`, :func:`load_balancing_loss`.
 
     Returns:
@@ -220,27 +246,39 @@ def routing_objective(
         mask = modality_ids >= 0
     if (smar_weight or limoe_weight) and modality_ids is None:
         raise ValueError("modality_ids are required when smar_weight or limoe_weight is set")
+    if lb_weight:
+        check_lb_variant(lb_variant)
+    if smar_weight:
+        if hinge not in _HINGES:
+            raise ValueError(f"hinge must be one of {_HINGES}; got {hinge!r}")
+        b = _check_band(band, r.shape[0]).to(device=r.logits.device, dtype=r.logits.dtype)
+    check_top_k(top_k, r.shape[-1])
+    # The sums of this forward, made global and pooled over the step: one all-reduce in all.
+    parts: dict[str, Tensor] = {}
+    if lb_weight:
+        parts.update(lb_sums(r, top_k=top_k, mask=mask))
+    if modality_ids is not None:
+        ids = modality_ids_flat(modality_ids, r.shape[1])
+        mods = check_modalities((text, image), "text and image")
+        sums, counts = modality_sums(r.probs if smar_weight else r.probs.detach(), ids, mods)
+        parts.update(mod_sums=sums, mod_counts=counts)
+    parts = all_reduce_sums(parts, group)
+    if step_sums is not None:
+        parts["mod_scale"] = parts["mod_counts"][None, :, None] if "mod_counts" in parts else None
+        parts = {k: v for k, v in parts.items() if v is not None}
+        parts = step_sums.combine(parts, {"lb_probs": "lb_tokens", "mod_sums": "mod_scale"})
     terms: dict[str, Tensor] = {}
     total = r.logits.new_zeros(())
     if lb_weight:
-        terms["lb"] = load_balancing_loss(
-            r, top_k=top_k, mask=mask, variant=lb_variant, router=router
-        )
+        terms["lb"] = lb_from_sums(parts, top_k=top_k, variant=lb_variant, check=r.check)
         total = total + lb_weight * terms["lb"]
-    else:
-        check_top_k(top_k, r.shape[-1])
-    if smar_weight:
-        terms["band"] = smar_loss(
-            r,
-            modality_ids,
-            band=band,
-            hinge=hinge,
-            text=text,
-            image=image,
-            group=group,
-            router=router,
-        )
-        total = total + smar_weight * terms["band"]
+    if modality_ids is not None:
+        D, present = _mrd_from_sums(parts["mod_sums"], parts["mod_counts"])  # (L, 1), (1,)
+        if smar_weight:
+            terms["band"] = _band_loss(D, present, b, hinge)
+            total = total + smar_weight * terms["band"]
+        D = D.detach()[:, 0]  # (L,)
+        terms["mrd"] = torch.where(present, D, torch.full_like(D, float("nan")))
     if z_weight:
         terms["z"] = z_loss(r, mask=mask)
         total = total + z_weight * terms["z"]
@@ -250,7 +288,4 @@ def routing_objective(
             r, modality_ids, tau=tau, modalities=(text, image), router=router
         )
         total = total + limoe_weight * terms["limoe"]
-    if modality_ids is not None:
-        with torch.no_grad():
-            terms["mrd"] = mrd(r, modality_ids, text=text, image=image, group=group, router=router)
     return total, terms

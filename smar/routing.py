@@ -22,15 +22,18 @@ import logging
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from smar.adapters import Adapter
-from smar.bias import ModalityBiasRouter
+from smar.bias import ModalityBiasRouter, check_modality_id
 from smar.capture import RouterCapture, record
-from smar.losses import routing_objective, z_loss
+from smar.collective import STATS, StepSums, default_group
+from smar.distributions import prepare_routing
+from smar.losses import routing_objective
 from smar.modality import LEVELS, resolve_groups
 
 __all__ = [
@@ -69,6 +72,21 @@ class SMARConfig:
             ``{from_id: to_id}``; None keeps every id.
         routers: which routers SMAR acts on: ``"mlp"`` (the feed-forward experts' routers, the
             default), ``"attention"`` (JetMoE's mixture-of-attention routers) or ``"all"``.
+        stats: ``"global"``: when ``torch.distributed`` is initialised with several processes,
+            the MRD, the band loss and load balancing are computed over the global batch of
+            ``group`` (one all-reduce per forward; the loss and the router gradients then equal
+            one process's on the concatenated batch). ``"local"``: over each rank's batch.
+        group: the process group of ``stats="global"``; None is the default (world) group, the
+            data-parallel group of DDP, FSDP and DeepSpeed ZeRO. With tensor, context or expert
+            parallelism, pass the group of ranks that hold different tokens (see the README,
+            "Many GPUs"). Not saved with the config.
+        accumulate: under gradient accumulation, the statistics pool the micro-batches of the
+            optimizer step so far (earlier ones detached; see :class:`smar.collective.StepSums`);
+            the trainer (or your loop, with :meth:`Regularizer.step`) marks where steps end.
+        check: ``"first"``: the first forward's logits and modality ids are checked at once, later
+            forwards without waiting for the device (problems surface at
+            :meth:`Regularizer.check`, which SMARTrainer calls at every logging step);
+            ``"always"``: every forward is checked at once (one host-device sync per check).
     """
 
     smar_weight: float = 1.0
@@ -84,6 +102,10 @@ class SMARConfig:
     image: int = 1
     groups: dict[int, int] | str | None = None
     routers: str = "mlp"
+    stats: str = "global"
+    group: Any = None
+    accumulate: bool = False
+    check: str = "first"
 
     def __post_init__(self):
         for name in ("smar_weight", "lb_weight", "z_weight"):
@@ -105,6 +127,12 @@ class SMARConfig:
             )
         if self.routers not in ("mlp", "attention", "all"):
             raise ValueError(f"routers must be 'mlp', 'attention' or 'all'; got {self.routers!r}")
+        if self.stats not in STATS:
+            raise ValueError(f"stats must be one of {STATS}; got {self.stats!r}")
+        if self.check not in ("first", "always"):
+            raise ValueError(f"check must be 'first' or 'always'; got {self.check!r}")
+        if not isinstance(self.accumulate, bool):
+            raise ValueError(f"accumulate must be True or False; got {self.accumulate!r}")
         if isinstance(self.groups, dict):  # JSON keys are strings
             self.groups = {int(k): int(v) for k, v in self.groups.items()}
         resolve_groups(self.groups)
@@ -112,7 +140,8 @@ class SMARConfig:
             self.band = tuple(self.band)  # a pair read from JSON or YAML
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The options as plain data (``group``, a live process group, is left out)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "group"}
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -175,7 +204,10 @@ class Regularizer(RouterCapture):
             kinds=config.kinds,
         )  # fmt: skip
         model._smar_regularizer = weakref.ref(self)
-        self._terms: dict[str, float] | None = None
+        self._terms: dict[str, Tensor] | None = None
+        self._step_sums = StepSums() if config.accumulate else None
+        self._checked = False  # the first forward is checked at once
+        self._bad: Tensor | None = None  # non-finite loss seen since the last check()
         warning = balancing_loss_in_model(model)
         if warning and config.lb_weight > 0:
             warnings.warn(f"load balancing would count twice: {warning}", stacklevel=3)
@@ -220,7 +252,10 @@ class Regularizer(RouterCapture):
     def loss(self) -> Tensor:
         """The weighted routing loss of the last forward (a graph-connected scalar).
 
-        ``smar_weight * L_SMAR + lb_weight * L_LB + z_weight * L_z`` (SPEC section 3).
+        ``smar_weight * L_SMAR + lb_weight * L_LB + z_weight * L_z`` (SPEC section 3), over the
+        global batch with ``stats="global"`` under ``torch.distributed`` (then every rank must
+        call it, as a training step does), pooled over the optimizer step with
+        ``accumulate=True`` in training.
         """
         c = self.config
         logits = self.logits()  # (T, E) per layer; raises before any forward
@@ -230,14 +265,10 @@ class Regularizer(RouterCapture):
                 "the band loss needs modality ids: call the model with input_ids or "
                 "mm_token_type_ids, or regularizer.set_modality(ids) before the forward"
             )
-        sigmoid = self.router == "sigmoid"
-        if sigmoid:
-            # sigmoid(z) / sum(sigmoid(z)) == softmax(logsigmoid(z)): the same probabilities
-            # (SPEC section 1) through the softmax path; routing_objective does not yet pass
-            # router= on to its terms. The z-loss stays on the raw logits.
-            raw, logits = logits, [torch.nn.functional.logsigmoid(z.float()) for z in logits]
+        check = c.check == "always" or not self._checked
+        training = self.model.training and torch.is_grad_enabled()
         total, terms = routing_objective(
-            logits,
+            prepare_routing(logits, router=self.router, check=check),
             ids,
             top_k=self.top_k,
             smar_weight=c.smar_weight,
@@ -245,38 +276,75 @@ class Regularizer(RouterCapture):
             hinge=c.hinge,
             lb_weight=c.lb_weight,
             lb_variant=c.lb_variant,
-            z_weight=0.0 if sigmoid else c.z_weight,
+            z_weight=c.z_weight,
             text=c.text,
             image=c.image,
+            router=self.router,
+            group=default_group(c.stats, c.group),
+            step_sums=self._step_sums if training else None,
         )
-        if sigmoid and c.z_weight:
-            terms["z"] = z_loss(raw, mask=None if ids is None else ids >= 0)
-            total = total + c.z_weight * terms["z"]
-        self._terms = self._flatten(terms, total)
+        self._terms = {k: v.detach() for k, v in terms.items()}
+        self._terms["total"] = total.detach()
+        bad = ~torch.isfinite(total.detach())
+        if check:
+            self._raise_if_bad(bad)
+        else:  # no wait for the device: looked at in check()
+            self._bad = bad if self._bad is None else self._bad | bad
+        self._checked = True
+        self._state.check_ids = c.check == "always"
         return total
 
-    def _flatten(self, terms: dict[str, Tensor], total: Tensor) -> dict[str, float]:
-        out = {"smar/total": float(total.detach())}
-        for name, value in terms.items():
-            if name == "mrd":
-                continue
-            out[f"smar/{name}"] = float(value.detach())
-        if "mrd" in terms:
-            d = terms["mrd"]  # (L,)
-            for layer, v in zip(self.captured_layers, d.tolist(), strict=True):
+    def _raise_if_bad(self, bad: Tensor) -> None:
+        if bool(bad):
+            raise ValueError(
+                "SMAR's routing loss is not finite: router logits with NaN or +inf (the model "
+                "diverged, or overflowed in low precision), or a token whose experts are all "
+                "masked; check the learning rate and the model's dtype"
+            )
+
+    def check(self) -> None:
+        """Raises if a forward since the last check had a non-finite routing loss or a modality
+        id without a row in the bias. Waits for the device: SMARTrainer calls it at logging
+        steps; in your own loop, call it as often as you log (``SMARConfig(check="always")``
+        checks every forward instead)."""
+        bad, self._bad = self._bad, None
+        if bad is not None:
+            self._raise_if_bad(bad)
+        top, self._state.max_id = self._state.max_id, None
+        if top is not None:
+            check_modality_id(int(top), self.config.num_modalities)
+
+    def step(self) -> None:
+        """Marks the end of an optimizer step: with ``SMARConfig(accumulate=True)`` the next
+        micro-batch starts new statistics. SMARTrainer calls it; call it after
+        ``optimizer.step()`` in your own loop."""
+        if self._step_sums is not None:
+            self._step_sums.reset()
+
+    def term_tensors(self) -> dict[str, Tensor]:
+        """The unweighted terms of the last forward as detached 0-d tensors, named as in
+        :meth:`terms`, without waiting for the device."""
+        if self._terms is None:
+            with torch.no_grad():
+                self.loss()
+        t = self._terms
+        out = {"smar/total": t["total"]}
+        out.update({f"smar/{k}": v for k, v in t.items() if k not in ("total", "mrd")})
+        if "mrd" in t:
+            d = t["mrd"]  # (L,)
+            out["smar/mrd"] = torch.nanmean(d)  # NaN when no layer has both modalities
+            for layer, v in zip(self.captured_layers, d.unbind(), strict=True):
                 out[f"smar/layer{layer:02d}/mrd"] = v
-            finite = d[torch.isfinite(d)]
-            out["smar/mrd"] = float(finite.mean()) if finite.numel() else float("nan")
         return out
 
     def terms(self) -> dict[str, float]:
         """The unweighted terms of the last forward as a flat dict: ``smar/band``, ``smar/lb``,
         ``smar/z`` (those configured), ``smar/total``, ``smar/mrd`` (mean over layers) and
-        ``smar/layerNN/mrd`` (NaN where a modality is absent)."""
-        if self._terms is None:
-            with torch.no_grad():
-                self.loss()
-        return dict(self._terms)
+        ``smar/layerNN/mrd`` (NaN where a modality is absent). Waits for the device (see
+        :meth:`term_tensors`)."""
+        tensors = self.term_tensors()
+        values = torch.stack(list(tensors.values())).tolist()
+        return dict(zip(tensors, values, strict=True))
 
     def bias_state_dict(self) -> dict[str, Tensor]:
         """The modality bias of each router, keyed ``<router module name>.modality_bias``

@@ -16,6 +16,7 @@ import torch
 import transformers
 
 from smar.adapters import Adapter
+from smar.collective import default_group
 from smar.hf.saving import load_bias_into, original_state_dict, save_bias
 from smar.routing import Regularizer, SMARConfig, attach, balancing_loss_in_model
 
@@ -37,7 +38,8 @@ class SMARTrainerMixin:
 
     The regularizer is attached before the Trainer is built, so the modality bias parameters are
     part of the model and of the optimizer. Logged at each logging step (means since the last
-    log): ``smar/total``, ``smar/band``, ``smar/lb``, ``smar/z``, ``smar/mrd`` and
+    log, over micro-batches and, with ``SMARConfig(stats="global")``, over ranks; kept on the
+    device in between): ``smar/total``, ``smar/band``, ``smar/lb``, ``smar/z``, ``smar/mrd`` and
     ``smar/layerNN/mrd``. Evaluation reports ``eval_lm_loss`` (the model's own loss) beside
     ``eval_loss`` (which includes the routing loss). If the model adds its own load-balancing
     loss (``output_router_logits=True`` with ``router_aux_loss_coef > 0``) while
@@ -65,10 +67,11 @@ class SMARTrainerMixin:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # warned below, once, with the trainer's words
             self.smar: Regularizer = attach(model, config, adapter=smar_adapter)
-        self._smar_sums: dict[str, float] = {}
-        self._smar_count = 0
-        self._smar_eval: list[float] = []
+        # (names, sums, counts) of the terms since the last log, on the device
+        self._smar_sums: tuple[list[str], torch.Tensor, torch.Tensor] | None = None
+        self._smar_eval: list[torch.Tensor] = []
         super().__init__(*args, **kwargs)
+        self.add_callback(_StepBoundary(self.smar))
         # Checked once the Trainer is built: TRL's SFTTrainer sets output_router_logits inside.
         double = balancing_loss_in_model(self.model)
         if double and config.lb_weight > 0:
@@ -115,7 +118,7 @@ class SMARTrainerMixin:
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
         if self._smar_eval:
-            output.metrics[f"{prefix}_lm_loss"] = sum(self._smar_eval) / len(self._smar_eval)
+            output.metrics[f"{prefix}_lm_loss"] = float(torch.stack(self._smar_eval).mean())
         return output
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -141,23 +144,58 @@ class SMARTrainerMixin:
                 stacklevel=2,
             )
         if not model.training:
-            self._smar_eval.append(float(loss.detach()))
+            self._smar_eval.append(loss.detach())
         loss = loss + reg
         if model.training:
-            for name, value in self.smar.terms().items():
-                if value == value:  # NaN MRD: a modality absent from this batch
-                    self._smar_sums[name] = self._smar_sums.get(name, 0.0) + value
-                    self._smar_sums[f"{name}#n"] = self._smar_sums.get(f"{name}#n", 0.0) + 1
-            self._smar_count += 1
+            self._smar_accumulate(self.smar.term_tensors())
         return (loss, *result[1:]) if return_outputs else loss
 
+    def _smar_accumulate(self, terms: dict[str, torch.Tensor]) -> None:
+        """Adds this micro-batch's terms to the sums logged next, on the device (no wait)."""
+        values = torch.stack([v.float() for v in terms.values()])  # (n,)
+        finite = torch.isfinite(values)  # NaN MRD: a modality absent from this batch
+        values = torch.where(finite, values, torch.zeros_like(values))
+        names = list(terms)
+        if self._smar_sums is None or self._smar_sums[0] != names:
+            self._smar_sums = (names, values, finite.float())  # first, or other terms than before
+        else:
+            _, total, count = self._smar_sums
+            self._smar_sums = (names, total + values, count + finite.float())
+
+    def _smar_flush(self) -> dict[str, float]:
+        """Means of the accumulated terms over micro-batches and ranks (one all-reduce), then
+        the deferred checks of the regularizer."""
+        sums, self._smar_sums = self._smar_sums, None
+        if sums is None:
+            return {}
+        names, total, count = sums
+        both = torch.cat([total, count])  # (2n,)
+        group = default_group(self.smar.config.stats, self.smar.config.group)
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(both, group=group)
+        values = both.tolist()
+        total, count = values[: len(names)], values[len(names) :]
+        self.smar.check()
+        return {
+            n: (t / c if c else float("nan")) for n, t, c in zip(names, total, count, strict=True)
+        }
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self._smar_count and "loss" in logs:
-            for name, total in self._smar_sums.items():
-                if not name.endswith("#n"):
-                    logs[name] = total / self._smar_sums[f"{name}#n"]
-            self._smar_sums, self._smar_count = {}, 0
+        if "loss" in logs and self._smar_sums is not None:
+            logs.update(self._smar_flush())
         super().log(logs, *args, **kwargs)
+
+
+class _StepBoundary(transformers.TrainerCallback):
+    """Tells the regularizer where optimizer steps end (``SMARConfig(accumulate=True)``)."""
+
+    def __init__(self, regularizer: Regularizer):
+        self.regularizer = regularizer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.regularizer.step()
 
 
 class SMARTrainer(SMARTrainerMixin, transformers.Trainer):
