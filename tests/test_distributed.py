@@ -60,3 +60,62 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
         # single-process gradient of the global batch
         want = zz.grad[:, rank * T : (rank + 1) * T]
         torch.testing.assert_close(r["grad"] / WORLD, want)
+
+
+# ----------------------------------------------------------------------------------------------
+# the load-balancing loss and the routing objective with group=
+
+
+def objective_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        z, ids = batch()
+        T = z.shape[1] // WORLD
+        local = z[:, rank * T : (rank + 1) * T].clone().requires_grad_(True)
+        local_ids = ids[rank * T : (rank + 1) * T]
+        out = {}
+        for variant in ("switch", "hf"):
+            lb = smar.load_balancing_loss(
+                local, top_k=2, mask=local_ids >= 0, variant=variant, group=dist.group.WORLD
+            )
+            (g,) = torch.autograd.grad(lb, local)
+            out[variant] = (lb.detach(), g)
+        total, terms = smar.routing_objective(
+            local, local_ids, top_k=2, smar_weight=1.0, band=(2.0, 3.0), lb_weight=0.5,
+            group=dist.group.WORLD,
+        )  # fmt: skip
+        (g,) = torch.autograd.grad(total, local)
+        out["objective"] = (total.detach(), g, {k: v.detach() for k, v in terms.items()})
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_load_balancing_and_objective_over_the_global_batch(tmp_path):
+    mp.spawn(objective_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
+    z, ids = batch()
+    T = z.shape[1] // WORLD
+    zz = z.clone().requires_grad_(True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for variant in ("switch", "hf"):
+        lb = smar.load_balancing_loss(zz, top_k=2, mask=ids >= 0, variant=variant)
+        (g,) = torch.autograd.grad(lb, zz)
+        for rank, r in enumerate(ranks):
+            torch.testing.assert_close(r[variant][0], lb.detach())
+            torch.testing.assert_close(r[variant][1] / WORLD, g[:, rank * T : (rank + 1) * T])
+    total, terms = smar.routing_objective(
+        zz, ids, top_k=2, smar_weight=1.0, band=(2.0, 3.0), lb_weight=0.5
+    )
+    (g,) = torch.autograd.grad(total, zz)
+    assert terms["band"] > 0
+    for rank, r in enumerate(ranks):
+        torch.testing.assert_close(r["objective"][0], total.detach())
+        torch.testing.assert_close(r["objective"][1] / WORLD, g[:, rank * T : (rank + 1) * T])
+        for name, value in terms.items():
+            torch.testing.assert_close(r["objective"][2][name], value.detach(), equal_nan=True)
+    # local statistics differ (so that the comparisons above can fail)
+    T0 = slice(0, T)
+    local, _ = smar.routing_objective(
+        z[:, T0], ids[T0], top_k=2, smar_weight=1.0, band=(2.0, 3.0), lb_weight=0.5
+    )
+    assert abs(float(local.detach()) - float(total)) > 1e-3
