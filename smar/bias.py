@@ -13,6 +13,9 @@ Shapes legend: T tokens, D model width, E experts, M modalities.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -46,6 +49,26 @@ def logit_weight(router: nn.Module) -> Tensor:
     return candidates[0]
 
 
+_BUILTIN_LINEAR = torch._C._nn.linear  # what F.linear is until someone replaces it
+
+
+@contextlib.contextmanager
+def _builtin_linear() -> Iterator[None]:
+    """Torch's own ``F.linear`` for the duration. DeepSpeed ZeRO-3 replaces ``F.linear`` for good
+    with its own autograd Function, inside which the mode sees no linear and autograd records
+    nothing (the bias would get no gradient); the router's weight is gathered by the time its
+    forward runs, so torch's linear computes the same logits."""
+    current = F.linear
+    if current is _BUILTIN_LINEAR:
+        yield
+        return
+    F.linear = _BUILTIN_LINEAR
+    try:
+        yield
+    finally:
+        F.linear = current
+
+
 class _AddBiasToLogits(TorchFunctionMode):
     """Adds the bias to the first ``F.linear`` output of the router's logit shape."""
 
@@ -57,7 +80,7 @@ class _AddBiasToLogits(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if not self.done and func is F.linear:
+        if not self.done and func is _BUILTIN_LINEAR:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             if isinstance(weight, Tensor) and tuple(weight.shape) == self.wrapper.weight_shape:
                 self.done = True
@@ -153,7 +176,7 @@ class ModalityBiasRouter(nn.Module):
             z = self.adapter.logits(out)  # (T, E)
             return self.adapter.reroute(self.router, out, self.add_bias(z))
         mode = _AddBiasToLogits(self)
-        with mode:
+        with _builtin_linear(), mode:
             out = self.router(*args, **kwargs)
         if not mode.done:
             raise ValueError(
