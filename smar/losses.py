@@ -124,27 +124,33 @@ def mrd(
 
 
 def _check_band(band, num_layers: int) -> Tensor:
-    """Validates ``band`` and returns it as a float tensor ``(L, 2)`` of (low, high)."""
+    """Validates ``band`` and returns it as a float tensor ``(L, 2)`` of (low, high).
+
+    The values are checked in Python (a band tensor is read back once), never on the device.
+    """
+    fix = f"band must be a (low, high) pair or a list of L={num_layers} pairs; got {band!r}"
+    if isinstance(band, Tensor):
+        band = band.tolist()
     try:
-        b = torch.as_tensor(band, dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(
-            f"band must be a (low, high) pair or a list of L pairs; got {band!r}"
-        ) from e
-    if b.shape == (2,):
-        b = b.expand(num_layers, 2)
-    elif b.shape != (num_layers, 2):
-        raise ValueError(
-            f"band must be a (low, high) pair or a list of L={num_layers} pairs; got shape "
-            f"{tuple(b.shape)}"
-        )
-    if not torch.isfinite(b).all():
+        rows = [[float(x) for x in pair] for pair in band]  # L pairs
+        if len(band) == 2 and all(not isinstance(x, (list, tuple)) for x in band):
+            raise TypeError  # a single pair
+    except TypeError:
+        try:
+            rows = [[float(x) for x in band]] * num_layers  # one pair for every layer
+        except (TypeError, ValueError) as e:
+            raise ValueError(fix) from e
+    except ValueError as e:
+        raise ValueError(fix) from e
+    if len(rows) != num_layers or any(len(r) != 2 for r in rows):
+        raise ValueError(fix)
+    if not all(math.isfinite(x) for r in rows for x in r):
         raise ValueError(f"band must be finite; got {band!r}")
-    if (b < 0).any():
+    if any(x < 0 for r in rows for x in r):
         raise ValueError(f"band must be non-negative (D is a divergence, D >= 0); got {band!r}")
-    if (b[:, 0] > b[:, 1]).any():
+    if any(lo > hi for lo, hi in rows):
         raise ValueError(f"band must have low <= high; got {band!r}")
-    return b
+    return torch.tensor(rows, dtype=torch.float64)
 
 
 def smar_loss(
