@@ -1,14 +1,35 @@
-"""The ``smar`` command: thin commands over the library."""
+"""The ``smar`` command: thin commands over the library.
+
+Every option and override is checked before any work. An expected error (a
+:class:`smar.testbed.errors.SmarError`: bad input, a corrupt file, a diverged stage) is one line
+on stderr, ``smar: error: <problem>; fix: <fix>``, and exit code 2; ``--debug`` adds the
+traceback. Ctrl-C or SIGTERM stops every worker, keeps what finished and prints the command that
+resumes (exit code 130); anything else is a bug and keeps its traceback (exit code 1).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
+import os
+import shlex
+import signal
 import sys
+import threading
+import traceback
 
 log = logging.getLogger("smar")
 
 COMMANDS = ("demo", "inspect", "sweep")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (and exit code 2, as argparse has)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -27,7 +48,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="smar", description=__doc__)
+    p = _Parser(prog="smar", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (anywhere in the line)"
+    )
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the paper's experiment end to end on this machine")
     demo.add_argument("--smoke", action="store_true", help="tiny sizes, under two minutes")
@@ -47,15 +71,53 @@ def build_parser() -> argparse.ArgumentParser:
     insp.set_defaults(func=_inspect)
 
     sweep = sub.add_parser("sweep", help="arms x seeds x text ratios x bands x learning rates")
-    sweep.add_argument("overrides", nargs="*", help="e.g. seeds=0,1,2 text_ratios=0.025,0.1")
+    sweep.add_argument("overrides", nargs="*", help="e.g. seeds=0,1,2 bands=1.5:2,0:0")
     sweep.set_defaults(func=_sweep)
     return p
 
 
+def _check_model_dir(path: str) -> None:
+    """``smar inspect``'s folder: exists, is a folder, holds a config.json that parses."""
+    from smar.testbed.errors import UsageError
+
+    hub = "a model-hub id? download it first: hf download ID --local-dir DIR"
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such directory", f"pass a save_pretrained folder ({hub})")
+    if not os.path.isdir(path):
+        raise UsageError(f"{path} is a file", "pass the folder written by save_pretrained")
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        raise UsageError(f"{path} has no config.json", "pass a folder written by save_pretrained")
+    try:
+        with open(config, encoding="utf-8") as f:
+            json.load(f)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"{config} is not valid JSON ({str(e)[:80]})") from None
+
+
 def _inspect(args: argparse.Namespace) -> int:
+    from smar.testbed.errors import UsageError
+
+    _check_model_dir(args.model_dir)
     from smar.hf.inspect import inspect_model_dir, load_adapter
 
-    adapters = [a for spec in args.adapter or () for a in load_adapter(spec)]
+    adapters = []
+    for spec in args.adapter or ():
+        try:
+            adapters += load_adapter(spec)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise UsageError(
+                f"--adapter {spec}: {e}", "name a smar.adapters.Adapter as package.module:NAME"
+            ) from None
+    try:
+        import transformers
+
+        transformers.AutoConfig.from_pretrained(args.model_dir)
+    except (ValueError, OSError, KeyError) as e:
+        raise UsageError(
+            f"{args.model_dir}/config.json: {str(e).split('. ')[0][:200]}",
+            "pass a folder written by save_pretrained with a transformers model type",
+        ) from None
     print(inspect_model_dir(args.model_dir, adapters or None))
     return 0
 
@@ -66,10 +128,54 @@ def _sweep(args: argparse.Namespace) -> int:
     return sweep_main(args)
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM stops the command as Ctrl-C does (workers stopped, finished work kept)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    debug = "--debug" in argv  # accepted after the command too: `smar demo --smoke --debug`
+    try:
+        args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
+        return int(e.code or 0)
+    from smar.testbed.errors import SmarError
+
+    resume = shlex.join(["smar", *argv])
+    try:
+        with _sigterm_as_interrupt():
+            return args.func(args)
+    except KeyboardInterrupt as e:
+        if debug:
+            traceback.print_exc()
+        print(
+            f"smar: interrupted ({e or 'Ctrl-C'}); finished stages and runs are kept",
+            file=sys.stderr,
+        )
+        print(f"smar: resume with: {resume}", file=sys.stderr)
+        return 130
+    except SmarError as e:
+        if debug:
+            traceback.print_exc()
+        kind = "interrupted" if e.exit_code == 130 else "error"
+        print(f"smar: {kind}: {e}", file=sys.stderr)
+        if e.exit_code == 130:
+            print(f"smar: resume with: {resume}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ device from the config alone.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import transformers
 from torch import nn
@@ -24,6 +26,7 @@ def load_model_dir(path: str, *, weights: bool = True) -> nn.Module:
         weights: load the weights; ``False`` builds the architecture on the meta device (enough
             to list routers, whatever the model's size).
     """
+    _check_local(path)
     config = transformers.AutoConfig.from_pretrained(path)
     if getattr(config, "smar_upcycle", None):
         if weights:
@@ -39,6 +42,16 @@ def load_model_dir(path: str, *, weights: bool = True) -> nn.Module:
         return cls.from_pretrained(path)
     with torch.device("meta"):
         return cls._from_config(config)
+
+
+def _check_local(path) -> None:
+    """A path that is plainly local (absolute, ``./``, ``~``, a file) must be a folder: say so
+    here rather than let the model hub answer for a missing folder."""
+    p = os.fspath(path)
+    local = os.path.isabs(p) or p.startswith((".", "~")) or p.count("/") > 1 or os.path.exists(p)
+    if local and not os.path.isdir(os.path.expanduser(p)):
+        what = "is a file, not a folder" if os.path.exists(p) else "no such directory"
+        raise FileNotFoundError(f"{p}: {what} (pass a folder written by save_pretrained)")
 
 
 def load_adapter(spec: str) -> Adapter:

@@ -1,39 +1,206 @@
-"""Files of the testbed: atomic JSON, and the user's cache folder.
+"""Files of the testbed: atomic writes, locks, checked reads, and the user's cache folder.
 
-Every run writes its resolved config and results with :func:`write_json` (a temporary file in
-the same folder, then a rename), so an interrupted run never leaves half a file behind.
+Every file is written through :func:`atomic_write`: a uniquely named temporary file in the same
+folder, then a rename, so an interrupted or concurrent writer never leaves half a file behind nor
+trips over another writer's temporary file. Builders of shared cache entries hold
+:func:`file_lock`, so two commands on one cache build each entry once and both finish.
+
+Every read is checked: :func:`read_json` (strict JSON, the one place JSON is parsed) and
+:func:`load_tensors` (safetensors header and the sha256 of its data, recorded at write time)
+raise :class:`~smar.testbed.errors.CorruptFile` naming the file. Caches set a corrupt file aside
+with :func:`set_aside` and rebuild it. JSON is written strictly: NaN and infinities become null.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
+import logging
+import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_json", "read_json", "cache_dir"]
+from smar.testbed.errors import CorruptFile
+
+__all__ = [
+    "atomic_write",
+    "write_json",
+    "read_json",
+    "save_tensors",
+    "load_tensors",
+    "file_lock",
+    "set_aside",
+    "sha256_file",
+    "cache_dir",
+]
+
+log = logging.getLogger(__name__)
+
+# temporary files being written by this process: removed on SIGTERM (see jobs.py)
+ACTIVE_TEMP: set[str] = set()
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb"):
+    """Yields a file object for a unique temporary file beside ``path``; renames it to ``path``
+    when the block ends without an error, removes it otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    ACTIVE_TEMP.add(tmp)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        ACTIVE_TEMP.discard(tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove_active_temp() -> None:
+    """Removes this process's half-written temporary files (called when it is told to stop)."""
+    for tmp in list(ACTIVE_TEMP):
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
+def _strict(x: Any) -> Any:
+    """``x`` with non-finite floats as None and tuples as lists (strict JSON)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict(v) for v in x]
+    if hasattr(x, "item") and callable(x.item):  # numpy and torch scalars
+        return _strict(x.item())
+    return x
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Writes JSON atomically (temp file in the same folder, then rename)."""
+    """Writes strict JSON atomically (NaN and infinities as null)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=float)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    text = json.dumps(_strict(data), indent=2, allow_nan=False) + "\n"
+    with atomic_write(path, "w") as f:
+        f.write(text)
     return path
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not strict JSON")
+
+
 def read_json(path: str | os.PathLike) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    """Parses a JSON file; raises :class:`CorruptFile` naming it when it is empty, truncated or
+    not strict JSON."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise ValueError("empty file")
+        return json.loads(text, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise CorruptFile(path, str(e).splitlines()[0][:120]) from e
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> Path:
+    """Writes tensors as safetensors atomically, with the sha256 of the data section in the
+    header (``smar_sha256``) so that :func:`load_tensors` can check every byte."""
+    from safetensors.torch import save
+
+    blob = save(tensors, metadata={**(metadata or {}), "format": "pt"})
+    n = int.from_bytes(blob[:8], "little")
+    digest = hashlib.sha256(blob[8 + n :]).hexdigest()
+    # rewrite with the digest of the data section in the header (the data do not move)
+    blob = save(tensors, metadata={**(metadata or {}), "format": "pt", "smar_sha256": digest})
+    with atomic_write(path) as f:
+        f.write(blob)
+    return Path(path)
+
+
+def load_tensors(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of a safetensors file after checking its header, its size and (when
+    recorded) the sha256 of its data; raises :class:`CorruptFile` naming the file otherwise."""
+    from safetensors.torch import load
+
+    path = Path(path)
+    blob = path.read_bytes()
+    if len(blob) < 8:
+        raise CorruptFile(path, f"{len(blob)} bytes, too short for a safetensors header")
+    n = int.from_bytes(blob[:8], "little")
+    try:
+        if 8 + n > len(blob):
+            raise ValueError(f"header of {n} bytes in a file of {len(blob)}")
+        header = json.loads(blob[8 : 8 + n])
+        meta = header.pop("__metadata__", None) or {}
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        if 8 + n + end != len(blob):
+            raise ValueError(f"data end at {8 + n + end} but the file has {len(blob)} bytes")
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise CorruptFile(path, f"bad safetensors header: {e}") from e
+    if verify and "smar_sha256" in meta:
+        if hashlib.sha256(blob[8 + n :]).hexdigest() != meta["smar_sha256"]:
+            raise CorruptFile(path, "its data do not match the sha256 recorded when it was written")
+    try:
+        return load(blob), meta
+    except Exception as e:  # safetensors raises its own error types
+        raise CorruptFile(path, f"unreadable safetensors: {e}") from e
+
+
+_HELD: dict[str, list] = {}  # lock path -> [fd, depth]: re-entrant within a process
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, what: str = ""):
+    """An exclusive lock on ``path`` (created if needed) between processes, re-entrant within
+    one; says so in the log when another command holds it."""
+    key = str(Path(path).resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    Path(key).parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another smar command building %s", what or key)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        _HELD[key] = [fd, 1]
+        yield
+    finally:
+        _HELD.pop(key, None)
+        os.close(fd)  # releases the lock
+
+
+def set_aside(path: str | os.PathLike, why: str = "") -> Path:
+    """Renames a corrupt file to ``<name>.corrupt-<time>`` beside it and logs both names."""
+    path = Path(path)
+    dest = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(path, dest)
+        log.warning("warning: %s is corrupt (%s); moved to %s and rebuilding", path, why, dest.name)
+    return dest
 
 
 def cache_dir() -> Path:

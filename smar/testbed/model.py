@@ -16,7 +16,6 @@ the modality ids ``(T,)``: exactly the inputs of :mod:`smar.losses`.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -355,31 +354,40 @@ class TinyModel(nn.Module):
 
     # ------------------------------------------------------------------------------ save / load
     def save(self, directory: str | Path) -> Path:
-        """Writes ``model.safetensors`` and ``config.json`` into ``directory`` (atomically)."""
-        from safetensors.torch import save_file
-
-        from smar.testbed.io import write_json
+        """Writes ``model.safetensors`` (with the sha256 of its data in the header) and
+        ``config.json`` into ``directory``, each atomically."""
+        from smar.testbed.io import save_tensors, write_json
 
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        tmp = d / ".model.safetensors.tmp"
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        tmp.replace(d / "model.safetensors")
+        save_tensors(d / "model.safetensors", state)
         write_json(d / "config.json", asdict(self.cfg))
         return d
 
     @classmethod
     def load(cls, directory: str | Path) -> TinyModel:
-        """Rebuilds a model written by :meth:`save`."""
-        from safetensors.torch import load_file
+        """Rebuilds a model written by :meth:`save` after checking both files.
+
+        Raises:
+            FileNotFoundError: a file is missing.
+            smar.testbed.errors.CorruptFile: a file fails its check (named).
+        """
+        from smar.testbed.errors import CorruptFile
+        from smar.testbed.io import load_tensors, read_json
 
         d = Path(directory)
         if not (d / "config.json").exists() or not (d / "model.safetensors").exists():
             raise FileNotFoundError(f"{d} has no config.json + model.safetensors (see save())")
-        cfg = TinyConfig.from_dict(json.loads((d / "config.json").read_text()))
+        try:
+            cfg = TinyConfig.from_dict(read_json(d / "config.json"))
+        except (TypeError, ValueError, AttributeError) as e:
+            raise CorruptFile(d / "config.json", f"not a TinyConfig: {e}") from e
         model = cls(cfg)
-        model.load_state_dict(load_file(str(d / "model.safetensors")))
+        state, _ = load_tensors(d / "model.safetensors")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CorruptFile(d / "model.safetensors", str(e).splitlines()[0][:120]) from e
         return model
 
     def num_parameters(self, trainable_only: bool = False) -> int:

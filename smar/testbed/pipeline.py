@@ -24,6 +24,7 @@ from smar.testbed.overrides import to_dict
 from smar.testbed.report import write_report
 from smar.testbed.scoring import unigram_bits_per_byte
 from smar.testbed.stages import final_stage, stage_align, stage_dir, stage_instruct
+from smar.testbed.validate import validate_config
 
 
 def image_text_ratio(cfg: RunConfig, bundle: Bundle, n: int = 400) -> float:
@@ -93,6 +94,7 @@ def run_pipeline(cfg: RunConfig, *, quiet: bool = False) -> dict:
 
     Returns the results dictionary that ``results.json`` holds.
     """
+    validate_config(cfg)  # every check before any work
     t_start = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
