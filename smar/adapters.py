@@ -8,8 +8,9 @@ Most adapters are not written here: :func:`find_routers` reads each transformers
 declaration of which module records ``router_logits`` and at which output index
 (``_can_record_outputs``), so every MoE family of the installed transformers is found and checked
 against the model's own ``output_router_logits`` (tests/test_families.py). The hand-written
-:data:`ADAPTERS` cover what the declaration does not: smar's own router, and Ernie-4.5-VL's hard
-modality split (which cannot take a bias). Users pass their own for other engines.
+:data:`ADAPTERS` cover what the declaration does not: smar's own router, DeepSpeed-MoE's
+``TopKGate`` (MoE-LLaVA's router), and Ernie-4.5-VL's hard modality split (which cannot take a
+bias). Users pass their own for other engines.
 
 Shapes legend: T tokens (batch x sequence, flattened), D model width, E experts, K top-k.
 
@@ -57,6 +58,9 @@ class Adapter:
             own code runs on it (see :mod:`smar.bias`).
         bias: whether this router can take a modality bias at all.
         note: one line shown by ``smar inspect``; where ``bias`` is False, the reason.
+        from_linear: the router does not return its logits (DeepSpeed-MoE's ``TopKGate`` returns
+            only dispatch tensors): they are read from its linear layer while it runs, as the
+            output of the ``F.linear`` call with its ``(E, D)`` weight (``index`` is unused).
 
     Example:
         >>> Adapter("mine", classes=("MyRouter",), index=0)  # doctest: +SKIP
@@ -70,6 +74,7 @@ class Adapter:
     reroute: Reroute | None = None
     bias: bool = True
     note: str = ""
+    from_linear: bool = False
 
     def __post_init__(self):
         if self.router not in ("softmax", "sigmoid"):
@@ -140,7 +145,10 @@ class RouterSite:
             if isinstance(e, int) and not isinstance(e, bool):
                 return e
         w = getattr(self.module, "weight", None)
-        return int(w.shape[0]) if isinstance(w, Tensor) else None
+        if isinstance(w, Tensor):
+            return int(w.shape[0])
+        linears = [m for m in self.module.children() if isinstance(m, nn.Linear)]
+        return linears[0].out_features if len(linears) == 1 else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,6 +173,16 @@ ADAPTERS: tuple[Adapter, ...] = (
         top_k=_ernie_top_k,
         bias=False,
         note=ERNIE_NO_BIAS,
+    ),
+    Adapter(
+        "deepspeed-moe",
+        ("TopKGate",),
+        index=None,
+        from_linear=True,
+        note=(
+            "DeepSpeed-MoE's gate (deepspeed.moe.layer.MoE, as MoE-LLaVA builds it): logits "
+            "read from F.linear on its wg weight (called directly: a hook on wg never fires)"
+        ),
     ),
     Adapter(
         "smar",

@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from smar.adapters import Adapter
 
-__all__ = ["ModalityBiasRouter", "logit_weight"]
+__all__ = ["ModalityBiasRouter", "RouterLinear", "logit_weight", "builtin_linear"]
 
 
 def logit_weight(router: nn.Module) -> Tensor:
@@ -53,7 +53,7 @@ _BUILTIN_LINEAR = torch._C._nn.linear  # what F.linear is until someone replaces
 
 
 @contextlib.contextmanager
-def _builtin_linear() -> Iterator[None]:
+def builtin_linear() -> Iterator[None]:
     """Torch's own ``F.linear`` for the duration. DeepSpeed ZeRO-3 replaces ``F.linear`` for good
     with its own autograd Function, inside which the mode sees no linear and autograd records
     nothing (the bias would get no gradient); the router's weight is gathered by the time its
@@ -69,22 +69,39 @@ def _builtin_linear() -> Iterator[None]:
         F.linear = current
 
 
-class _AddBiasToLogits(TorchFunctionMode):
-    """Adds the bias to the first ``F.linear`` output of the router's logit shape."""
+class RouterLinear(TorchFunctionMode):
+    """While active, finds the first ``F.linear`` call whose weight has the router's logit shape
+    ``(E, D)``: its output (the logits) goes through ``transform`` (the bias, or nothing) and is
+    kept in :attr:`logits`. Routers that do not return their logits (DeepSpeed-MoE's
+    ``TopKGate``) are read this way.
 
-    def __init__(self, wrapper: ModalityBiasRouter):
+    Args:
+        weight_shape: ``(E, D)``.
+        transform: applied to the logits before the router's own code sees them, or None.
+        keep: the router gets a copy, so that what it does in place (DeepSpeed's top-2 gating
+            adds Gumbel noise to its logits in place) leaves :attr:`logits` as computed.
+    """
+
+    def __init__(self, weight_shape: tuple[int, ...], transform=None, keep: bool = False):
         super().__init__()
-        self.wrapper = wrapper
-        self.done = False
+        self.weight_shape = tuple(weight_shape)
+        self.transform = transform
+        self.keep = keep
+        self.logits: Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.logits is not None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if not self.done and func is _BUILTIN_LINEAR:
+        if self.logits is None and func is _BUILTIN_LINEAR:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
-            if isinstance(weight, Tensor) and tuple(weight.shape) == self.wrapper.weight_shape:
-                self.done = True
-                out = self.wrapper.add_bias(out)
+            if isinstance(weight, Tensor) and tuple(weight.shape) == self.weight_shape:
+                out = out if self.transform is None else self.transform(out)
+                self.logits = out
+                return out.clone() if self.keep else out
         return out
 
 
@@ -130,6 +147,7 @@ class ModalityBiasRouter(nn.Module):
         self.router = router
         self.adapter = adapter
         self._state = state
+        self.last_logits: Tensor | None = None
         if adapter.reroute is None:
             w = logit_weight(router)
             if w.shape[0] != num_experts:
@@ -175,9 +193,10 @@ class ModalityBiasRouter(nn.Module):
             out = self.router(*args, **kwargs)
             z = self.adapter.logits(out)  # (T, E)
             return self.adapter.reroute(self.router, out, self.add_bias(z))
-        mode = _AddBiasToLogits(self)
-        with _builtin_linear(), mode:
+        mode = RouterLinear(self.weight_shape, self.add_bias, keep=self.adapter.from_linear)
+        with builtin_linear(), mode:
             out = self.router(*args, **kwargs)
+        self.last_logits = mode.logits  # the biased logits, for routers that do not return them
         if not mode.done:
             raise ValueError(
                 f"{type(self.router).__name__} did not compute its logits with F.linear on its "

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from smar.adapters import Adapter, RouterSite, find_routers, no_router_error
+from smar.bias import ModalityBiasRouter, RouterLinear, logit_weight
 from smar.modality import (
     LEVELS,
     group_modalities,
@@ -124,10 +125,36 @@ class RouterCapture:
 
     def _hook_routers(self) -> None:
         for site in self.sites:
-            self._handles.append(site.module.register_forward_hook(self._capture_hook(site)))
+            self._hook(site, site.module)
+
+    def _hook(self, site: RouterSite, target: nn.Module) -> None:
+        """Captures the logits of ``site`` from ``target`` (the router, or its bias wrapper)."""
+        if not site.adapter.from_linear or isinstance(target, ModalityBiasRouter):
+            self._handles.append(target.register_forward_hook(self._capture_hook(site)))
+            return
+        # logits that are not in the output: read from the router's linear layer while it runs
+        shape = tuple(logit_weight(site.module).shape)
+        modes: list[RouterLinear] = []
+
+        def before(module, args):
+            modes.append(RouterLinear(shape, keep=True))
+            modes[-1].__enter__()
+
+        def after(module, args, output):
+            mode = modes.pop()
+            mode.__exit__(None, None, None)
+            if mode.logits is not None:
+                self._logits[site.layer] = mode.logits.reshape(-1, shape[0])  # (T, E)
+
+        self._handles.append(target.register_forward_pre_hook(before))
+        self._handles.append(target.register_forward_hook(after, always_call=True))
 
     def _capture_hook(self, site: RouterSite):
         def hook(module, args, output):
+            if site.adapter.from_linear:  # the bias wrapper kept them
+                z = module.last_logits
+                self._logits[site.layer] = z.reshape(-1, z.shape[-1])  # (T, E)
+                return
             self._logits[site.layer] = site.adapter.logits(output)  # (T, E)
 
         return hook

@@ -228,7 +228,7 @@ class Regularizer(RouterCapture):
                 self.wrappers.append(wrapper)
         for site in self.sites:
             target = site.extra.get("wrapper", site.module)
-            self._handles.append(target.register_forward_hook(self._capture_hook(site)))
+            self._hook(site, target)
 
     def _slot(self, site) -> tuple[nn.Module, str, nn.Module]:
         """Where the bias wrapper goes: in place of the router, or, where PEFT put a tuner layer

@@ -398,7 +398,8 @@ def test_every_builtin_adapter_is_covered():
     covered = set()
     for name in NAMES:
         covered |= {s.adapter.name for s in find_routers(build(name).model)}
-    assert {a.name for a in ADAPTERS} <= covered
+    # DeepSpeed-MoE's TopKGate is not a transformers model: tests/test_deepspeed_moe.py
+    assert {a.name for a in ADAPTERS} - {"deepspeed-moe"} <= covered
 
 
 def test_adapter_validates_its_fields():
