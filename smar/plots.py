@@ -1,4 +1,11 @@
-"""Plots of what the metrics computed. Needs matplotlib (``pip install smar[plot]``)."""
+"""Plots of what the metrics computed. Needs matplotlib (``pip install smar[plot]``).
+
+Every plot takes plain numbers (lists or tensors) and writes one image atomically. The routing
+plots of ``smar analyze`` take arrays shaped by the legend below, for any number of layers,
+experts and modalities.
+
+Shapes legend: L MoE layers, M modalities, E experts, R runs.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,15 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["plot_mrd", "plot_retention_vs_accuracy"]
+__all__ = [
+    "plot_mrd",
+    "plot_retention_vs_accuracy",
+    "plot_expert_usage",
+    "plot_expert_composition",
+    "plot_entropy",
+    "plot_comparison",
+    "plot_mrd_history",
+]
 
 
 def _pyplot():
@@ -63,6 +78,205 @@ def plot_mrd(
     ax.set_yscale("symlog", linthresh=0.1)
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _heatmap(ax, grid, *, title: str, cmap: str, vmin=None, vmax=None, annotate=True):
+    L, E = len(grid), len(grid[0])
+    im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    step_x, step_y = max(1, E // 16), max(1, L // 24)
+    ax.set_xticks(range(0, E, step_x))
+    ax.set_yticks(range(0, L, step_y))
+    ax.tick_params(labelsize=7)
+    if annotate and L * E <= 96:
+        for i in range(L):
+            for j in range(E):
+                ax.text(j, i, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=6)
+    return im
+
+
+def _size(L: int, E: int, cols: int, rows: int) -> tuple[float, float]:
+    width = min(16.0, max(3.2, 0.28 * E + 1.6)) * cols
+    height = min(12.0, max(2.2, 0.22 * L + 1.2)) * rows
+    return min(width, 24.0), min(height, 30.0)
+
+
+def plot_expert_usage(
+    mass,
+    load,
+    modalities: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    title: str = "Expert usage per modality",
+) -> Path:
+    """Heatmaps (layers x experts) per modality: routing probability mass and top-k load.
+
+    Args:
+        mass: ``(L, M, E)`` mean router probability per expert (each row sums to 1).
+        load: ``(L, M, E)`` share of the modality's top-k slots per expert (rows sum to 1).
+        modalities: the M names.
+        path: output image.
+
+    Shapes:
+        mass, load: (L, M, E), tensors or nested lists.
+    """
+    plt = _pyplot()
+    mass, load = _grid3(mass), _grid3(load)
+    L, M, E = len(mass), len(modalities), len(mass[0][0])
+    fig, axes = plt.subplots(M, 2, figsize=_size(L, E, 2, M), squeeze=False)
+    for m, name in enumerate(modalities):
+        for c, (arr, what) in enumerate(((mass, "probability mass"), (load, "top-k share"))):
+            grid = [[arr[i][m][e] for e in range(E)] for i in range(L)]  # (L, E)
+            im = _heatmap(axes[m][c], grid, title=f"{name}: {what}", cmap="viridis", vmin=0.0)
+            fig.colorbar(im, ax=axes[m][c], fraction=0.046, pad=0.04)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _grid3(values) -> list[list[list[float]]]:
+    if hasattr(values, "tolist"):
+        values = values.tolist()
+    return [[[float(v) for v in row] for row in layer] for layer in values]
+
+
+def plot_expert_composition(
+    share,
+    modalities: Sequence[str],
+    path: str | os.PathLike,
+    *,
+    threshold: float = 0.9,
+    title: str = "Modality composition of each expert",
+) -> Path:
+    """The share of each expert's top-k slots that the first modality (text) holds, per layer;
+    experts that one modality holds almost alone (share >= ``threshold``) are marked with that
+    modality's initial.
+
+    Args:
+        share: ``(L, M, E)``: per layer and expert, the share of its slots taken by each modality
+            (sums to 1 over M for an expert that was chosen at all).
+        modalities: the M names; the first is drawn (1 = all its tokens, 0 = none).
+        path: output image.
+        threshold: the share from which one modality counts as holding the expert alone.
+
+    Shapes:
+        share: (L, M, E).
+    """
+    plt = _pyplot()
+    share = _grid3(share)
+    L, E = len(share), len(share[0][0])
+    first = [[share[i][0][e] for e in range(E)] for i in range(L)]  # (L, E)
+    fig, ax = plt.subplots(figsize=_size(L, E, 1, 1))
+    im = ax.imshow(first, aspect="auto", cmap="coolwarm_r", vmin=0.0, vmax=1.0)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_xticks(range(0, E, max(1, E // 16)))
+    ax.set_yticks(range(0, L, max(1, L // 24)))
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=f"{modalities[0]} share of slots")
+    for i in range(L):
+        for e in range(E):
+            m = max(range(len(modalities)), key=lambda k: share[i][k][e])
+            if share[i][m][e] >= threshold:
+                ax.text(e, i, modalities[m][0].upper(), ha="center", va="center", fontsize=7,
+                        fontweight="bold")  # fmt: skip
+    ax.set_title(f"{title}\n(letter: one modality holds >= {threshold:.0%} of the slots)",
+                 fontsize=9)  # fmt: skip
+    return _save(fig, path)
+
+
+def plot_entropy(
+    entropy_per_run: Mapping[str, Mapping[str, Sequence[float]]],
+    path: str | os.PathLike,
+    *,
+    title: str = "Routing entropy per MoE layer",
+) -> Path:
+    """Mean per-token routing entropy / log(E) per layer: one line per run and modality.
+
+    Args:
+        entropy_per_run: run name -> modality name -> values per layer (1 = uniform routing).
+        path: output image.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    styles = ["-", "--", ":", "-."]
+    for r, (run, per_mod) in enumerate(entropy_per_run.items()):
+        for m, (mod, values) in enumerate(per_mod.items()):
+            ax.plot(range(len(values)), [float(v) for v in values], marker="o",
+                    linestyle=styles[m % 4], color=f"C{r % 10}", label=f"{run}: {mod}")  # fmt: skip
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("entropy / log(E)")
+    ax.set_ylim(0.0, 1.05)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_comparison(
+    metrics_per_run: Mapping[str, Mapping[str, float]],
+    path: str | os.PathLike,
+    *,
+    title: str = "Runs compared",
+) -> Path:
+    """One panel per metric, one bar per run (NaN bars are left out).
+
+    Args:
+        metrics_per_run: run name -> metric name -> value; every run has the same metrics.
+        path: output image.
+    """
+    plt = _pyplot()
+    runs = list(metrics_per_run)
+    names = list(next(iter(metrics_per_run.values())))
+    fig, axes = plt.subplots(
+        1, len(names), figsize=(min(24.0, 2.6 * len(names) + 0.2 * len(runs)), 3.4), squeeze=False
+    )
+    for ax, name in zip(axes[0], names, strict=True):
+        values = [float(metrics_per_run[r][name]) for r in runs]
+        ax.bar(range(len(runs)), values, color=[f"C{i % 10}" for i in range(len(runs))])
+        ax.set_xticks(range(len(runs)))
+        ax.set_xticklabels(runs, rotation=45, ha="right", fontsize=7)
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_mrd_history(
+    history: Sequence[Mapping],
+    path: str | os.PathLike,
+    *,
+    band: tuple[float, float] | None = (1.5, 2.0),
+    title: str = "MRD per MoE layer over training steps",
+) -> Path:
+    """Per-layer MRD over training steps, the band shaded.
+
+    Args:
+        history: records ``{"step": int, "mrd": [per layer]}`` (as a testbed run's
+            ``results.json`` holds); records with an empty ``mrd`` are skipped.
+        path: output image.
+        band: the tolerance band to shade, or None.
+    """
+    plt = _pyplot()
+    rows = [h for h in history if h.get("mrd")]
+    if not rows:
+        raise ValueError("plot_mrd_history: no record holds per-layer MRD values")
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    if band is not None:
+        ax.axhspan(band[0], band[1], color="tab:green", alpha=0.15, label=f"band {tuple(band)}")
+    steps = [int(h["step"]) for h in rows]
+    for layer in range(len(rows[0]["mrd"])):
+        values = [float(h["mrd"][layer]) if layer < len(h["mrd"]) else float("nan") for h in rows]
+        ax.plot(steps, values, marker=".", label=f"layer {layer}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("MRD (symmetric KL, nats)")
+    ax.set_yscale("symlog", linthresh=0.1)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
