@@ -36,6 +36,8 @@ __all__ = [
     "file_lock",
     "set_aside",
     "sha256_file",
+    "recorded_sha256",
+    "read_cached_json",
     "cache_dir",
 ]
 
@@ -210,3 +212,26 @@ def cache_dir() -> Path:
         return Path(os.environ["SMAR_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "smar"
+
+
+def recorded_sha256(path: str | os.PathLike) -> str | None:
+    """The data sha256 that :func:`save_tensors` recorded in a safetensors header (header only)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+        except ValueError as e:
+            raise CorruptFile(path, f"bad safetensors header: {e}") from e
+    return meta.get("smar_sha256")
+
+
+def read_cached_json(path: str | os.PathLike) -> Any:
+    """A cache file's JSON, or None when it is missing or corrupt (then set aside, to rebuild)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return read_json(path)
+    except CorruptFile as e:
+        set_aside(path, e.why)
+        return None

@@ -1,22 +1,40 @@
 """The stage-3 job system: which runs a config asks for, one worker process per run (one thread
 each), and reuse of finished runs keyed on what a run depends on (interrupted sweeps resume).
+
+Ctrl-C or SIGTERM in the main process (or a failed run) stops every worker at once; finished
+runs stay and :class:`~smar.testbed.errors.Interrupted` says how to resume. Workers ignore
+Ctrl-C (the main process decides), remove their temporary files on SIGTERM, and exit by
+themselves when their parent dies. A run holds a lock on its folder while it runs, so two
+commands writing one output folder do each run once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import torch
 
 from smar.testbed.arms import make_arm
 from smar.testbed.config import RunConfig, config_from_dict
-from smar.testbed.data.bundle import load_bundle
+from smar.testbed.data.bundle import data_hashes, load_bundle
+from smar.testbed.errors import CorruptFile, Interrupted
 from smar.testbed.evaluate import eval_sets, evaluate_model, routing_summary
-from smar.testbed.io import read_json, write_json
+from smar.testbed.io import (
+    file_lock,
+    load_tensors,
+    read_cached_json,
+    recorded_sha256,
+    remove_active_temp,
+    set_aside,
+    write_json,
+)
 from smar.testbed.model import TinyModel
 from smar.testbed.overrides import to_dict
 from smar.testbed.stages import progress
@@ -35,20 +53,45 @@ _NOT_IN_RUN = (
 )
 
 
+def _reusable(out: Path, resolved: dict) -> dict | None:
+    """The results of a finished run made from ``resolved``, after checking its files (a corrupt
+    one is set aside and the run made again)."""
+    if not (out / "results.json").exists():
+        return None
+    run_cfg = read_cached_json(out / "run_config.json")
+    results = read_cached_json(out / "results.json")
+    if run_cfg != json_roundtrip(resolved) or results is None:
+        return None
+    try:
+        load_tensors(out / "model.safetensors")
+    except (CorruptFile, FileNotFoundError) as e:
+        set_aside(out / "model.safetensors", getattr(e, "why", "missing"))
+        return None
+    return results
+
+
 def run_job(cfg_dict: dict, job_dict: dict, base_dir: str) -> dict:
     """Worker entry point: tune one job from the cached stage-2 model, evaluate, save."""
     torch.set_num_threads(1)
     cfg = config_from_dict(cfg_dict)
     job = Job(**job_dict)
     out = Path(cfg.out) / job.name
-    # what the run depends on: not which other runs share its folder, nor where it is
+    # what the run depends on: not which other runs share its folder, nor where it is; but the
+    # content of its data and of the model it starts from
     run = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_RUN}
+    run["data"]["text_files"] = data_hashes(cfg.data)
+    run["base_sha256"] = recorded_sha256(Path(base_dir) / "model.safetensors")
     resolved = {"run": run, "job": dataclasses.asdict(job)}
     # config.json beside model.safetensors is the model's (TinyModel.save); the run's own
     # resolved config goes to run_config.json
-    if (out / "results.json").exists() and (out / "run_config.json").exists():
-        if read_json(out / "run_config.json") == json_roundtrip(resolved):
-            return read_json(out / "results.json")
+    with file_lock(out.parent / f".{job.name}.lock", f"run {job.name}"):
+        results = _reusable(out, resolved)
+        if results is not None:
+            return results
+        return _run(cfg, job, base_dir, out, resolved)
+
+
+def _run(cfg: RunConfig, job: Job, base_dir: str, out: Path, resolved: dict) -> dict:
     t0 = time.time()
     bundle = load_bundle(cfg)
     base = TinyModel.load(base_dir)
@@ -69,7 +112,7 @@ def run_job(cfg_dict: dict, job_dict: dict, base_dir: str) -> dict:
     }
     model.save(out)
     write_json(out / "run_config.json", resolved)
-    write_json(out / "results.json", results)
+    write_json(out / "results.json", results)  # last: the run is complete when it exists
     return results
 
 
@@ -113,26 +156,84 @@ def jobs_for(cfg: RunConfig, sweep: bool = False) -> list[Job]:
     return jobs
 
 
+def _worker_init() -> None:
+    """In each worker: Ctrl-C is the main process's to handle; SIGTERM removes half-written
+    files and exits; a watchdog exits when the parent dies (its children would run on)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def stop(signum=None, frame=None):
+        remove_active_temp()
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, stop)
+    parent = os.getppid()
+
+    def watchdog():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        stop()
+
+    threading.Thread(target=watchdog, name="smar-parent-watchdog", daemon=True).start()
+
+
+def _stop_workers(pool: ProcessPoolExecutor, grace: float = 3.0) -> None:
+    """Cancels queued runs and stops every worker now (SIGTERM, then SIGKILL after ``grace``)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.time() + grace
+    for p in procs:
+        p.join(max(0.0, deadline - time.time()))
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)
+
+
 def run_jobs(cfg: RunConfig, jobs: list[Job], base_dir: Path, *, quiet: bool = False) -> dict:
     """Runs (or reuses) every job from the cached stage-2 model in ``base_dir``: in ``cfg.workers``
-    spawned processes when there is more than one job, else here. Returns results by job name."""
+    spawned processes when there is more than one job, else here. Returns results by job name.
+
+    Raises:
+        Interrupted: Ctrl-C or SIGTERM; the finished runs are kept.
+    """
     results = {}
     cfg_dict = to_dict(cfg)
     bar = progress(total=len(jobs), desc=f"stage 3: {len(jobs)} runs", disable=quiet)
-    if cfg.workers > 1 and len(jobs) > 1:
-        import multiprocessing as mp
+    try:
+        if cfg.workers > 1 and len(jobs) > 1:
+            import multiprocessing as mp
 
-        with ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("spawn")) as pool:
-            futs = {
-                pool.submit(run_job, cfg_dict, dataclasses.asdict(j), str(base_dir)): j
-                for j in jobs
-            }
-            for f in as_completed(futs):
-                results[futs[f].name] = f.result()
+            pool = ProcessPoolExecutor(
+                min(cfg.workers, len(jobs)),
+                mp_context=mp.get_context("spawn"),
+                initializer=_worker_init,
+            )
+            try:
+                futs = {
+                    pool.submit(run_job, cfg_dict, dataclasses.asdict(j), str(base_dir)): j
+                    for j in jobs
+                }
+                pending = set(futs)
+                while pending:
+                    done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        results[futs[f].name] = f.result()  # a failed run stops them all
+                        bar.update(1)
+            except BaseException:
+                _stop_workers(pool)
+                raise
+            pool.shutdown(wait=True)
+        else:
+            for j in jobs:
+                results[j.name] = run_job(cfg_dict, dataclasses.asdict(j), str(base_dir))
                 bar.update(1)
-    else:
-        for j in jobs:
-            results[j.name] = run_job(cfg_dict, dataclasses.asdict(j), str(base_dir))
-            bar.update(1)
-    bar.close()
+    except KeyboardInterrupt as e:
+        raise Interrupted(
+            f"{str(e) or 'Ctrl-C'} during stage 3: {len(results)} of {len(jobs)} runs finished "
+            f"(kept in {cfg.out}), the others stopped"
+        ) from e
+    finally:
+        bar.close()
     return results

@@ -18,7 +18,7 @@ from smar.testbed.config import RunConfig
 from smar.testbed.data.bundle import Bundle, load_bundle
 from smar.testbed.data.mixing import TextStream, collate, mixed_items
 from smar.testbed.evaluate import eval_sets, evaluate_model
-from smar.testbed.io import read_json, write_json
+from smar.testbed.io import file_lock, read_cached_json, write_json
 from smar.testbed.jobs import jobs_for, run_jobs
 from smar.testbed.overrides import to_dict
 from smar.testbed.report import write_report
@@ -61,31 +61,34 @@ def evaluate_base(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> dict:
     retention), cached beside it in ``scores.json``: every benchmark, the unigram baseline, the
     metrics of stages 0 and 1, perplexities and the image:text token ratio. With stage II, the
     stage-II model's scores too (``"instruct"``: what stage II itself cost and taught)."""
-    path = stage_dir(cfg, "align") / "scores.json"
-    if path.exists():
-        base_eval = read_json(path)
-    else:
-        base = stage_align(cfg, bundle, quiet)
-        scores, extra = evaluate_model(base, cfg, bundle, eval_sets(cfg, bundle))
-        uni = unigram_bits_per_byte(
-            bundle.tok, bundle.train_ids, bundle.held_out, max_bytes=cfg.data.prose_bytes
-        )
-        base_eval = {
-            "scores": scores,
-            **extra,
-            "unigram_bpb": uni,
-            "pretrain": read_json(stage_dir(cfg, "pretrain") / "metrics.json"),
-            "vision": read_json(stage_dir(cfg, "vision") / "metrics.json"),
-        }
-        base_eval.update(_base_extras(cfg, bundle, base_eval))
-        write_json(path, base_eval)
+    align = stage_dir(cfg, "align")
+    with file_lock(align.with_name(align.name + ".lock"), f"the scores in {align}"):
+        base_eval = read_cached_json(align / "scores.json")
+        if base_eval is None:
+            base = stage_align(cfg, bundle, quiet)
+            scores, extra = evaluate_model(base, cfg, bundle, eval_sets(cfg, bundle))
+            uni = unigram_bits_per_byte(
+                bundle.tok, bundle.train_ids, bundle.held_out, max_bytes=cfg.data.prose_bytes
+            )
+            base_eval = {
+                "scores": scores,
+                **extra,
+                "unigram_bpb": uni,
+                "pretrain": read_cached_json(stage_dir(cfg, "pretrain") / "metrics.json") or {},
+                "vision": read_cached_json(stage_dir(cfg, "vision") / "metrics.json") or {},
+            }
+            base_eval.update(_base_extras(cfg, bundle, base_eval))
+            write_json(align / "scores.json", base_eval)
     if cfg.instruct.steps > 0:
-        ipath = stage_dir(cfg, "instruct") / "scores.json"
-        if not ipath.exists():
-            model = stage_instruct(cfg, bundle, quiet)
-            scores, extra = evaluate_model(model, cfg, bundle, eval_sets(cfg, bundle))
-            write_json(ipath, {"scores": scores, **extra})
-        base_eval = {**base_eval, "instruct": read_json(ipath)}
+        inst = stage_dir(cfg, "instruct")
+        with file_lock(inst.with_name(inst.name + ".lock"), f"the scores in {inst}"):
+            scores = read_cached_json(inst / "scores.json")
+            if scores is None:
+                model = stage_instruct(cfg, bundle, quiet)
+                scores, extra = evaluate_model(model, cfg, bundle, eval_sets(cfg, bundle))
+                scores = {"scores": scores, **extra}
+                write_json(inst / "scores.json", scores)
+        base_eval = {**base_eval, "instruct": scores}
     return base_eval
 
 

@@ -1,6 +1,11 @@
-"""Stages 0-2 of the testbed (SPEC section 5), each cached under a hash of what it depends on:
-vision pretraining (stage 0), language pretraining (stage 1), alignment (stage 2); and the
-training-loop helpers the stages share with stage 3 (learning-rate schedule, optimizer, progress).
+"""Stages 0-2 of the testbed (SPEC section 5), each cached under a hash of what it depends on
+(the content of the data files included): vision pretraining (stage 0), language pretraining
+(stage 1), alignment (stage 2); and the training-loop helpers the stages share with stage 3
+(learning-rate schedule, optimizer, progress, the divergence check).
+
+A stage is built under a lock (two commands on one cache build it once), checked on load (a
+corrupt file is set aside and the stage built again), and never cached when its loss or weights
+are not finite: :class:`~smar.testbed.errors.Diverged` names the stage, the step and the rate.
 """
 
 from __future__ import annotations
@@ -15,11 +20,12 @@ import torch
 from smar.losses import load_balancing_loss
 from smar.testbed.config import STAGE_VERSION, RunConfig
 from smar.testbed.data import images
-from smar.testbed.data.bundle import Bundle
+from smar.testbed.data.bundle import Bundle, data_key
 from smar.testbed.data.mixing import TextStream, collate, mixed_items, qa_batch
-from smar.testbed.io import cache_dir, write_json
+from smar.testbed.errors import CorruptFile, Diverged
+from smar.testbed.io import cache_dir, file_lock, read_json, set_aside, write_json
 from smar.testbed.model import TinyConfig, TinyModel
-from smar.testbed.overrides import config_hash, to_dict
+from smar.testbed.overrides import config_hash
 
 
 def progress(iterable=None, **kw):
@@ -64,7 +70,7 @@ def stage_dir(cfg: RunConfig, name: str) -> Path:
     """The cache folder of stage ``name``, keyed on every config the stage depends on."""
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; known: {STAGES}")
-    data = to_dict(cfg.data)
+    data = data_key(cfg.data)
     if name == "vision":  # what stage 0 does not read: evaluation sizes, stage-1 text
         for key in ("eval_text", "eval_mm", "prose_bytes", "descriptions"):
             data.pop(key)
@@ -89,19 +95,56 @@ def stage_dir(cfg: RunConfig, name: str) -> Path:
     return cache_dir() / "stages" / f"{name}-{config_hash(STAGE_VERSION, *parts)}"
 
 
+def check_finite(loss: torch.Tensor, stage: str, step: int, steps: int, lr: float, field: str):
+    """Raises :class:`Diverged` when ``loss`` is not finite, naming the stage, step and rate."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise Diverged(
+            f"{stage} diverged: the loss is {value} at step {step + 1} of {steps} (learning rate "
+            f"{lr:.3g} at that step); nothing of it was cached",
+            f"lower {field} or raise its warmup",
+        )
+
+
 def _cached(path: Path) -> TinyModel | None:
-    if (path / "metrics.json").exists():
+    """The stage's model when the stage is complete and its files pass their checks; a corrupt
+    file is set aside (with the completion marker, so the stage is built again)."""
+    if not (path / "metrics.json").exists():
+        return None
+    try:
+        read_json(path / "metrics.json")
         return TinyModel.load(path)
-    return None
+    except (CorruptFile, FileNotFoundError) as e:
+        set_aside(getattr(e, "path", path / "model.safetensors"), getattr(e, "why", str(e)))
+        set_aside(path / "metrics.json", "its stage is built again")
+        return None
+
+
+def _stage(cfg: RunConfig, name: str, build) -> TinyModel:
+    """The cached model of stage ``name``, or ``build()`` -> (model, metrics) under its lock."""
+    out = stage_dir(cfg, name)
+    model = _cached(out)
+    if model is not None:
+        return model
+    with file_lock(out.with_name(out.name + ".lock"), f"stage {name} ({out})"):
+        model = _cached(out)
+        if model is None:
+            model, metrics = build()
+            bad = [n for n, p in model.state_dict().items() if not torch.isfinite(p).all()]
+            if bad:
+                raise Diverged(f"stage {name}: weight {bad[0]} is not finite after training")
+            model.save(out)
+            write_json(out / "metrics.json", metrics)  # last: the stage is complete
+    return model
 
 
 # ------------------------------------------------------------------------------------ stages
 def stage_vision(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyModel:
     """Stage 0: the vision encoder learns to name digits and scene attributes (multi-label)."""
-    out = stage_dir(cfg, "vision")
-    model = _cached(out)
-    if model is not None:
-        return model
+    return _stage(cfg, "vision", lambda: _vision(cfg, bundle, quiet))
+
+
+def _vision(cfg: RunConfig, bundle: Bundle, quiet: bool):
     torch.manual_seed(cfg.data.seed)
     model = TinyModel(_model_config(cfg, bundle.tok))
     samples = images.vision_samples(4000, cfg.data.seed, cfg.data.image_size)
@@ -111,30 +154,30 @@ def stage_vision(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyMod
     opt = make_optimizer(model, cfg.vision.lr)
     g = torch.Generator().manual_seed(cfg.data.seed)
     for step in progress(range(cfg.vision.steps), desc="stage 0: vision", disable=quiet):
+        lr = lr_at(step, cfg.vision.steps, cfg.vision.warmup, cfg.vision.lr)
         for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, cfg.vision.steps, cfg.vision.warmup, cfg.vision.lr)
+            grp["lr"] = lr
         idx = torch.randint(0, len(x), (cfg.vision.batch_size,), generator=g)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(
             model.vision.classify(x[idx]), y[idx]
         )
+        check_finite(loss, "stage 0 (vision)", step, cfg.vision.steps, lr, "vision.lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     with torch.no_grad():
         pred = model.vision.classify(x[:500]) > 0
         acc = (pred == (y[:500] > 0.5)).all(-1).float().mean().item()
-    model.save(out)
-    write_json(out / "metrics.json", {"loss": loss.item(), "exact_match_train": acc})
-    return model
+    return model, {"loss": loss.item(), "exact_match_train": acc}
 
 
 def stage_pretrain(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyModel:
     """Stage 1: the LM learns prose and the skill tasks: a dense LM (``tune.base="upcycle"``,
     MoE-LLaVA), or a MoE LM with independent experts and load balancing (``"native"``)."""
-    out = stage_dir(cfg, "pretrain")
-    model = _cached(out)
-    if model is not None:
-        return model
+    return _stage(cfg, "pretrain", lambda: _pretrain(cfg, bundle, quiet))
+
+
+def _pretrain(cfg: RunConfig, bundle: Bundle, quiet: bool):
     model = stage_vision(cfg, bundle, quiet)
     torch.manual_seed(cfg.data.seed + 1)
     native = cfg.tune.base == "native"
@@ -149,14 +192,16 @@ def stage_pretrain(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyM
     t0 = time.time()
     bar = progress(range(cfg.pretrain.steps), desc="stage 1: language", disable=quiet)
     for step in bar:
+        lr = lr_at(step, cfg.pretrain.steps, cfg.pretrain.warmup, cfg.pretrain.lr)
         for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, cfg.pretrain.steps, cfg.pretrain.warmup, cfg.pretrain.lr)
+            grp["lr"] = lr
         x, y = stream.batch(cfg.pretrain.batch_size, S)
         out_ = model(x, labels=y)
         loss = out_.loss
         if native:
             lb = load_balancing_loss(out_.router_logits, top_k=cfg.tune.top_k)
             loss = loss + cfg.tune.lb_weight * lb
+        check_finite(loss, "stage 1 (language)", step, cfg.pretrain.steps, lr, "pretrain.lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -164,18 +209,16 @@ def stage_pretrain(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyM
         if step % 50 == 0 and hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{loss.item():.3f}")
     secs = time.time() - t0
-    model.save(out)
     tokens = cfg.pretrain.steps * cfg.pretrain.batch_size * S
-    write_json(out / "metrics.json", {"loss": loss.item(), "tokens_per_s": tokens / secs})
-    return model
+    return model, {"loss": loss.item(), "tokens_per_s": tokens / secs}
 
 
 def stage_align(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyModel:
     """Stage 2: only the projector trains, on captions (LLaVA stage 1)."""
-    out = stage_dir(cfg, "align")
-    model = _cached(out)
-    if model is not None:
-        return model
+    return _stage(cfg, "align", lambda: _align(cfg, bundle, quiet))
+
+
+def _align(cfg: RunConfig, bundle: Bundle, quiet: bool):
     model = stage_pretrain(cfg, bundle, quiet)
     torch.manual_seed(cfg.data.seed + 2)
     model.set_trainable("projector")
@@ -185,19 +228,19 @@ def stage_align(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyMode
     )
     tok = bundle.tok
     for step in progress(range(cfg.align.steps), desc="stage 2: alignment", disable=quiet):
+        lr = lr_at(step, cfg.align.steps, cfg.align.warmup, cfg.align.lr)
         for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, cfg.align.steps, cfg.align.warmup, cfg.align.lr)
+            grp["lr"] = lr
         chunk = caps[step * cfg.align.batch_size : (step + 1) * cfg.align.batch_size]
         b = collate(
             [([], tok.encode(c), im) for im, c in chunk], tok, image_tokens=cfg.model.image_tokens
         )
         loss = model(b.input_ids, b.pixel_values, b.labels, attention_mask=b.attention_mask).loss
+        check_finite(loss, "stage 2 (alignment)", step, cfg.align.steps, lr, "align.lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    model.save(out)
-    write_json(out / "metrics.json", {"caption_loss": loss.item()})
-    return model
+    return model, {"caption_loss": loss.item()}
 
 
 def final_stage(cfg: RunConfig) -> str:
@@ -211,10 +254,10 @@ def stage_instruct(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyM
     ``instruct.steps`` this is the stage-2 model itself."""
     if cfg.instruct.steps <= 0:
         return stage_align(cfg, bundle, quiet)
-    out = stage_dir(cfg, "instruct")
-    model = _cached(out)
-    if model is not None:
-        return model
+    return _stage(cfg, "instruct", lambda: _instruct(cfg, bundle, quiet))
+
+
+def _instruct(cfg: RunConfig, bundle: Bundle, quiet: bool):
     model = stage_align(cfg, bundle, quiet)
     torch.manual_seed(cfg.data.seed + 3)
     model.set_trainable("all")
@@ -232,8 +275,9 @@ def stage_instruct(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyM
         image_size=cfg.data.image_size,
     )
     for step in progress(range(c.steps), desc="stage 2b: instruction", disable=quiet):
+        lr = lr_at(step, c.steps, c.warmup, c.lr)
         for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, c.steps, c.warmup, c.lr)
+            grp["lr"] = lr
         b = qa_batch(
             items[step * c.batch_size : (step + 1) * c.batch_size],
             bundle.tok,
@@ -241,10 +285,9 @@ def stage_instruct(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyM
             label_prompt=cfg.tune.label_prompt,
         )
         loss = model(b.input_ids, b.pixel_values, b.labels, attention_mask=b.attention_mask).loss
+        check_finite(loss, "stage 2b (instruction)", step, c.steps, lr, "instruct.lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    model.save(out)
-    write_json(out / "metrics.json", {"loss": loss.item()})
-    return model
+    return model, {"loss": loss.item()}

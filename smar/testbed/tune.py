@@ -13,7 +13,7 @@ from smar.testbed.config import RunConfig
 from smar.testbed.data.bundle import Bundle
 from smar.testbed.data.mixing import TextStream, mixed_items, qa_batch
 from smar.testbed.model import TinyModel
-from smar.testbed.stages import lr_at, make_optimizer
+from smar.testbed.stages import check_finite, lr_at, make_optimizer
 
 
 @dataclass
@@ -61,9 +61,11 @@ def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool 
         drop_images=job.drop_images,
     )
     history = []
+    field = "tune.lr" if job.lr is None else "lrs"
     for step in range(t.steps):
+        lr_now = lr_at(step, t.steps, t.warmup, lr)
         for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, t.steps, t.warmup, lr)
+            grp["lr"] = lr_now
         b = qa_batch(
             items[step * t.batch_size : (step + 1) * t.batch_size],
             bundle.tok,
@@ -89,6 +91,7 @@ def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool 
             limoe_weight=arm.limoe_weight,
         )
         loss = out.loss + aux
+        check_finite(loss, f"stage 3 (run {job.name})", step, t.steps, lr_now, field)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -136,7 +136,7 @@ def test_local_text_files(tmp_path):
     f.write_text("Some prose. " * 200)
     train, held = corpus.load_corpus([f])
     assert train and held and len(held) < len(train)
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
+    with pytest.raises(ValueError, match="missing.txt"):  # a UsageError: one line in the CLI
         corpus.load_corpus([tmp_path / "missing.txt"])
 
 

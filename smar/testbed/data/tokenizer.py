@@ -36,7 +36,7 @@ class Tokenizer:
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
         if path is not None and path.exists():
-            return cls(HFTokenizer.from_file(str(path)))
+            return cls.load(path)
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -48,8 +48,26 @@ class Tokenizer:
         )
         tok.train_from_iterator(texts, trainer)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tok.save(str(tmp))
-            tmp.replace(path)
+            from smar.testbed.io import atomic_write
+
+            with atomic_write(path, "w") as f:
+                f.write(tok.to_str())
         return cls(tok)
+
+    @classmethod
+    def load(cls, path: Path) -> Tokenizer:
+        """A tokenizer saved by :meth:`train`; a file that does not parse raises
+        :class:`~smar.testbed.errors.CorruptFile` naming it."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        from smar.testbed.errors import CorruptFile
+        from smar.testbed.io import read_json
+
+        read_json(path)  # strict JSON first: names the file when it is truncated or empty
+        try:
+            tok = cls(HFTokenizer.from_file(str(path)))
+        except Exception as e:  # tokenizers raises its own exception type
+            raise CorruptFile(path, f"not a tokenizer: {str(e)[:100]}") from e
+        if None in (tok.pad_id, tok.image_id, tok.bos_id, tok.eos_id):
+            raise CorruptFile(path, "the special tokens are missing")
+        return tok
