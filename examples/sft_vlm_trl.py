@@ -1,0 +1,385 @@
+"""Vision fine-tuning of a MoE multimodal LM with TRL's ``SFTTrainer`` and SMAR.
+
+Data: a JSON file in LLaVA's format plus the folder its image paths are relative to, optionally
+mixed with a pure-text set at a chosen share of samples::
+
+    [{"id": "0001", "image": "coco/0001.png",
+      "conversations": [{"from": "human", "value": "<image>\\nWhat is shown?"},
+                        {"from": "gpt", "value": "A red square."}]}, ...]
+
+(``.jsonl``, one record a line, works too; a record without ``"image"`` is a text sample.) The
+model is a local folder holding the model and its processor (``save_pretrained`` of both), e.g. a
+LLaVA around Qwen3-MoE or Mixtral, or Qwen3-VL-MoE. Every input file and record is checked before
+the model is loaded; a problem stops the run with one line naming the file, the record and the fix.
+
+    python examples/sft_vlm_trl.py --model ./llava-qwen3-moe --data llava.json \\
+        --image-folder ./images --text-data sharegpt.json --text-ratio 0.3 \\
+        --smar-weight 1.0 --band 1.5 2.0 --lb-weight 0.01 --output-dir out
+    torchrun --nproc-per-node 8 examples/sft_vlm_trl.py ...     # or: accelerate launch ...
+    python examples/sft_vlm_trl.py --demo                        # tiny random model, CPU, seconds
+
+Under torchrun or accelerate the Trainer sets up the processes; ``--stats global`` (the default)
+computes SMAR's statistics over the global batch. The output folder holds the model (original
+router keys, so a plain ``from_pretrained`` loads it), its processor, ``smar_bias.safetensors``
+(reload it with ``smar.hf.load_bias(model, folder)``) and ``trainer_state.json`` (its
+``log_history`` holds the ``smar/*`` terms).
+
+The TRL settings this needs (TRL 1.x), and why:
+
+* ``router_aux_loss_coef=0.0``. ``SFTTrainer`` turns the model's own load balancing on
+  (``output_router_logits``) for any MoE; on a LLaVA-style model its fused loss then fails with
+  ``AttributeError: 'LlavaModelOutputWithPast' object has no attribute 'router_logits'``. SMAR
+  owns load balancing here (``--lb-weight``), so the model's is off: one loss term, one owner.
+* Non-reentrant activation checkpointing. ``SFTConfig`` checkpoints by default, and
+  ``SFTTrainer`` makes it non-reentrant, which SMAR needs: reentrant checkpointing would cut its
+  loss, computed from the router logits captured in the forward, off the graph (the trainer
+  warns if that happens; TRL forces reentrant with PEFT under DeepSpeed ZeRO-3).
+* Every sample has an ``images`` column (``[]`` for text). TRL decides from the first sample
+  whether the data is vision data; then it skips its tokenizing pass (``dataset_kwargs=
+  {"skip_prepare_dataset": True}`` and ``remove_unused_columns=False`` in TRL 0.x guides are
+  what TRL 1.x does by itself for vision data), keeps ``messages`` and ``images`` for the
+  collator, and builds ``DataCollatorForVisionLanguageModeling``, which runs the processor's
+  chat template and image processing per batch (a batch of text samples only has no images).
+  The images are decoded lazily by ``datasets.Image``.
+* ``max_length``: the collator truncates after the processor has expanded ``<image>`` into the
+  image's tokens; if it cuts into them TRL stops with "max_length is too short". Leave room for
+  the image tokens (``--max-length 0`` turns truncation off).
+* ``train_dataset`` must be a ``datasets.Dataset`` (TRL refuses lists and torch datasets).
+* TRL's data-parallel default ``ddp_find_unused_parameters=True`` for VLMs stays: a batch of
+  text samples leaves the vision tower without gradients.
+
+Text samples get the image row of nothing: SMAR's modality ids come from the image placeholder
+tokens (``image_token_id`` of the model's config), so a text sample's tokens are all text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+
+import smar
+import smar.hf
+
+log = logging.getLogger("sft_vlm_trl")
+ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # LLaVA's "from" -> chat role
+IMAGE = "<image>"
+
+
+class DataError(ValueError):
+    """A problem with an input file: one line naming the file, the record and the fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", help="local folder with the model and its processor")
+    p.add_argument("--data", help="LLaVA-format JSON (or JSONL) of image+text conversations")
+    p.add_argument("--image-folder", help="folder the 'image' paths are relative to "
+                   "(default: the folder of --data)")  # fmt: skip
+    p.add_argument("--text-data", help="JSON (or JSONL) of text conversations, same format")
+    p.add_argument("--text-ratio", type=float, default=0.0,
+                   help="share of the mixed set drawn from --text-data, in [0, 1)")  # fmt: skip
+    p.add_argument("--output-dir", default="sft_vlm_trl_out")
+    p.add_argument("--demo", action="store_true",
+                   help="tiny random LLaVA-Qwen3-MoE, generated data, CPU")  # fmt: skip
+    t = p.add_argument_group("training (TRL's SFTConfig)")
+    t.add_argument("--max-steps", type=int, default=-1, help="-1: --epochs decides")
+    t.add_argument("--epochs", type=float, default=1.0)
+    t.add_argument("--batch-size", type=int, default=4, help="per device")
+    t.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    t.add_argument("--lr", type=float, default=2e-5)
+    t.add_argument("--max-length", type=int, default=2048, help="tokens per sample; 0: no limit")
+    t.add_argument("--logging-steps", type=int, default=10)
+    t.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps; 0: none")
+    t.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (GPUs)")
+    t.add_argument("--seed", type=int, default=0)
+    s = p.add_argument_group("SMAR (smar.SMARConfig)")
+    s.add_argument("--smar-weight", type=float, default=1.0, help="weight of the band loss")
+    s.add_argument("--band", type=float, nargs=2, default=(1.5, 2.0), metavar=("LOW", "HIGH"),
+                   help="tolerance band of the modality routing divergence (MRD)")  # fmt: skip
+    s.add_argument("--lb-weight", type=float, default=0.01, help="SMAR's load balancing; 0: off")
+    s.add_argument("--z-weight", type=float, default=0.0, help="router z-loss")
+    s.add_argument("--no-modality-bias", action="store_true",
+                   help="keep the routers as they are (no trainable modality bias)")  # fmt: skip
+    s.add_argument("--stats", choices=("global", "local"), default="global",
+                   help="statistics over the batch of all ranks, or of each rank")  # fmt: skip
+    s.add_argument("--accumulate", action="store_true",
+                   help="statistics pool the micro-batches of an optimizer step")  # fmt: skip
+    args = p.parse_args(argv)
+    if not args.demo and not (args.model and args.data):
+        p.error("--model and --data are required (or --demo for a tiny run on generated data)")
+    if not 0 <= args.text_ratio < 1:
+        p.error(f"--text-ratio must be in [0, 1); got {args.text_ratio}")
+    if args.text_ratio > 0 and not args.text_data and not args.demo:
+        p.error("--text-ratio > 0 needs --text-data")
+    return args
+
+
+def smar_config(args: argparse.Namespace) -> smar.SMARConfig:
+    """SMAR's options from the command line (validated by SMARConfig)."""
+    return smar.SMARConfig(
+        smar_weight=args.smar_weight, band=tuple(args.band), lb_weight=args.lb_weight,
+        z_weight=args.z_weight, modality_bias=not args.no_modality_bias, stats=args.stats,
+        accumulate=args.accumulate,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: LLaVA's records -> {"messages": chat turns, "images": image paths}
+
+
+def read_records(path: str) -> list:
+    """The records of a JSON list or a JSONL file."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file; pass the path of a LLaVA-format JSON file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".jsonl"):
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(
+                        f"{path}:{n}: not JSON ({e.msg}); one record per line"
+                    ) from None
+        return records
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}:{e.lineno}:{e.colno}: not JSON ({e.msg}); LLaVA's format is one JSON list of "
+            "records (use .jsonl for one record a line)"
+        ) from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: holds a {type(records).__name__}; expected a list of records")
+    return records
+
+
+def to_example(record, where: str, image_folder: str | None) -> dict:
+    """One LLaVA record as TRL's conversational sample. ``where`` names the record in errors.
+
+    LLaVA puts the image first in the first human turn whatever the place of ``<image>``; so does
+    TRL when a message's content is a string, so ``<image>`` is only counted and removed.
+    """
+    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+        raise DataError(f"{where}: no 'conversations' list; each record is "
+                        '{"id", "image", "conversations": [{"from", "value"}, ...]}')  # fmt: skip
+    images = record.get("image", [])
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise DataError(f"{where}: 'image' must be a path or a list of paths")
+    messages, placeholders = [], 0
+    for n, turn in enumerate(record["conversations"]):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise DataError(f"{where}: turn {n} has no text 'value'; each turn is "
+                            '{"from": "human" | "gpt" | "system", "value": "..."}')  # fmt: skip
+        if turn.get("from") not in ROLES:
+            raise DataError(f"{where}: turn {n} is from {turn.get('from')!r}; use one of "
+                            f"{sorted(ROLES)}")  # fmt: skip
+        placeholders += turn["value"].count(IMAGE)
+        content = turn["value"].replace(IMAGE, "").strip()
+        messages.append({"role": ROLES[turn["from"]], "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no 'gpt' turn; there is nothing to learn from")
+    if placeholders != len(images):
+        raise DataError(
+            f"{where}: {len(images)} image(s) but {placeholders} '{IMAGE}' placeholder(s); put one "
+            f"'{IMAGE}\\n' in the first human turn per image"
+        )
+    paths = [os.path.join(image_folder or "", i) for i in images]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise DataError(f"{where}: image {path} not found; pass --image-folder, the folder "
+                            "its 'image' paths are relative to")  # fmt: skip
+    return {"messages": messages, "images": paths}
+
+
+def load_examples(path: str, image_folder: str | None = None) -> list[dict]:
+    """Every record of a LLaVA-format file, checked (images must exist)."""
+    folder = os.path.dirname(path) if image_folder is None else image_folder
+    out = []
+    for i, record in enumerate(read_records(path)):
+        rid = record.get("id") if isinstance(record, dict) else None
+        where = f"{path}: record {i}" + (f" (id {rid!r})" if rid is not None else "")
+        out.append(to_example(record, where, folder))
+    if not out:
+        raise DataError(f"{path}: no records")
+    return out
+
+
+def mix(examples: list[dict], texts: list[dict], ratio: float, seed: int) -> list[dict]:
+    """Every example plus ``round(n * ratio / (1 - ratio))`` text samples (repeated when the text
+    set is smaller), shuffled: the text samples make up ``ratio`` of the result."""
+    k = round(len(examples) * ratio / (1 - ratio))
+    rng = random.Random(seed)  # the same mix on every rank
+    drawn = []
+    while len(drawn) < k:
+        order = list(range(len(texts)))
+        rng.shuffle(order)
+        drawn += [texts[j] for j in order[: k - len(drawn)]]
+    if k > len(texts):
+        log.info("text set repeated: %d samples drawn from %d", k, len(texts))
+    out = examples + drawn
+    rng.shuffle(out)
+    return out
+
+
+def to_dataset(examples: list[dict]):
+    """A ``datasets.Dataset`` whose images are decoded when a batch is built."""
+    import datasets
+
+    ds = datasets.Dataset.from_list(examples)
+    return ds.cast_column("images", datasets.List(datasets.Image()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def main(argv: list[str] | None = None):
+    """Runs the fine-tuning; returns the trainer (the tests read it)."""
+    args = parse_args(argv)
+    if not args.demo:
+        return run(args)
+    with tempfile.TemporaryDirectory() as demo:
+        args.model, args.data, args.text_data = write_demo(demo)
+        args.output_dir = os.path.join(demo, "out")
+        args.text_ratio = args.text_ratio or 0.25
+        args.max_steps, args.batch_size, args.logging_steps, args.lr = 2, 2, 1, 1e-2
+        return run(args)
+
+
+def run(args: argparse.Namespace):
+    config = smar_config(args)
+    try:
+        examples = load_examples(args.data, args.image_folder)
+        texts = load_examples(args.text_data) if args.text_data else []
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.text_ratio > 0:
+        examples = mix(examples, texts, args.text_ratio, args.seed)
+    train = to_dataset(examples)
+
+    import transformers
+    import trl
+
+    class SMARSFTTrainer(smar.hf.SMARTrainerMixin, trl.SFTTrainer):
+        """TRL's SFTTrainer with SMAR's routing loss, logging and bias saving."""
+
+    model = transformers.AutoModelForImageTextToText.from_pretrained(args.model)
+    processor = transformers.AutoProcessor.from_pretrained(args.model)
+    sft = trl.SFTConfig(
+        args.output_dir,
+        router_aux_loss_coef=0.0,  # see the docstring: TRL's MoE loss fails on LLaVA; SMAR's lb
+        max_length=args.max_length or None,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.lr, num_train_epochs=args.epochs, max_steps=args.max_steps,
+        logging_steps=args.logging_steps, bf16=args.bf16, seed=args.seed, report_to=[],
+        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
+        disable_tqdm=args.demo,
+    )  # fmt: skip
+    trainer = SMARSFTTrainer(
+        model=model, args=sft, train_dataset=train, processing_class=processor, smar_config=config
+    )
+    trainer.train()
+    trainer.save_model(args.output_dir)  # model + processor + smar_bias.safetensors
+    if trainer.is_world_process_zero():
+        trainer.state.save_to_json(os.path.join(args.output_dir, "trainer_state.json"))
+        with open(os.path.join(args.output_dir, "sft_vlm_trl_args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+        for h in trainer.state.log_history:
+            if "loss" in h:
+                terms = {k: round(v, 4) for k, v in h.items() if k == "loss" or "smar/" in k}
+                log.info("step %d %s", h["step"], terms)
+        log.info("saved to %s", args.output_dir)
+    return trainer
+
+
+# ----------------------------------------------------------------------------------------------
+# --demo: a tiny random LLaVA-Qwen3-MoE with its processor, and LLaVA-format data
+
+
+def write_demo_model(folder: str, image_size: int = 16, patch: int = 8) -> str:
+    """Saves a tiny random LLaVA around Qwen3-MoE and its processor (a word-level tokenizer with
+    a chat template, a CLIP image processor) to ``folder``, as a real model folder holds them."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<eos>", "<unk>", IMAGE, "user:", "assistant:", "system:"]
+    words += [f"w{i}" for i in range(64 - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tokenizer.add_tokens([IMAGE], special_tokens=True)  # split out of "<image><image>..."
+    template = (
+        "{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}"
+        "{% if m['role'] == 'assistant' %}<eos> {% endif %}{% endfor %}"
+    )
+    crop = {"height": image_size, "width": image_size}
+    processor = transformers.LlavaProcessor(
+        image_processor=transformers.CLIPImageProcessor(
+            size={"shortest_edge": image_size}, crop_size=crop
+        ),
+        tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=template,
+    )  # fmt: skip
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=1, num_attention_heads=2, image_size=image_size,
+                  patch_size=patch, projection_dim=32)  # fmt: skip
+    text = dict(model_type="qwen3_moe", vocab_size=len(words), hidden_size=32,
+                intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4,
+                num_experts_per_tok=2, max_position_embeddings=256)  # fmt: skip
+    config = transformers.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=words.index(IMAGE),
+        vision_feature_select_strategy="default", image_seq_length=(image_size // patch) ** 2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlavaForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def write_demo(folder: str, n: int = 8) -> tuple[str, str, str]:
+    """The demo's model folder, image JSON (with PNGs) and text JSON; returns their paths."""
+    from PIL import Image
+
+    model = write_demo_model(os.path.join(folder, "model"))
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    records, texts = [], []
+    for i in range(n):
+        color = (37 * i % 256, 91 * i % 256, 53 * i % 256)
+        Image.new("RGB", (20, 16), color).save(os.path.join(folder, "images", f"{i}.png"))
+        records.append({"id": f"img{i}", "image": f"images/{i}.png", "conversations": [
+            {"from": "human", "value": f"{IMAGE}\nw{i} w9"},
+            {"from": "gpt", "value": f"w{10 + i} w{20 + i}"}]})  # fmt: skip
+        texts.append({"id": f"txt{i}", "conversations": [
+            {"from": "human", "value": f"w{30 + i} w9"},
+            {"from": "gpt", "value": f"w{40 + i}"}]})  # fmt: skip
+    for name, rows in (("llava.json", records), ("text.json", texts)):
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(rows, f)
+    return model, os.path.join(folder, "llava.json"), os.path.join(folder, "text.json")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # tests/test_examples.py runs every example in-process, where the command line is pytest's:
+    # there this example runs its demo.
+    main(["--demo"] if "pytest" in sys.modules else None)
