@@ -19,6 +19,7 @@ Shapes legend: L MoE layers, T tokens, E experts, M modalities.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor
 
 from smar.metrics import MODALITY_NAMES, RoutingStats
+from smar.modality import modality_ids, special_token_ids
 
 __all__ = [
     "Source",
@@ -123,7 +125,7 @@ def analyze(source: Source, *, progress: bool = True) -> Analysis:
 
 # ------------------------------------------------------------------------------ Hugging Face
 def read_jsonl(path: str | os.PathLike, max_samples: int | None = None) -> Iterator[dict]:
-    """Samples of a JSONL file one by one, image paths made absolute (relative to the file)."""
+    """Samples of a JSONL file one by one; image paths are relative to the file."""
     path = Path(path)
     n = 0
     with open(path, encoding="utf-8") as f:
@@ -147,7 +149,7 @@ def read_jsonl(path: str | os.PathLike, max_samples: int | None = None) -> Itera
             yield sample
 
 
-def count_samples(path: str | os.PathLike, max_samples: int | None = None) -> int:
+def count_samples(path: str | os.PathLike, max_samples: int | None = None) -> int:  # noqa: D103
     with open(path, encoding="utf-8") as f:
         n = sum(1 for line in f if line.strip())
     return n if max_samples is None else min(n, max_samples)
@@ -177,18 +179,20 @@ class HFEncoder:
     cannot be built (e.g. a video processor that needs torchvision), its tokenizer and image
     processor, each image's placeholder repeated as the processor would."""
 
-    def __init__(self, model_dir: str, config):
+    def __init__(self, model_dir: str, config, mm_token_types: bool = False):
         import transformers
 
-        self.config = config
+        self.config, self.mm_token_types = config, mm_token_types
         self.processor = None
         try:
             proc = transformers.AutoProcessor.from_pretrained(model_dir)
             if isinstance(proc, transformers.ProcessorMixin):
                 self.processor = proc
         except Exception as e:  # noqa: BLE001 (any failure: fall back to the parts)
-            log.warning("AutoProcessor(%s) failed (%s); using tokenizer + image processor",
-                        model_dir, str(e).splitlines()[0][:160])  # fmt: skip
+            why = f"{type(e).__name__}: {str(e).strip()[:160]}"
+            log.warning(
+                "AutoProcessor(%s) failed (%s); tokenizer + image processor", model_dir, why
+            )
         tok = getattr(self.processor, "tokenizer", None)
         self.tokenizer = tok or transformers.AutoTokenizer.from_pretrained(model_dir)
         self.image_processor = getattr(self.processor, "image_processor", None)
@@ -231,8 +235,11 @@ class HFEncoder:
             out = dict(self.image_processor(images=images, return_tensors="pt"))
             counts = iter(self._tokens_per_image(out, len(images)))
             texts = [self._expand(t, counts) for t in texts]
-        enc = self.tokenizer(texts, padding=True, return_tensors="pt")
-        return {**dict(enc), **out}
+        enc = dict(self.tokenizer(texts, padding=True, return_tensors="pt"))
+        if self.mm_token_types:  # what the processor would add (Qwen-VL's M-RoPE needs it)
+            tokens = special_token_ids(self.config)
+            enc["mm_token_type_ids"] = modality_ids(enc["input_ids"], token_ids=tokens)
+        return {**enc, **out}
 
     def _tokens_per_image(self, out: dict, n: int) -> list[int]:
         if "image_grid_thw" in out:  # Qwen-VL style: patches merged merge_size x merge_size
@@ -257,18 +264,16 @@ def hf_source(
     max_samples: int | None = None,
     name: str | None = None,
 ) -> Source:
-    """A Hugging Face model folder and a JSONL file of samples, as a :class:`Source`.
-
-    The model is loaded with :func:`smar.hf.inspect.load_model_dir` (upcycled folders too) and
-    observed with :func:`smar.record`; modality ids come from its inputs (placeholder tokens or
-    ``mm_token_type_ids``), padding is ignored.
-    """
+    """A Hugging Face model folder (loaded by :func:`smar.hf.inspect.load_model_dir`, observed
+    with :func:`smar.record`) and a JSONL file of samples, as a :class:`Source`; modality ids come
+    from the inputs (placeholder tokens or ``mm_token_type_ids``), padding is ignored."""
     from smar.capture import record
     from smar.hf.inspect import load_model_dir
 
     model_dir = str(model_dir)
     model = load_model_dir(model_dir).eval()
-    encoder = HFEncoder(model_dir, model.config)
+    accepts = inspect.signature(model.forward).parameters
+    encoder = HFEncoder(model_dir, model.config, "mm_token_type_ids" in accepts)
     rec = record(model)
     n = count_samples(data, max_samples)
     rec.detach()
@@ -361,15 +366,9 @@ def routing_record(a: Analysis, threshold: float = 0.9) -> dict:
     }
 
 
-def write_analysis(
-    analyses: list[Analysis], out_dir: str | os.PathLike, *, title: str | None = None
-) -> dict[str, Path]:
-    """Writes ``routing.json``, the PNGs and ``index.html`` into ``out_dir``
-    (:func:`smar.html_report.write_report`).
-
-    Returns:
-        ``{"routing": path, "html": path, <plot name>: path, ...}``.
-    """
+def write_analysis(analyses: list[Analysis], out_dir, *, title: str | None = None) -> dict:
+    """Writes ``routing.json``, the PNGs and ``index.html`` into ``out_dir`` and returns their
+    paths by name (see :func:`smar.html_report.write_report`)."""
     from smar.html_report import write_report
 
     return write_report(analyses, Path(out_dir), title=title)

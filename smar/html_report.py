@@ -274,7 +274,7 @@ def _metrics(r: dict) -> dict[str, float]:
     m = {"mean MRD": _mean(r["mrd"] or []), "mean imbalance": _mean(r["imbalance"])}
     for mod in r["modalities"]:
         m[f"entropy {mod}"] = _mean(r["entropy"][mod])
-    m["experts held by one modality"] = float(len(r["exclusive"]))
+    m["experts held by one modality"] = len(r["exclusive"])
     return m
 
 

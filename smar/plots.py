@@ -36,6 +36,12 @@ def _pyplot():
     return plt
 
 
+def _integer_ticks():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def _save(fig, path: str | os.PathLike) -> Path:
     """Writes the figure atomically (temp file, then rename) and closes it."""
     path = Path(path)
@@ -76,6 +82,7 @@ def plot_mrd(
     ax.set_xlabel("MoE layer")
     ax.set_ylabel("MRD (symmetric KL, nats)")
     ax.set_yscale("symlog", linthresh=0.1)
+    ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
@@ -210,6 +217,7 @@ def plot_entropy(
     ax.set_xlabel("MoE layer")
     ax.set_ylabel("entropy / log(E)")
     ax.set_ylim(0.0, 1.05)
+    ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
