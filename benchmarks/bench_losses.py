@@ -6,7 +6,11 @@ the same machine load, and prints the median times and the ratios (target: ours 
 
 - ``separate``: the two functions called on the raw list of per-layer logits;
 - ``prepared``: the same two functions on ``smar.prepare_routing(logits)``, which validates,
-  stacks and soft-maxes the logits once for both (what ``smar.attach`` does).
+  stacks and soft-maxes the logits once for both;
+- ``objective``: ``smar.routing_objective`` (band + balancing from one softmax and one set of
+  sums, what ``smar.attach`` runs), from the logits alone;
+- ``captured``: the same with the experts the routers chose (``RouterCapture.chosen()``: most
+  routers return them), so that no second top-k runs.
 
     python benchmarks/bench_losses.py [--reps 15] [--threads N]
 """
@@ -42,10 +46,29 @@ def candidates(L: int, T: int, E: int, K: int) -> dict:
         band = smar.smar_loss(r, ids, band=(1.5, 2.0))
         (band + smar.load_balancing_loss(r, top_k=K)).backward()
 
+    # what a top-k router returns beside its logits
+    chosen = torch.stack([z.detach().topk(K, dim=-1).indices for z in layers])  # (L, T, K)
+
+    def objective():
+        total, _ = smar.routing_objective(layers, ids, top_k=K, smar_weight=1.0, lb_weight=0.01)
+        total.backward()
+
+    def captured():
+        total, _ = smar.routing_objective(
+            layers, ids, top_k=K, smar_weight=1.0, lb_weight=0.01, chosen=chosen
+        )
+        total.backward()
+
     def hf():
         load_balancing_loss_func(layers, E, K).backward()
 
-    return {"separate": separate, "prepared": prepared, "hf": hf}
+    return {
+        "separate": separate,
+        "prepared": prepared,
+        "objective": objective,
+        "captured": captured,
+        "hf": hf,
+    }
 
 
 def measure(fns: dict, reps: int) -> dict[str, float]:
@@ -69,16 +92,17 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.reps} reps")
-    print(
-        f"{'L':>3} {'T':>5} {'E':>3} {'K':>2} | {'separate':>8} {'prepared':>8} {'HF':>8} ms | "
-        "separate/HF prepared/HF"
-    )
+    names = ("separate", "prepared", "objective", "captured")
+    print(f"{'L':>3} {'T':>5} {'E':>3} {'K':>2} | " + " ".join(f"{n:>9}" for n in names)
+          + f" {'HF':>7} ms | ratios to HF")  # fmt: skip
     for L, T, E, K in SHAPES:
         ms = measure(candidates(L, T, E, K), args.reps)
-        sep, prep, hf = ms["separate"], ms["prepared"], ms["hf"]
+        hf = ms["hf"]
         print(
-            f"{L:>3} {T:>5} {E:>3} {K:>2} | {sep:8.1f} {prep:8.1f} {hf:8.1f}    | "
-            f"{sep / hf:10.2f}x {prep / hf:10.2f}x"
+            f"{L:>3} {T:>5} {E:>3} {K:>2} | "
+            + " ".join(f"{ms[n]:9.1f}" for n in names)
+            + f" {hf:7.1f}    | "
+            + " ".join(f"{n} {ms[n] / hf:.2f}x" for n in names)
         )
 
 

@@ -71,10 +71,13 @@ def check_lb_variant(variant: str) -> None:
         raise ValueError(f"variant must be one of {_LB_VARIANTS}; got {variant!r}")
 
 
-def lb_sums(r: Routing, *, top_k: int, mask: Tensor | None) -> dict[str, Tensor]:
+def lb_sums(
+    r: Routing, *, top_k: int, mask: Tensor | None, chosen: Tensor | None = None
+) -> dict[str, Tensor]:
     """The sums load balancing is a function of: ``lb_counts`` (L, E), top-k slots per expert
     (no gradient); ``lb_probs`` (L, E), router probabilities summed over tokens; ``lb_tokens``
-    (), the tokens that count."""
+    (), the tokens that count. ``chosen`` ``(L, T, K)``: the experts the routers chose (read
+    from their outputs), counted instead of a top-k of the probabilities."""
     z = r.logits
     L, T, E = z.shape
     check_top_k(top_k, E)
@@ -83,7 +86,14 @@ def lb_sums(r: Routing, *, top_k: int, mask: Tensor | None) -> dict[str, Tensor]
     w = None if w is None else w.to(probs.dtype)
     # Top-k of the probabilities (as transformers does, so that ties break alike); unsorted is
     # faster and the order does not matter for counting.
-    chosen = torch.topk(probs.detach(), top_k, dim=-1, sorted=False).indices  # (L, T, K)
+    if chosen is None:
+        chosen = torch.topk(probs.detach(), top_k, dim=-1, sorted=False).indices  # (L, T, K)
+    elif tuple(chosen.shape) != (L, T, top_k):
+        raise ValueError(
+            f"chosen must have shape (L, T, K) = {(L, T, top_k)}; got {tuple(chosen.shape)}"
+        )
+    else:
+        chosen = chosen.to(device=z.device, dtype=torch.long)
     slot_w = (
         torch.ones(1, 1, 1, dtype=probs.dtype, device=z.device).expand(L, T, top_k)
         if w is None

@@ -36,6 +36,23 @@ from smar.modality import (
 __all__ = ["RouterCapture", "record"]
 
 
+def _choice_in(output, num_tokens: int, top_k: int) -> Tensor | None:
+    """The selected experts ``(T, K)`` in a router's output tuple: its one integer tensor of
+    ``T * K`` elements shaped ``(..., K)``, else None."""
+    if not isinstance(output, (tuple, list)):
+        return None
+    found = [
+        x
+        for x in output
+        if isinstance(x, Tensor)
+        and not x.is_floating_point()
+        and x.dim() >= 2
+        and x.shape[-1] == top_k
+        and x.numel() == num_tokens * top_k
+    ]
+    return found[0].reshape(num_tokens, top_k) if len(found) == 1 else None
+
+
 class ModalityState:
     """The modality ids of the current forward, shared by the hooks and the bias wrappers."""
 
@@ -117,6 +134,7 @@ class RouterCapture:
         self.token_ids = special_token_ids(getattr(model, "config", None))
         self._state = ModalityState()
         self._logits: dict[int, Tensor] = {}
+        self._chosen: dict[int, Tensor] = {}  # the experts each router chose, where it says
         self._handles: list = []
         self._hook_routers()
         self._handles.append(
@@ -155,12 +173,17 @@ class RouterCapture:
                 z = module.last_logits
                 self._logits[site.layer] = z.reshape(-1, z.shape[-1])  # (T, E)
                 return
-            self._logits[site.layer] = site.adapter.logits(output)  # (T, E)
+            z = site.adapter.logits(output)  # (T, E)
+            self._logits[site.layer] = z
+            chosen = _choice_in(output, z.shape[0], site.top_k)
+            if chosen is not None:
+                self._chosen[site.layer] = chosen
 
         return hook
 
     def _before_forward(self, module, args, kwargs):
         self._logits = {}
+        self._chosen = {}
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(input_ids, Tensor):
             input_ids = None
@@ -225,6 +248,15 @@ class RouterCapture:
                 "(and before detach)"
             )
         return [self._logits[layer] for layer in sorted(self._logits)]
+
+    def chosen(self) -> list[Tensor] | None:
+        """The experts each router chose in the last forward, ``(T, K)`` per layer in the order
+        of :meth:`logits`, read from the routers' own outputs (most transformers routers return
+        them beside the logits); None unless every router did. The balancing loss counts these
+        instead of computing a second top-k."""
+        if not self._chosen or sorted(self._chosen) != sorted(self._logits):
+            return None
+        return [self._chosen[layer] for layer in sorted(self._chosen)]
 
     @property
     def captured_layers(self) -> list[int]:

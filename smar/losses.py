@@ -221,6 +221,7 @@ def routing_objective(
     router: str = "softmax",
     group=None,
     step_sums: StepSums | None = None,
+    chosen: Tensor | Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The routing part of SMAR's objective, and its unweighted terms, from one forward.
 
@@ -240,6 +241,8 @@ def routing_objective(
             the global batch (z-loss and LIMoE stay per token, local).
         step_sums: a :class:`smar.collective.StepSums`: the band loss, MRD and load balancing
             over the micro-batches of the optimizer step so far.
+        chosen: the experts the routers chose, ``(T, K)`` per layer or ``(L, T, K)`` (e.g.
+            :meth:`smar.RouterCapture.chosen`): load balancing counts them instead of a top-k.
         Others: as in :func:`smar_loss`, :func:`load_balancing_loss`.
 
     Returns:
@@ -262,7 +265,9 @@ def routing_objective(
     # The sums of this forward, made global and pooled over the step: one all-reduce in all.
     parts: dict[str, Tensor] = {}
     if lb_weight:
-        parts.update(lb_sums(r, top_k=top_k, mask=mask))
+        if isinstance(chosen, (list, tuple)):
+            chosen = torch.stack(list(chosen))  # (L, T, K)
+        parts.update(lb_sums(r, top_k=top_k, mask=mask, chosen=chosen))
     if modality_ids is not None:
         ids = modality_ids_flat(modality_ids, r.shape[1])
         mods = check_modalities((text, image), "text and image")

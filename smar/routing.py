@@ -282,6 +282,7 @@ class Regularizer(RouterCapture):
             router=self.router,
             group=default_group(c.stats, c.group),
             step_sums=self._step_sums if training else None,
+            chosen=self.chosen() if c.lb_weight else None,
         )
         self._terms = {k: v.detach() for k, v in terms.items()}
         self._terms["total"] = total.detach()
