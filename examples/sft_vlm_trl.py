@@ -40,7 +40,9 @@ The TRL settings this needs (TRL 1.x), and why:
   what TRL 1.x does by itself for vision data), keeps ``messages`` and ``images`` for the
   collator, and builds ``DataCollatorForVisionLanguageModeling``, which runs the processor's
   chat template and image processing per batch (a batch of text samples only has no images).
-  The images are decoded lazily by ``datasets.Image``.
+  The images are decoded lazily by ``datasets.Image``. That collator labels every
+  non-padding token, the image placeholders included; the example wraps it to leave them out
+  of the loss (:class:`MaskImageTokens`).
 * ``max_length``: the collator truncates after the processor has expanded ``<image>`` into the
   image's tokens; if it cuts into them TRL stops with "max_length is too short". Leave room for
   the image tokens (``--max-length 0`` turns truncation off).
@@ -246,6 +248,19 @@ def to_dataset(examples: list[dict]):
 # Training
 
 
+class MaskImageTokens:
+    """TRL's vision collator with the image placeholder tokens taken out of the loss (TRL 1.x
+    labels every non-padding token, so the model would learn to predict the placeholders)."""
+
+    def __init__(self, collator, image_token_id: int):
+        self.collator, self.image_token_id = collator, image_token_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = self.collator(examples)
+        batch["labels"][batch["input_ids"] == self.image_token_id] = -100  # (B, S)
+        return batch
+
+
 def main(argv: list[str] | None = None):
     """Runs the fine-tuning; returns the trainer (the tests read it)."""
     args = parse_args(argv)
@@ -293,6 +308,9 @@ def run(args: argparse.Namespace):
     trainer = SMARSFTTrainer(
         model=model, args=sft, train_dataset=train, processing_class=processor, smar_config=config
     )
+    image_token_id = getattr(processor, "image_token_id", None)
+    if image_token_id is not None:  # wrapped after TRL built it (and set the pad token)
+        trainer.data_collator = MaskImageTokens(trainer.data_collator, image_token_id)
     trainer.train()
     trainer.save_model(args.output_dir)  # model + processor + smar_bias.safetensors
     if trainer.is_world_process_zero():

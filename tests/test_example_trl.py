@@ -89,6 +89,9 @@ def test_trains_logs_smar_and_saves_a_bias_that_reloads(folders):
     # the reloaded model (plain from_pretrained + the bias) computes what the trained one did
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
     assert "pixel_values" in batch
+    image = batch["input_ids"] == trainer.processing_class.image_token_id  # (B, S)
+    assert image.any() and (batch["labels"][image] == -100).all()  # placeholders: not learned
+    assert (batch["labels"][~image & (batch["attention_mask"] == 1)] != -100).all()
     with torch.no_grad():
         a = trainer.model.eval()(**batch).logits
         b = model(**batch).logits
