@@ -398,6 +398,4 @@ def write_demo(folder: str, n: int = 8) -> tuple[str, str, str]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    # tests/test_examples.py runs every example in-process, where the command line is pytest's:
-    # there this example runs its demo.
-    main(["--demo"] if "pytest" in sys.modules else None)
+    main()

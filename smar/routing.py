@@ -166,8 +166,9 @@ def balancing_loss_in_model(model: nn.Module) -> str | None:
             return (
                 f"{type(model).__name__} adds its own load-balancing loss "
                 f"({where}.output_router_logits=True, router_aux_loss_coef={coef}); set "
-                f"model.{where}.output_router_logits=False, or SMARConfig(lb_weight=0) to keep "
-                "the model's"
+                f"model.{where}.output_router_logits=False (with TRL's SFTTrainer, which turns "
+                "it back on from its own setting: SFTConfig(router_aux_loss_coef=0.0)), or "
+                "SMARConfig(lb_weight=0) to keep the model's"
             )
     return None
 
