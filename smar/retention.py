@@ -1,0 +1,350 @@
+"""Language retention measured with lm-evaluation-harness: both models on the same tasks, a
+score per task, retention per task (tuned / base, on a higher-is-better score), the mean and the
+mean without the task that moved most, as JSON.
+
+A model is an ``lm_eval.api.model.LM`` object or a local Hugging Face model folder (served by
+lm-eval's own ``"hf"`` model). Tasks are lm-eval task, group or tag names: the installed
+harness's (MMLU, GSM8K, ... wherever their data can be reached) and local ones from
+``include_path`` (YAML + local JSONL). lm-eval is imported only here, inside the functions.
+
+For a lower-is-better metric (bits per byte, perplexity) the score is its inverse, so that
+retention is always ``score_tuned / score_base`` and 1.0 means nothing moved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+__all__ = [
+    "make_task_manager",
+    "check_tasks",
+    "evaluate_tasks",
+    "task_scores",
+    "summarize",
+    "measure_retention",
+    "add_parser",
+    "main",
+]
+
+log = logging.getLogger(__name__)
+
+# the metric a task is scored by when none is named: the first of these it reports
+PRIMARY = ("acc", "exact_match", "pass@1", "bits_per_byte", "f1", "acc_norm", "mcc")
+LOWER_IS_BETTER = ("bits_per_byte", "byte_perplexity", "word_perplexity", "perplexity")
+
+
+def make_task_manager(include_path=None, *, local_only: bool = False):
+    """lm-eval's ``TaskManager`` over ``include_path`` (a folder or a list of folders) and, unless
+    ``local_only``, every task of the installed harness (indexing those takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None and not isinstance(include_path, (str, Path)):
+        include_path = [str(p) for p in include_path]
+    elif include_path is not None:
+        include_path = str(include_path)
+    return TaskManager(include_path=include_path, include_defaults=not local_only)
+
+
+def check_tasks(tasks: Sequence[str], task_manager) -> None:
+    """Raises ``ValueError`` naming each task lm-eval does not know, with close names."""
+    if not tasks:
+        raise ValueError("no task given; fix: name lm-eval tasks, e.g. --tasks mmlu,gsm8k")
+    known = set(task_manager.all_tasks)
+    for t in tasks:
+        if t not in known:
+            close = difflib.get_close_matches(t, sorted(known), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ValueError(
+                f"unknown lm-eval task {t!r}{hint}; fix: check the name (`lm-eval ls tasks`) or "
+                "pass --include-path with the folder of its YAML"
+            )
+
+
+def _open_model(model, batch_size: int | None):
+    """``(model, model_args)`` for ``simple_evaluate``: an LM object as is, a local Hugging Face
+    folder as lm-eval's ``"hf"`` model; anything else a ``ValueError`` naming the fix."""
+    from lm_eval.api.model import LM
+
+    if isinstance(model, LM):
+        return model, None
+    d = Path(model)
+    if not d.is_dir():
+        raise ValueError(f"model folder {d} does not exist; fix: pass a local model folder")
+    try:
+        cfg = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError):
+        raise ValueError(
+            f"{d} has no readable config.json: not a model folder; fix: pass a Hugging Face "
+            "model folder (config.json + weights), e.g. one written by save_pretrained"
+        ) from None
+    if not isinstance(cfg, dict) or not ("model_type" in cfg or "architectures" in cfg):
+        raise ValueError(
+            f"{d}/config.json names no model_type: not a Hugging Face model folder; fix: pass "
+            "one, or for a testbed run or stage folder use `smar retention` (it serves the "
+            "testbed model) or smar.testbed.lm_eval_tasks.TestbedLM"
+        )
+    args = f"pretrained={d}"
+    return "hf", args if batch_size is None else f"{args},batch_size={batch_size}"
+
+
+def evaluate_tasks(
+    model,
+    tasks: Sequence[str],
+    *,
+    include_path=None,
+    limit: int | float | None = None,
+    batch_size: int | None = None,
+    metrics: Mapping[str, str] | None = None,
+    task_manager=None,
+) -> dict[str, dict]:
+    """Runs lm-eval's ``simple_evaluate`` on one model and returns its score per task.
+
+    Args:
+        model: an ``lm_eval.api.model.LM`` or a local Hugging Face model folder.
+        tasks: lm-eval task, group or tag names.
+        include_path: folder(s) of local task YAMLs.
+        limit: documents per task (lm-eval's ``limit``; for quick checks only).
+        batch_size: passed to lm-eval's ``"hf"`` model.
+        metrics: ``task -> metric`` (e.g. ``{"hellaswag": "acc_norm"}``); default
+            :data:`PRIMARY`.
+        task_manager: a ``TaskManager`` to reuse (it indexes every task once).
+
+    Returns:
+        :func:`task_scores` of the run.
+    """
+    import lm_eval
+
+    tm = task_manager or make_task_manager(include_path)
+    check_tasks(tasks, tm)
+    lm, model_args = _open_model(model, batch_size)
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        model_args=model_args,
+        tasks=list(tasks),
+        task_manager=tm,
+        limit=limit,
+        bootstrap_iters=0,  # no stderr: retention is a ratio of two point estimates
+        log_samples=False,
+        verbosity="WARNING",
+    )
+    return task_scores(out, tasks, metrics)
+
+
+def _metric(row: Mapping, wanted: str | None, task: str) -> str | None:
+    keys = [k for k in row if "," in k and "_stderr" not in k and _number(row[k])]
+    names = [wanted] if wanted else list(PRIMARY)
+    for name in names:
+        for k in keys:
+            if k.split(",")[0] == name:
+                return k
+    if wanted:
+        have = sorted({k.split(",")[0] for k in keys})
+        raise ValueError(f"task {task!r} reports no metric {wanted!r}; it reports {have}")
+    return keys[0] if keys else None
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def task_scores(
+    results: Mapping, tasks: Sequence[str], metrics: Mapping[str, str] | None = None
+) -> dict[str, dict]:
+    """Score per task from lm-eval's results dict: a task or a group with an aggregate score is
+    one entry; a group without one or a tag gives one entry per task in it.
+
+    Returns:
+        ``task -> {"metric", "value", "higher_is_better", "score"}`` where ``score`` is
+        ``value``, or ``1 / value`` for a lower-is-better metric.
+    """
+    metrics = metrics or {}
+    rows, groups = results["results"], results.get("group_subtasks", {})
+    hib = results.get("higher_is_better", {})
+    configs = results.get("configs", {})
+    out: dict[str, dict] = {}
+
+    def add(name: str, metric: str | None = None) -> None:
+        row = rows.get(name, {})
+        key = _metric(row, metrics.get(name, metric), name)
+        if key is None:
+            members = groups.get(name) or [
+                t for t, c in configs.items() if name in _as_list(c.get("tag"))
+            ]
+            if not members:
+                raise ValueError(f"lm-eval returned no score for task {name!r}")
+            for m in members:
+                add(m, metrics.get(name))
+            return
+        base = key.split(",")[0]
+        higher = hib.get(name, {}).get(base, base not in LOWER_IS_BETTER)
+        value = float(row[key])
+        if not higher and not value > 0:
+            raise ValueError(f"task {name!r}: {key} is {value}, cannot invert it into a score")
+        score = value if higher else 1.0 / value
+        out[name] = {"metric": key, "value": value, "higher_is_better": higher, "score": score}
+
+    for t in tasks:
+        add(t)
+    return out
+
+
+def _as_list(x) -> list:
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def summarize(base: Mapping[str, dict], tuned: Mapping[str, dict]) -> dict:
+    """Retention per task (``tuned score / base score``), the mean, the mean without the task
+    that moved most (largest ``|retention - 1|``) and that task, as a JSON-ready dict."""
+    missing = sorted(set(base) ^ set(tuned))
+    if missing:
+        raise ValueError(f"tasks scored for one model only: {missing}")
+    tasks = {}
+    for name, b in base.items():
+        t = tuned[name]
+        if not b["score"] > 0:
+            raise ValueError(
+                f"the base model scores {b['value']} on {name!r}: retention needs a score > 0"
+            )
+        tasks[name] = {
+            "metric": b["metric"],
+            "higher_is_better": b["higher_is_better"],
+            "base": b["value"],
+            "tuned": t["value"],
+            "retention": t["score"] / b["score"],
+        }
+    ret = {k: v["retention"] for k, v in tasks.items()}
+    out = {"tasks": tasks, "mean": sum(ret.values()) / len(ret)}
+    if len(ret) >= 2:
+        worst = max(ret, key=lambda k: abs(ret[k] - 1.0))
+        rest = [v for k, v in ret.items() if k != worst]
+        out.update(mean_wo_outlier=sum(rest) / len(rest), outlier=worst)
+    else:
+        out.update(mean_wo_outlier=None, outlier=None)  # one task: nothing left to average
+    return out
+
+
+def measure_retention(
+    base,
+    tuned,
+    tasks: Sequence[str],
+    *,
+    include_path=None,
+    limit: int | float | None = None,
+    batch_size: int | None = None,
+    metrics: Mapping[str, str] | None = None,
+    task_manager=None,
+    local_only: bool = False,
+) -> dict:
+    """Both models on ``tasks`` (see :func:`evaluate_tasks` for the arguments; ``local_only``:
+    see :func:`make_task_manager`) and their :func:`summarize`, plus the task list and lm-eval's
+    version."""
+    from importlib.metadata import version
+
+    for m in (base, tuned):  # both models and every task checked before either runs
+        _open_model(m, batch_size)
+    tm = task_manager or make_task_manager(include_path, local_only=local_only)
+    check_tasks(tasks, tm)
+    kw = dict(limit=limit, batch_size=batch_size, metrics=metrics, task_manager=tm)
+    b = evaluate_tasks(base, tasks, **kw)
+    t = evaluate_tasks(tuned, tasks, **kw)
+    return {
+        **summarize(b, t),
+        "requested": list(tasks),
+        "limit": limit,
+        "lm_eval_version": version("lm_eval"),
+    }
+
+
+# ------------------------------------------------------------------------------------- command
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds ``smar retention`` to an argparse subparsers object and returns its parser."""
+    p = subparsers.add_parser(
+        "retention",
+        help="language retention of a tuned model with lm-evaluation-harness",
+        description="Scores --base and --tuned on lm-eval tasks and writes retention per task, "
+        "the mean and the mean without the most-moved task as JSON.",
+    )
+    p.add_argument("--base", required=True, help="model folder before tuning")
+    p.add_argument("--tuned", required=True, help="model folder after tuning")
+    p.add_argument(
+        "--tasks",
+        required=True,
+        help="comma-separated lm-eval tasks, groups or tags (testbed folders: testbed_text)",
+    )
+    p.add_argument("--include-path", action="append", help="folder of local task YAMLs")
+    p.add_argument(
+        "--metric", action="append", default=[], help="TASK=METRIC, e.g. hellaswag=acc_norm"
+    )
+    p.add_argument("--limit", type=float, help="documents per task (quick checks only)")
+    p.add_argument("--batch-size", type=int, help="batch size of the model")
+    p.add_argument("--out", help="JSON file to write (default: print it)")
+    p.add_argument(
+        "--local-only",
+        action="store_true",
+        help="only tasks from --include-path and testbed folders (skips indexing lm-eval's own)",
+    )
+    p.add_argument("--tasks-dir", help="where testbed tasks are exported (default: a temp dir)")
+    p.set_defaults(func=main)
+    return p
+
+
+OpenModels = Callable[..., "tuple | None"]
+
+
+def main(args: argparse.Namespace, *, open_models: OpenModels | None = None) -> int:
+    """``smar retention``: 0 on success; an expected error prints one line, exit code 2.
+
+    ``open_models(base, tuned, workdir, batch_size=)`` may serve folders this library does not
+    know (the CLI passes ``smar.testbed.lm_eval_tasks.open_pair``): it returns ``(base_lm,
+    tuned_lm, include_path)`` or None.
+    """
+    try:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        metrics = {}
+        for m in args.metric:
+            task, sep, metric = m.partition("=")
+            if not sep or not task or not metric:
+                raise ValueError(f"--metric {m!r} is not TASK=METRIC")
+            metrics[task] = metric
+        limit = args.limit
+        if limit is not None and limit >= 1:
+            limit = int(limit)
+        with tempfile.TemporaryDirectory(prefix="smar-tasks-") as tmp:
+            base, tuned, include = args.base, args.tuned, list(args.include_path or [])
+            if open_models is not None:
+                for f in (base, tuned):
+                    if not Path(f).is_dir():
+                        raise ValueError(f"model folder {f} does not exist; fix: pass its path")
+                bs = args.batch_size or 256
+                opened = open_models(base, tuned, args.tasks_dir or tmp, batch_size=bs)
+                if opened is not None:
+                    base, tuned, extra = opened
+                    include.append(str(extra))
+            report = measure_retention(
+                base,
+                tuned,
+                tasks,
+                include_path=include or None,
+                limit=limit,
+                batch_size=args.batch_size,
+                metrics=metrics,
+                local_only=args.local_only,
+            )
+        report = {"base": str(args.base), "tuned": str(args.tuned), **report}
+    except ValueError as e:
+        print(f"smar: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        log.info("wrote %s", args.out)
+    else:
+        print(text)
+    return 0
