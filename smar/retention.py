@@ -90,7 +90,11 @@ def _open_model(model, batch_size: int | None):
             "one, or for a testbed run or stage folder use `smar retention` (it serves the "
             "testbed model) or smar.testbed.lm_eval_tasks.TestbedLM"
         )
-    args = f"pretrained={d}"
+    import lm_eval.models  # noqa: F401  (registers "hf": lm-eval skips it once any model is)
+    import torch
+
+    # lm-eval's "hf" model asks for CUDA unless told otherwise
+    args = f"pretrained={d},device={'cuda' if torch.cuda.is_available() else 'cpu'}"
     return "hf", args if batch_size is None else f"{args},batch_size={batch_size}"
 
 

@@ -241,3 +241,32 @@ def test_smoke_pipeline_retention_matches_its_results(tmp_path, monkeypatch):
             mine = row[who] if row["higher_is_better"] else 1 / row[who]
             assert mine == pytest.approx(scores[TASKS[task]], rel=1e-6), (who, task)
     assert math.isfinite(report["mean"]) and report["outlier"] in TASKS
+
+
+@pytest.mark.slow
+def test_hf_folder_is_served_by_lm_evals_hf_model(tiny, tmp_path):
+    """A local Hugging Face folder (a tiny random Llama with the testbed's tokenizer) goes
+    through lm-eval's own "hf" model; against itself it retains 1.0."""
+    transformers = pytest.importorskip("transformers")
+    tok = tiny["tok"]
+    cfg = transformers.LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_id,
+        eos_token_id=tok.eos_id,
+        pad_token_id=tok.pad_id,
+    )
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok._tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    ).save_pretrained(tmp_path)
+    out = retention.measure_retention(
+        tmp_path, tmp_path, [GROUP], task_manager=tiny["tm"], limit=20
+    )
+    assert set(out["tasks"]) == set(TASKS)
+    assert all(t["retention"] == 1.0 for t in out["tasks"].values())

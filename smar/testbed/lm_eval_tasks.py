@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lm_eval.models  # noqa: F401  (lm-eval loads its own models only while none is registered)
 import torch
 import torch.nn.functional as F
 from lm_eval.api.model import LM
