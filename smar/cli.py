@@ -22,7 +22,7 @@ import traceback
 
 log = logging.getLogger("smar")
 
-COMMANDS = ("demo", "inspect", "sweep")
+COMMANDS = ("analyze", "demo", "inspect", "retention", "sweep")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,6 +38,7 @@ def _demo(args: argparse.Namespace) -> int:
     from smar.testbed.overrides import apply_overrides
     from smar.testbed.pipeline import run_pipeline
 
+    _refuse_torchrun("demo")
     cfg = smoke_config() if args.smoke else demo_config()
     if args.out:
         cfg.out = args.out
@@ -45,6 +46,35 @@ def _demo(args: argparse.Namespace) -> int:
     result = run_pipeline(cfg, quiet=args.quiet)
     print(f"report: {cfg.out}/report.md ({result['timings']['total_s']:.0f} s)")
     return 0
+
+
+def _refuse_torchrun(command: str) -> None:
+    """The testbed runs in one process (its stage-3 runs already use worker processes): under
+    torchrun every rank would train the same runs and write the same files."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        from smar.testbed.errors import UsageError
+
+        raise UsageError(
+            f"smar {command} runs in one process, not under torchrun (WORLD_SIZE={world}): every "
+            "rank would train the same stage-3 runs and write the same files",
+            f"run `smar {command}` directly; its stage-3 runs use `workers=` processes "
+            "(e.g. workers=4)",
+        )
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from smar.analyze import main as analyze_main
+    from smar.testbed.analyze_run import load_runs
+
+    return analyze_main(args, run_loader=load_runs)
+
+
+def _retention(args: argparse.Namespace) -> int:
+    from smar.retention import main as retention_main
+    from smar.testbed.lm_eval_tasks import open_pair
+
+    return retention_main(args, open_models=open_pair)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="arms x seeds x text ratios x bands x learning rates")
     sweep.add_argument("overrides", nargs="*", help="e.g. seeds=0,1,2 bands=1.5:2,0:0")
     sweep.set_defaults(func=_sweep)
+
+    from smar.analyze import add_parser as add_analyze
+    from smar.retention import add_parser as add_retention
+
+    add_analyze(sub)
+    sub.choices["analyze"].set_defaults(func=_analyze)
+    add_retention(sub)
+    sub.choices["retention"].set_defaults(func=_retention)
     return p
 
 
@@ -125,6 +163,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from smar.testbed.sweep import sweep_main
 
+    _refuse_torchrun("sweep")
     return sweep_main(args)
 
 

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from smar.atomic import publish
+
 __all__ = ["Section", "Table", "write_html", "render_html", "write_report", "SECTIONS"]
 
 # Every page of ``smar analyze`` has these sections (a note where one does not apply).
@@ -160,7 +162,7 @@ def write_html(
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, out / name)
+        publish(tmp, out / name)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -317,7 +319,7 @@ def _history(records, out: Path, paths: dict, plots) -> Section:
             title=f"MRD per MoE layer over training steps: {r['name']}")  # fmt: skip
         images.append((paths[f"history_{slug}"], f"{r['name']}: MRD over training steps"))
         last = hist[-1]
-        rows.append([r["name"], last["step"]] + [float(v) for v in last["mrd"]])
+        rows.append([r["name"], last["step"]] + [_nan(v) for v in last["mrd"]])
     if not images:
         return Section("history", "MRD over training steps",
                        ["No training history: these are not testbed runs."])  # fmt: skip

@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from smar.atomic import publish
+
 __all__ = [
     "plot_mrd",
     "plot_retention_vs_accuracy",
@@ -50,7 +52,7 @@ def _save(fig, path: str | os.PathLike) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -278,7 +280,7 @@ def plot_mrd_history(
         ax.axhspan(band[0], band[1], color="tab:green", alpha=0.15, label=f"band {tuple(band)}")
     steps = [int(h["step"]) for h in rows]
     for layer in range(len(rows[0]["mrd"])):
-        values = [float(h["mrd"][layer]) if layer < len(h["mrd"]) else float("nan") for h in rows]
+        values = [_value(h["mrd"], layer) for h in rows]
         ax.plot(steps, values, marker=".", label=f"layer {layer}")
     ax.set_xlabel("training step")
     ax.set_ylabel("MRD (symmetric KL, nats)")
@@ -287,6 +289,13 @@ def plot_mrd_history(
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def _value(values, i: int) -> float:
+    """``values[i]`` as a float; NaN where it is missing or null (an MRD where a modality was
+    absent is written as JSON null)."""
+    v = values[i] if i < len(values) else None
+    return float("nan") if v is None else float(v)
 
 
 def plot_retention_vs_accuracy(

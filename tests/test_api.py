@@ -34,7 +34,11 @@ def test_public_api_is_pinned():
 def test_cli_commands_are_pinned():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    assert sorted(sub.choices) == sorted(cli.COMMANDS) == ["demo", "inspect", "sweep"]
+    assert (
+        sorted(sub.choices)
+        == sorted(cli.COMMANDS)
+        == ["analyze", "demo", "inspect", "retention", "sweep"]
+    )
 
 
 def test_import_smar_needs_only_torch():
@@ -56,4 +60,9 @@ def test_cli_options_are_pinned():
         "demo": ["--help", "--out", "--quiet", "--smoke", "-h", "overrides"],
         "inspect": ["--adapter", "--help", "-h", "model_dir"],
         "sweep": ["--help", "-h", "overrides"],
+        "analyze": ["--batch-size", "--data", "--help", "--max-samples", "--out", "--quiet", "-h",
+                    "dirs"],
+        "retention": ["--base", "--batch-size", "--help", "--include-path", "--limit",
+                      "--local-only", "--metric", "--out", "--tasks", "--tasks-dir", "--tuned",
+                      "-h"],
     }

@@ -141,3 +141,21 @@ def test_library_says_a_missing_local_folder():
 
     with pytest.raises(FileNotFoundError, match="no such directory"):
         load_model_dir("/no/such/model", weights=False)
+
+
+@pytest.mark.parametrize("command", [["demo", "--smoke"], ["sweep"]])
+def test_the_testbed_refuses_torchrun(command, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli.main(command) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "not under torchrun (WORLD_SIZE=2)" in err and "fix: run `smar" in err
+
+
+def test_analyze_and_retention_answer_bad_input_in_one_line(tmp_path, capsys):
+    assert cli.main(["analyze", str(tmp_path / "missing")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    code = cli.main(["retention", "--base", str(tmp_path / "a"), "--tuned", str(tmp_path / "b"),
+                     "--tasks", "x"])  # fmt: skip
+    assert code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

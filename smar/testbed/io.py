@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from smar.atomic import publish
 from smar.testbed.errors import CorruptFile
 
 __all__ = [
@@ -60,7 +61,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     finally:
         ACTIVE_TEMP.discard(tmp)
         if os.path.exists(tmp):

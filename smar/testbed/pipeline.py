@@ -1,5 +1,6 @@
 """The testbed pipeline (SPEC section 5) end to end: data, stages 0-2 (cached), the stage-1
-evaluation, every stage-3 job, ``results.json``, the report and its plots.
+evaluation, every stage-3 job, ``results.json``, the report and its plots, and the routing
+of every run (``analysis/index.html``, as ``smar analyze`` writes it).
 
 Stages 0-2 are cached in ``cache_dir()/stages`` under a hash of every config they depend on, so
 runs with the same early config reuse them. Stage-3 runs are independent processes
@@ -10,6 +11,7 @@ runs with the same early config reuse them. Stage-3 runs are independent process
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from pathlib import Path
@@ -25,6 +27,8 @@ from smar.testbed.report import write_report
 from smar.testbed.scoring import unigram_bits_per_byte
 from smar.testbed.stages import final_stage, stage_align, stage_dir, stage_instruct
 from smar.testbed.validate import validate_config
+
+log = logging.getLogger(__name__)
 
 
 def image_text_ratio(cfg: RunConfig, bundle: Bundle, n: int = 400) -> float:
@@ -123,4 +127,10 @@ def run_pipeline(cfg: RunConfig, *, quiet: bool = False) -> dict:
     }
     write_json(out / "results.json", summary)
     write_report(summary, out)
+    try:  # the routing of every run, seen: analysis/index.html (smar analyze on this folder)
+        from smar.testbed.analyze_run import write_run_html
+
+        write_run_html(out, quiet=quiet)
+    except ImportError as e:  # matplotlib missing: report.md says the rest
+        log.warning("no analysis/index.html: %s", e)
     return summary
