@@ -36,10 +36,20 @@ from smar.modality import (
 __all__ = ["RouterCapture", "record"]
 
 
-def _choice_in(output, num_tokens: int, top_k: int) -> Tensor | None:
+def _top_k(site: RouterSite) -> int | None:
+    """The router's top-k, looked up once (None when it cannot be told)."""
+    if "top_k" not in site.extra:
+        try:
+            site.extra["top_k"] = site.top_k
+        except (ValueError, AttributeError):
+            site.extra["top_k"] = None
+    return site.extra["top_k"]
+
+
+def _choice_in(output, num_tokens: int, top_k: int | None) -> Tensor | None:
     """The selected experts ``(T, K)`` in a router's output tuple: its one integer tensor of
     ``T * K`` elements shaped ``(..., K)``, else None."""
-    if not isinstance(output, (tuple, list)):
+    if top_k is None or not isinstance(output, (tuple, list)):
         return None
     found = [
         x
@@ -175,7 +185,11 @@ class RouterCapture:
                 return
             z = site.adapter.logits(output)  # (T, E)
             self._logits[site.layer] = z
-            chosen = _choice_in(output, z.shape[0], site.top_k)
+            chosen = (
+                _choice_in(output, z.shape[0], _top_k(site))
+                if isinstance(output, (tuple, list))
+                else None
+            )
             if chosen is not None:
                 self._chosen[site.layer] = chosen
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from smar.analyze import Source, analyze, write_analysis
+from smar.analyze import AnalyzeError, Source, analyze, write_analysis
 from smar.testbed.arms import make_arm
-from smar.testbed.config import config_from_dict
 from smar.testbed.data.bundle import load_bundle
 from smar.testbed.data.mixing import TextStream, collate, mixed_items
 from smar.testbed.io import read_json
+from smar.testbed.jobs import recorded_config
 from smar.testbed.model import TinyModel
 
 __all__ = ["is_run_dir", "run_dirs", "load_run", "load_runs", "write_run_html"]
@@ -59,7 +59,10 @@ def load_run(
     p = Path(path)
     run_cfg = read_json(p / "run_config.json")
     results = read_json(p / "results.json")
-    cfg = config_from_dict(run_cfg["run"])
+    try:  # the pipeline's config (the run's own records its text files by hash only)
+        cfg = recorded_config(p)
+    except ValueError as e:
+        raise AnalyzeError(str(e)) from None
     job = run_cfg["job"]
     band = tuple(cfg.tune.band if job.get("band") is None else job["band"])
     arm = make_arm(job["arm"], band=band)

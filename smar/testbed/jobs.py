@@ -237,3 +237,31 @@ def run_jobs(cfg: RunConfig, jobs: list[Job], base_dir: Path, *, quiet: bool = F
     finally:
         bar.close()
     return results
+
+
+def recorded_config(*folders: str | Path) -> RunConfig:
+    """The run config recorded with the first run folder among ``folders``: the pipeline's
+    ``config.json`` beside the run folder, else the run's ``run_config.json``. Stage folders
+    record none, so at least one folder must be a run folder."""
+    for f in map(Path, folders):
+        if not (f / "run_config.json").exists():
+            continue
+        try:
+            top = json.loads((f.parent / "config.json").read_text())
+            if {"data", "model", "tune"} <= set(top):
+                return config_from_dict(top)
+        except (OSError, ValueError):
+            pass
+        run = dict(json.loads((f / "run_config.json").read_text())["run"])
+        run.pop("base_sha256", None)
+        if run["data"].get("text_files"):  # recorded by content: the paths are gone
+            raise ValueError(
+                f"{f} was made from local text files that its run_config.json records by hash "
+                "only; fix: keep the pipeline's config.json beside the run folder"
+            )
+        return config_from_dict(run)
+    names = ", ".join(str(f) for f in folders)
+    raise ValueError(
+        f"no testbed run config found in {names} (a stage folder records none); fix: pass a run "
+        "folder made by `smar demo` (it holds run_config.json) as one of the two models"
+    )

@@ -22,10 +22,11 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from smar.testbed.config import RunConfig, config_from_dict
+from smar.testbed.config import RunConfig
 from smar.testbed.data import skills
 from smar.testbed.data.bundle import load_bundle
 from smar.testbed.errors import CorruptFile
+from smar.testbed.jobs import recorded_config  # noqa: F401  (part of this module's interface)
 from smar.testbed.model import TinyModel
 from smar.testbed.scoring import ChoiceItem, choice_logprobs
 
@@ -306,34 +307,6 @@ def _is_testbed_folder(folder: str | Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(d, dict) and "n_layers" in d and "model_type" not in d
-
-
-def recorded_config(*folders: str | Path) -> RunConfig:
-    """The run config recorded with the first run folder among ``folders``: the pipeline's
-    ``config.json`` beside the run folder, else the run's ``run_config.json``. Stage folders
-    record none, so at least one folder must be a run folder."""
-    for f in map(Path, folders):
-        if not (f / "run_config.json").exists():
-            continue
-        try:
-            top = json.loads((f.parent / "config.json").read_text())
-            if {"data", "model", "tune"} <= set(top):
-                return config_from_dict(top)
-        except (OSError, ValueError):
-            pass
-        run = dict(json.loads((f / "run_config.json").read_text())["run"])
-        run.pop("base_sha256", None)
-        if run["data"].get("text_files"):  # recorded by content: the paths are gone
-            raise ValueError(
-                f"{f} was made from local text files that its run_config.json records by hash "
-                "only; fix: keep the pipeline's config.json beside the run folder"
-            )
-        return config_from_dict(run)
-    names = ", ".join(str(f) for f in folders)
-    raise ValueError(
-        f"no testbed run config found in {names} (a stage folder records none); fix: pass a run "
-        "folder made by `smar demo` (it holds run_config.json) as one of the two models"
-    )
 
 
 def open_pair(base: str, tuned: str, workdir: str | Path, *, batch_size: int = 256):
