@@ -72,12 +72,18 @@ def check_lb_variant(variant: str) -> None:
 
 
 def lb_sums(
-    r: Routing, *, top_k: int, mask: Tensor | None, chosen: Tensor | None = None
+    r: Routing,
+    *,
+    top_k: int,
+    mask: Tensor | None,
+    chosen: Tensor | None = None,
+    prob_sum: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The sums load balancing is a function of: ``lb_counts`` (L, E), top-k slots per expert
     (no gradient); ``lb_probs`` (L, E), router probabilities summed over tokens; ``lb_tokens``
     (), the tokens that count. ``chosen`` ``(L, T, K)``: the experts the routers chose (read
-    from their outputs), counted instead of a top-k of the probabilities."""
+    from their outputs), counted instead of a top-k of the probabilities. ``prob_sum``: the
+    masked probability sums when the caller computed them (with other sums, in one product)."""
     z = r.logits
     L, T, E = z.shape
     check_top_k(top_k, E)
@@ -101,7 +107,8 @@ def lb_sums(
     )  # (L, T, K)
     counts = torch.zeros(L, E, dtype=probs.dtype, device=z.device)
     counts.scatter_add_(1, chosen.reshape(L, T * top_k), slot_w.reshape(L, T * top_k))  # (L, E)
-    prob_sum = probs.sum(dim=1) if w is None else torch.einsum("lte,t->le", probs, w)  # (L, E)
+    if prob_sum is None:
+        prob_sum = probs.sum(dim=1) if w is None else torch.matmul(w, probs)  # (L, E)
     n_tok = torch.tensor(float(T), dtype=probs.dtype, device=z.device) if w is None else w.sum()
     return {"lb_counts": counts, "lb_probs": prob_sum, "lb_tokens": n_tok}
 

@@ -47,6 +47,7 @@ from smar.distributions import (
     check_modalities,
     check_top_k,
     jeffreys,
+    mask_flat,
     modality_distributions,
     modality_ids_flat,
     modality_sums,
@@ -263,16 +264,30 @@ def routing_objective(
         b = _check_band(band, r.shape[0]).to(device=r.logits.device, dtype=r.logits.dtype)
     check_top_k(top_k, r.shape[-1])
     # The sums of this forward, made global and pooled over the step: one all-reduce in all.
+    # The per-modality and the balancing probability sums come out of one product of a token
+    # weight matrix with the probabilities (one matmul forward, one backward, no extra copies).
+    T = r.shape[1]
+    rows = []  # (R, T) token weights
+    if modality_ids is not None:
+        ids = modality_ids_flat(modality_ids, T)
+        mods = check_modalities((text, image), "text and image")
+        onehot = (ids[None, :] == ids.new_tensor(mods)[:, None]).to(r.probs.dtype)  # (M, T)
+        rows.append(onehot)
+    if lb_weight:
+        w = mask_flat(mask, T)
+        rows.append((torch.ones(T, dtype=r.probs.dtype, device=r.logits.device) if w is None
+                     else w.to(device=r.logits.device, dtype=r.probs.dtype))[None])  # fmt: skip
     parts: dict[str, Tensor] = {}
+    if rows:
+        W = torch.cat(rows)  # (R, T)
+        probs = r.probs if (smar_weight or lb_weight) else r.probs.detach()
+        sums = torch.matmul(W, probs)  # (R, T) @ (L, T, E) -> (L, R, E)
     if lb_weight:
         if isinstance(chosen, (list, tuple)):
             chosen = torch.stack(list(chosen))  # (L, T, K)
-        parts.update(lb_sums(r, top_k=top_k, mask=mask, chosen=chosen))
+        parts.update(lb_sums(r, top_k=top_k, mask=mask, chosen=chosen, prob_sum=sums[:, -1]))
     if modality_ids is not None:
-        ids = modality_ids_flat(modality_ids, r.shape[1])
-        mods = check_modalities((text, image), "text and image")
-        sums, counts = modality_sums(r.probs if smar_weight else r.probs.detach(), ids, mods)
-        parts.update(mod_sums=sums, mod_counts=counts)
+        parts.update(mod_sums=sums[:, : len(mods)], mod_counts=onehot.sum(dim=1))
     parts = all_reduce_sums(parts, group)
     if step_sums is not None:
         parts["mod_scale"] = parts["mod_counts"][None, :, None] if "mod_counts" in parts else None
