@@ -366,12 +366,13 @@ def routing_record(a: Analysis, threshold: float = 0.9) -> dict:
     }
 
 
-def write_analysis(analyses: list[Analysis], out_dir, *, title: str | None = None) -> dict:
+def write_analysis(analyses: list[Analysis], out_dir, *, title=None, threshold=0.9) -> dict:
     """Writes ``routing.json``, the PNGs and ``index.html`` into ``out_dir`` and returns their
     paths by name (see :func:`smar.html_report.write_report`)."""
     from smar.html_report import write_report
 
-    return write_report(analyses, Path(out_dir), title=title)
+    records = [routing_record(a, threshold) for a in analyses]
+    return write_report(analyses, records, Path(out_dir), title=title, threshold=threshold)
 
 
 # ------------------------------------------------------------------------------------- command

@@ -157,16 +157,20 @@ def write_html(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    text = render_html(title, sections, intro=intro)
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".html.tmp")
+    _write_text(render_html(title, sections, intro=intro), out / name)
+    return out / name
+
+
+def _write_text(text: str, path: Path) -> None:
+    """Atomically: a unique temporary file beside ``path``, renamed into place."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        publish(tmp, out / name)
+        publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return out / name
 
 
 def _slug(name: str) -> str:
@@ -182,12 +186,15 @@ def _nan(v) -> float:
     return float("nan") if v is None else float(v)
 
 
-def write_report(analyses, out_dir, *, title: str | None = None, threshold: float = 0.9) -> dict:
+def write_report(
+    analyses, records, out_dir, *, title: str | None = None, threshold: float = 0.9
+) -> dict:
     """The ``smar analyze`` page: ``routing.json``, the plots and ``index.html`` in ``out_dir``.
 
     Args:
         analyses: :class:`smar.analyze.Analysis` objects (one per run or model; several are
             compared).
+        records: their :func:`smar.analyze.routing_record` (what ``routing.json`` holds).
         out_dir: the folder.
         title: the page title (default: names the runs).
         threshold: share of an expert's top-k slots from which one modality holds it alone.
@@ -196,15 +203,11 @@ def write_report(analyses, out_dir, *, title: str | None = None, threshold: floa
         ``{"routing": path, "html": path, <plot name>: path, ...}``.
     """
     from smar import plots
-    from smar.analyze import routing_record
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records = [routing_record(a, threshold) for a in analyses]
     paths: dict[str, Path] = {"routing": out / "routing.json"}
-    tmp = out / "routing.json.tmp"
-    tmp.write_text(json.dumps({"runs": records}, indent=1, allow_nan=False))
-    tmp.replace(paths["routing"])
+    _write_text(json.dumps({"runs": records}, indent=1, allow_nan=False), paths["routing"])
     names = [r["name"] for r in records]
     band = next((tuple(r["band"]) for r in records if r["band"]), None)
     with_mrd = {r["name"]: [_nan(v) for v in r["mrd"]] for r in records if r["mrd"]}
