@@ -22,6 +22,7 @@ from smar.distributions import (
     entropy,
     mask_flat,
     modality_ids_flat,
+    modality_onehot,
     prepare_routing,
 )
 
@@ -192,7 +193,7 @@ def limoe_loss(
     if not (isinstance(tau, (int, float)) and 0 <= tau <= math.log(E) + 1e-6):
         raise ValueError(f"tau must be a number in [0, log(E)={math.log(E):.3f}]; got {tau!r}")
     probs = r.probs  # (L, T, E)
-    onehot = (ids[None, :] == ids.new_tensor(mods)[:, None]).to(probs.dtype)  # (M, T)
+    onehot = modality_onehot(ids, mods, probs.dtype)  # (M, T)
     counts = onehot.sum(dim=1)  # (M,)
     denom = counts.clamp_min(1.0)  # (M,)
     local = torch.matmul(onehot, entropy(probs).unsqueeze(-1)).squeeze(-1) / denom  # (L, M)

@@ -196,7 +196,8 @@ class ModalityBiasRouter(nn.Module):
         mode = RouterLinear(self.weight_shape, self.add_bias, keep=self.adapter.from_linear)
         with builtin_linear(), mode:
             out = self.router(*args, **kwargs)
-        self.last_logits = mode.logits  # the biased logits, for routers that do not return them
+        if self.adapter.from_linear:  # the biased logits, for routers that do not return them
+            self.last_logits = mode.logits
         if not mode.done:
             raise ValueError(
                 f"{type(self.router).__name__} did not compute its logits with F.linear on its "

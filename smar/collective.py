@@ -90,19 +90,20 @@ class StepSums:
 
     def __init__(self) -> None:
         self._sums: dict[str, Tensor] = {}
-        self.micro_batches = 0
 
     def reset(self) -> None:
         self._sums = {}
-        self.micro_batches = 0
 
-    def combine(self, parts: dict[str, Tensor], scale_by: dict[str, str]) -> dict[str, Tensor]:
+    def combine(
+        self, parts: dict[str, Tensor], scale_by: dict[str, tuple[str, int | None]]
+    ) -> dict[str, Tensor]:
         """Pools ``parts`` with the step's earlier sums.
 
         Args:
             parts: statistics of this micro-batch (global ones, if reduced).
-            scale_by: for each statistic with gradient, the name of the count in ``parts`` that
-                normalises it (its shape broadcasts against the statistic's).
+            scale_by: for each statistic with gradient, ``(count, axis)``: the name of the count
+                in ``parts`` that normalises it, and the axis of the statistic that the count's
+                one dimension indexes (None for a scalar count).
         """
         if self._sums and set(self._sums) != set(parts):
             raise ValueError(
@@ -117,9 +118,11 @@ class StepSums:
             if not x.requires_grad:
                 out[n] = pooled[n]
                 continue
-            now, so_far = parts[scale_by[n]].detach(), pooled[scale_by[n]]
+            count, axis = scale_by[n]
+            now, so_far = parts[count].detach(), pooled[count]
             scale = torch.where(now > 0, so_far / now.clamp_min(1e-12), torch.ones_like(now))
+            if axis is not None:  # (M,) -> broadcastable against the statistic, e.g. (1, M, 1)
+                scale = scale.reshape([-1 if d == axis else 1 for d in range(x.dim())])
             out[n] = pooled[n] + scale * (x - x.detach())
         self._sums = pooled
-        self.micro_batches += 1
         return out

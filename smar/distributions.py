@@ -237,13 +237,18 @@ def probabilities(z: Tensor, router: str) -> Tensor:
     return torch.softmax(torch.nn.functional.logsigmoid(z), dim=-1)  # (L, T, E)
 
 
+def modality_onehot(ids: Tensor, modalities: Sequence[int], dtype: torch.dtype) -> Tensor:
+    """``(M, T)``: 1 where token ``t`` has modality ``modalities[m]`` (-1 tokens match none)."""
+    return (ids[None, :] == ids.new_tensor(tuple(modalities))[:, None]).to(dtype)
+
+
 def modality_sums(
     probs: Tensor, ids: Tensor, modalities: tuple[int, ...], group=None
 ) -> tuple[Tensor, Tensor]:
     """Per-modality probability sums ``(L, M, E)`` and token counts ``(M,)``, over the local batch
     or, with ``group``, the global one (gradient through the local part, see
     :func:`smar.collective.all_reduce_sums`)."""
-    onehot = (ids[None, :] == ids.new_tensor(modalities)[:, None]).to(probs.dtype)  # (M, T)
+    onehot = modality_onehot(ids, modalities, probs.dtype)  # (M, T)
     sums = torch.matmul(onehot, probs)  # (M, T) @ (L, T, E) -> (L, M, E)
     counts = onehot.sum(dim=1)  # (M,)
     if group is not None:

@@ -50,6 +50,7 @@ from smar.distributions import (
     mask_flat,
     modality_distributions,
     modality_ids_flat,
+    modality_onehot,
     modality_sums,
     prepare_routing,
     routing_probs,
@@ -271,7 +272,7 @@ def routing_objective(
     if modality_ids is not None:
         ids = modality_ids_flat(modality_ids, T)
         mods = check_modalities((text, image), "text and image")
-        onehot = (ids[None, :] == ids.new_tensor(mods)[:, None]).to(r.probs.dtype)  # (M, T)
+        onehot = modality_onehot(ids, mods, r.probs.dtype)  # (M, T)
         rows.append(onehot)
     if lb_weight:
         w = mask_flat(mask, T)
@@ -290,9 +291,10 @@ def routing_objective(
         parts.update(mod_sums=sums[:, : len(mods)], mod_counts=onehot.sum(dim=1))
     parts = all_reduce_sums(parts, group)
     if step_sums is not None:
-        parts["mod_scale"] = parts["mod_counts"][None, :, None] if "mod_counts" in parts else None
-        parts = {k: v for k, v in parts.items() if v is not None}
-        parts = step_sums.combine(parts, {"lb_probs": "lb_tokens", "mod_sums": "mod_scale"})
+        # each sum with gradient, the count that normalises it and the axis that count indexes
+        parts = step_sums.combine(
+            parts, {"lb_probs": ("lb_tokens", None), "mod_sums": ("mod_counts", 1)}
+        )
     terms: dict[str, Tensor] = {}
     total = r.logits.new_zeros(())
     if lb_weight:

@@ -24,6 +24,7 @@ from smar.distributions import (
     entropy,
     jeffreys,
     modality_ids_flat,
+    modality_onehot,
     probabilities,
 )
 
@@ -94,9 +95,7 @@ class RoutingStats:
                 f"L={self.num_layers}, E={self.num_experts}, top_k={self.top_k}"
             )
         probs = probabilities(z, self.router)  # (L, T, E)
-        onehot = (ids[None, :] == ids.new_tensor(self.modalities)[:, None]).to(
-            probs.dtype
-        )  # (M, T)
+        onehot = modality_onehot(ids, self.modalities, probs.dtype)  # (M, T)
         chosen = torch.topk(probs, top_k, dim=-1).indices  # (L, T, K)
         selected = torch.zeros_like(probs).scatter_(-1, chosen, 1.0)  # (L, T, E) 0/1
         self.prob_sum += torch.matmul(onehot, probs).double().cpu()  # (L, M, E)

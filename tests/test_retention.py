@@ -7,7 +7,6 @@ download); the slow one runs ``smar demo --smoke`` and compares with its results
 """
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import math
@@ -21,7 +20,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from smar import retention  # noqa: E402
 from smar.testbed.config import smoke_config  # noqa: E402
-from smar.testbed.data import images, skills  # noqa: E402
+from smar.testbed.data import skills  # noqa: E402
 from smar.testbed.data.bundle import Bundle  # noqa: E402
 from smar.testbed.data.tokenizer import Tokenizer  # noqa: E402
 from smar.testbed.evaluate import eval_sets, evaluate_model  # noqa: E402
@@ -39,6 +38,7 @@ from smar.testbed.lm_eval_tasks import (
 )
 from smar.testbed.model import TinyModel  # noqa: E402
 from smar.testbed.scoring import choice_correct  # noqa: E402
+from smar.testbed.stages import _model_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +51,7 @@ def tiny(tmp_path_factory):
     prose = skills.skill_text(300, 7)  # any text will do as held-out prose
     tok = Tokenizer.train([skills.skill_text(600, 1), prose], 512, root / "tok.json")
     bundle = Bundle(tok, torch.zeros(1, dtype=torch.long), prose)
-    mcfg = dataclasses.replace(
-        cfg.model,
-        vocab_size=tok.vocab_size,
-        image_token_id=tok.image_id,
-        image_size=cfg.data.image_size,
-        vision_classes=images.VISION_CLASSES,
-        moe_layers=[],
-    )
+    mcfg = _model_config(cfg, tok)  # the stage-1 model's config
     torch.manual_seed(0)
     model = TinyModel(mcfg).eval()
     tasks = export_tasks(cfg, root / "tasks", bundle)

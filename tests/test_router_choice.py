@@ -54,13 +54,20 @@ def test_balancing_counts_the_given_choice():
 
 
 def test_a_router_that_does_not_return_its_choice_falls_back_to_top_k():
-    rec_model = tiny_moe().eval()
-    ids = torch.stack([s["input_ids"] for s in samples(2)])
-    adapter = smar.adapters.Adapter("logits only", ("Qwen3MoeTopKRouter",), index=0)
-    with smar.record(rec_model, adapter=adapter) as rec, torch.no_grad():
-        rec_model(input_ids=ids)
-        assert rec.chosen() is not None  # the output still holds the indices
-    # an output without an integer (T, K) tensor: no choice, and the loss computes a top-k
-    z = torch.randn(1, 6, 4)
-    assert smar.capture._choice_in((z[0], z[0].softmax(-1)), 6, 2) is None
-    assert smar.capture._choice_in(z[0], 6, 2) is None
+    """smar's own router returns its logits only: no choice is read, and the loss is the
+    from-logits one (a top-k of the probabilities)."""
+    from smar.moe import MoEBlock
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(MoEBlock(16, 32, num_experts=4, top_k=2))
+    reg = smar.attach(model, smar.SMARConfig(smar_weight=0.0, modality_bias=False))
+    reg.set_modality(torch.zeros(10, dtype=torch.long))
+    with torch.no_grad():
+        model(torch.randn(1, 10, 16))  # (B, S, D)
+        assert reg.chosen() is None
+        total, _ = smar.routing_objective(reg.logits(), reg.modality_ids, top_k=2)
+        torch.testing.assert_close(reg.loss(), total)
+    # outputs without one integer (T, K) tensor hold no choice
+    z = torch.randn(6, 4)
+    assert smar.capture._choice_in((z, z.softmax(-1)), 6, 2) is None
+    assert smar.capture._choice_in((z, torch.zeros(6, 3, dtype=torch.long)), 6, 2) is None

@@ -60,39 +60,49 @@ def _base_extras(cfg: RunConfig, bundle: Bundle, base_eval: dict) -> dict:
     }
 
 
+def _cached_scores(folder: Path, build) -> dict:
+    """``folder/scores.json``, built (under the folder's lock) by ``build()`` when missing."""
+    with file_lock(folder.with_name(folder.name + ".lock"), f"the scores in {folder}"):
+        scores = read_cached_json(folder / "scores.json")
+        if scores is None:
+            scores = build()
+            write_json(folder / "scores.json", scores)
+    return scores
+
+
 def evaluate_base(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> dict:
     """Scores of the stage-2 model (the stage-1 LM with its aligned projector: the reference of
     retention), cached beside it in ``scores.json``: every benchmark, the unigram baseline, the
     metrics of stages 0 and 1, perplexities and the image:text token ratio. With stage II, the
     stage-II model's scores too (``"instruct"``: what stage II itself cost and taught)."""
-    align = stage_dir(cfg, "align")
-    with file_lock(align.with_name(align.name + ".lock"), f"the scores in {align}"):
-        base_eval = read_cached_json(align / "scores.json")
-        if base_eval is None:
-            base = stage_align(cfg, bundle, quiet)
-            scores, extra = evaluate_model(base, cfg, bundle, eval_sets(cfg, bundle))
-            uni = unigram_bits_per_byte(
-                bundle.tok, bundle.train_ids, bundle.held_out, max_bytes=cfg.data.prose_bytes
-            )
-            base_eval = {
-                "scores": scores,
-                **extra,
-                "unigram_bpb": uni,
-                "pretrain": read_cached_json(stage_dir(cfg, "pretrain") / "metrics.json") or {},
-                "vision": read_cached_json(stage_dir(cfg, "vision") / "metrics.json") or {},
-            }
-            base_eval.update(_base_extras(cfg, bundle, base_eval))
-            write_json(align / "scores.json", base_eval)
+
+    def base_scores() -> dict:
+        base = stage_align(cfg, bundle, quiet)
+        scores, extra = evaluate_model(base, cfg, bundle, eval_sets(cfg, bundle))
+        uni = unigram_bits_per_byte(
+            bundle.tok, bundle.train_ids, bundle.held_out, max_bytes=cfg.data.prose_bytes
+        )
+        out = {
+            "scores": scores,
+            **extra,
+            "unigram_bpb": uni,
+            "pretrain": read_cached_json(stage_dir(cfg, "pretrain") / "metrics.json") or {},
+            "vision": read_cached_json(stage_dir(cfg, "vision") / "metrics.json") or {},
+        }
+        out.update(_base_extras(cfg, bundle, out))
+        return out
+
+    def instruct_scores() -> dict:
+        model = stage_instruct(cfg, bundle, quiet)
+        scores, extra = evaluate_model(model, cfg, bundle, eval_sets(cfg, bundle))
+        return {"scores": scores, **extra}
+
+    base_eval = _cached_scores(stage_dir(cfg, "align"), base_scores)
     if cfg.instruct.steps > 0:
-        inst = stage_dir(cfg, "instruct")
-        with file_lock(inst.with_name(inst.name + ".lock"), f"the scores in {inst}"):
-            scores = read_cached_json(inst / "scores.json")
-            if scores is None:
-                model = stage_instruct(cfg, bundle, quiet)
-                scores, extra = evaluate_model(model, cfg, bundle, eval_sets(cfg, bundle))
-                scores = {"scores": scores, **extra}
-                write_json(inst / "scores.json", scores)
-        base_eval = {**base_eval, "instruct": scores}
+        base_eval = {
+            **base_eval,
+            "instruct": _cached_scores(stage_dir(cfg, "instruct"), instruct_scores),
+        }
     return base_eval
 
 
