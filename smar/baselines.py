@@ -85,32 +85,31 @@ def lb_sums(
     (), the tokens that count. ``chosen`` ``(L, T, K)``: the experts the routers chose (read
     from their outputs), counted instead of a top-k of the probabilities. ``prob_sum``: the
     masked probability sums when the caller computed them (with other sums, in one product)."""
-    z = r.logits
-    L, T, E = z.shape
+    L, T, E = r.shape
     check_top_k(top_k, E)
     w = mask_flat(mask, T)  # (T,) or None
-    probs = r.probs  # (L, T, E)
-    w = None if w is None else w.to(probs.dtype)
+    w = None if w is None else w.to(device=r.device, dtype=r.dtype)
     # Top-k of the probabilities (as transformers does, so that ties break alike); unsorted is
     # faster and the order does not matter for counting.
     if chosen is None:
-        chosen = torch.topk(probs.detach(), top_k, dim=-1, sorted=False).indices  # (L, T, K)
+        chosen = r.top_k(top_k)  # (L, T, K)
     elif tuple(chosen.shape) != (L, T, top_k):
         raise ValueError(
             f"chosen must have shape (L, T, K) = {(L, T, top_k)}; got {tuple(chosen.shape)}"
         )
     else:
-        chosen = chosen.to(device=z.device, dtype=torch.long)
+        chosen = chosen.to(device=r.device, dtype=torch.long)
     slot_w = (
-        torch.ones(1, 1, 1, dtype=probs.dtype, device=z.device).expand(L, T, top_k)
+        torch.ones(1, 1, 1, dtype=r.dtype, device=r.device).expand(L, T, top_k)
         if w is None
         else w[None, :, None].expand(L, T, top_k)
     )  # (L, T, K)
-    counts = torch.zeros(L, E, dtype=probs.dtype, device=z.device)
+    counts = torch.zeros(L, E, dtype=r.dtype, device=r.device)
     counts.scatter_add_(1, chosen.reshape(L, T * top_k), slot_w.reshape(L, T * top_k))  # (L, E)
     if prob_sum is None:
-        prob_sum = probs.sum(dim=1) if w is None else torch.matmul(w, probs)  # (L, E)
-    n_tok = torch.tensor(float(T), dtype=probs.dtype, device=z.device) if w is None else w.sum()
+        ones = torch.ones(1, T, dtype=r.dtype, device=r.device)
+        prob_sum = r.weighted_sums(ones if w is None else w[None])[:, 0]  # (L, E)
+    n_tok = torch.tensor(float(T), dtype=r.dtype, device=r.device) if w is None else w.sum()
     return {"lb_counts": counts, "lb_probs": prob_sum, "lb_tokens": n_tok}
 
 

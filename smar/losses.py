@@ -74,11 +74,11 @@ _HINGES = ("linear", "squared")
 
 
 def _mrd_and_presence(
-    probs: Tensor, ids: Tensor, text: int, images: tuple[int, ...], group
+    r: Routing, ids: Tensor, text: int, images: tuple[int, ...], group
 ) -> tuple[Tensor, Tensor]:
     """D ``(L, N)`` for each non-text modality, and whether both modalities are present ``(N,)``."""
     mods = check_modalities((text, *images), "text and image")
-    sums, counts = modality_sums(probs, ids, mods, group)
+    sums, counts = modality_sums(r, ids, mods, group)
     return _mrd_from_sums(sums, counts)
 
 
@@ -120,7 +120,7 @@ def mrd(
     r = prepare_routing(router_logits, router=router)
     ids = modality_ids_flat(modality_ids, r.shape[1])
     images = (image,) if isinstance(image, int) else tuple(image)
-    D, present = _mrd_and_presence(r.probs, ids, text, images, group)
+    D, present = _mrd_and_presence(r, ids, text, images, group)
     D = torch.where(present[None, :], D, torch.full_like(D, float("nan")))
     return D[:, 0] if isinstance(image, int) else D
 
@@ -185,11 +185,10 @@ def smar_loss(
     if hinge not in _HINGES:
         raise ValueError(f"hinge must be one of {_HINGES}; got {hinge!r}")
     r = prepare_routing(router_logits, router=router)
-    z = r.logits
-    ids = modality_ids_flat(modality_ids, z.shape[1])
-    b = _check_band(band, z.shape[0]).to(device=z.device, dtype=z.dtype)  # (L, 2)
+    ids = modality_ids_flat(modality_ids, r.shape[1])
+    b = _check_band(band, r.shape[0]).to(device=r.device, dtype=r.dtype)  # (L, 2)
     images = (image,) if isinstance(image, int) else tuple(image)
-    D, present = _mrd_and_presence(r.probs, ids, text, images, group)  # (L, N), (N,)
+    D, present = _mrd_and_presence(r, ids, text, images, group)  # (L, N), (N,)
     return _band_loss(D, present, b, hinge)
 
 
@@ -262,7 +261,7 @@ def routing_objective(
     if smar_weight:
         if hinge not in _HINGES:
             raise ValueError(f"hinge must be one of {_HINGES}; got {hinge!r}")
-        b = _check_band(band, r.shape[0]).to(device=r.logits.device, dtype=r.logits.dtype)
+        b = _check_band(band, r.shape[0]).to(device=r.device, dtype=r.dtype)
     check_top_k(top_k, r.shape[-1])
     # The sums of this forward, made global and pooled over the step: one all-reduce in all.
     # The per-modality and the balancing probability sums come out of one product of a token
@@ -272,17 +271,16 @@ def routing_objective(
     if modality_ids is not None:
         ids = modality_ids_flat(modality_ids, T)
         mods = check_modalities((text, image), "text and image")
-        onehot = modality_onehot(ids, mods, r.probs.dtype)  # (M, T)
+        onehot = modality_onehot(ids, mods, r.dtype)  # (M, T)
         rows.append(onehot)
     if lb_weight:
         w = mask_flat(mask, T)
-        rows.append((torch.ones(T, dtype=r.probs.dtype, device=r.logits.device) if w is None
-                     else w.to(device=r.logits.device, dtype=r.probs.dtype))[None])  # fmt: skip
+        rows.append((torch.ones(T, dtype=r.dtype, device=r.device) if w is None
+                     else w.to(device=r.device, dtype=r.dtype))[None])  # fmt: skip
     parts: dict[str, Tensor] = {}
     if rows:
         W = torch.cat(rows)  # (R, T)
-        probs = r.probs if (smar_weight or lb_weight) else r.probs.detach()
-        sums = torch.matmul(W, probs)  # (R, T) @ (L, T, E) -> (L, R, E)
+        sums = r.weighted_sums(W, grad=bool(smar_weight or lb_weight))  # (L, R, E)
     if lb_weight:
         if isinstance(chosen, (list, tuple)):
             chosen = torch.stack(list(chosen))  # (L, T, K)
@@ -296,7 +294,7 @@ def routing_objective(
             parts, {"lb_probs": ("lb_tokens", None), "mod_sums": ("mod_counts", 1)}
         )
     terms: dict[str, Tensor] = {}
-    total = r.logits.new_zeros(())
+    total = torch.zeros((), dtype=r.dtype, device=r.device)
     if lb_weight:
         terms["lb"] = lb_from_sums(parts, top_k=top_k, variant=lb_variant, check=r.check)
         total = total + lb_weight * terms["lb"]

@@ -209,14 +209,17 @@ class MoEBlock(nn.Module):
         token = order // self.top_k  # (T*K,) token of each grouped assignment
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
         xs = x[token]  # (T*K, D)
+        # unbind once: indexing the stacked weights per expert would make each expert's backward
+        # fill and add a zero gradient of the whole (E, ., .) tensor
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         outs = []
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
             h = xs[start : start + n]  # (n, D)
-            g, u = F.linear(h, self.gate_up_proj[e]).chunk(2, dim=-1)  # (n, F) each
-            outs.append(F.linear(F.silu(g) * u, self.down_proj[e]))  # (n, D)
+            g, u = F.linear(h, gate_up[e]).chunk(2, dim=-1)  # (n, F) each
+            outs.append(F.linear(F.silu(g) * u, down[e]))  # (n, D)
             start += n
         ys = torch.cat(outs) * gates.reshape(-1)[order, None]  # (T*K, D)
         return torch.zeros_like(x).index_add_(0, token, ys)  # (T, D)
