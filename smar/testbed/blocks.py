@@ -26,7 +26,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        # x * rsqrt(mean(x^2) + eps) * weight, as one fused kernel (the same values)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,10 +36,11 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., 0::2], x[..., 1::2]  # (B, H, S, hd/2) each
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (B, H, S, hd/2, 2)
-    return out.flatten(-2)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotates the pairs ``(x[2i], x[2i+1])`` of ``x (B, H, S, hd)`` by ``rotation (S, hd/2)``
+    (complex ``cos + i sin``): ``(x1 cos - x2 sin, x1 sin + x2 cos)`` as one complex product."""
+    pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # (B, H, S, hd/2)
+    return torch.view_as_real(pairs * rotation).flatten(-2)
 
 
 class Attention(nn.Module):
@@ -48,12 +50,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None):
+        """``rope``: the complex rotations ``(S', hd/2)`` of positions ``0..S'-1``, ``S' >= S``."""
         B, S, D = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # (B,H,S,hd)
         if rope is not None:
-            cos, sin = rope[0][:S], rope[1][:S]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, rope[:S]), apply_rope(k, rope[:S])
         y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, S, hd)
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
 

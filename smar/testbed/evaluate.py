@@ -14,9 +14,10 @@ import torch
 from smar.metrics import RoutingStats
 from smar.testbed.config import RunConfig
 from smar.testbed.data import questions, skills
-from smar.testbed.data.bundle import Bundle
+from smar.testbed.data.bundle import Bundle, data_key
 from smar.testbed.data.mixing import TextStream, collate, mixed_items
 from smar.testbed.model import TinyModel
+from smar.testbed.overrides import config_hash
 from smar.testbed.scoring import (
     choice_correct,
     choice_logprobs,
@@ -29,8 +30,22 @@ from smar.testbed.stats import mean_retention, mean_without_outlier, retention
 __all__ = ["eval_sets", "evaluate_model", "routing_summary", "learned_benchmarks", "summarize"]
 
 
+_SETS: dict[str, tuple] = {}  # the last evaluation sets built in this process, by data key
+
+
 def eval_sets(cfg: RunConfig, bundle: Bundle):
-    """The held-out benchmarks (deterministic): text skills and multimodal question types."""
+    """The held-out benchmarks (deterministic): text skills and multimodal question types.
+
+    Built once per process and data config (a stage-3 worker evaluates several runs on the
+    same sets; building them draws 1000 images and encodes 7000 questions)."""
+    key = config_hash(data_key(cfg.data), cfg.model.image_tokens)
+    if key not in _SETS:
+        _SETS.clear()
+        _SETS[key] = _build_eval_sets(cfg, bundle)
+    return _SETS[key]
+
+
+def _build_eval_sets(cfg: RunConfig, bundle: Bundle):
     seed = 10_000 + cfg.data.seed  # disjoint from the pretraining examples' seed
     text = {
         t: text_items(skills.skill_examples(t, cfg.data.eval_text, seed), bundle.tok)

@@ -124,13 +124,13 @@ class TinyOutput:
 
     Attributes:
         loss: mean next-token cross-entropy over labelled positions (None without labels).
-        logits: ``(B, S, vocab)``.
+        logits: ``(B, S, vocab)``, ``(N, vocab)`` at the positions asked for, or None.
         router_logits: one ``(T, E)`` tensor per MoE layer, raw logits after bias and mask.
         modality_ids: ``(T,)``: 0 text, 1 image, -1 padding (or the ids the caller passed).
     """
 
     loss: torch.Tensor | None
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     router_logits: list[torch.Tensor]
     modality_ids: torch.Tensor
 
@@ -206,6 +206,7 @@ class TinyModel(nn.Module):
         *,
         attention_mask: torch.Tensor | None = None,
         modality_ids: torch.Tensor | None = None,
+        logits: str | torch.Tensor = "all",
     ) -> TinyOutput:
         """Runs the model.
 
@@ -217,6 +218,11 @@ class TinyModel(nn.Module):
             attention_mask: ``(B, S)``, 0 at padding (right padding; padding becomes modality -1).
             modality_ids: ``(B, S)`` or ``(T,)`` ids for routing and losses; by default image
                 positions 1, text 0, padding -1 (token level).
+            logits: which positions get next-token logits (the tied head is a 2048-way product
+                per position, and most positions of a question are never read): ``"all"``
+                ``(B, S, vocab)``; ``"none"`` (the loss alone, from the labelled positions
+                only); or a ``(B, S)`` bool mask: ``(N, vocab)`` at its true positions,
+                row-major.
         """
         B, S = input_ids.shape
         if S > self.cfg.max_seq_len:
@@ -229,21 +235,34 @@ class TinyModel(nn.Module):
         if modality_ids.numel() != B * S:
             raise ValueError(f"modality_ids has {modality_ids.numel()} entries, expected {B * S}")
         x = self.embed_inputs(input_ids, pixel_values)
-        rope = (self.rope_cos, self.rope_sin)
+        rope = torch.complex(self.rope_cos[:S], self.rope_sin[:S])  # (S, hd/2)
         router_logits = []
         for layer in self.layers:
             x = layer(x, rope, modality_ids)
             if isinstance(layer.ffn, MoEBlock):
                 router_logits.append(layer.ffn.last_router_logits)  # (T, E)
-        logits = F.linear(self.norm(x), self.embed.weight)  # (B, S, vocab), tied head
+        h = self.norm(x)  # (B, S, D)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                labels[:, 1:].reshape(-1),
-                ignore_index=-100,
-            )
-        return TinyOutput(loss, logits, router_logits, modality_ids)
+            # the loss reads only the labelled positions: the head runs on those alone
+            targets = labels[:, 1:]  # (B, S-1): position s predicts token s+1
+            keep = targets != -100  # (B, S-1)
+            pred = F.linear(h[:, :-1][keep], self.embed.weight)  # (N, vocab)
+            loss = F.cross_entropy(pred.float(), targets[keep])
+        if isinstance(logits, torch.Tensor):
+            if logits.shape != input_ids.shape or logits.dtype != torch.bool:
+                raise ValueError(
+                    f"logits= takes a bool mask of shape {tuple(input_ids.shape)}; got "
+                    f"{logits.dtype} {tuple(logits.shape)}"
+                )
+            out_logits = F.linear(h[logits], self.embed.weight)  # (N, vocab)
+        elif logits == "all":
+            out_logits = F.linear(h, self.embed.weight)  # (B, S, vocab), tied head
+        elif logits == "none":
+            out_logits = None
+        else:
+            raise ValueError(f"logits must be 'all', 'none' or a bool mask; got {logits!r}")
+        return TinyOutput(loss, out_logits, router_logits, modality_ids)
 
     # --------------------------------------------------------------------------------- surgery
     @torch.no_grad()

@@ -70,9 +70,11 @@ def choice_logprobs(
 ) -> list[list[float]]:
     """Sum of log-probabilities of each choice's tokens after its prompt, per item.
 
-    ``model(input_ids, pixel_values, attention_mask=, modality_ids=)`` must return an object with
-    ``logits (B, S, V)``. Image items get ``image_tokens`` placeholders after ``<bos>``; with
-    ``modality="sample"`` every token of an image item has modality 1 (routing as in training).
+    ``model(input_ids, pixel_values, attention_mask=, modality_ids=, logits=)`` must return an
+    object with ``logits``: ``(N, V)`` at the positions of the bool mask ``logits`` (B, S), or
+    ``(B, S, V)`` (then read at those positions). Image items get ``image_tokens`` placeholders
+    after ``<bos>``; with ``modality="sample"`` every token of an image item has modality 1
+    (routing as in training).
     """
     # A choice's log-probability is the sum over its tokens, each read at the position before it.
     # Any sequence that starts with prompt + choice[:-1] (the choice's stem) holds every position
@@ -113,15 +115,32 @@ def choice_logprobs(
             has_image = torch.tensor([s[3] is not None for s in chunk])
             mod = has_image[:, None].long().expand(-1, S).clone()
         mod = mod.masked_fill(mask == 0, -1)
-        logits = model(ids, pixels, attention_mask=mask, modality_ids=mod).logits
-        logp = F.log_softmax(logits.float(), dim=-1)  # (B, S, V): position s predicts s+1
+        # the head and the log-softmax only where a choice token is predicted: positions
+        # start - 1 .. len(s) - 1 of each row (most positions of a question are never read)
+        read = torch.zeros(len(chunk), S, dtype=torch.bool)
+        for r, (_, s, start, _, _) in enumerate(chunk):
+            read[r, start - 1 : len(s)] = True
+        row_of = torch.cumsum(read.reshape(-1), 0).reshape(read.shape) - 1  # (B, S) -> row of N
+        logits = model(ids, pixels, attention_mask=mask, modality_ids=mod, logits=read).logits
+        if logits.dim() == 3:  # a model that gives every position's logits
+            logits = logits[read]  # (N, V)
+        logp = F.log_softmax(logits.float(), dim=-1)  # (N, V)
+        # every log-probability this chunk needs, gathered at once: (row of logp, token)
+        rows, toks, slots = [], [], []  # slots: (item, choice, how many values it sums)
         for r, (i, s, start, _, mine) in enumerate(chunk):
-            pos = torch.arange(start - 1, len(s) - 1)  # the positions that predict the stem
-            stem = logp[r, pos, torch.tensor(s[start:], dtype=torch.long)]  # (len(stem),)
-            cum = torch.cat([stem.new_zeros(1), stem.cumsum(0)])  # stem log-prob by length
+            base = int(row_of[r, start - 1])  # the row that predicts the first stem token
             for j in mine:
                 c = items[i].choices[j]
-                out[i][j] = float(cum[len(c) - 1] + logp[r, start - 1 + len(c) - 1, c[-1]])
+                # the choice's tokens c[0..n-1] are predicted at base .. base + n - 1; its stem
+                # c[:-1] is s[start:start + n - 1], so the ids come from the sequence and c[-1]
+                rows.extend(range(base, base + len(c)))
+                toks.extend(s[start : start + len(c) - 1] + [c[-1]])
+                slots.append((i, j, len(c)))
+        values = logp[torch.tensor(rows), torch.tensor(toks)].tolist()
+        k = 0
+        for i, j, n in slots:
+            out[i][j] = math.fsum(values[k : k + n])
+            k += n
     return out
 
 

@@ -79,6 +79,7 @@ def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool 
             b.labels,
             attention_mask=b.attention_mask,
             modality_ids=b.modality_ids,
+            logits="none",
         )
         aux, terms = routing_objective(
             out.router_logits,

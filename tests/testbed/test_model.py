@@ -158,3 +158,53 @@ def test_config_validation():
         tiny_config(moe_layers=[5])
     with pytest.raises(ValueError, match="unknown TinyConfig"):
         TinyConfig.from_dict({"width": 3})
+
+
+def test_logits_only_where_asked():
+    # the loss from the labelled positions alone equals the loss from every position's logits,
+    # and logits at a mask are the full logits' rows there
+    cfg = tiny_config(moe_layers=[1])
+    model = TinyModel(cfg)
+    ids, pix, labels = batch(cfg)
+    full = model(ids, pix, labels)
+    none = model(ids, pix, labels, logits="none")
+    assert none.logits is None
+    assert torch.allclose(none.loss, full.loss, atol=1e-6)
+    expect = torch.nn.functional.cross_entropy(
+        full.logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    assert torch.allclose(none.loss, expect, atol=1e-6)
+    read = torch.zeros_like(ids, dtype=torch.bool)
+    read[0, 5:9] = read[1, -2:] = True
+    some = model(ids, pix, logits=read).logits
+    assert some.shape == (6, 64)
+    assert torch.allclose(some, full.logits[read], atol=1e-5)
+    with pytest.raises(ValueError, match="bool mask"):
+        model(ids, pix, logits=read.long())
+    with pytest.raises(ValueError, match="'all', 'none'"):
+        model(ids, pix, logits="some")
+
+
+def test_choice_scores_read_at_the_predicting_positions():
+    # choice_logprobs asks the model for the positions it reads; the result equals reading the
+    # same positions from the full logits (a model that ignores the mask)
+    from types import SimpleNamespace
+
+    from smar.testbed.scoring import ChoiceItem, choice_logprobs
+
+    cfg = tiny_config()
+    model = TinyModel(cfg).eval()
+
+    class Full(torch.nn.Module):
+        def forward(self, *a, logits=None, **kw):
+            return SimpleNamespace(logits=model(*a, **kw).logits)
+
+    items = [
+        ChoiceItem([10, 11, 12], [[20], [21, 22], [23], [24, 25, 26]], 1),
+        ChoiceItem([16], [[40, 41], [40, 42], [43, 41], [43, 42]], 2),
+    ]
+    kw = dict(bos_id=2, pad_id=0, image_id=IMG, image_tokens=cfg.image_tokens, batch_size=3)
+    masked = choice_logprobs(model, items, **kw)
+    full = choice_logprobs(Full(), items, **kw)
+    for a, b in zip(masked, full, strict=True):
+        assert a == pytest.approx(b, abs=1e-5)
