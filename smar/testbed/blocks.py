@@ -50,13 +50,23 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None):
-        """``rope``: the complex rotations ``(S', hd/2)`` of positions ``0..S'-1``, ``S' >= S``."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+    ):
+        """``rope``: the complex rotations of the tokens' positions, ``(S, hd/2)`` or
+        ``(B, 1, S, hd/2)``. ``mask``: ``(B, S, S)`` bool, true where query ``i`` may attend to
+        key ``j``, in place of the causal mask (packed sequences)."""
         B, S, D = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # (B,H,S,hd)
         if rope is not None:
-            q, k = apply_rope(q, rope[:S]), apply_rope(k, rope[:S])
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, S, hd)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # (B, H, S, hd)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
 
@@ -68,8 +78,8 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim)
         self.ffn: nn.Module = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
-    def forward(self, x, rope, modality_ids):
-        x = x + self.attn(self.attn_norm(x), rope)
+    def forward(self, x, rope, modality_ids, mask=None):
+        x = x + self.attn(self.attn_norm(x), rope, mask)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoEBlock):
             return x + self.ffn(h, modality_ids)

@@ -207,6 +207,8 @@ class TinyModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         modality_ids: torch.Tensor | None = None,
         logits: str | torch.Tensor = "all",
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> TinyOutput:
         """Runs the model.
 
@@ -223,6 +225,10 @@ class TinyModel(nn.Module):
                 ``(B, S, vocab)``; ``"none"`` (the loss alone, from the labelled positions
                 only); or a ``(B, S)`` bool mask: ``(N, vocab)`` at its true positions,
                 row-major.
+            position_ids: ``(B, S)`` RoPE positions (default ``0..S-1``), and
+            attn_mask: ``(B, S, S)`` bool, true where token ``i`` may attend to token ``j``
+                (default causal): several continuations of one prefix packed in one sequence,
+                each at the positions it would have alone and seeing the prefix and itself.
         """
         B, S = input_ids.shape
         if S > self.cfg.max_seq_len:
@@ -235,10 +241,21 @@ class TinyModel(nn.Module):
         if modality_ids.numel() != B * S:
             raise ValueError(f"modality_ids has {modality_ids.numel()} entries, expected {B * S}")
         x = self.embed_inputs(input_ids, pixel_values)
-        rope = torch.complex(self.rope_cos[:S], self.rope_sin[:S])  # (S, hd/2)
+        if position_ids is None:
+            rope = torch.complex(self.rope_cos[:S], self.rope_sin[:S])  # (S, hd/2)
+        else:
+            if position_ids.shape != (B, S) or int(position_ids.max()) >= self.cfg.max_seq_len:
+                raise ValueError(
+                    f"position_ids must be (B, S) = {(B, S)} below max_seq_len="
+                    f"{self.cfg.max_seq_len}; got {tuple(position_ids.shape)}"
+                )
+            rope = torch.complex(self.rope_cos[position_ids], self.rope_sin[position_ids])
+            rope = rope[:, None]  # (B, 1, S, hd/2)
+        if attn_mask is not None and attn_mask.shape != (B, S, S):
+            raise ValueError(f"attn_mask must be (B, S, S) = {(B, S, S)} bool")
         router_logits = []
         for layer in self.layers:
-            x = layer(x, rope, modality_ids)
+            x = layer(x, rope, modality_ids, attn_mask)
             if isinstance(layer.ffn, MoEBlock):
                 router_logits.append(layer.ffn.last_router_logits)  # (T, E)
         h = self.norm(x)  # (B, S, D)

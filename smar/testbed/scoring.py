@@ -70,72 +70,92 @@ def choice_logprobs(
 ) -> list[list[float]]:
     """Sum of log-probabilities of each choice's tokens after its prompt, per item.
 
-    ``model(input_ids, pixel_values, attention_mask=, modality_ids=, logits=)`` must return an
-    object with ``logits``: ``(N, V)`` at the positions of the bool mask ``logits`` (B, S), or
-    ``(B, S, V)`` (then read at those positions). Image items get ``image_tokens`` placeholders
-    after ``<bos>``; with ``modality="sample"`` every token of an image item has modality 1
-    (routing as in training).
+    ``model(input_ids, pixel_values, attention_mask=, modality_ids=, logits=, position_ids=,
+    attn_mask=)`` must return an object with ``logits``: ``(N, V)`` at the positions of the bool
+    mask ``logits`` (B, S), or ``(B, S, V)`` (then read at those positions); see
+    :meth:`smar.testbed.model.TinyModel.forward` for the packed sequences' positions and mask.
+    Image items get ``image_tokens`` placeholders after ``<bos>``; with ``modality="sample"``
+    every token of an image item has modality 1 (routing as in training).
     """
     # A choice's log-probability is the sum over its tokens, each read at the position before it.
     # Any sequence that starts with prompt + choice[:-1] (the choice's stem) holds every position
-    # the choice needs, so one sequence per maximal stem scores all choices: choices of one token
-    # (stem empty), and choices that share a stem ("top left", "top right"), need no sequence of
-    # their own.
-    seqs = []  # (item, ids, first scored position, image, choices read from this sequence)
+    # the choice needs, so one continuation per maximal stem scores all choices: choices of one
+    # token (stem empty), and choices that share a stem ("top left", "top right"), need none of
+    # their own. The continuations of an item are packed after its prefix in one sequence: each
+    # at the positions it would have alone, attending to the prefix and to itself only, so that
+    # the prefix (the image's tokens above all) runs once per item.
+    packs = []  # (item, ids, positions, prefix length, image, [(stem start, its choices)])
     for i, it in enumerate(items):
         img = [image_id] * image_tokens if it.image is not None else []
         if any(not c for c in it.choices):
             raise ValueError(f"item {i} has an empty choice")
         prefix = [bos_id] + img + it.prompt
+        P = len(prefix)
         stems = sorted({tuple(c[:-1]) for c in it.choices}, key=len, reverse=True)
         maximal = [
             st for k, st in enumerate(stems) if not any(o[: len(st)] == st for o in stems[:k])
         ]
         todo = set(range(len(it.choices)))
+        ids, positions, groups = list(prefix), list(range(P)), []
         for st in maximal:
             mine = [
                 j for j in sorted(todo) if st[: len(it.choices[j]) - 1] == tuple(it.choices[j][:-1])
             ]
             todo -= set(mine)
-            seqs.append((i, prefix + list(st), len(prefix), it.image, mine))
+            groups.append((len(ids), len(st), mine))
+            ids += st
+            positions += range(P, P + len(st))
+        packs.append((i, ids, positions, P, it.image, groups))
     out = [[0.0] * len(it.choices) for it in items]
-    order = sorted(range(len(seqs)), key=lambda k: len(seqs[k][1]))  # similar lengths together
+    order = sorted(range(len(packs)), key=lambda k: len(packs[k][1]))  # similar lengths together
     for b in range(0, len(order), batch_size):
-        chunk = [seqs[k] for k in order[b : b + batch_size]]
-        S = max(len(s[1]) for s in chunk)
-        ids = torch.full((len(chunk), S), pad_id, dtype=torch.long)
-        mask = torch.zeros(len(chunk), S, dtype=torch.long)
-        for r, (_, s, _, _, _) in enumerate(chunk):
+        chunk = [packs[k] for k in order[b : b + batch_size]]
+        B, S = len(chunk), max(len(p[1]) for p in chunk)
+        ids = torch.full((B, S), pad_id, dtype=torch.long)
+        mask = torch.zeros(B, S, dtype=torch.long)
+        pos = torch.zeros(B, S, dtype=torch.long)
+        attend = torch.eye(S, dtype=torch.bool).repeat(B, 1, 1)  # (B, S, S); padding: itself
+        read = torch.zeros(B, S, dtype=torch.bool)  # the positions whose predictions are read
+        causal = torch.ones(S, S, dtype=torch.bool).tril()
+        for r, (_, s, p, P, _, groups) in enumerate(chunk):
             ids[r, : len(s)] = torch.tensor(s)
             mask[r, : len(s)] = 1
-        images = [s[3].pixels for s in chunk if s[3] is not None]
+            pos[r, : len(s)] = torch.tensor(p)
+            attend[r, :P, :P] = causal[:P, :P]
+            read[r, P - 1] = True
+            for a, n, _ in groups:
+                attend[r, a : a + n, :P] = True
+                attend[r, a : a + n, a : a + n] = causal[:n, :n]
+                read[r, a : a + n] = True
+        images = [p[4].pixels for p in chunk if p[4] is not None]
         pixels = torch.stack(images) if images else None
         mod = (ids == image_id).long()
         if modality == "sample":
-            has_image = torch.tensor([s[3] is not None for s in chunk])
+            has_image = torch.tensor([p[4] is not None for p in chunk])
             mod = has_image[:, None].long().expand(-1, S).clone()
         mod = mod.masked_fill(mask == 0, -1)
-        # the head and the log-softmax only where a choice token is predicted: positions
-        # start - 1 .. len(s) - 1 of each row (most positions of a question are never read)
-        read = torch.zeros(len(chunk), S, dtype=torch.bool)
-        for r, (_, s, start, _, _) in enumerate(chunk):
-            read[r, start - 1 : len(s)] = True
         row_of = torch.cumsum(read.reshape(-1), 0).reshape(read.shape) - 1  # (B, S) -> row of N
-        logits = model(ids, pixels, attention_mask=mask, modality_ids=mod, logits=read).logits
+        logits = model(
+            ids, pixels, attention_mask=mask, modality_ids=mod, logits=read, position_ids=pos,
+            attn_mask=attend,
+        ).logits  # fmt: skip
         if logits.dim() == 3:  # a model that gives every position's logits
             logits = logits[read]  # (N, V)
         logp = F.log_softmax(logits.float(), dim=-1)  # (N, V)
         # every log-probability this chunk needs, gathered at once: (row of logp, token)
         rows, toks, slots = [], [], []  # slots: (item, choice, how many values it sums)
-        for r, (i, s, start, _, mine) in enumerate(chunk):
-            base = int(row_of[r, start - 1])  # the row that predicts the first stem token
-            for j in mine:
-                c = items[i].choices[j]
-                # the choice's tokens c[0..n-1] are predicted at base .. base + n - 1; its stem
-                # c[:-1] is s[start:start + n - 1], so the ids come from the sequence and c[-1]
-                rows.extend(range(base, base + len(c)))
-                toks.extend(s[start : start + len(c) - 1] + [c[-1]])
-                slots.append((i, j, len(c)))
+        for r, (i, _, _, P, _, groups) in enumerate(chunk):
+            last = int(row_of[r, P - 1])  # predicts every choice's first token
+            for a, n, mine in groups:
+                # the stem's first token predicts the choice's second (an empty stem: one-token
+                # choices, read at the prefix alone)
+                first = int(row_of[r, a]) if n else -1
+                for j in mine:
+                    c = items[i].choices[j]
+                    rows.append(last)
+                    rows.extend(range(first, first + len(c) - 1))
+                    toks.extend(c)
+                    slots.append((i, j, len(c)))
         values = logp[torch.tensor(rows), torch.tensor(toks)].tolist()
         k = 0
         for i, j, n in slots:

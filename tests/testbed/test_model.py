@@ -185,26 +185,35 @@ def test_logits_only_where_asked():
         model(ids, pix, logits="some")
 
 
-def test_choice_scores_read_at_the_predicting_positions():
-    # choice_logprobs asks the model for the positions it reads; the result equals reading the
-    # same positions from the full logits (a model that ignores the mask)
+def test_packed_choice_scores_equal_one_sequence_per_choice():
+    # choice_logprobs packs an item's continuations after one prefix (positions and attention
+    # mask as if alone) and reads the head only where it must: on a MoE model with images, each
+    # choice's score equals the sum over its own unpacked sequence's full logits
     from types import SimpleNamespace
 
     from smar.testbed.scoring import ChoiceItem, choice_logprobs
 
-    cfg = tiny_config()
+    cfg = tiny_config(moe_layers=[0, 1])
     model = TinyModel(cfg).eval()
-
-    class Full(torch.nn.Module):
-        def forward(self, *a, logits=None, **kw):
-            return SimpleNamespace(logits=model(*a, **kw).logits)
-
+    with torch.no_grad():  # sharp attention, so that positions and masks show in the scores
+        for layer in model.layers:
+            layer.attn.qkv.weight.mul_(40)
+    g = torch.Generator().manual_seed(3)
+    image = SimpleNamespace(pixels=torch.randn(cfg.channels, 8, 8, generator=g))
     items = [
-        ChoiceItem([10, 11, 12], [[20], [21, 22], [23], [24, 25, 26]], 1),
+        ChoiceItem([10, 11, 12], [[20], [21, 22], [23], [24, 25, 26]], 1, image),
         ChoiceItem([16], [[40, 41], [40, 42], [43, 41], [43, 42]], 2),
+        ChoiceItem([17], [[44, 45, 46], [44, 45], [44], [47, 48]], 3, image),
     ]
-    kw = dict(bos_id=2, pad_id=0, image_id=IMG, image_tokens=cfg.image_tokens, batch_size=3)
-    masked = choice_logprobs(model, items, **kw)
-    full = choice_logprobs(Full(), items, **kw)
-    for a, b in zip(masked, full, strict=True):
-        assert a == pytest.approx(b, abs=1e-5)
+    kw = dict(bos_id=2, pad_id=0, image_id=IMG, image_tokens=cfg.image_tokens, batch_size=2)
+    got = choice_logprobs(model, items, **kw)
+    with torch.no_grad():
+        for it, scores in zip(items, got, strict=True):
+            img = [IMG] * cfg.image_tokens if it.image is not None else []
+            pix = None if it.image is None else it.image.pixels[None]
+            for c, value in zip(it.choices, scores, strict=True):
+                seq = torch.tensor([[2, *img, *it.prompt, *c]])
+                logp = model(seq, pix).logits[0].log_softmax(-1)
+                start = 1 + len(img) + len(it.prompt)
+                expect = sum(float(logp[start - 1 + n, t]) for n, t in enumerate(c))
+                assert value == pytest.approx(expect, abs=1e-4)

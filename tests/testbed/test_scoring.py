@@ -51,14 +51,16 @@ class Oracle(torch.nn.Module):
             for t in range(1, len(seq)):
                 self.next[key, tuple(seq[:t])] = seq[t]
 
-    def forward(self, ids, pixels=None, **kw):
+    def forward(self, ids, pixels=None, attn_mask=None, **kw):
         logits = torch.zeros(*ids.shape, VOCAB)
         has_image = (ids == CharTok.image_id).any(1).tolist()
         images = iter(pixels if pixels is not None else [])
         for b in range(ids.shape[0]):
             key = _key(next(images)) if has_image[b] else None
             for t in range(ids.shape[1]):
-                nxt = self.next.get((key, tuple(ids[b, : t + 1].tolist())))
+                # what token t sees: the tokens before it, or those its packed mask lets it see
+                seen = ids[b, : t + 1] if attn_mask is None else ids[b][attn_mask[b, t]]
+                nxt = self.next.get((key, tuple(seen.tolist())))
                 if nxt is not None:
                     logits[b, t, nxt] = 30.0
         return SimpleNamespace(logits=logits)
@@ -115,8 +117,8 @@ def test_choice_logprobs_match_explicit_sum():
             return super().forward(ids, pixels, **kw)
 
     lp = choice_logprobs(Counting(), items, **KW, batch_size=2)
-    # one sequence per maximal stem: 2 + 1 + 1 + 2 (shared first tokens) + 2
-    assert sum(rows) == 8
+    # one packed sequence per item, holding one continuation per maximal stem
+    assert sum(rows) == 5
     for it, got in zip(items, lp, strict=True):
         for c, value in zip(it.choices, got, strict=True):
             seq = [2, *it.prompt, *c]
@@ -129,10 +131,11 @@ def test_choice_logprobs_match_explicit_sum():
 class _Fixed(torch.nn.Module):
     """Deterministic logits depending only on the token and its position."""
 
-    def forward(self, ids, pixels=None, **kw):
+    def forward(self, ids, pixels=None, position_ids=None, **kw):
         g = torch.Generator().manual_seed(7)
         table = torch.randn(VOCAB, VOCAB, generator=g)
-        return SimpleNamespace(logits=table[ids] + 0.1 * torch.arange(ids.shape[1])[None, :, None])
+        pos = torch.arange(ids.shape[1])[None, :] if position_ids is None else position_ids
+        return SimpleNamespace(logits=table[ids] + 0.1 * pos[..., None])
 
 
 def test_ties_count_wrong():
