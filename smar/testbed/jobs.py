@@ -130,9 +130,12 @@ def jobs_for(cfg: RunConfig, sweep: bool = False) -> list[Job]:
     lrs = cfg.lrs or [None]
     for arm in cfg.arms:
         make_arm(arm)  # fail early on an unknown name
+        # an arm whose loss has no band (none, lb, hard, ...) runs once, not once per band; the
+        # report pairs its runs with every band's
+        arm_bands = bands if _uses_band(arm) else [None]
         for seed in cfg.seeds:
             for r in ratios:
-                for b in bands:
+                for b in arm_bands:
                     for lr in lrs:
                         parts = [arm]
                         if r is not None:
@@ -154,6 +157,12 @@ def jobs_for(cfg: RunConfig, sweep: bool = False) -> list[Job]:
                     Job(f"control_none50_seed{seed}", "none", seed, text_ratio=0.5),
                 ]
     return jobs
+
+
+def _uses_band(arm: str) -> bool:
+    """Whether the tolerance band changes what the arm trains."""
+    one, other = make_arm(arm, band=(0.0, 1.0)), make_arm(arm, band=(2.0, 3.0))
+    return one.smar_weight > 0 and one.band != other.band
 
 
 def _worker_init() -> None:

@@ -83,7 +83,11 @@ def aggregate(results: dict) -> dict[str, dict]:
         row["_run_by_seed"] = {r["seed"]: r for r in runs}
         out[g] = row
     for g, row in out.items():  # paired over seeds: same data order, same router init
-        ref = out.get("none" + g[len(row["arm"]) :]) if g.startswith(row["arm"]) else None
+        ref = None
+        if g.startswith(row["arm"]):
+            suffix = g[len(row["arm"]) :]
+            # `none` has no band: it runs once per text ratio and learning rate
+            ref = out.get("none" + suffix) or out.get("none" + re.sub(r"_band[^_]+", "", suffix))
         row["delta_none"] = row["delta_mm_none"] = row["eval_noise"] = (float("nan"),) * 2
         if ref is not None and ref is not row:
             common = [s for s in row["seeds"] if s in ref["_mean_by_seed"]]

@@ -51,6 +51,12 @@ def test_jobs_cover_arms_seeds_and_controls():
     assert "control_noimage_seed1" in names and "control_text_seed1" not in names
     with pytest.raises(ValueError, match="unknown arm"):
         jobs_for(RunConfig(arms=["nonsense"]))
+    # a band changes only the arms whose loss has one: the others run once per seed
+    bands = RunConfig(arms=["none", "smar", "align"], seeds=[0], bands=[(1, 1.5), (3, 4)])
+    bands.controls = False
+    assert [j.name for j in jobs_for(bands)] == [
+        "none_seed0", "smar_band1-1.5_seed0", "smar_band3-4_seed0", "align_seed0"
+    ]  # fmt: skip
     assert Job("x", "none").drop_images is False
 
 

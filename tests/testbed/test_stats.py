@@ -123,3 +123,17 @@ def test_report_pairs_seeds_for_differences_and_the_image_share():
 def test_significance_needs_an_interval_that_excludes_zero():
     assert significant((0.03, 0.02)) and significant((-0.03, 0.02))
     assert not significant((0.01, 0.02)) and not significant((0.05, float("nan")))
+
+
+def test_band_runs_pair_with_the_one_none_per_seed():
+    # a band sweep runs `none` once per seed (it has no band); each band's runs pair with it
+    base = {"scores": {"text/prose": 1.0, "text/facts": 1.0, "mm/digit": 0.1}}
+    runs = {}
+    for s, r in {0: 0.80, 1: 0.90, 2: 0.70}.items():
+        runs[f"none_text0.1_seed{s}"] = _run("none", s, r)
+        runs[f"smar_text0.1_band1-1.5_seed{s}"] = _run("smar", s, r + 0.01)
+        runs[f"smar_text0.1_band3-4_seed{s}"] = _run("smar", s, r - 0.03)
+    agg = aggregate({"base": base, "runs": runs})
+    assert agg["smar_text0.1_band1-1.5"]["delta_none"][0] == pytest.approx(0.01)
+    assert agg["smar_text0.1_band3-4"]["delta_none"][0] == pytest.approx(-0.03)
+    assert agg["smar_text0.1_band3-4"]["delta_none"][1] == pytest.approx(0.0, abs=1e-9)
