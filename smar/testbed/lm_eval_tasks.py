@@ -136,17 +136,26 @@ def _write(out: Path, name: str, rows: list[dict], template: str) -> None:
 
 
 class _Recorder:
-    """Calls the model and keeps each row's greedy tokens, keyed by the row's ids (for
-    ``is_greedy``: one forward pass gives both the log-likelihoods and the argmax)."""
+    """Calls the model and keeps its greedy token after every context it saw, keyed by that
+    context (for ``is_greedy``: one forward pass gives both the log-likelihoods and the argmax).
+    A packed row's position sees the tokens its attention mask allows: the prefix and its own
+    continuation."""
 
     def __init__(self, model: TinyModel):
         self.model, self.greedy = model, {}
 
-    def __call__(self, ids, pixels=None, *, attention_mask, modality_ids):
-        out = self.model(ids, pixels, attention_mask=attention_mask, modality_ids=modality_ids)
-        top = out.logits.argmax(-1)  # (B, S)
+    def __call__(self, ids, pixels=None, *, attention_mask, modality_ids, attn_mask=None, **kw):
+        kw["logits"] = "all"  # the argmax of every position, not only those scored
+        out = self.model(
+            ids, pixels, attention_mask=attention_mask, modality_ids=modality_ids,
+            attn_mask=attn_mask, **kw,
+        )  # fmt: skip
+        top = out.logits.argmax(-1).tolist()  # (B, S)
         for r, n in enumerate(attention_mask.sum(1).tolist()):
-            self.greedy[tuple(ids[r, :n].tolist())] = top[r, :n].tolist()
+            row = ids[r]
+            for t in range(n):
+                seen = row[: t + 1] if attn_mask is None else row[attn_mask[r, t]]
+                self.greedy[tuple(seen.tolist())] = top[r][t]
         return out
 
 
@@ -272,15 +281,11 @@ class TestbedLM(LM):
 
 
 def _is_greedy(greedy: dict, item: ChoiceItem, j: int, bos_id: int) -> bool:
-    """Whether choice ``j`` is the model's greedy continuation, read from the row that scored it:
-    the prompt plus the longest stem of the item that extends this choice's stem (such a stem is
-    maximal, so choice_logprobs ran a row for it)."""
+    """Whether choice ``j`` is the model's greedy continuation: after the prompt and each of
+    the choice's first tokens, the model's argmax is the choice's next token."""
     c = item.choices[j]
-    stem = tuple(c[:-1])
-    row = max((tuple(o[:-1]) for o in item.choices if tuple(o[: len(stem)]) == stem), key=len)
     prefix = [bos_id] + item.prompt
-    top = greedy[tuple(prefix) + row]
-    return all(top[len(prefix) - 1 + k] == t for k, t in enumerate(c))
+    return all(greedy.get(tuple(prefix + c[:k])) == t for k, t in enumerate(c))
 
 
 def load_model(folder: str | Path) -> TinyModel:
