@@ -29,6 +29,9 @@ CALIBRATION = (  # (group, what it checks, threshold, direction)
 )
 
 
+_MEANS = ("retention/mean", "retention/mean_wo_outlier", "retention/outlier")
+
+
 def _group(name: str) -> str:
     return re.sub(r"_seed\d+$", "", name)
 
@@ -81,13 +84,16 @@ def aggregate(results: dict) -> dict[str, dict]:
         }
         row["_mm_by_seed"] = {r["seed"]: x.get("mm/mean") for r, x in zip(runs, sums, strict=True)}
         row["_run_by_seed"] = {r["seed"]: r for r in runs}
+        row["_bench_by_seed"] = {  # retention per text benchmark, accuracy per multimodal one
+            r["seed"]: {
+                **{k: v for k, v in x.items() if k.startswith("retention/") and k not in _MEANS},
+                **{k: v for k, v in r["scores"].items() if k.startswith("mm/")},
+            }
+            for r, x in zip(runs, sums, strict=True)
+        }
         out[g] = row
     for g, row in out.items():  # paired over seeds: same data order, same router init
-        ref = None
-        if g.startswith(row["arm"]):
-            suffix = g[len(row["arm"]) :]
-            # `none` has no band: it runs once per text ratio and learning rate
-            ref = out.get("none" + suffix) or out.get("none" + re.sub(r"_band[^_]+", "", suffix))
+        ref = out.get(_none_of(g, row, out))
         row["delta_none"] = row["delta_mm_none"] = row["eval_noise"] = (float("nan"),) * 2
         if ref is not None and ref is not row:
             common = [s for s in row["seeds"] if s in ref["_mean_by_seed"]]
@@ -99,11 +105,33 @@ def aggregate(results: dict) -> dict[str, dict]:
                     [row["_mm_by_seed"][s] - ref["_mm_by_seed"][s] for s in common]
                 )
                 row["eval_noise"] = _eval_noise(row, ref, common, results["base"], include)
+    for g, row in out.items():  # per benchmark, paired by seed; the no-image control too
+        ref = out.get("none") if g == "control_noimage" else out.get(_none_of(g, row, out))
+        row["delta_bench"] = {}
+        if ref is None or ref is row:
+            continue
+        common = [s for s in row["seeds"] if s in ref["_bench_by_seed"]]
+        for key in row["_bench_by_seed"][row["seeds"][0]] if common else ():
+            diffs = [row["_bench_by_seed"][s][key] - ref["_bench_by_seed"][s][key] for s in common]
+            if not any(math.isnan(d) for d in diffs):
+                row["delta_bench"][key] = confidence_interval(diffs)
     _image_share(out)
     for row in out.values():
         for key in [k for k in row if k.startswith("_")]:
             del row[key]
     return out
+
+
+def _none_of(group: str, row: dict, out: dict) -> str | None:
+    """The ``none`` group a group pairs with: the same text ratio, band and learning rate
+    (``none`` has no band: it runs once per text ratio and learning rate)."""
+    if not group.startswith(row["arm"]):
+        return None
+    suffix = group[len(row["arm"]) :]
+    for name in ("none" + suffix, "none" + re.sub(r"_band[^_]+", "", suffix)):
+        if name in out:
+            return name
+    return None
 
 
 def significant(interval: tuple[float, float]) -> bool:
@@ -271,6 +299,30 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
         for g in noisy:
             m, h = agg[g]["delta_none"]
             lines.append(f"| `{g}` | {m:+.3f} | {h:.3f} | {agg[g]['eval_noise'][1]:.3f} |")
+    paired = [g for g in agg if agg[g].get("delta_bench")]
+    if paired:
+        keys = list(agg[paired[0]]["delta_bench"])
+        learned = {f"retention/{k[5:]}" for k in include_of(results)}
+        lines += [
+            "",
+            "### Paired differences per benchmark",
+            "",
+            "Each benchmark's difference to `none` with the same seed (retention for text, "
+            "accuracy for multimodal; the no-image control against `none` too), 95% interval, "
+            "**bold** where it excludes 0; `*` marks the benchmarks in mean retention. One "
+            "benchmark's seed-to-seed swings (a skill that breaks on one seed) widen the mean's "
+            "interval; this table shows which.",
+            "",
+            "| run | "
+            + " | ".join(k.split("/", 1)[1] + ("*" if k in learned else "") for k in keys)
+            + " |",
+            "|---|" + "---|" * len(keys),
+        ]
+        for g in paired:
+            d = agg[g]["delta_bench"]
+            lines.append(
+                f"| `{g}` | " + " | ".join(_delta(*d[k]) if k in d else "" for k in keys) + " |"
+            )
     bench = [
         k
         for k in next(iter(agg.values()))
@@ -331,6 +383,11 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
     return path
+
+
+def include_of(results: dict) -> list[str]:
+    """The text benchmarks mean retention counts (learned by the stage-1 LM)."""
+    return learned_benchmarks(results["base"]["scores"])
 
 
 def _ci(h: float):

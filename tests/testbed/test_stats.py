@@ -137,3 +137,21 @@ def test_band_runs_pair_with_the_one_none_per_seed():
     assert agg["smar_text0.1_band1-1.5"]["delta_none"][0] == pytest.approx(0.01)
     assert agg["smar_text0.1_band3-4"]["delta_none"][0] == pytest.approx(-0.03)
     assert agg["smar_text0.1_band3-4"]["delta_none"][1] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_per_benchmark_differences_are_paired_and_include_the_no_image_control():
+    base = {"scores": {"text/prose": 1.0, "text/facts": 1.0, "mm/digit": 0.1}}
+    runs = {}
+    for s, r in {0: 0.80, 1: 0.90, 2: 0.70}.items():
+        runs[f"none_seed{s}"] = _run("none", s, r, mm=0.5 + s / 10)
+        runs[f"smar_seed{s}"] = _run("smar", s, r + 0.01, mm=0.4 + s / 10)
+        runs[f"control_noimage_seed{s}"] = _run("none", s, r - 0.02, mm=0.25)
+    agg = aggregate({"base": base, "runs": runs})
+    d = agg["smar"]["delta_bench"]
+    assert set(d) == {"retention/prose", "retention/facts", "mm/digit"}
+    assert d["retention/prose"][0] == pytest.approx(0.01)
+    assert d["retention/prose"][1] == pytest.approx(0.0, abs=1e-9)  # paired: the spread cancels
+    assert d["mm/digit"][0] == pytest.approx(-0.1) and significant(d["mm/digit"])
+    noimage = agg["control_noimage"]["delta_bench"]
+    assert noimage["retention/facts"][0] == pytest.approx(-0.02)
+    assert agg["none"]["delta_bench"] == {}
