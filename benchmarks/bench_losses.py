@@ -18,10 +18,9 @@ the same machine load, and prints the median times and the ratios (target: ours 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import median_seconds
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 import smar
@@ -71,19 +70,6 @@ def candidates(L: int, T: int, E: int, K: int) -> dict:
     }
 
 
-def measure(fns: dict, reps: int) -> dict[str, float]:
-    """Median milliseconds per function, repetitions interleaved."""
-    for fn in fns.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=15)
@@ -96,7 +82,7 @@ def main() -> None:
     print(f"{'L':>3} {'T':>5} {'E':>3} {'K':>2} | " + " ".join(f"{n:>9}" for n in names)
           + f" {'HF':>7} ms | ratios to HF")  # fmt: skip
     for L, T, E, K in SHAPES:
-        ms = measure(candidates(L, T, E, K), args.reps)
+        ms = {k: v * 1e3 for k, v in median_seconds(candidates(L, T, E, K), args.reps).items()}
         hf = ms["hf"]
         print(
             f"{L:>3} {T:>5} {E:>3} {K:>2} | "

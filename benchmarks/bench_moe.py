@@ -12,10 +12,9 @@ expert matrix products alone (the floor no implementation of the same products c
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import median_seconds
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
@@ -98,15 +97,7 @@ def main() -> None:
         return run
 
     fns = {"ours": step(ours), "hf": step(hf), "floor": matmul_floor(ours, x)}
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(args.reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = median_seconds(fns, args.reps)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.reps} reps; "
         f"D={D} FFN={F} E={E} K={K} T={T}; max |ours - HF| = {diff:.2e}"

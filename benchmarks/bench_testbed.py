@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import time
 
 import torch
+from timing import median_seconds
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
@@ -78,10 +78,16 @@ class RecordMatmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _random_strided(shape, stride, dtype) -> torch.Tensor:
+    """Random values in a tensor of this layout (strides of 0 included: expanded gradients)."""
+    size = 1 + sum((n - 1) * st for n, st in zip(shape, stride, strict=True) if n > 0)
+    return torch.randn(size, dtype=dtype).as_strided(shape, stride)
+
+
 def replay(calls: list[tuple]):
     """A function that runs the recorded matrix products alone, on tensors of the same layout."""
     tensors = [
-        (func, [torch.empty_strided(s, st, dtype=dt).normal_() for s, st, dt in shapes])
+        (func, [_random_strided(s, st, dt) for s, st, dt in shapes])
         for func, shapes in calls
     ]
 
@@ -155,18 +161,6 @@ def stage3_step(cfg: RunConfig, arm_name: str = "smar"):
     return step, B * S
 
 
-def median_time(fns: dict, reps: int) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def measure(name: str, step, tokens: int, threads: int, reps: int) -> None:
     torch.set_num_threads(threads)
     step()  # optimizer state exists from here on
@@ -181,7 +175,7 @@ def measure(name: str, step, tokens: int, threads: int, reps: int) -> None:
         for op, v in counter.get_flop_counts()["Global"].items()
         if op in {o.overloadpacket for o in _MATMULS}
     )
-    t = median_time({"step": step, "sgemm": replay(rec.calls)}, reps)
+    t = median_seconds({"step": step, "sgemm": replay(rec.calls)}, reps)
     achieved, peak = flops / t["step"], mm_flops / t["sgemm"]
     print(
         f"{name}: {threads} thread(s), {tokens} tokens/step, {flops / 1e9:.2f} GFLOP/step "
