@@ -16,8 +16,9 @@ Canonical inputs:
     modality_ids   integer tensor (T,) or (B, S): 0 text, 1 image, 2 video, 3 audio, -1 ignore.
     mask           bool or 0/1 tensor (T,) or (B, S): true for tokens that count.
 
-All computation is vectorised across layers, experts and tokens: there is no Python loop over
-any of them.
+All computation is vectorised across experts and tokens. Logits given per layer are processed
+layer by layer on cache-sized tensors and never stacked unless a loss needs them stacked (see
+:class:`smar.distributions.Routing`); a stacked ``(L, T, E)`` tensor is processed whole.
 
 The canonical representation and its validation live in :mod:`smar.distributions`, the baseline
 regularizers in :mod:`smar.baselines`; both are re-exported here, so that every routing formula
