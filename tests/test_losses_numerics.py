@@ -76,3 +76,28 @@ def test_non_finite_logits_are_the_documented_error(bad):
     with pytest.raises(ValueError, match="NaN or \\+inf"):
         smar.routing_objective(z, torch.tensor([0, 1, 0, 1]), top_k=1, smar_weight=1.0,
                                router="sigmoid")  # fmt: skip
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("T,E", [(64, 8), (2048, 80)])  # below and above the per-layer top-k size
+def test_per_layer_logits_give_what_stacked_logits_give(router, T, E):
+    # logits handed over per layer are processed layer by layer; one stacked tensor whole: the
+    # losses, the MRD and the gradients agree
+    g = torch.Generator().manual_seed(0)
+    layers = [torch.randn(T, E, generator=g) * 2 for _ in range(3)]
+    ids = torch.randint(-1, 2, (T,), generator=g)
+    mask = torch.rand(T, generator=g) > 0.2
+    results = []
+    for stacked in (False, True):
+        z = [x.clone().requires_grad_(True) for x in layers]
+        inp = torch.stack(z) if stacked else z
+        total, terms = smar.routing_objective(
+            inp, ids, top_k=2, mask=mask, smar_weight=1.0, lb_weight=0.1, router=router
+        )
+        total.backward()
+        results.append((total.detach(), terms["mrd"], terms["lb"].detach(), [x.grad for x in z]))
+    (t1, m1, lb1, g1), (t2, m2, lb2, g2) = results
+    assert torch.allclose(t1, t2, atol=1e-6) and torch.allclose(lb1, lb2, atol=1e-6)
+    assert torch.allclose(m1, m2, atol=1e-6, equal_nan=True)
+    for a, b in zip(g1, g2, strict=True):
+        assert torch.allclose(a, b, atol=1e-7)
