@@ -111,22 +111,27 @@ def choice_logprobs(
     for b in range(0, len(order), batch_size):
         chunk = [packs[k] for k in order[b : b + batch_size]]
         B, S = len(chunk), max(len(p[1]) for p in chunk)
-        ids = torch.full((B, S), pad_id, dtype=torch.long)
-        mask = torch.zeros(B, S, dtype=torch.long)
-        pos = torch.zeros(B, S, dtype=torch.long)
-        attend = torch.eye(S, dtype=torch.bool).repeat(B, 1, 1)  # (B, S, S); padding: itself
+        ids = torch.tensor([p[1] + [pad_id] * (S - len(p[1])) for p in chunk])  # (B, S)
+        lengths = torch.tensor([len(p[1]) for p in chunk])
+        mask = (torch.arange(S)[None, :] < lengths[:, None]).long()  # (B, S)
+        # rows with two or more continuations need their positions and mask; rows with at most
+        # one are laid out as one causal sequence already (and causal attention is faster)
+        packed = any(sum(n > 0 for _, n, _ in p[5]) > 1 for p in chunk)
+        pos = attend = None
+        if packed:
+            pos = torch.tensor([p[2] + [0] * (S - len(p[2])) for p in chunk])  # (B, S)
+            attend = torch.eye(S, dtype=torch.bool).repeat(B, 1, 1)  # (B, S, S); padding: itself
+            causal = torch.ones(S, S, dtype=torch.bool).tril()
         read = torch.zeros(B, S, dtype=torch.bool)  # the positions whose predictions are read
-        causal = torch.ones(S, S, dtype=torch.bool).tril()
-        for r, (_, s, p, P, _, groups) in enumerate(chunk):
-            ids[r, : len(s)] = torch.tensor(s)
-            mask[r, : len(s)] = 1
-            pos[r, : len(s)] = torch.tensor(p)
-            attend[r, :P, :P] = causal[:P, :P]
+        for r, (_, _, _, P, _, groups) in enumerate(chunk):
             read[r, P - 1] = True
+            if packed:
+                attend[r, :P, :P] = causal[:P, :P]
             for a, n, _ in groups:
-                attend[r, a : a + n, :P] = True
-                attend[r, a : a + n, a : a + n] = causal[:n, :n]
                 read[r, a : a + n] = True
+                if packed:
+                    attend[r, a : a + n, :P] = True
+                    attend[r, a : a + n, a : a + n] = causal[:n, :n]
         images = [p[4].pixels for p in chunk if p[4] is not None]
         pixels = torch.stack(images) if images else None
         mod = (ids == image_id).long()
