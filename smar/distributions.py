@@ -115,6 +115,10 @@ def _checked(router_logits: Tensor | Sequence[Tensor], name: str, check: bool) -
     layers = _layer_list(router_logits, name)
     _check_dtype_and_shape(layers[0].dtype, (len(layers), *layers[0].shape), name)
     layers = [_upcast(z) for z in layers]
+    dtype = layers[0].dtype
+    for z in layers[1:]:
+        dtype = torch.promote_types(dtype, z.dtype)
+    layers = [z.to(dtype) for z in layers]  # one dtype, as stacking them would give
     if check:
         _check_values(layers, name)
     return layers
