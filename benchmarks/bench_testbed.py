@@ -25,20 +25,19 @@ and a default run of 200 steps), when the cached data of a demo is present (``--
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
+from types import SimpleNamespace
 
 import torch
 from timing import median_seconds
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from smar.losses import routing_objective
 from smar.testbed.arms import make_arm
 from smar.testbed.config import RunConfig
-from smar.testbed.data.images import VISION_CLASSES
 from smar.testbed.model import TinyModel
-from smar.testbed.stages import make_optimizer
+from smar.testbed.stages import _model_config, make_optimizer
+from smar.testbed.tune import arm_objective, prepare
 
 aten = torch.ops.aten
 _MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
@@ -87,8 +86,7 @@ def _random_strided(shape, stride, dtype) -> torch.Tensor:
 def replay(calls: list[tuple]):
     """A function that runs the recorded matrix products alone, on tensors of the same layout."""
     tensors = [
-        (func, [_random_strided(s, st, dt) for s, st, dt in shapes])
-        for func, shapes in calls
+        (func, [_random_strided(s, st, dt) for s, st, dt in shapes]) for func, shapes in calls
     ]
 
     def run():
@@ -98,11 +96,9 @@ def replay(calls: list[tuple]):
     return run
 
 
-def model_config(cfg: RunConfig) -> object:
-    return dataclasses.replace(
-        cfg.model, vocab_size=cfg.data.vocab_size, image_token_id=1,
-        image_size=cfg.data.image_size, vision_classes=VISION_CLASSES, moe_layers=[],
-    )  # fmt: skip
+def model_config(cfg: RunConfig):
+    """The pipeline's model config, with a vocabulary of ``data.vocab_size`` (no tokenizer)."""
+    return _model_config(cfg, SimpleNamespace(vocab_size=cfg.data.vocab_size, image_id=1))
 
 
 def stage1_step(cfg: RunConfig):
@@ -131,12 +127,8 @@ def stage3_step(cfg: RunConfig, arm_name: str = "smar"):
     torch.manual_seed(0)
     t = cfg.tune
     mcfg = model_config(cfg)
-    model = TinyModel(mcfg)
     arm = make_arm(arm_name, smar_weight=t.smar_weight, lb_weight=t.lb_weight, band=tuple(t.band))
-    model.cfg.num_experts, model.cfg.top_k = t.num_experts, t.top_k
-    model.cfg.modality_bias, model.cfg.hard = arm.modality_bias, arm.hard_routing
-    model.upcycle_(layers=t.layers, noise=t.noise)
-    model.set_trainable(t.trainable)
+    model = prepare(TinyModel(mcfg), cfg, arm, torch.Generator().manual_seed(0))
     opt = make_optimizer(model, t.lr)
     B, P, label_len = t.batch_size, mcfg.image_tokens, 20  # measured: questions + answers ~20
     S = 1 + P + label_len
@@ -149,10 +141,7 @@ def stage3_step(cfg: RunConfig, arm_name: str = "smar"):
 
     def step():
         out = model(ids, pixels, labels, modality_ids=mod, logits="none")
-        aux, _ = routing_objective(
-            out.router_logits, out.modality_ids, top_k=t.top_k, smar_weight=arm.smar_weight,
-            band=arm.band, lb_weight=arm.lb_weight,
-        )  # fmt: skip
+        aux, _ = arm_objective(out, cfg, arm)
         opt.zero_grad(set_to_none=True)
         (out.loss + aux).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -25,6 +25,7 @@ operation, and stacking copies every logit); a stacked (L, T, E) tensor is proce
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -115,9 +116,7 @@ def _checked(router_logits: Tensor | Sequence[Tensor], name: str, check: bool) -
     layers = _layer_list(router_logits, name)
     _check_dtype_and_shape(layers[0].dtype, (len(layers), *layers[0].shape), name)
     layers = [_upcast(z) for z in layers]
-    dtype = layers[0].dtype
-    for z in layers[1:]:
-        dtype = torch.promote_types(dtype, z.dtype)
+    dtype = functools.reduce(torch.promote_types, (z.dtype for z in layers))
     layers = [z.to(dtype) for z in layers]  # one dtype, as stacking them would give
     if check:
         _check_values(layers, name)

@@ -105,20 +105,27 @@ def aggregate(results: dict) -> dict[str, dict]:
                     [row["_mm_by_seed"][s] - ref["_mm_by_seed"][s] for s in common]
                 )
                 row["eval_noise"] = _eval_noise(row, ref, common, results["base"], include)
-    for g, row in out.items():  # per benchmark, paired by seed; the no-image control too
-        ref = out.get("none") if g == "control_noimage" else out.get(_none_of(g, row, out))
-        row["delta_bench"] = {}
-        if ref is None or ref is row:
-            continue
-        common = [s for s in row["seeds"] if s in ref["_bench_by_seed"]]
-        for key in row["_bench_by_seed"][row["seeds"][0]] if common else ():
-            diffs = [row["_bench_by_seed"][s][key] - ref["_bench_by_seed"][s][key] for s in common]
-            if not any(math.isnan(d) for d in diffs):
-                row["delta_bench"][key] = confidence_interval(diffs)
+        # per benchmark, the no-image control against `none` too
+        row["delta_bench"] = _paired_per_benchmark(
+            row, out.get("none") if g == "control_noimage" else ref
+        )
     _image_share(out)
     for row in out.values():
         for key in [k for k in row if k.startswith("_")]:
             del row[key]
+    return out
+
+
+def _paired_per_benchmark(row: dict, ref: dict | None) -> dict[str, tuple[float, float]]:
+    """Each benchmark's difference to ``ref`` paired by seed (95% interval); {} without one."""
+    if ref is None or ref is row:
+        return {}
+    common = [s for s in row["seeds"] if s in ref["_bench_by_seed"]]
+    out = {}
+    for key in row["_bench_by_seed"][common[0]] if common else ():
+        diffs = [row["_bench_by_seed"][s][key] - ref["_bench_by_seed"][s][key] for s in common]
+        if not any(math.isnan(d) for d in diffs):
+            out[key] = confidence_interval(diffs)
     return out
 
 
@@ -302,7 +309,7 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
     paired = [g for g in agg if agg[g].get("delta_bench")]
     if paired:
         keys = list(agg[paired[0]]["delta_bench"])
-        learned = {f"retention/{k[5:]}" for k in include_of(results)}
+        in_mean = {f"retention/{k}" for k in learned}
         lines += [
             "",
             "### Paired differences per benchmark",
@@ -314,7 +321,7 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
             "interval; this table shows which.",
             "",
             "| run | "
-            + " | ".join(k.split("/", 1)[1] + ("*" if k in learned else "") for k in keys)
+            + " | ".join(k.split("/", 1)[1] + ("*" if k in in_mean else "") for k in keys)
             + " |",
             "|---|" + "---|" * len(keys),
         ]
@@ -383,11 +390,6 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)
     return path
-
-
-def include_of(results: dict) -> list[str]:
-    """The text benchmarks mean retention counts (learned by the stage-1 LM)."""
-    return learned_benchmarks(results["base"]["scores"])
 
 
 def _ci(h: float):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from smar.losses import routing_objective
-from smar.testbed.arms import make_arm
+from smar.testbed.arms import Arm, make_arm
 from smar.testbed.config import RunConfig
 from smar.testbed.data.bundle import Bundle
 from smar.testbed.data.mixing import TextStream, mixed_items, qa_batch
@@ -29,6 +29,35 @@ class Job:
     drop_images: bool = False
 
 
+def prepare(model: TinyModel, cfg: RunConfig, arm: Arm, generator: torch.Generator) -> TinyModel:
+    """The stage-3 model of an arm: upcycled with the arm's router options
+    (``tune.base="upcycle"``) or the MoE LM's routers given them (``"native"``), the
+    ``tune.trainable`` part trainable."""
+    t = cfg.tune
+    model.cfg.num_experts, model.cfg.top_k = t.num_experts, t.top_k
+    model.cfg.modality_bias, model.cfg.hard = arm.modality_bias, arm.hard_routing
+    if t.base == "native":
+        model.set_routing_()
+    else:
+        model.upcycle_(layers=t.layers, noise=t.noise, generator=generator)
+    model.set_trainable(t.trainable)
+    return model
+
+
+def arm_objective(out, cfg: RunConfig, arm: Arm):
+    """The arm's routing objective on one forward's router logits: ``(aux, terms)``."""
+    return routing_objective(
+        out.router_logits,
+        out.modality_ids,
+        top_k=cfg.tune.top_k,
+        smar_weight=arm.smar_weight,
+        band=arm.band,
+        lb_weight=arm.lb_weight,
+        z_weight=arm.z_weight,
+        limoe_weight=arm.limoe_weight,
+    )
+
+
 def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool = True):
     """Stage 3 for one job: upcycle with the arm's router options (``tune.base="upcycle"``) or
     give the MoE LM's routers those options (``"native"``), tune, return the model."""
@@ -38,15 +67,7 @@ def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool 
     lr = t.lr if job.lr is None else job.lr
     arm = make_arm(job.arm, smar_weight=t.smar_weight, lb_weight=t.lb_weight, band=band)
     torch.manual_seed(1000 + job.seed)
-    model = base
-    model.cfg.num_experts, model.cfg.top_k = t.num_experts, t.top_k
-    model.cfg.modality_bias, model.cfg.hard = arm.modality_bias, arm.hard_routing
-    gen = torch.Generator().manual_seed(1000 + job.seed)
-    if t.base == "native":
-        model.set_routing_()
-    else:
-        model.upcycle_(layers=t.layers, noise=t.noise, generator=gen)
-    model.set_trainable(t.trainable)
+    model = prepare(base, cfg, arm, torch.Generator().manual_seed(1000 + job.seed))
     model.train()
     opt = make_optimizer(model, lr)
     stream = TextStream(bundle.train_ids, 500 + job.seed)
@@ -81,16 +102,7 @@ def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool 
             modality_ids=b.modality_ids,
             logits="none",
         )
-        aux, terms = routing_objective(
-            out.router_logits,
-            out.modality_ids,
-            top_k=t.top_k,
-            smar_weight=arm.smar_weight,
-            band=arm.band,
-            lb_weight=arm.lb_weight,
-            z_weight=arm.z_weight,
-            limoe_weight=arm.limoe_weight,
-        )
+        aux, terms = arm_objective(out, cfg, arm)
         loss = out.loss + aux
         check_finite(loss, f"stage 3 (run {job.name})", step, t.steps, lr_now, field)
         opt.zero_grad(set_to_none=True)
