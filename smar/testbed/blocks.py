@@ -87,12 +87,19 @@ class DecoderLayer(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-    """Patch embedding, learned positions and a few bidirectional pre-LN transformer layers."""
+    """Patch embedding (after an optional 3x3 convolution: a hybrid ViT's stem, which gives the
+    few-layer tower the locality a small data set cannot teach it), learned positions and a few
+    bidirectional pre-LN transformer layers."""
 
     def __init__(self, cfg: TinyConfig):
         super().__init__()
         V = cfg.vision_dim
-        self.patch = nn.Conv2d(cfg.channels, V, cfg.patch_size, stride=cfg.patch_size)
+        self.pool = cfg.vision_pool
+        patch = nn.Conv2d(cfg.vision_stem or cfg.channels, V, cfg.patch_size, stride=cfg.patch_size)
+        if cfg.vision_stem:
+            stem = nn.Conv2d(cfg.channels, cfg.vision_stem, 3, padding=1)
+            patch = nn.Sequential(stem, nn.GELU(), patch)
+        self.patch = patch
         self.pos = nn.Parameter(torch.randn(cfg.image_tokens, V) * 0.02)
         self.layers = nn.ModuleList()
         for _ in range(cfg.vision_layers):
@@ -116,7 +123,13 @@ class VisionEncoder(nn.Module):
             x = x + layer["mlp"](layer["norm2"](x))
         return self.norm(x)  # (N, P, V)
 
+    def summary(self, feats: torch.Tensor) -> torch.Tensor:
+        """``(N, P, V) -> (N, 1, V)``: the patch features pooled as the pretraining head reads
+        them (``TinyConfig.vision_pool``; max keeps a small object's features that a mean over
+        the mostly empty background would dilute)."""
+        return feats.amax(1, keepdim=True) if self.pool == "max" else feats.mean(1, keepdim=True)
+
     def classify(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.head is None:
             raise ValueError("this vision encoder has no head: set TinyConfig.vision_classes > 0")
-        return self.head(self(pixels).mean(1))  # (N, classes)
+        return self.head(self.summary(self(pixels))[:, 0])  # (N, classes)

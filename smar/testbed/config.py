@@ -11,18 +11,21 @@ from dataclasses import dataclass, field
 
 from smar.testbed.model import TinyConfig
 
-STAGE_VERSION = 2  # bump when a stage's code changes what it produces
+STAGE_VERSION = 3  # bump when a stage's code changes what it produces
 
 
 @dataclass
 class DataConfig:
     """Data options. ``text_files``: local text instead of the Shakespeare corpus;
-    ``descriptions``: lines of text-only image descriptions in the stage-1 text (0: none)."""
+    ``descriptions``: lines of text-only image descriptions in the stage-1 text (0: none);
+    ``vision_examples``: images that stage 0 samples its batches from (half digits, half
+    scenes)."""
 
     text_files: list[str] = field(default_factory=list)
     vocab_size: int = 2048
     skill_examples: int = 60000
     descriptions: int = 20000
+    vision_examples: int = 10000
     image_size: int = 32
     eval_text: int = 1000
     eval_mm: int = 200
@@ -103,10 +106,12 @@ class RunConfig:
             vision_dim=64,
             vision_layers=2,
             vision_heads=4,
+            vision_stem=16,
+            vision_pool="max",
             vision_summary=True,
         )
     )
-    vision: StageConfig = field(default_factory=lambda: StageConfig(2400, 32, 3e-3, 60))
+    vision: StageConfig = field(default_factory=lambda: StageConfig(1600, 32, 3e-3, 60))
     pretrain: StageConfig = field(default_factory=lambda: StageConfig(1100, 16, 2e-3, 60))
     align: StageConfig = field(default_factory=lambda: StageConfig(600, 32, 3e-3, 20))
     instruct: InstructConfig = field(
@@ -140,6 +145,7 @@ def smoke_config() -> RunConfig:
             eval_mm=20,
             prose_bytes=4000,
             descriptions=500,
+            vision_examples=500,
         ),
         model=TinyConfig(
             dim=32,
@@ -151,6 +157,8 @@ def smoke_config() -> RunConfig:
             vision_dim=32,
             vision_layers=1,
             vision_heads=2,
+            vision_stem=4,
+            vision_pool="max",
             vision_summary=True,
         ),
         vision=StageConfig(20, 32, 2e-3, 2),

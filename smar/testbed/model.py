@@ -59,7 +59,10 @@ class TinyConfig:
         vision_layers: vision transformer layers.
         vision_heads: vision attention heads.
         vision_classes: classes of the vision pretraining head (0: no head).
-        vision_summary: add the image's mean patch feature (what the pretraining head reads) to
+        vision_stem: channels of a 3x3 convolution before the patch embedding (0: none, linear
+            patches as in ViT).
+        vision_pool: how the pretraining head pools the patch features: ``"mean"`` or ``"max"``.
+        vision_summary: add the image's pooled patch feature (what the pretraining head reads) to
             every patch feature before the projector, so that each image token carries the
             whole image's summary as well as its patch (a deep CLIP tower's patch features do).
     """
@@ -85,6 +88,8 @@ class TinyConfig:
     vision_layers: int = 2
     vision_heads: int = 4
     vision_classes: int = 0
+    vision_stem: int = 0
+    vision_pool: str = "mean"
     vision_summary: bool = False
 
     def __post_init__(self):
@@ -92,6 +97,8 @@ class TinyConfig:
             raise ValueError(f"dim={self.dim} must split into n_heads={self.n_heads} even heads")
         if self.vision_dim % self.vision_heads:
             raise ValueError(f"vision_dim={self.vision_dim} must divide by {self.vision_heads}")
+        if self.vision_pool not in ("mean", "max"):
+            raise ValueError(f"vision_pool must be 'mean' or 'max'; got {self.vision_pool!r}")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}"
@@ -187,7 +194,7 @@ class TinyModel(nn.Module):
             return x
         feats = self.vision(pixel_values)  # (N, P, V)
         if self.cfg.vision_summary:
-            feats = feats + feats.mean(dim=1, keepdim=True)  # (N, P, V)
+            feats = feats + self.vision.summary(feats)  # (N, P, V)
         feats = self.projector(feats)  # (N, P, D)
         if feats.shape[0] * feats.shape[1] != n_slots:
             raise ValueError(

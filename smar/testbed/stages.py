@@ -19,7 +19,7 @@ import torch
 
 from smar.losses import load_balancing_loss
 from smar.testbed.config import STAGE_VERSION, RunConfig
-from smar.testbed.data import images
+from smar.testbed.data import images, questions
 from smar.testbed.data.bundle import Bundle, data_key
 from smar.testbed.data.mixing import TextStream, collate, mixed_items, qa_batch
 from smar.testbed.errors import CorruptFile, Diverged
@@ -148,7 +148,7 @@ def stage_vision(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyMod
 def _vision(cfg: RunConfig, bundle: Bundle, quiet: bool):
     torch.manual_seed(cfg.data.seed)
     model = TinyModel(_model_config(cfg, bundle.tok))
-    samples = images.vision_samples(4000, cfg.data.seed, cfg.data.image_size)
+    samples = images.vision_samples(cfg.data.vision_examples, cfg.data.seed, cfg.data.image_size)
     x = torch.stack([s.pixels for s in samples])
     y = torch.stack([s.target() for s in samples])
     model.set_trainable("vision")
@@ -169,7 +169,22 @@ def _vision(cfg: RunConfig, bundle: Bundle, quiet: bool):
     with torch.no_grad():
         pred = model.vision.classify(x[:500]) > 0
         acc = (pred == (y[:500] > 0.5)).all(-1).float().mean().item()
-    return model, {"loss": loss.item(), "exact_match_train": acc}
+    probe = vision_probe(model, 400, cfg.data.image_size)
+    return model, {"loss": loss.item(), "exact_match_train": acc, "probe_eval": probe}
+
+
+@torch.no_grad()
+def vision_probe(model: TinyModel, n: int, size: int) -> dict[str, float]:
+    """The vision head's accuracy on the held-out images of each multimodal benchmark (its
+    question's answer read off the head's block for that attribute): the ceiling of what the
+    language model can learn to answer from these features."""
+    out = {}
+    for task in questions.QA_TYPES:
+        items = questions.qa_samples(task, n, 0, "eval", size)
+        logits = model.vision.classify(torch.stack([s.image.pixels for s in items]))
+        pred = logits[:, images.TARGET_SLICES[task]].argmax(-1)
+        out[task] = (pred == torch.tensor([s.answer for s in items])).float().mean().item()
+    return out
 
 
 def stage_pretrain(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyModel:

@@ -111,7 +111,7 @@ def validate_config(cfg: RunConfig, *, check_files: bool = True) -> None:
     d = cfg.data
     for name in ("skill_examples", "descriptions", "seed"):
         _at_least(f"data.{name}", getattr(d, name), 0)
-    for name in ("image_size", "eval_text", "eval_mm", "prose_bytes"):
+    for name in ("image_size", "eval_text", "eval_mm", "prose_bytes", "vision_examples"):
         _at_least(f"data.{name}", getattr(d, name), 1)
     for name in ("vision", "pretrain", "align"):
         _stage(name, getattr(cfg, name))

@@ -20,7 +20,15 @@ SHAPES = ("square", "circle", "triangle", "cross")
 PLACES = ("top left", "top right", "bottom left", "bottom right")
 DIGIT_WORDS = ("zero one two three four five six seven eight nine").split()
 COUNT_WORDS = ("one", "two", "three", "four")
-# Vision pretraining targets (multi-hot): digit 10 | colours 4 | shapes 4 | count 4 | places 4
+# Vision pretraining targets (multi-hot): digit 10 | colours 4 | shapes 4 | count 4 | places 4;
+# each block in the order of its answer words (DIGIT_WORDS, COLOURS, SHAPES, COUNT_WORDS, PLACES)
+TARGET_SLICES = {
+    "digit": slice(0, 10),
+    "colour": slice(10, 14),
+    "shape": slice(14, 18),
+    "count": slice(18, 22),
+    "position": slice(22, 26),
+}
 VISION_CLASSES = 10 + len(COLOURS) + len(SHAPES) + 4 + len(PLACES)
 
 
@@ -34,14 +42,15 @@ class ImageSample:
 
     def target(self) -> torch.Tensor:
         t = torch.zeros(VISION_CLASSES)
+        at = {k: s.start for k, s in TARGET_SLICES.items()}
         if self.digit is not None:
-            t[self.digit] = 1
+            t[at["digit"] + self.digit] = 1
         for colour, shape, place in self.objects:
-            t[10 + list(COLOURS).index(colour)] = 1
-            t[14 + SHAPES.index(shape)] = 1
-            t[22 + place] = 1
+            t[at["colour"] + list(COLOURS).index(colour)] = 1
+            t[at["shape"] + SHAPES.index(shape)] = 1
+            t[at["position"] + place] = 1
         if self.objects:
-            t[18 + len(self.objects) - 1] = 1
+            t[at["count"] + len(self.objects) - 1] = 1
         return t
 
 
