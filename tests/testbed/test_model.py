@@ -135,7 +135,9 @@ def test_overfits_one_multimodal_batch():
 
 def test_save_load_round_trip_bit_exact(tmp_path):
     torch.manual_seed(0)
-    cfg = tiny_config(modality_bias=True, vision_classes=10)
+    cfg = tiny_config(
+        modality_bias=True, vision_classes=10, vision_stem=4, vision_pool="max", vision_summary=True
+    )
     model = TinyModel(cfg).upcycle_(layers="alternate", noise=0.01)
     with torch.no_grad():
         model.layers[1].ffn.router.bias.normal_()
@@ -158,6 +160,25 @@ def test_config_validation():
         tiny_config(moe_layers=[5])
     with pytest.raises(ValueError, match="unknown TinyConfig"):
         TinyConfig.from_dict({"width": 3})
+    with pytest.raises(ValueError, match="vision_pool must be 'mean' or 'max'"):
+        tiny_config(vision_pool="sum")
+
+
+@pytest.mark.parametrize("pool", ["mean", "max"])
+def test_image_tokens_carry_the_summary_the_head_reads(pool):
+    """With ``vision_summary`` every image token gets the pooled patch feature that the vision
+    head classifies (mean or max), and the convolutional stem keeps one feature per patch."""
+    torch.manual_seed(0)
+    cfg = tiny_config(vision_stem=4, vision_pool=pool, vision_summary=True, vision_classes=5)
+    model = TinyModel(cfg).eval()
+    ids, pix, _ = batch(cfg)
+    feats = model.vision(pix)
+    assert feats.shape == (2, cfg.image_tokens, cfg.vision_dim)
+    pooled = feats.amax(1, keepdim=True) if pool == "max" else feats.mean(1, keepdim=True)
+    want = model.projector(feats + pooled)
+    got = model.embed_inputs(ids, pix)[ids == IMG].view_as(want)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(model.vision.classify(pix), model.vision.head(pooled[:, 0]))
 
 
 def test_logits_only_where_asked():
@@ -217,3 +238,30 @@ def test_packed_choice_scores_equal_one_sequence_per_choice():
                 start = 1 + len(img) + len(it.prompt)
                 expect = sum(float(logp[start - 1 + n, t]) for n, t in enumerate(c))
                 assert value == pytest.approx(expect, abs=1e-4)
+
+
+def test_vision_probe_reads_each_benchmark_answer_off_its_block():
+    """The stage-0 probe scores 1.0 for a head that outputs each image's targets and chance for
+    one that outputs the same logits for every image: its blocks match the answer words."""
+    from types import SimpleNamespace
+
+    from smar.testbed.data import questions
+    from smar.testbed.data.images import VISION_CLASSES
+    from smar.testbed.stages import vision_probe
+
+    truth = {}
+    for task in questions.QA_TYPES:
+        for s in questions.qa_samples(task, 200, 0, "eval", 16):
+            truth[s.image.pixels.numpy().tobytes()] = s.image.target()
+
+    def knows(x):
+        return torch.stack([truth[p.numpy().tobytes()] for p in x]) * 10 - 5
+
+    def blind(x):
+        return torch.zeros(len(x), VISION_CLASSES).index_fill_(1, torch.tensor([3, 12]), 1.0)
+
+    assert vision_probe(SimpleNamespace(vision=SimpleNamespace(classify=knows)), 200, 16) == {
+        t: 1.0 for t in questions.QA_TYPES
+    }
+    chance = vision_probe(SimpleNamespace(vision=SimpleNamespace(classify=blind)), 200, 16)
+    assert chance["digit"] < 0.25 and all(chance[t] < 0.45 for t in questions.QA_TYPES)
