@@ -25,7 +25,7 @@ from smar.testbed.jobs import jobs_for, run_jobs
 from smar.testbed.overrides import to_dict
 from smar.testbed.report import write_report
 from smar.testbed.scoring import unigram_bits_per_byte
-from smar.testbed.stages import final_stage, stage_align, stage_dir, stage_instruct
+from smar.testbed.stages import STAGES, final_stage, stage_align, stage_dir, stage_instruct
 from smar.testbed.validate import validate_config
 
 log = logging.getLogger(__name__)
@@ -120,8 +120,15 @@ def run_pipeline(cfg: RunConfig, *, quiet: bool = False) -> dict:
     timings = {"data_s": time.time() - t_start}
     stage_instruct(cfg, bundle, quiet)  # stages 0-2 (and stage II), cached
     timings["stages_0_2_s"] = time.time() - t_start - timings["data_s"]
+    timings["stage_build_s"] = {  # when each stage was built (this run or an earlier one)
+        name: (read_cached_json(stage_dir(cfg, name) / "metrics.json") or {}).get("seconds")
+        for name in STAGES
+        if name != "instruct" or cfg.instruct.steps > 0
+    }
     base_eval = evaluate_base(cfg, bundle, quiet)
-    timings["base_eval_s"] = time.time() - t_start - sum(timings.values())
+    timings["base_eval_s"] = time.time() - t_start - sum(
+        v for v in timings.values() if isinstance(v, float)
+    )
     jobs = jobs_for(cfg)
     base_dir = stage_dir(cfg, final_stage(cfg))
     t3 = time.time()

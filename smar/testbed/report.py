@@ -176,6 +176,36 @@ def _image_share(out: dict) -> None:
     noimage["image_share_by_seed"] = shares
 
 
+STAGE_NAMES = {"vision": "0", "pretrain": "1", "align": "2", "instruct": "II"}
+
+
+def _stage_seconds(timings: dict) -> str:
+    """The sentence giving each stage's build time, from the stages' records (a cached stage
+    keeps the time it took when it was built); empty without records."""
+    built = {k: v for k, v in timings.get("stage_build_s", {}).items() if v is not None}
+    if not built:
+        return ""
+    parts = [f"stage {STAGE_NAMES.get(k, k)} {v:.0f} s" for k, v in built.items()]
+    return " Stage build times (when built): " + ", ".join(parts) + "."
+
+
+def _vision_section(base: dict) -> list[str]:
+    """The frozen vision encoder's held-out accuracy per multimodal benchmark (stage 0's probe):
+    the ceiling of what the language model can read from its image tokens."""
+    probe = base.get("vision", {}).get("probe_eval")
+    if not probe:
+        return []
+    return [
+        "## Vision encoder (stage 0)",
+        "",
+        "Its pretraining head, on the held-out images of each multimodal benchmark (the ceiling of "
+        "what the LM can read from its image tokens): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in probe.items())
+        + ".",
+        "",
+    ]
+
+
 def write_report(results: dict, out_dir: str | Path) -> Path:
     """Writes ``report.md``, ``mrd.png`` and ``retention_vs_accuracy.png`` into ``out_dir``."""
     out = Path(out_dir)
@@ -192,8 +222,9 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
         "seeds (none with one seed).",
         f"Wall time: total {t.get('total_s', float('nan')):.0f} s (data "
         f"{t.get('data_s', 0):.0f} s, stages 0-2 {t.get('stages_0_2_s', 0):.0f} s, stage 3 "
-        f"{t.get('stage3_s', 0):.0f} s).",
+        f"{t.get('stage3_s', 0):.0f} s).{_stage_seconds(t)}",
         "",
+        *_vision_section(base),
         "## Stage-1 language model",
         "",
         f"Held-out prose: {base['prose_bpb']:.3f} bits/byte (unigram model: "

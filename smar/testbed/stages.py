@@ -146,6 +146,7 @@ def stage_vision(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyMod
 
 
 def _vision(cfg: RunConfig, bundle: Bundle, quiet: bool):
+    t0 = time.time()
     torch.manual_seed(cfg.data.seed)
     model = TinyModel(_model_config(cfg, bundle.tok))
     samples = images.vision_samples(cfg.data.vision_examples, cfg.data.seed, cfg.data.image_size)
@@ -170,7 +171,8 @@ def _vision(cfg: RunConfig, bundle: Bundle, quiet: bool):
         pred = model.vision.classify(x[:500]) > 0
         acc = (pred == (y[:500] > 0.5)).all(-1).float().mean().item()
     probe = vision_probe(model, 400, cfg.data.image_size)
-    return model, {"loss": loss.item(), "exact_match_train": acc, "probe_eval": probe}
+    metrics = {"loss": loss.item(), "exact_match_train": acc, "probe_eval": probe}
+    return model, {**metrics, "seconds": time.time() - t0}
 
 
 @torch.no_grad()
@@ -195,6 +197,7 @@ def stage_pretrain(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyM
 
 def _pretrain(cfg: RunConfig, bundle: Bundle, quiet: bool):
     model = stage_vision(cfg, bundle, quiet)
+    t0 = time.time()
     torch.manual_seed(cfg.data.seed + 1)
     native = cfg.tune.base == "native"
     if native:
@@ -205,7 +208,6 @@ def _pretrain(cfg: RunConfig, bundle: Bundle, quiet: bool):
     opt = make_optimizer(model, cfg.pretrain.lr)
     stream = TextStream(bundle.train_ids, cfg.data.seed)
     S = cfg.model.max_seq_len
-    t0 = time.time()
     bar = progress(range(cfg.pretrain.steps), desc="stage 1: language", disable=quiet)
     for step in bar:
         lr = lr_at(step, cfg.pretrain.steps, cfg.pretrain.warmup, cfg.pretrain.lr)
@@ -226,7 +228,7 @@ def _pretrain(cfg: RunConfig, bundle: Bundle, quiet: bool):
             bar.set_postfix(loss=f"{loss.item():.3f}")
     secs = time.time() - t0
     tokens = cfg.pretrain.steps * cfg.pretrain.batch_size * S
-    return model, {"loss": loss.item(), "tokens_per_s": tokens / secs}
+    return model, {"loss": loss.item(), "tokens_per_s": tokens / secs, "seconds": secs}
 
 
 def stage_align(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyModel:
@@ -236,6 +238,7 @@ def stage_align(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyMode
 
 def _align(cfg: RunConfig, bundle: Bundle, quiet: bool):
     model = stage_pretrain(cfg, bundle, quiet)
+    t0 = time.time()
     torch.manual_seed(cfg.data.seed + 2)
     model.set_trainable("projector")
     opt = make_optimizer(model, cfg.align.lr)
@@ -258,7 +261,7 @@ def _align(cfg: RunConfig, bundle: Bundle, quiet: bool):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return model, {"caption_loss": loss.item()}
+    return model, {"caption_loss": loss.item(), "seconds": time.time() - t0}
 
 
 def final_stage(cfg: RunConfig) -> str:
@@ -277,6 +280,7 @@ def stage_instruct(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyM
 
 def _instruct(cfg: RunConfig, bundle: Bundle, quiet: bool):
     model = stage_align(cfg, bundle, quiet)
+    t0 = time.time()
     torch.manual_seed(cfg.data.seed + 3)
     model.set_trainable("all")
     for p in model.vision.parameters():
@@ -310,4 +314,4 @@ def _instruct(cfg: RunConfig, bundle: Bundle, quiet: bool):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    return model, {"loss": loss.item()}
+    return model, {"loss": loss.item(), "seconds": time.time() - t0}

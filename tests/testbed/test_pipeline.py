@@ -30,6 +30,13 @@ def test_smoke_demo_end_to_end(tmp_path, monkeypatch):
         assert {"text/prose", "text/facts", "mm/digit"} <= set(r["scores"])
     assert (out / "mrd.png").exists() and (out / "retention_vs_accuracy.png").exists()
     assert results["base"]["unigram_bpb"] > 0
+    # stage 0's held-out probe per multimodal benchmark and each stage's build time, reported
+    probe = results["base"]["vision"]["probe_eval"]
+    assert set(probe) == {"digit", "shape", "colour", "count", "position"}
+    assert f"digit {probe['digit']:.3f}" in report and "## Vision encoder (stage 0)" in report
+    built = results["timings"]["stage_build_s"]
+    assert set(built) == {"vision", "pretrain", "align", "instruct"}
+    assert all(v > 0 for v in built.values()) and "Stage build times" in report
     # a second run reuses every cached stage and every finished run, also when it adds an arm;
     # a changed stage-3 option makes the run again
     before = (out / "smar_seed0" / "results.json").stat().st_mtime
