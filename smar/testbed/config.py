@@ -115,7 +115,7 @@ class RunConfig:
     pretrain: StageConfig = field(default_factory=lambda: StageConfig(1100, 16, 2e-3, 60))
     align: StageConfig = field(default_factory=lambda: StageConfig(600, 32, 3e-3, 20))
     instruct: InstructConfig = field(
-        default_factory=lambda: InstructConfig(steps=1500, lr=5e-4, text_ratio=0.5)
+        default_factory=lambda: InstructConfig(steps=2000, lr=1e-3, text_ratio=0.5)
     )
     tune: TuneConfig = field(default_factory=TuneConfig)
     # the demo shows three arms over three seeds; `smar sweep` covers the others
