@@ -125,10 +125,9 @@ def run_pipeline(cfg: RunConfig, *, quiet: bool = False) -> dict:
         for name in STAGES
         if name != "instruct" or cfg.instruct.steps > 0
     }
+    t_base = time.time()
     base_eval = evaluate_base(cfg, bundle, quiet)
-    timings["base_eval_s"] = time.time() - t_start - sum(
-        v for v in timings.values() if isinstance(v, float)
-    )
+    timings["base_eval_s"] = time.time() - t_base
     jobs = jobs_for(cfg)
     base_dir = stage_dir(cfg, final_stage(cfg))
     t3 = time.time()
