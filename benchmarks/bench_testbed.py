@@ -36,7 +36,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from smar.testbed.arms import make_arm
 from smar.testbed.config import RunConfig
 from smar.testbed.model import TinyModel
-from smar.testbed.stages import _model_config, make_optimizer
+from smar.testbed.stages import make_optimizer
+from smar.testbed.stages import model_config as stage_model_config
 from smar.testbed.tune import arm_objective, prepare
 
 aten = torch.ops.aten
@@ -98,7 +99,7 @@ def replay(calls: list[tuple]):
 
 def model_config(cfg: RunConfig):
     """The pipeline's model config, with a vocabulary of ``data.vocab_size`` (no tokenizer)."""
-    return _model_config(cfg, SimpleNamespace(vocab_size=cfg.data.vocab_size, image_id=1))
+    return stage_model_config(cfg, SimpleNamespace(vocab_size=cfg.data.vocab_size, image_id=1))
 
 
 def stage1_step(cfg: RunConfig):

@@ -38,7 +38,7 @@ from smar.testbed.lm_eval_tasks import (
 )
 from smar.testbed.model import TinyModel  # noqa: E402
 from smar.testbed.scoring import choice_correct  # noqa: E402
-from smar.testbed.stages import _model_config  # noqa: E402
+from smar.testbed.stages import model_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def tiny(tmp_path_factory):
     prose = skills.skill_text(300, 7)  # any text will do as held-out prose
     tok = Tokenizer.train([skills.skill_text(600, 1), prose], 512, root / "tok.json")
     bundle = Bundle(tok, torch.zeros(1, dtype=torch.long), prose)
-    mcfg = _model_config(cfg, tok)  # the stage-1 model's config
+    mcfg = model_config(cfg, tok)  # the stage-1 model's config
     torch.manual_seed(0)
     model = TinyModel(mcfg).eval()
     tasks = export_tasks(cfg, root / "tasks", bundle)

@@ -53,7 +53,8 @@ def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     )
 
 
-def _model_config(cfg: RunConfig, tok) -> TinyConfig:
+def model_config(cfg: RunConfig, tok) -> TinyConfig:
+    """The stage models' config: ``cfg.model`` with the tokenizer's vocabulary and image id."""
     return dataclasses.replace(
         cfg.model,
         vocab_size=tok.vocab_size,
@@ -121,8 +122,10 @@ def _cached(path: Path) -> TinyModel | None:
         return None
 
 
-def _stage(cfg: RunConfig, name: str, build) -> TinyModel:
-    """The cached model of stage ``name``, or ``build()`` -> (model, metrics) under its lock."""
+def _stage(cfg: RunConfig, name: str, build, source=None) -> TinyModel:
+    """The cached model of stage ``name``, or ``build(source())`` -> (model, metrics) under its
+    lock: ``source`` gives the earlier stage's model (built first when not cached) and is not
+    counted in the stage's recorded ``seconds``."""
     out = stage_dir(cfg, name)
     model = _cached(out)
     if model is not None:
@@ -130,7 +133,10 @@ def _stage(cfg: RunConfig, name: str, build) -> TinyModel:
     with file_lock(out.with_name(out.name + ".lock"), f"stage {name} ({out})"):
         model = _cached(out)
         if model is None:
-            model, metrics = build()
+            start = source() if source is not None else None
+            t0 = time.time()
+            model, metrics = build(start)
+            metrics["seconds"] = time.time() - t0
             bad = [n for n, p in model.state_dict().items() if not torch.isfinite(p).all()]
             if bad:
                 raise Diverged(f"stage {name}: weight {bad[0]} is not finite after training")
@@ -142,13 +148,12 @@ def _stage(cfg: RunConfig, name: str, build) -> TinyModel:
 # ------------------------------------------------------------------------------------ stages
 def stage_vision(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyModel:
     """Stage 0: the vision encoder learns to name digits and scene attributes (multi-label)."""
-    return _stage(cfg, "vision", lambda: _vision(cfg, bundle, quiet))
+    return _stage(cfg, "vision", lambda _: _vision(cfg, bundle, quiet))
 
 
 def _vision(cfg: RunConfig, bundle: Bundle, quiet: bool):
-    t0 = time.time()
     torch.manual_seed(cfg.data.seed)
-    model = TinyModel(_model_config(cfg, bundle.tok))
+    model = TinyModel(model_config(cfg, bundle.tok))
     samples = images.vision_samples(cfg.data.vision_examples, cfg.data.seed, cfg.data.image_size)
     x = torch.stack([s.pixels for s in samples])
     y = torch.stack([s.target() for s in samples])
@@ -171,8 +176,7 @@ def _vision(cfg: RunConfig, bundle: Bundle, quiet: bool):
         pred = model.vision.classify(x[:500]) > 0
         acc = (pred == (y[:500] > 0.5)).all(-1).float().mean().item()
     probe = vision_probe(model, 400, cfg.data.image_size)
-    metrics = {"loss": loss.item(), "exact_match_train": acc, "probe_eval": probe}
-    return model, {**metrics, "seconds": time.time() - t0}
+    return model, {"loss": loss.item(), "exact_match_train": acc, "probe_eval": probe}
 
 
 @torch.no_grad()
@@ -192,12 +196,15 @@ def vision_probe(model: TinyModel, n: int, size: int) -> dict[str, float]:
 def stage_pretrain(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyModel:
     """Stage 1: the LM learns prose and the skill tasks: a dense LM (``tune.base="upcycle"``,
     MoE-LLaVA), or a MoE LM with independent experts and load balancing (``"native"``)."""
-    return _stage(cfg, "pretrain", lambda: _pretrain(cfg, bundle, quiet))
+    return _stage(
+        cfg,
+        "pretrain",
+        lambda m: _pretrain(m, cfg, bundle, quiet),
+        source=lambda: stage_vision(cfg, bundle, quiet),
+    )
 
 
-def _pretrain(cfg: RunConfig, bundle: Bundle, quiet: bool):
-    model = stage_vision(cfg, bundle, quiet)
-    t0 = time.time()
+def _pretrain(model: TinyModel, cfg: RunConfig, bundle: Bundle, quiet: bool):
     torch.manual_seed(cfg.data.seed + 1)
     native = cfg.tune.base == "native"
     if native:
@@ -208,6 +215,7 @@ def _pretrain(cfg: RunConfig, bundle: Bundle, quiet: bool):
     opt = make_optimizer(model, cfg.pretrain.lr)
     stream = TextStream(bundle.train_ids, cfg.data.seed)
     S = cfg.model.max_seq_len
+    t0 = time.time()
     bar = progress(range(cfg.pretrain.steps), desc="stage 1: language", disable=quiet)
     for step in bar:
         lr = lr_at(step, cfg.pretrain.steps, cfg.pretrain.warmup, cfg.pretrain.lr)
@@ -228,17 +236,20 @@ def _pretrain(cfg: RunConfig, bundle: Bundle, quiet: bool):
             bar.set_postfix(loss=f"{loss.item():.3f}")
     secs = time.time() - t0
     tokens = cfg.pretrain.steps * cfg.pretrain.batch_size * S
-    return model, {"loss": loss.item(), "tokens_per_s": tokens / secs, "seconds": secs}
+    return model, {"loss": loss.item(), "tokens_per_s": tokens / secs}
 
 
 def stage_align(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyModel:
     """Stage 2: only the projector trains, on captions (LLaVA stage 1)."""
-    return _stage(cfg, "align", lambda: _align(cfg, bundle, quiet))
+    return _stage(
+        cfg,
+        "align",
+        lambda m: _align(m, cfg, bundle, quiet),
+        source=lambda: stage_pretrain(cfg, bundle, quiet),
+    )
 
 
-def _align(cfg: RunConfig, bundle: Bundle, quiet: bool):
-    model = stage_pretrain(cfg, bundle, quiet)
-    t0 = time.time()
+def _align(model: TinyModel, cfg: RunConfig, bundle: Bundle, quiet: bool):
     torch.manual_seed(cfg.data.seed + 2)
     model.set_trainable("projector")
     opt = make_optimizer(model, cfg.align.lr)
@@ -261,7 +272,7 @@ def _align(cfg: RunConfig, bundle: Bundle, quiet: bool):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return model, {"caption_loss": loss.item(), "seconds": time.time() - t0}
+    return model, {"caption_loss": loss.item()}
 
 
 def final_stage(cfg: RunConfig) -> str:
@@ -275,12 +286,15 @@ def stage_instruct(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyM
     ``instruct.steps`` this is the stage-2 model itself."""
     if cfg.instruct.steps <= 0:
         return stage_align(cfg, bundle, quiet)
-    return _stage(cfg, "instruct", lambda: _instruct(cfg, bundle, quiet))
+    return _stage(
+        cfg,
+        "instruct",
+        lambda m: _instruct(m, cfg, bundle, quiet),
+        source=lambda: stage_align(cfg, bundle, quiet),
+    )
 
 
-def _instruct(cfg: RunConfig, bundle: Bundle, quiet: bool):
-    model = stage_align(cfg, bundle, quiet)
-    t0 = time.time()
+def _instruct(model: TinyModel, cfg: RunConfig, bundle: Bundle, quiet: bool):
     torch.manual_seed(cfg.data.seed + 3)
     model.set_trainable("all")
     for p in model.vision.parameters():
@@ -314,4 +328,4 @@ def _instruct(cfg: RunConfig, bundle: Bundle, quiet: bool):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    return model, {"loss": loss.item(), "seconds": time.time() - t0}
+    return model, {"loss": loss.item()}

@@ -30,6 +30,7 @@ TARGET_SLICES = {
     "position": slice(22, 26),
 }
 VISION_CLASSES = 10 + len(COLOURS) + len(SHAPES) + 4 + len(PLACES)
+_AT = {k: s.start for k, s in TARGET_SLICES.items()}
 
 
 @dataclass
@@ -42,15 +43,14 @@ class ImageSample:
 
     def target(self) -> torch.Tensor:
         t = torch.zeros(VISION_CLASSES)
-        at = {k: s.start for k, s in TARGET_SLICES.items()}
         if self.digit is not None:
-            t[at["digit"] + self.digit] = 1
+            t[_AT["digit"] + self.digit] = 1
         for colour, shape, place in self.objects:
-            t[at["colour"] + list(COLOURS).index(colour)] = 1
-            t[at["shape"] + SHAPES.index(shape)] = 1
-            t[at["position"] + place] = 1
+            t[_AT["colour"] + list(COLOURS).index(colour)] = 1
+            t[_AT["shape"] + SHAPES.index(shape)] = 1
+            t[_AT["position"] + place] = 1
         if self.objects:
-            t[at["count"] + len(self.objects) - 1] = 1
+            t[_AT["count"] + len(self.objects) - 1] = 1
         return t
 
 
