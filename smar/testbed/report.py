@@ -287,6 +287,13 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
                 "below): as measured, the text alone may cause all of the forgetting, and then no "
                 "routing method that acts on image tokens can help.",
             ]
+    missing = [f"`{g}`" for g in ("control_text", "control_none50") if g not in agg]
+    if missing:
+        lines += [
+            "",
+            f"Not run here: {' and '.join(missing)} (the text-ratio controls run on the first "
+            "`control_seeds` seeds; `smar sweep` runs them on one).",
+        ]
     arms = [g for g in agg if not g.startswith("control_")]
     floor = agg.get("hard_sample", {}).get("retention/mean", (float("nan"),))[0]
     none = agg.get("none", {}).get("retention/mean", (float("nan"),))[0]

@@ -50,7 +50,12 @@ def test_smoke_demo_end_to_end(tmp_path, monkeypatch):
 
 
 def test_jobs_cover_arms_seeds_and_controls():
-    cfg = RunConfig(arms=["none", "smar"], seeds=[0, 1], text_ratios=[0.025, 0.1])
+    # the demo: none and smar on three seeds, each paired with a no-image control
+    assert [j.name for j in jobs_for(RunConfig())] == [
+        "none_seed0", "none_seed1", "none_seed2", "smar_seed0", "smar_seed1", "smar_seed2",
+        "control_noimage_seed0", "control_noimage_seed1", "control_noimage_seed2",
+    ]  # fmt: skip
+    cfg = RunConfig(arms=["none", "smar"], seeds=[0, 1], text_ratios=[0.025, 0.1], control_seeds=1)
     names = [j.name for j in jobs_for(cfg)]
     assert "smar_text0.1_seed1" in names and "control_text_seed0" in names
     # the no-image control on every seed, the text-ratio controls on the first (control_seeds=1)
@@ -77,9 +82,13 @@ def test_smoke_demo_native_base(tmp_path, monkeypatch):
     """The natively-MoE base: stage 1 pretrains a MoE LM, stage 3 tunes it without upcycling."""
     monkeypatch.chdir(tmp_path)
     args = ["demo", "--smoke", "--quiet", "--out", "out", "tune.base=native", "arms=none,smar,hard"]
-    assert cli.main(args + ["controls=false"]) == 0
+    assert cli.main(args + ["control_seeds=0"]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert set(results["runs"]) == {"none_seed0", "smar_seed0", "hard_seed0"}
+    # the no-image control alone: the report says which calibration controls did not run
+    runs = {"none_seed0", "smar_seed0", "hard_seed0", "control_noimage_seed0"}
+    assert set(results["runs"]) == runs
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Not run here: `control_text` and `control_none50`" in report
     cfg = smoke_config()
     cfg.tune.base = "native"
     model = TinyModel.load(stage_dir(cfg, "pretrain"))  # stage 1 is already a MoE LM
