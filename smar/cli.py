@@ -37,6 +37,7 @@ def _demo(args: argparse.Namespace) -> int:
     from smar.testbed.config import demo_config, smoke_config
     from smar.testbed.overrides import apply_overrides
     from smar.testbed.pipeline import run_pipeline
+    from smar.testbed.report import summary_text
 
     _refuse_torchrun("demo")
     cfg = smoke_config() if args.smoke else demo_config()
@@ -44,6 +45,7 @@ def _demo(args: argparse.Namespace) -> int:
         cfg.out = args.out
     cfg = apply_overrides(cfg, args.overrides)
     result = run_pipeline(cfg, quiet=args.quiet)
+    print(summary_text(result))
     print(f"report: {cfg.out}/report.md ({result['timings']['total_s']:.0f} s)")
     return 0
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from smar.testbed.evaluate import LEARNED, learned_benchmarks, summarize
 from smar.testbed.stats import bootstrap_mean_retention, confidence_interval, image_driven_share
 
-__all__ = ["aggregate", "significant", "write_report"]
+__all__ = ["aggregate", "significant", "summary_text", "write_report"]
 
 SHARE_TARGET = 0.3  # the image-driven share the testbed's default regime should reach
 
@@ -204,6 +204,45 @@ def _vision_section(base: dict) -> list[str]:
         + ".",
         "",
     ]
+
+
+def summary_text(results: dict) -> str:
+    """The verdict for the terminal: each arm's mean retention and its differences to ``none``
+    paired by seed (mean retention, multimodal accuracy, prose), ``*`` where the 95% interval
+    excludes 0, and the image-driven share; ``report.md`` has the rest."""
+    agg = aggregate(results)
+    seeds = sorted({s for row in agg.values() for s in row["seeds"]})
+    header = ("arm", "n", "mean retention", "Δ vs none", "Δ multimodal", "Δ prose")
+    rows = [header]
+    for g, row in agg.items():
+        if g.startswith("control_"):
+            continue
+        prose = row["delta_bench"].get("retention/prose", (float("nan"),) * 2)
+        rows.append(
+            (g, str(row["n"]), _fmt(*row["retention/mean"]))
+            + tuple(_star(d) for d in (row["delta_none"], row["delta_mm_none"], prose))
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [
+        f"SMAR testbed, seeds {seeds}: differences to `none` paired by seed, 95% intervals, "
+        "* where the interval excludes 0",
+        *("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows),
+    ]
+    share = agg.get("control_noimage", {}).get("image_share")
+    if share is not None:
+        m, h = share
+        shown = m >= SHARE_TARGET and significant(share)
+        lines.append(
+            f"image-driven share of the forgetting: {_fmt(m, h)} (target >= {SHARE_TARGET} with "
+            f"its interval above 0: {'met' if shown else 'not met'})"
+        )
+    return "\n".join(lines)
+
+
+def _star(interval: tuple[float, float]) -> str:
+    if math.isnan(interval[0]):
+        return ""
+    return _fmt(*interval, sign="+") + (" *" if significant(interval) else "")
 
 
 def write_report(results: dict, out_dir: str | Path) -> Path:

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-
 from smar.testbed.config import sweep_config
 from smar.testbed.overrides import apply_overrides
 from smar.testbed.pipeline import run_pipeline
-
-log = logging.getLogger(__name__)
+from smar.testbed.report import summary_text
 
 
 def sweep_main(args) -> int:
     """``smar sweep [overrides]``; bands are ``low:high`` pairs (``bands=1.5:2,0:0``), read as
     ``smar demo`` reads them."""
     cfg = apply_overrides(sweep_config(), list(getattr(args, "overrides", []) or []))
-    run_pipeline(cfg)
-    log.info("wrote %s/report.md", cfg.out)
+    print(summary_text(run_pipeline(cfg)))
+    print(f"report: {cfg.out}/report.md")
     return 0

@@ -14,9 +14,12 @@ from smar.testbed.stages import stage_dir
 from smar.testbed.tune import Job
 
 
-def test_smoke_demo_end_to_end(tmp_path, monkeypatch):
+def test_smoke_demo_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert cli.main(["demo", "--smoke", "--quiet", "--out", "out"]) == 0
+    printed = capsys.readouterr().out  # the verdict, paired differences included
+    assert "SMAR testbed, seeds [0]" in printed and "Δ vs none" in printed
+    assert "\nsmar " in printed and "image-driven share of the forgetting" in printed
     out = tmp_path / "out"
     report = (out / "report.md").read_text()
     assert "## Calibration" in report and "`smar`" in report and "`hard_sample`" in report

@@ -1,11 +1,12 @@
 """Retention and confidence intervals against hand computations and scipy-free references."""
 
 import math
+import re
 
 import pytest
 import torch
 
-from smar.testbed.report import aggregate, significant
+from smar.testbed.report import aggregate, significant, summary_text
 from smar.testbed.stats import (
     bootstrap_mean_retention,
     confidence_interval,
@@ -115,6 +116,10 @@ def test_report_pairs_seeds_for_differences_and_the_image_share():
     assert significant(agg["smar"]["delta_none"])
     share, share_half = agg["control_noimage"]["image_share"]
     assert share == pytest.approx(0.5) and share_half == pytest.approx(0.0, abs=1e-9)
+    # the terminal's verdict: the paired differences, starred where they exclude 0, the share
+    text = summary_text({"base": base, "runs": runs})
+    assert re.search(r"^smar +3 +0\.8\d\d ± 0\.\d+ +\+0\.020 ± 0\.000 \*", text, re.M)
+    assert "image-driven share of the forgetting: 0.500 ± 0.000" in text and ": met)" in text
     # shuffling which seed is which breaks the pairing and widens the interval
     runs["smar_seed0"], runs["smar_seed1"] = _run("smar", 0, 0.92), _run("smar", 1, 0.82)
     assert aggregate({"base": base, "runs": runs})["smar"]["delta_none"][1] > 0.1
