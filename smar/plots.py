@@ -303,35 +303,39 @@ def plot_retention_vs_accuracy(
     path: str | os.PathLike,
     *,
     title: str = "Language retention vs multimodal accuracy",
+    xlabel: str = "mean language retention (after / stage-1 LM)",
+    ylabel: str = "mean multimodal accuracy",
+    origin: bool = False,
 ) -> Path:
-    """One point per arm: mean retention (x) against mean multimodal accuracy (y).
+    """One point per arm: retention (x) against multimodal accuracy (y), named in a legend.
 
     Args:
         points: arm name -> ``{"retention": r, "accuracy": a}``, optionally with ``"retention_ci"``
             and ``"accuracy_ci"`` half-widths drawn as error bars.
         path: output image.
+        xlabel, ylabel: the axes' labels (differences to a reference arm, for instance).
+        origin: draw the lines x = 0 and y = 0 (points that are differences to a reference).
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for arm, p in points.items():
+    fig, ax = plt.subplots(figsize=(7.2, 4.4))
+    if origin:
+        ax.axhline(0.0, color="0.6", linewidth=0.8)
+        ax.axvline(0.0, color="0.6", linewidth=0.8)
+    markers = "osD^vP*Xhp<>"
+    for k, (arm, p) in enumerate(points.items()):
         ax.errorbar(
             p["retention"],
             p["accuracy"],
             xerr=p.get("retention_ci"),
             yerr=p.get("accuracy_ci"),
-            fmt="o",
+            fmt=markers[k % len(markers)],
+            color=f"C{k % 10}",
             capsize=3,
             label=arm,
         )
-        ax.annotate(
-            arm,
-            (p["retention"], p["accuracy"]),
-            fontsize=8,
-            xytext=(4, 4),
-            textcoords="offset points",
-        )
-    ax.set_xlabel("mean language retention (after / stage-1 LM)")
-    ax.set_ylabel("mean multimodal accuracy")
-    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
     return _save(fig, path)

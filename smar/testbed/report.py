@@ -442,24 +442,29 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
             out / "mrd.png",
             band=tuple(cfg["tune"]["band"]),
         )
-        plot_retention_vs_accuracy(
-            {
-                g: {
-                    "retention": agg[g]["retention/mean"][0],
-                    "accuracy": agg[g]["mm/mean"][0],
-                    "retention_ci": _ci(agg[g]["retention/mean"][1]),
-                    "accuracy_ci": _ci(agg[g]["mm/mean"][1]),
-                }
-                for g in agg
-            },
-            out / "retention_vs_accuracy.png",
-        )
-        lines += [
-            "",
-            "![MRD per layer](mrd.png)",
-            "",
-            "![retention vs accuracy](retention_vs_accuracy.png)",
-        ]
+        # paired differences to `none`: the seed-to-seed spread that every arm shares cancels
+        paired = {
+            g: {
+                "retention": agg[g]["delta_none"][0],
+                "accuracy": agg[g]["delta_mm_none"][0],
+                "retention_ci": _ci(agg[g]["delta_none"][1]),
+                "accuracy_ci": _ci(agg[g]["delta_mm_none"][1]),
+            }
+            for g in arms
+            if not math.isnan(agg[g]["delta_none"][0])
+        }
+        lines += ["", "![MRD per layer](mrd.png)"]
+        if paired:
+            plot_retention_vs_accuracy(
+                paired,
+                out / "retention_vs_accuracy.png",
+                title="Language kept vs multimodal accuracy: each arm minus `none`, paired by "
+                "seed (95% intervals)",
+                xlabel="Δ mean language retention",
+                ylabel="Δ mean multimodal accuracy",
+                origin=True,
+            )
+            lines += ["", "![retention vs accuracy](retention_vs_accuracy.png)"]
     except ImportError:
         lines += ["", "(plots skipped: install matplotlib)"]
     path = out / "report.md"
