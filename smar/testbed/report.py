@@ -29,6 +29,10 @@ CALIBRATION = (  # (group, what it checks, threshold, direction)
 )
 
 
+_BASES = {
+    "upcycle": "MoE-LLaVA: the dense stage-1 LM's FFNs become copied experts at stage 3",
+    "native": "VITA on Mixtral: stage 1 pretrains a MoE LM whose experts differ from the start",
+}
 _MEANS = ("retention/mean", "retention/mean_wo_outlier", "retention/outlier")
 
 
@@ -253,7 +257,9 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
     cfg = results["config"]
     lines = [f"# SMAR testbed report ({Path(out).name})", ""]
     t = results.get("timings", {})
+    base_name = cfg["tune"].get("base", "upcycle")
     lines += [
+        f"Base `{base_name}` ({_BASES[base_name]}). "
         f"Stage 3: {cfg['tune']['steps']} steps, lr {cfg['tune']['lr']:g}, text ratio "
         f"{cfg['tune']['text_ratio']:g}, trainable `{cfg['tune']['trainable']}`, "
         f"{cfg['tune']['num_experts']} experts top-{cfg['tune']['top_k']}, MoE layers "

@@ -92,6 +92,7 @@ def test_smoke_demo_native_base(tmp_path, monkeypatch):
     assert set(results["runs"]) == runs
     report = (tmp_path / "out" / "report.md").read_text()
     assert "Not run here: `control_text` and `control_none50`" in report
+    assert report.count("Base `native` (VITA on Mixtral") == 1  # the report names its base
     cfg = smoke_config()
     cfg.tune.base = "native"
     model = TinyModel.load(stage_dir(cfg, "pretrain"))  # stage 1 is already a MoE LM
