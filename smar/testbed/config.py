@@ -124,6 +124,9 @@ class RunConfig:
     arms: list[str] = field(default_factory=lambda: ["none", "smar"])
     controls: bool = True
     control_seeds: int = 0  # the text-ratio controls run on this many of the seeds
+    # the shuffled-image control on every seed beside the no-image one (images present but
+    # carrying no answer: separates the image tokens' share from the answers' predictability)
+    shuffled_control: bool = False
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     text_ratios: list[float] = field(default_factory=list)
     bands: list[tuple[float, float]] = field(default_factory=list)

@@ -44,6 +44,7 @@ _NOT_IN_RUN = (
     "arms",
     "controls",
     "control_seeds",
+    "shuffled_control",
     "seeds",
     "text_ratios",
     "bands",
@@ -81,7 +82,7 @@ def run_job(cfg_dict: dict, job_dict: dict, base_dir: str) -> dict:
     run = {k: v for k, v in to_dict(cfg).items() if k not in _NOT_IN_RUN}
     run["data"]["text_files"] = data_hashes(cfg.data)
     run["base_sha256"] = recorded_sha256(Path(base_dir) / "model.safetensors")
-    resolved = {"run": run, "job": dataclasses.asdict(job)}
+    resolved = {"run": run, "job": _job_record(job)}
     # config.json beside model.safetensors is the model's (TinyModel.save); the run's own
     # resolved config goes to run_config.json
     with file_lock(out.parent / f".{job.name}.lock", f"run {job.name}"):
@@ -89,6 +90,19 @@ def run_job(cfg_dict: dict, job_dict: dict, base_dir: str) -> dict:
         if results is not None:
             return results
         return _run(cfg, job, base_dir, out, resolved)
+
+
+# Job fields added after runs were first recorded, with their defaults: left out of a run's
+# record while at the default, so that the runs recorded before them are still reused
+_ADDED_JOB_FIELDS = {"shuffle_images": False}
+
+
+def _job_record(job: Job) -> dict:
+    return {
+        k: v
+        for k, v in dataclasses.asdict(job).items()
+        if not (k in _ADDED_JOB_FIELDS and v == _ADDED_JOB_FIELDS[k])
+    }
 
 
 def _run(cfg: RunConfig, job: Job, base_dir: str, out: Path, resolved: dict) -> dict:
@@ -151,6 +165,8 @@ def jobs_for(cfg: RunConfig, sweep: bool = False) -> list[Job]:
         # text-ratio controls check the calibration and run on the first `control_seeds` seeds
         for k, seed in enumerate(cfg.seeds):
             jobs.append(Job(f"control_noimage_seed{seed}", "none", seed, drop_images=True))
+            if cfg.shuffled_control:
+                jobs.append(Job(f"control_shuffled_seed{seed}", "none", seed, shuffle_images=True))
             if k < cfg.control_seeds:
                 jobs += [
                     Job(f"control_text_seed{seed}", "none", seed, text_ratio=1.0),

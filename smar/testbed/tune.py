@@ -27,6 +27,7 @@ class Job:
     band: tuple[float, float] | None = None
     lr: float | None = None
     drop_images: bool = False
+    shuffle_images: bool = False
 
 
 def prepare(model: TinyModel, cfg: RunConfig, arm: Arm, generator: torch.Generator) -> TinyModel:
@@ -80,6 +81,7 @@ def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool 
         text_len=t.text_len,
         image_size=cfg.data.image_size,
         drop_images=job.drop_images,
+        shuffle_images=job.shuffle_images,
     )
     history = []
     field = "tune.lr" if job.lr is None else "lrs"

@@ -127,8 +127,23 @@ def test_mixing_text_ratio_and_no_image_variant(tok):
     assert {eos for _, _, im, eos in items if im is None} == {False}
     assert {eos for _, _, im, eos in items if im is not None} == {True}
     assert [(p, t) for p, t, *_ in dropped] == [(p, t) for p, t, *_ in first]
+    # the shuffled-image control: the same samples and the same images, dealt to other samples
+    shuffled = mixing.mixed_items(
+        50, text_ratio=0.1, shuffle_images=True, **{**kw, "text": mixing.TextStream(stream.ids, 0)}
+    )
+    assert [(p, t) for p, t, *_ in shuffled] == [(p, t) for p, t, *_ in first]
+    before = [im for _, _, im, _ in first if im is not None]
+    after = [im for _, _, im, _ in shuffled if im is not None]
+    assert after and len(after) == len(before)
+    assert sorted(im.pixels.sum().item() for im in after) == sorted(
+        im.pixels.sum().item() for im in before
+    )
+    moved = sum(not torch.equal(a.pixels, b.pixels) for a, b in zip(after, before, strict=True))
+    assert moved > len(before) // 2  # most samples now show an image that is not theirs
     with pytest.raises(ValueError, match="text_ratio"):
         mixing.mixed_items(5, text_ratio=1.5, **kw)
+    with pytest.raises(ValueError, match="exclude each other"):
+        mixing.mixed_items(5, text_ratio=0.1, drop_images=True, shuffle_images=True, **kw)
 
 
 def test_local_text_files(tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 from smar import cli
 from smar.testbed.config import RunConfig, TuneConfig, config_from_dict, smoke_config
-from smar.testbed.jobs import jobs_for
+from smar.testbed.jobs import _job_record, jobs_for
 from smar.testbed.model import TinyModel
 from smar.testbed.overrides import to_dict
 from smar.testbed.stages import stage_dir
@@ -73,6 +73,14 @@ def test_jobs_cover_arms_seeds_and_controls():
         "none_seed0", "smar_band1-1.5_seed0", "smar_band3-4_seed0", "align_seed0"
     ]  # fmt: skip
     assert Job("x", "none").drop_images is False
+    # a job field added later stays out of a run's record at its default: older runs are reused
+    assert "shuffle_images" not in _job_record(Job("x", "none"))
+    assert _job_record(Job("x", "none", shuffle_images=True))["shuffle_images"] is True
+    # the shuffled-image control, on request, beside the no-image one on every seed
+    shuffled = RunConfig(arms=["none"], seeds=[0, 1], shuffled_control=True)
+    assert [j.name for j in jobs_for(shuffled) if j.shuffle_images] == [
+        "control_shuffled_seed0", "control_shuffled_seed1"
+    ]  # fmt: skip
 
 
 def test_config_round_trips_through_json():

@@ -6,7 +6,8 @@ import re
 import pytest
 import torch
 
-from smar.testbed.report import aggregate, significant, summary_text
+from smar.testbed.compare import aggregate, significant
+from smar.testbed.report import summary_text
 from smar.testbed.stats import (
     bootstrap_mean_retention,
     confidence_interval,

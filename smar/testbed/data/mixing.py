@@ -109,13 +109,17 @@ def mixed_items(
     text_len: int,
     image_size: int,
     drop_images: bool = False,
+    shuffle_images: bool = False,
 ) -> list[tuple[list[int], list[int], ImageSample | None, bool]]:
     """Stage-3 items ``(prompt, target, image, eos)``: question/answer samples over all types,
     and pure-text samples (windows of running text, ``eos=False``) with probability
     ``text_ratio``. ``drop_images`` keeps the text of multimodal samples and removes
-    their images (the no-image control)."""
+    their images (the no-image control); ``shuffle_images`` gives each multimodal sample the
+    image of another (the shuffled-image control: the same image tokens, carrying no answer)."""
     if not 0.0 <= text_ratio <= 1.0:
         raise ValueError(f"text_ratio must be in [0, 1], got {text_ratio}")
+    if drop_images and shuffle_images:
+        raise ValueError("drop_images and shuffle_images exclude each other")
     rng = random.Random(f"mix-{seed}")
     items = []
     for _ in range(n):
@@ -127,6 +131,12 @@ def mixed_items(
             answer = s.choices[s.answer] + "."
             image = None if drop_images else s.image
             items.append((tok.encode(s.prompt), tok.encode(answer), image, True))
+    if shuffle_images:
+        slots = [i for i, it in enumerate(items) if it[2] is not None]
+        images = [items[i][2] for i in slots]
+        random.Random(f"shuffle-{seed}").shuffle(images)
+        for i, image in zip(slots, images, strict=True):
+            items[i] = (*items[i][:2], image, items[i][3])
     return items
 
 
