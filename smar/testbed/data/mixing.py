@@ -114,8 +114,9 @@ def mixed_items(
     """Stage-3 items ``(prompt, target, image, eos)``: question/answer samples over all types,
     and pure-text samples (windows of running text, ``eos=False``) with probability
     ``text_ratio``. ``drop_images`` keeps the text of multimodal samples and removes
-    their images (the no-image control); ``shuffle_images`` gives each multimodal sample the
-    image of another (the shuffled-image control: the same image tokens, carrying no answer)."""
+    their images (the no-image control); ``shuffle_images`` deals the multimodal samples' images
+    out again at random (the shuffled-image control: the same image tokens, carrying no answer;
+    a sample keeps its own image with chance 1/n)."""
     if not 0.0 <= text_ratio <= 1.0:
         raise ValueError(f"text_ratio must be in [0, 1], got {text_ratio}")
     if drop_images and shuffle_images:
