@@ -122,10 +122,11 @@ def _cached(path: Path) -> TinyModel | None:
         return None
 
 
-def _stage(cfg: RunConfig, name: str, build, source=None) -> TinyModel:
-    """The cached model of stage ``name``, or ``build(source())`` -> (model, metrics) under its
-    lock: ``source`` gives the earlier stage's model (built first when not cached) and is not
-    counted in the stage's recorded ``seconds``."""
+def _stage(cfg: RunConfig, name: str, build, bundle: Bundle, quiet: bool, after=None) -> TinyModel:
+    """The cached model of stage ``name``, or ``build(model, cfg, bundle, quiet)`` -> (model,
+    metrics) under its lock, where ``model`` is the stage ``after(cfg, bundle, quiet)`` gives (the
+    earlier stage's, built first when not cached, not counted in the recorded ``seconds``; None
+    for the first stage)."""
     out = stage_dir(cfg, name)
     model = _cached(out)
     if model is not None:
@@ -133,9 +134,9 @@ def _stage(cfg: RunConfig, name: str, build, source=None) -> TinyModel:
     with file_lock(out.with_name(out.name + ".lock"), f"stage {name} ({out})"):
         model = _cached(out)
         if model is None:
-            start = source() if source is not None else None
+            start = after(cfg, bundle, quiet) if after is not None else None
             t0 = time.time()
-            model, metrics = build(start)
+            model, metrics = build(start, cfg, bundle, quiet)
             metrics["seconds"] = time.time() - t0
             bad = [n for n, p in model.state_dict().items() if not torch.isfinite(p).all()]
             if bad:
@@ -148,10 +149,10 @@ def _stage(cfg: RunConfig, name: str, build, source=None) -> TinyModel:
 # ------------------------------------------------------------------------------------ stages
 def stage_vision(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyModel:
     """Stage 0: the vision encoder learns to name digits and scene attributes (multi-label)."""
-    return _stage(cfg, "vision", lambda _: _vision(cfg, bundle, quiet))
+    return _stage(cfg, "vision", _vision, bundle, quiet)
 
 
-def _vision(cfg: RunConfig, bundle: Bundle, quiet: bool):
+def _vision(_: None, cfg: RunConfig, bundle: Bundle, quiet: bool):
     torch.manual_seed(cfg.data.seed)
     model = TinyModel(model_config(cfg, bundle.tok))
     samples = images.vision_samples(cfg.data.vision_examples, cfg.data.seed, cfg.data.image_size)
@@ -196,12 +197,7 @@ def vision_probe(model: TinyModel, n: int, size: int) -> dict[str, float]:
 def stage_pretrain(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyModel:
     """Stage 1: the LM learns prose and the skill tasks: a dense LM (``tune.base="upcycle"``,
     MoE-LLaVA), or a MoE LM with independent experts and load balancing (``"native"``)."""
-    return _stage(
-        cfg,
-        "pretrain",
-        lambda m: _pretrain(m, cfg, bundle, quiet),
-        source=lambda: stage_vision(cfg, bundle, quiet),
-    )
+    return _stage(cfg, "pretrain", _pretrain, bundle, quiet, after=stage_vision)
 
 
 def _pretrain(model: TinyModel, cfg: RunConfig, bundle: Bundle, quiet: bool):
@@ -241,12 +237,7 @@ def _pretrain(model: TinyModel, cfg: RunConfig, bundle: Bundle, quiet: bool):
 
 def stage_align(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyModel:
     """Stage 2: only the projector trains, on captions (LLaVA stage 1)."""
-    return _stage(
-        cfg,
-        "align",
-        lambda m: _align(m, cfg, bundle, quiet),
-        source=lambda: stage_pretrain(cfg, bundle, quiet),
-    )
+    return _stage(cfg, "align", _align, bundle, quiet, after=stage_pretrain)
 
 
 def _align(model: TinyModel, cfg: RunConfig, bundle: Bundle, quiet: bool):
@@ -286,12 +277,7 @@ def stage_instruct(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyM
     ``instruct.steps`` this is the stage-2 model itself."""
     if cfg.instruct.steps <= 0:
         return stage_align(cfg, bundle, quiet)
-    return _stage(
-        cfg,
-        "instruct",
-        lambda m: _instruct(m, cfg, bundle, quiet),
-        source=lambda: stage_align(cfg, bundle, quiet),
-    )
+    return _stage(cfg, "instruct", _instruct, bundle, quiet, after=stage_align)
 
 
 def _instruct(model: TinyModel, cfg: RunConfig, bundle: Bundle, quiet: bool):
