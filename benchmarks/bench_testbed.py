@@ -41,7 +41,7 @@ from smar.testbed.stages import model_config as stage_model_config
 from smar.testbed.tune import arm_objective, prepare
 
 aten = torch.ops.aten
-_MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+_MATMULS = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm}  # every overload (``out=`` included)
 
 
 # torch counts flash attention's FLOPs on GPUs; its CPU kernels get the same formulas here, with
@@ -61,20 +61,19 @@ ATTENTION_FLOPS = {
 
 
 class RecordMatmuls(TorchDispatchMode):
-    """Records each matrix product's op, and its inputs' shapes, strides and dtypes."""
+    """Records each matrix product's op, and the shapes, strides and dtypes of its tensor
+    arguments (positional, and ``out=``)."""
 
     def __init__(self):
         super().__init__()
         self.calls: list[tuple] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in _MATMULS:
-            shapes = tuple(
-                (tuple(a.shape), tuple(a.stride()), a.dtype)
-                for a in args
-                if isinstance(a, torch.Tensor)
-            )
-            self.calls.append((func, shapes))
+        if func.overloadpacket in _MATMULS:
+            layout = lambda a: (tuple(a.shape), tuple(a.stride()), a.dtype)  # noqa: E731
+            shapes = tuple(layout(a) for a in args if isinstance(a, torch.Tensor))
+            out = {k: layout(v) for k, v in (kwargs or {}).items() if isinstance(v, torch.Tensor)}
+            self.calls.append((func, shapes, out))
         return func(*args, **(kwargs or {}))
 
 
@@ -87,12 +86,17 @@ def _random_strided(shape, stride, dtype) -> torch.Tensor:
 def replay(calls: list[tuple]):
     """A function that runs the recorded matrix products alone, on tensors of the same layout."""
     tensors = [
-        (func, [_random_strided(s, st, dt) for s, st, dt in shapes]) for func, shapes in calls
+        (
+            func,
+            [_random_strided(*a) for a in shapes],
+            {k: _random_strided(*a) for k, a in out.items()},
+        )
+        for func, shapes, out in calls
     ]
 
     def run():
-        for func, args in tensors:
-            func(*args)
+        for func, args, kwargs in tensors:
+            func(*args, **kwargs)
 
     return run
 
@@ -163,7 +167,7 @@ def measure(name: str, step, tokens: int, threads: int, reps: int) -> None:
     mm_flops = sum(
         v
         for op, v in counter.get_flop_counts()["Global"].items()
-        if op in {o.overloadpacket for o in _MATMULS}
+        if op in _MATMULS
     )
     t = median_seconds({"step": step, "sgemm": replay(rec.calls)}, reps)
     achieved, peak = flops / t["step"], mm_flops / t["sgemm"]

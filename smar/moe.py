@@ -155,7 +155,8 @@ class MoEBlock(nn.Module):
 
     Tokens are grouped by expert (one sort), each expert runs once on its contiguous slice, and the
     weighted outputs are scattered back with one ``index_add_``: no loop over tokens and no expert
-    computed for a token that did not choose it.
+    computed for a token that did not choose it. The experts' backward is written by hand
+    (``_Experts``): the same products as autograd's, without its copies and zero fills.
 
     Args:
         dim: model width ``D``.
@@ -208,27 +209,84 @@ class MoEBlock(nn.Module):
         order = flat_experts.argsort(stable=True)  # (T*K,) assignments grouped by expert
         token = order // self.top_k  # (T*K,) token of each grouped assignment
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-        xs = x[token]  # (T*K, D)
-        # unbind once: indexing the stacked weights per expert would make each expert's backward
-        # fill and add a zero gradient of the whole (E, ., .) tensor
-        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-        outs = []
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            h = xs[start : start + n]  # (n, D)
-            g, u = F.linear(h, gate_up[e]).chunk(2, dim=-1)  # (n, F) each
-            outs.append(F.linear(F.silu(g) * u, down[e]))  # (n, D)
-            start += n
-        ys = torch.cat(outs) * gates.reshape(-1)[order, None]  # (T*K, D)
-        return torch.zeros_like(x).index_add_(0, token, ys)  # (T, D)
+        return _Experts.apply(
+            x, self.gate_up_proj, self.down_proj, gates.reshape(-1)[order], token, counts
+        )
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.gate_up_proj.shape[2]}, hidden={self.down_proj.shape[2]}, "
             f"num_experts={self.num_experts}, top_k={self.top_k}"
         )
+
+
+class _Experts(torch.autograd.Function):
+    """The experts of a :class:`MoEBlock` on tokens grouped by expert, forward and backward by hand.
+
+    Each expert's hidden activations are kept transposed, ``(2F, n)``: the gate and up halves are
+    then contiguous blocks, so SiLU and the products run on contiguous memory, and the backward
+    reuses them without the copies, zero fills and concatenations that autograd would make around
+    the per-expert slices. Every matrix product is one ``torch.mm`` per expert (MKL reads the
+    transposed operands in place).
+
+    Shapes: ``x (T, D)``, ``gate_up (E, 2F, D)``, ``down (E, D, F)``, ``gates (T*K,)`` and
+    ``token (T*K,)`` in expert order, ``counts`` (E ints) -> ``(T, D)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gate_up, down, gates, token, counts):
+        F_ = down.shape[2]
+        xs = x.index_select(0, token)  # (T*K, D)
+        y = x.new_empty(xs.shape)  # (T*K, D) each assignment's expert output, before its gate
+        saved, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                saved.append(None)
+                continue
+            h = torch.mm(gate_up[e], xs[start : start + n].t())  # (2F, n)
+            g, u = h[:F_], h[F_:]
+            s = F.silu(g)  # (F, n)
+            a = s * u  # (F, n)
+            torch.mm(a.t(), down[e].t(), out=y[start : start + n])
+            saved.append((h, s, a))
+            start += n
+        out = torch.zeros_like(x).index_add_(0, token, y * gates[:, None])  # (T, D)
+        ctx.counts, ctx.hidden = counts, saved
+        ctx.save_for_backward(xs, y, gates, token, gate_up, down)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        xs, y, gates, token, gate_up, down = ctx.saved_tensors
+        need_x, need_w1, need_w2, need_g = ctx.needs_input_grad[:4]
+        F_ = down.shape[2]
+        dy_full = grad_out.index_select(0, token)  # (T*K, D)
+        d_gates = (dy_full * y).sum(1) if need_g else None  # (T*K,)
+        dy = dy_full * gates[:, None]  # (T*K, D)
+        dxs = torch.empty_like(xs) if need_x else None
+        d_gate_up = torch.zeros_like(gate_up) if need_w1 else None
+        d_down = torch.zeros_like(down) if need_w2 else None
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if n == 0:
+                continue
+            h, s, a = ctx.hidden[e]
+            dy_e = dy[start : start + n]  # (n, D)
+            if need_w2:
+                torch.mm(dy_e.t(), a.t(), out=d_down[e])  # (D, F)
+            if need_x or need_w1:
+                da = torch.mm(down[e].t(), dy_e.t())  # (F, n)
+                dh = torch.empty_like(h)  # (2F, n)
+                torch.mul(da, s, out=dh[F_:])  # d up
+                torch.ops.aten.silu_backward.grad_input(da * h[F_:], h[:F_], grad_input=dh[:F_])
+                if need_w1:
+                    torch.mm(dh, xs[start : start + n], out=d_gate_up[e])  # (2F, D)
+                if need_x:
+                    torch.mm(dh.t(), gate_up[e], out=dxs[start : start + n])  # (n, D)
+            start += n
+        dx = torch.zeros_like(grad_out).index_add_(0, token, dxs) if need_x else None
+        return dx, d_gate_up, d_down, d_gates, None, None
 
 
 def _dense_weights(dense_mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
