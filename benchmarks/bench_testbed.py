@@ -164,11 +164,7 @@ def measure(name: str, step, tokens: int, threads: int, reps: int) -> None:
     rec = RecordMatmuls()
     with rec:
         step()
-    mm_flops = sum(
-        v
-        for op, v in counter.get_flop_counts()["Global"].items()
-        if op in _MATMULS
-    )
+    mm_flops = sum(v for op, v in counter.get_flop_counts()["Global"].items() if op in _MATMULS)
     t = median_seconds({"step": step, "sgemm": replay(rec.calls)}, reps)
     achieved, peak = flops / t["step"], mm_flops / t["sgemm"]
     print(

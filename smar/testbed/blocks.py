@@ -1,5 +1,6 @@
 """The layers of the testbed model: RMSNorm, rotary position embeddings, attention, the decoder
-layer (dense SwiGLU or MoE FFN) and the patch-based vision encoder.
+layer (dense SwiGLU or MoE FFN), the patch-based vision encoder, and the LM head's cross-entropy
+fused with its matrix product.
 
 Shape legend: B batch, S sequence, D model width, V vision width, N images, P image tokens per
 image, H heads.
@@ -133,3 +134,65 @@ class VisionEncoder(nn.Module):
         if self.head is None:
             raise ValueError("this vision encoder has no head: set TinyConfig.vision_classes > 0")
         return self.head(self.summary(self(pixels))[:, 0])  # (N, classes)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``h @ weight.T`` against ``targets``, a chunk of rows at a time.
+
+    Each chunk's logits ``(chunk, vocab)`` stay in cache while the forward takes their
+    log-sum-exp and turns them in place into the gradient ``softmax - onehot``; the input and
+    weight gradients are then two matrix products of that chunk. The backward only scales them:
+    no ``(N, vocab)`` logits, log-softmax or zero-filled gradient are ever written to memory.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        N = h.shape[0]
+        need_h, need_w = ctx.needs_input_grad[:2]
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.zeros_like(weight) if need_w else None
+        acc = torch.promote_types(h.dtype, torch.float32)  # at least float32, as the loss was
+        total = h.new_zeros((), dtype=acc)
+        for i in range(0, N, chunk):
+            hc, tc = h[i : i + chunk], targets[i : i + chunk]
+            z = torch.mm(hc, weight.t()).to(acc)  # (c, vocab)
+            picked = z.gather(1, tc[:, None])  # (c, 1) the targets' logits
+            top = z.amax(1, keepdim=True)  # (c, 1)
+            e = z.sub_(top).exp_()  # (c, vocab), in place: one exp for the loss and the gradient
+            norm = e.sum(1, keepdim=True)  # (c, 1)
+            total += (top + norm.log() - picked).sum()
+            if need_h or need_w:
+                g = e.mul_((norm * N).reciprocal_())  # softmax / N
+                g[torch.arange(len(tc)), tc] -= 1.0 / N  # d mean loss / d logits
+                g = g.to(h.dtype)
+                if need_h:
+                    torch.mm(g, weight, out=dh[i : i + chunk])
+                if need_w:
+                    torch.addmm(dw, g.t(), hc, out=dw)  # dw += g.T @ hc
+        ctx.save_for_backward(dh, dw)
+        return total / N
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        dh, dw = ctx.saved_tensors
+        return (
+            None if dh is None else dh * grad,
+            None if dw is None else dw * grad,
+            None,
+            None,
+        )
+
+
+def linear_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, chunk: int = 256
+) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(h, weight).float(), targets)`` (mean, every target valid, in at
+    least float32), computed chunk by chunk with its gradients when a gradient is wanted.
+
+    Shapes: ``h (N, D)``, ``weight (vocab, D)``, ``targets (N,)`` -> scalar.
+    """
+    if not (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)):
+        acc = torch.promote_types(h.dtype, torch.float32)
+        return F.cross_entropy(F.linear(h, weight).to(acc), targets)
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk)

@@ -25,7 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from smar.moe import MoEBlock, Router, upcycle
-from smar.testbed.blocks import DecoderLayer, RMSNorm, VisionEncoder, rope_tables
+from smar.testbed.blocks import (
+    DecoderLayer,
+    RMSNorm,
+    VisionEncoder,
+    linear_cross_entropy,
+    rope_tables,
+)
 
 __all__ = ["TinyConfig", "TinyModel", "TinyOutput"]
 
@@ -271,8 +277,7 @@ class TinyModel(nn.Module):
             # the loss reads only the labelled positions: the head runs on those alone
             targets = labels[:, 1:]  # (B, S-1): position s predicts token s+1
             keep = targets != -100  # (B, S-1)
-            pred = F.linear(h[:, :-1][keep], self.embed.weight)  # (N, vocab)
-            loss = F.cross_entropy(pred.float(), targets[keep])
+            loss = linear_cross_entropy(h[:, :-1][keep], self.embed.weight, targets[keep])
         if isinstance(logits, torch.Tensor):
             if logits.shape != input_ids.shape or logits.dtype != torch.bool:
                 raise ValueError(

@@ -5,6 +5,7 @@ import torch
 
 from smar.losses import load_balancing_loss, mrd
 from smar.moe import MoEBlock
+from smar.testbed.blocks import linear_cross_entropy
 from smar.testbed.model import TinyConfig, TinyModel
 
 IMG = 3  # image token id
@@ -265,3 +266,27 @@ def test_vision_probe_reads_each_benchmark_answer_off_its_block():
     }
     chance = vision_probe(SimpleNamespace(vision=SimpleNamespace(classify=blind)), 200, 16)
     assert chance["digit"] < 0.25 and all(chance[t] < 0.45 for t in questions.QA_TYPES)
+
+
+@pytest.mark.parametrize("N,chunk", [(70, 16), (64, 64), (3, 256)])
+def test_fused_head_cross_entropy_equals_torch(N, chunk):
+    """Loss and gradients of the chunked head + cross-entropy equal autograd's through
+    ``F.linear`` and ``F.cross_entropy`` (float64; chunks that do not divide N), and without a
+    gradient wanted it is the plain computation."""
+    torch.manual_seed(0)
+    h = torch.randn(N, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 12, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 50, (N,))
+    runs = []
+    for fn in (
+        lambda: linear_cross_entropy(h, w, t, chunk=chunk),
+        lambda: torch.nn.functional.cross_entropy(h @ w.T, t),
+    ):
+        loss = fn()
+        (2.5 * loss).backward()
+        runs.append((loss.detach(), h.grad, w.grad))
+        h.grad = w.grad = None
+    for ours, ref in zip(*runs, strict=True):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, t), runs[1][0])
