@@ -79,8 +79,12 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim)
         self.ffn: nn.Module = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
-    def forward(self, x, rope, modality_ids, mask=None):
+    def forward(self, x, rope, modality_ids, mask=None, rows=None):
+        """``rows``: a ``(B, S)`` bool mask; the FFN then runs at those positions alone and the
+        layer returns ``(N, D)`` (the last layer, when only those positions are read)."""
         x = x + self.attn(self.attn_norm(x), rope, mask)
+        if rows is not None:
+            x, modality_ids = x[rows], modality_ids[rows.reshape(-1)]
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoEBlock):
             return x + self.ffn(h, modality_ids)

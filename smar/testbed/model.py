@@ -237,7 +237,9 @@ class TinyModel(nn.Module):
                 per position, and most positions of a question are never read): ``"all"``
                 ``(B, S, vocab)``; ``"none"`` (the loss alone, from the labelled positions
                 only); or a ``(B, S)`` bool mask: ``(N, vocab)`` at its true positions,
-                row-major.
+                row-major. With a mask and no ``labels``, the last layer's FFN runs at those
+                positions alone (no later layer reads the others), and a last MoE layer's router
+                logits are those ``N`` positions'.
             position_ids: ``(B, S)`` RoPE positions (default ``0..S-1``), and
             attn_mask: ``(B, S, S)`` bool, true where token ``i`` may attend to token ``j``
                 (default causal): several continuations of one prefix packed in one sequence,
@@ -266,31 +268,34 @@ class TinyModel(nn.Module):
             rope = rope[:, None]  # (B, 1, S, hd/2)
         if attn_mask is not None and attn_mask.shape != (B, S, S):
             raise ValueError(f"attn_mask must be (B, S, S) = {(B, S, S)} bool")
+        masked = isinstance(logits, torch.Tensor)
+        if masked and (logits.shape != input_ids.shape or logits.dtype != torch.bool):
+            raise ValueError(
+                f"logits= takes a bool mask of shape {tuple(input_ids.shape)}; got "
+                f"{logits.dtype} {tuple(logits.shape)}"
+            )
+        if not masked and logits not in ("all", "none"):
+            raise ValueError(f"logits must be 'all', 'none' or a bool mask; got {logits!r}")
+        # no loss: the last layer's FFN and the head run at the positions read alone
+        rows = logits if masked and labels is None else None
         router_logits = []
-        for layer in self.layers:
-            x = layer(x, rope, modality_ids, attn_mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, modality_ids, attn_mask, rows if i == len(self.layers) - 1 else None)
             if isinstance(layer.ffn, MoEBlock):
                 router_logits.append(layer.ffn.last_router_logits)  # (T, E)
-        h = self.norm(x)  # (B, S, D)
+        h = self.norm(x)  # (B, S, D), or (N, D) at the rows read
         loss = None
         if labels is not None:
             # the loss reads only the labelled positions: the head runs on those alone
             targets = labels[:, 1:]  # (B, S-1): position s predicts token s+1
             keep = targets != -100  # (B, S-1)
             loss = linear_cross_entropy(h[:, :-1][keep], self.embed.weight, targets[keep])
-        if isinstance(logits, torch.Tensor):
-            if logits.shape != input_ids.shape or logits.dtype != torch.bool:
-                raise ValueError(
-                    f"logits= takes a bool mask of shape {tuple(input_ids.shape)}; got "
-                    f"{logits.dtype} {tuple(logits.shape)}"
-                )
-            out_logits = F.linear(h[logits], self.embed.weight)  # (N, vocab)
+        if masked:
+            out_logits = F.linear(h if rows is not None else h[logits], self.embed.weight)  # (N, V)
         elif logits == "all":
             out_logits = F.linear(h, self.embed.weight)  # (B, S, vocab), tied head
-        elif logits == "none":
-            out_logits = None
         else:
-            raise ValueError(f"logits must be 'all', 'none' or a bool mask; got {logits!r}")
+            out_logits = None
         return TinyOutput(loss, out_logits, router_logits, modality_ids)
 
     # --------------------------------------------------------------------------------- surgery

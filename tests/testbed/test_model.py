@@ -198,9 +198,13 @@ def test_logits_only_where_asked():
     assert torch.allclose(none.loss, expect, atol=1e-6)
     read = torch.zeros_like(ids, dtype=torch.bool)
     read[0, 5:9] = read[1, -2:] = True
-    some = model(ids, pix, logits=read).logits
+    out = model(ids, pix, logits=read)
+    some = out.logits
     assert some.shape == (6, 64)
     assert torch.allclose(some, full.logits[read], atol=1e-5)
+    # the last layer (MoE here) ran its FFN at the 6 positions read alone
+    assert cfg.moe_layers == [cfg.n_layers - 1] and out.router_logits[-1].shape == (6, cfg.num_experts)
+    assert torch.allclose(out.router_logits[-1], full.router_logits[-1][read.reshape(-1)])
     with pytest.raises(ValueError, match="bool mask"):
         model(ids, pix, logits=read.long())
     with pytest.raises(ValueError, match="'all', 'none'"):
