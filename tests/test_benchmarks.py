@@ -27,6 +27,20 @@ def test_recorded_products_replay_with_the_same_flops():
     assert counted.get_total_flops() == 2 * 32 * 16 * 24 * 2
 
 
+def test_products_written_into_out_tensors_are_recorded_and_replayed():
+    # the MoE experts and the fused head write their products with out= (mm.out, addmm.out)
+    a, b, acc = torch.randn(8, 5), torch.randn(5, 7), torch.zeros(8, 7)
+    rec = bench_testbed.RecordMatmuls()
+    with rec:
+        torch.mm(a, b, out=torch.empty(8, 7))
+        torch.addmm(acc, a, b, out=acc)
+    assert [c[0].overloadpacket for c in rec.calls] == [torch.ops.aten.mm, torch.ops.aten.addmm]
+    assert all("out" in c[2] for c in rec.calls)
+    with FlopCounterMode(display=False) as counted:
+        bench_testbed.replay(rec.calls)()
+    assert counted.get_total_flops() == 2 * (2 * 8 * 5 * 7)
+
+
 def test_causal_attention_counts_half():
     q = torch.randn(2, 4, 8, 6)
     with FlopCounterMode(display=False, custom_mapping=bench_testbed.ATTENTION_FLOPS) as full:
