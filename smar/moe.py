@@ -265,11 +265,15 @@ class _Experts(torch.autograd.Function):
         d_gates = (dy_full * y).sum(1) if need_g else None  # (T*K,)
         dy = dy_full * gates[:, None]  # (T*K, D)
         dxs = torch.empty_like(xs) if need_x else None
-        d_gate_up = torch.zeros_like(gate_up) if need_w1 else None
-        d_down = torch.zeros_like(down) if need_w2 else None
+        # every expert's slice is written below; only the experts without tokens need zeros
+        d_gate_up = torch.empty_like(gate_up) if need_w1 else None
+        d_down = torch.empty_like(down) if need_w2 else None
         start = 0
         for e, n in enumerate(ctx.counts):
             if n == 0:
+                for grad in (d_gate_up, d_down):
+                    if grad is not None:
+                        grad[e].zero_()
                 continue
             h, s, a = ctx.hidden[e]
             dy_e = dy[start : start + n]  # (n, D)
