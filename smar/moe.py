@@ -223,11 +223,14 @@ class MoEBlock(nn.Module):
 class _Experts(torch.autograd.Function):
     """The experts of a :class:`MoEBlock` on tokens grouped by expert, forward and backward by hand.
 
-    Each expert's hidden activations are kept transposed, ``(2F, n)``: the gate and up halves are
-    then contiguous blocks, so SiLU and the products run on contiguous memory, and the backward
-    reuses them without the copies, zero fills and concatenations that autograd would make around
-    the per-expert slices. Every matrix product is one ``torch.mm`` per expert (MKL reads the
-    transposed operands in place).
+    The gate and up products of an expert are two products, ``(n, F)`` each, so that SiLU and the
+    element-wise products run on contiguous memory, and the backward makes none of the copies,
+    zero fills and concatenations that autograd makes around the per-expert slices. Every
+    product is one ``torch.mm`` written into its place, in the orientation ``F.linear`` uses: the
+    forward gives the bits of a loop of ``F.linear`` calls (transformers' eager experts), and does
+    not depend on where the weights lie in memory (a loaded checkpoint's views are not aligned
+    like freshly allocated weights; the transposed orientation gives other bits there for small
+    experts).
 
     Shapes: ``x (T, D)``, ``gate_up (E, 2F, D)``, ``down (E, D, F)``, ``gates (T*K,)`` and
     ``token (T*K,)`` in expert order, ``counts`` (E ints) -> ``(T, D)``.
@@ -243,12 +246,13 @@ class _Experts(torch.autograd.Function):
             if n == 0:
                 saved.append(None)
                 continue
-            h = torch.mm(gate_up[e], xs[start : start + n].t())  # (2F, n)
-            g, u = h[:F_], h[F_:]
-            s = F.silu(g)  # (F, n)
-            a = s * u  # (F, n)
-            torch.mm(a.t(), down[e].t(), out=y[start : start + n])
-            saved.append((h, s, a))
+            xe = xs[start : start + n]  # (n, D)
+            g = torch.mm(xe, gate_up[e, :F_].t())  # (n, F)
+            u = torch.mm(xe, gate_up[e, F_:].t())  # (n, F)
+            s = F.silu(g)
+            a = s * u  # (n, F)
+            torch.mm(a, down[e].t(), out=y[start : start + n])
+            saved.append((g, u, s, a))
             start += n
         out = torch.zeros_like(x).index_add_(0, token, y * gates[:, None])  # (T, D)
         ctx.counts, ctx.hidden = counts, saved
@@ -275,19 +279,21 @@ class _Experts(torch.autograd.Function):
                     if grad is not None:
                         grad[e].zero_()
                 continue
-            h, s, a = ctx.hidden[e]
-            dy_e = dy[start : start + n]  # (n, D)
+            g, u, s, a = ctx.hidden[e]
+            xe, dy_e = xs[start : start + n], dy[start : start + n]  # (n, D) each
             if need_w2:
-                torch.mm(dy_e.t(), a.t(), out=d_down[e])  # (D, F)
+                torch.mm(dy_e.t(), a, out=d_down[e])  # (D, F)
             if need_x or need_w1:
-                da = torch.mm(down[e].t(), dy_e.t())  # (F, n)
-                dh = torch.empty_like(h)  # (2F, n)
-                torch.mul(da, s, out=dh[F_:])  # d up
-                torch.ops.aten.silu_backward.grad_input(da * h[F_:], h[:F_], grad_input=dh[:F_])
+                da = torch.mm(dy_e, down[e])  # (n, F)
+                du = da * s
+                dg = torch.ops.aten.silu_backward(da * u, g)
                 if need_w1:
-                    torch.mm(dh, xs[start : start + n], out=d_gate_up[e])  # (2F, D)
+                    torch.mm(dg.t(), xe, out=d_gate_up[e, :F_])  # (F, D)
+                    torch.mm(du.t(), xe, out=d_gate_up[e, F_:])
                 if need_x:
-                    torch.mm(dh.t(), gate_up[e], out=dxs[start : start + n])  # (n, D)
+                    dxe = dxs[start : start + n]
+                    torch.mm(dg, gate_up[e, :F_], out=dxe)  # (n, D)
+                    torch.addmm(dxe, du, gate_up[e, F_:], out=dxe)
             start += n
         dx = torch.zeros_like(grad_out).index_add_(0, token, dxs) if need_x else None
         return dx, d_gate_up, d_down, d_gates, None, None

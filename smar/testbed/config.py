@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from smar.testbed.model import TinyConfig
 
-STAGE_VERSION = 4  # bump when a stage's code changes what it produces
+STAGE_VERSION = 5  # bump when a stage's code changes what it produces
 
 
 @dataclass
