@@ -82,6 +82,26 @@ def test_block_gradcheck_and_frozen_experts():
     assert x.grad.abs().sum() > 0 and block.router.weight.grad.abs().sum() > 0
 
 
+def test_block_output_does_not_depend_on_where_the_weights_lie():
+    """A checkpoint's weights load as views at unaligned offsets: the same weights there must give
+    the same bits (for experts of a few tokens too), or a saved model does not round-trip. An
+    expert of exactly one token is the exception, as in transformers' eager loop: MKL computes a
+    one-row product as a matrix-vector product, whose bits depend on alignment."""
+    torch.manual_seed(0)
+    block = MoEBlock(32, 64, 4, 2)
+    moved = MoEBlock(32, 64, 4, 2)
+    moved.load_state_dict(block.state_dict())
+    with torch.no_grad():
+        for p in (moved.gate_up_proj, moved.down_proj, moved.router.weight):
+            buf = torch.empty(p.numel() + 16)
+            p.data = buf[6 : 6 + p.numel()].view(p.shape).copy_(p)  # 24 bytes off alignment
+        for T in (7, 10, 40):  # every expert gets 0 or >= 2 tokens (checked)
+            x = torch.randn(T, 32)
+            counts = torch.bincount(block.route(x)[1].reshape(-1), minlength=4)
+            assert not (counts == 1).any()
+            assert torch.equal(block(x), moved(x))
+
+
 def test_block_accepts_batch_sequence_and_keeps_router_logits():
     torch.manual_seed(0)
     block = MoEBlock(16, 24, 4, 2)
