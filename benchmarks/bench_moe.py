@@ -26,14 +26,14 @@ from smar.moe import MoEBlock
 HF_IMPLEMENTATIONS = ("grouped_mm", "eager")  # the first: a model's default
 
 
-def build(D: int, F: int, E: int, K: int, implementation: str = "grouped_mm"):
-    torch.manual_seed(0)
-    ours = MoEBlock(D, F, E, K)
+def hf_block(ours: MoEBlock, implementation: str) -> Qwen3MoeSparseMoeBlock:
+    """transformers' block with ``ours``'s dims and weights, in one experts implementation."""
+    E, F2, D = ours.gate_up_proj.shape
     cfg = Qwen3MoeConfig(
         hidden_size=D,
-        moe_intermediate_size=F,
+        moe_intermediate_size=F2 // 2,
         num_experts=E,
-        num_experts_per_tok=K,
+        num_experts_per_tok=ours.top_k,
         norm_topk_prob=True,
         hidden_act="silu",
     )
@@ -43,7 +43,7 @@ def build(D: int, F: int, E: int, K: int, implementation: str = "grouped_mm"):
         hf.gate.weight.copy_(ours.router.weight)
         hf.experts.gate_up_proj.copy_(ours.gate_up_proj)
         hf.experts.down_proj.copy_(ours.down_proj)
-    return ours, hf
+    return hf
 
 
 def matmul_floor(block: MoEBlock, x: torch.Tensor):
@@ -89,9 +89,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     D, F, E, K, T = args.dim, args.ffn, args.experts, args.top_k, args.tokens
-    ours, hf = None, {}
-    for impl in HF_IMPLEMENTATIONS:
-        ours, hf[impl] = build(D, F, E, K, impl)
+    torch.manual_seed(0)
+    ours = MoEBlock(D, F, E, K)
+    hf = {impl: hf_block(ours, impl) for impl in HF_IMPLEMENTATIONS}
     x = torch.randn(1, T, D)
     with torch.no_grad():  # same function, so the comparison is like for like
         diff = max((ours(x) - block(x)).abs().max().item() for block in hf.values())

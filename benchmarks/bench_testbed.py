@@ -70,11 +70,14 @@ class RecordMatmuls(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.overloadpacket in _MATMULS:
-            layout = lambda a: (tuple(a.shape), tuple(a.stride()), a.dtype)  # noqa: E731
-            shapes = tuple(layout(a) for a in args if isinstance(a, torch.Tensor))
-            out = {k: layout(v) for k, v in (kwargs or {}).items() if isinstance(v, torch.Tensor)}
+            shapes = tuple(_layout(a) for a in args if isinstance(a, torch.Tensor))
+            out = {k: _layout(v) for k, v in (kwargs or {}).items() if isinstance(v, torch.Tensor)}
             self.calls.append((func, shapes, out))
         return func(*args, **(kwargs or {}))
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), tuple(t.stride()), t.dtype
 
 
 def _random_strided(shape, stride, dtype) -> torch.Tensor:

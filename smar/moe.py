@@ -226,7 +226,8 @@ class _Experts(torch.autograd.Function):
     The gate and up products of an expert are two products, ``(n, F)`` each, so that SiLU and the
     element-wise products run on contiguous memory, and the backward makes none of the copies,
     zero fills and concatenations that autograd makes around the per-expert slices. Every
-    product is one ``torch.mm`` written into its place, in the orientation ``F.linear`` uses: the
+    product is written into its place (``torch.mm`` / ``torch.addmm`` with ``out=``), in the
+    orientation ``F.linear`` uses: the
     forward gives the bits of a loop of ``F.linear`` calls (transformers' eager experts), and does
     not depend on where the weights lie in memory (a loaded checkpoint's views are not aligned
     like freshly allocated weights; the transposed orientation gives other bits there for small

@@ -71,6 +71,8 @@ def test_block_gradcheck_and_frozen_experts():
     x = torch.randn(9, 6, dtype=torch.float64, requires_grad=True)
     _, experts, gates = block.route(x)
     gates = gates.detach().double().requires_grad_(True)
+    # the expert weights are passed so that gradcheck perturbs them (in place: they are the
+    # block's own parameters) and checks their gradients too
     torch.autograd.gradcheck(
         lambda v, g, w1, w2: block._dispatch(v, experts, g),
         (x, gates, block.gate_up_proj, block.down_proj),
