@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from smar.adapters import Adapter
+from smar.adapters import Adapter, upstream_defect
 from smar.bias import ModalityBiasRouter, check_modality_id
 from smar.capture import RouterCapture, record
 from smar.collective import STATS, StepSums, default_group
@@ -209,6 +209,9 @@ class Regularizer(RouterCapture):
         self._step_sums = StepSums() if config.accumulate else None
         self._checked = False  # the first forward is checked at once
         self._bad: Tensor | None = None  # non-finite loss seen since the last check()
+        defect = upstream_defect(model)
+        if defect:
+            warnings.warn(defect, stacklevel=3)
         warning = balancing_loss_in_model(model)
         if warning and config.lb_weight > 0:
             warnings.warn(f"load balancing would count twice: {warning}", stacklevel=3)

@@ -9,6 +9,7 @@ and :func:`build` then raises with the reason (listed by tests/test_families.py 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import pathlib
 
@@ -96,6 +97,38 @@ SIZES = dict(
 
 MAX_PARAMS = 3_000_000
 
+# What each known family is, as tests/test_families.py checks it: full (routers captured as the
+# model records them, the modality bias steers, gradients reach router and bias), capture only
+# (the bias cannot apply: why), or not supported (why). A family of the installed transformers
+# that none of these lists is one a newer release added: its tests skip as "not yet checked"
+# until it is added here. A listed family that no longer builds or passes fails the suite.
+FULL = frozenset(
+    """afmoe aria axk1 axk2 beam cohere2_moe deepseek_v2 deepseek_v3 deepseek_v32 deepseek_v4
+    ernie4_5_moe exaone_moe flex_olmo glm4_moe glm4_moe_lite glm_moe_dsa gpt_oss granitemoe
+    granitemoe_swa granitemoeshared hunyuan_v1_moe hy_v3 hy_v4 jetmoe kolibri1 laguna llama4
+    mellum mimo_v2_flash minimax minimax_m2 mistral_large4 mixtral nllb_moe olmoe
+    openai_privacy_filter phimoe qwen2_moe qwen3_5_moe qwen3_moe qwen3_next qwen3_vl_moe
+    solar_open step3p7 switch_transformers""".split()
+)
+CAPTURE_ONLY = {
+    "zaya": "ZayaRouter computes its logits through several linear layers (a small MLP): no "
+    "single linear output to bias",
+}
+NOT_SUPPORTED = {
+    "doge": "DogeCDMoE records product-key scores (B, S, 2 x sqrt(E)), not (T, E) logits",
+}
+
+
+def status(family: str) -> str:
+    """``"full"``, ``"capture only"``, ``"not supported"`` or ``"not yet checked"``."""
+    if family in FULL:
+        return "full"
+    if family in CAPTURE_ONLY:
+        return "capture only"
+    if family in NOT_SUPPORTED:
+        return "not supported"
+    return "not yet checked"
+
 
 def families() -> list[str]:
     """Model folders whose modeling code records ``router_logits``: the MoE families."""
@@ -170,11 +203,57 @@ def _shrink(cfg, depth=0) -> None:
         rope["mrope_section"] = [half - (n - 1) * (half // n)] + [half // n] * (n - 1)
 
 
+# Per-family recipes, applied after the generic shrinking where it alone does not give a tiny
+# model that runs. Each maps an attribute path ("text_config.head_dim") to its value; the special
+# keys are "@class" (the model class to build, by name) and "@fix" (a callable taking the config,
+# for constraints between fields).
+RECIPES: dict[str, dict] = {
+    # Its routers are those of the text model; the multimodal class is tests/test_adapters.py's
+    # (with images), and transformers 5.24 cannot run it (smar.adapters.UPSTREAM_DEFECTS).
+    "llama4": {"@class": "Llama4ForCausalLM"},
+}
+
+
+def recipes() -> dict[str, dict]:
+    """:data:`RECIPES`, with the parts under development in ``tests/_recipes_*.py`` merged in."""
+    out = dict(RECIPES)
+    for p in sorted(pathlib.Path(__file__).parent.glob("_recipes_*.py")):
+        spec = importlib.util.spec_from_file_location(p.stem, p)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        out.update(module.RECIPES)
+    return out
+
+
+def _set(cfg, path: str, value) -> None:
+    *parents, name = path.split(".")
+    for part in parents:
+        cfg = cfg[int(part)] if isinstance(cfg, list) else getattr(cfg, part)
+    if isinstance(cfg, dict):
+        cfg[name] = value
+    else:
+        setattr(cfg, name, value)
+
+
+def apply_recipe(cfg, recipe: dict) -> None:
+    """Set each attribute path of ``recipe`` on ``cfg``, then call its ``"@fix"``."""
+    for path, value in recipe.items():
+        if not path.startswith("@"):
+            _set(cfg, path, value)
+    if "@fix" in recipe:
+        recipe["@fix"](cfg)
+
+
 def build(family: str) -> torch.nn.Module:
-    """The family's top model class on its shrunk default config, in eval mode, seed 0."""
+    """The family's top model class on its shrunk default config (and its recipe), in eval mode,
+    seed 0."""
+    recipe = recipes().get(family, {})
     cls = model_class(family)
+    if "@class" in recipe:
+        cls = getattr(importlib.import_module(cls.__module__), recipe["@class"])
     cfg = cls.config_class()
     _shrink(cfg)
+    apply_recipe(cfg, recipe)
     with torch.device("meta"):  # a size some default does not shrink would fill the memory
         n = sum(p.numel() for p in cls(cfg).parameters())
     if n > MAX_PARAMS:
@@ -193,3 +272,21 @@ def inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> dict:
     if getattr(model.config, "is_encoder_decoder", False):
         out["decoder_input_ids"] = ids
     return out
+
+
+if __name__ == "__main__":  # python tests/families.py FAMILY...: build, run, report
+    import sys
+    import traceback
+
+    for name in sys.argv[1:]:
+        try:
+            m = build(name)
+            b = inputs(m)
+            with torch.no_grad():
+                out = m(**b, output_router_logits=True)
+            z = getattr(out, "router_logits", None) or getattr(out, "encoder_router_logits", None)
+            n = sum(p.numel() for p in m.parameters())
+            print(f"{name}: ok, {n:,} parameters, {len(z or ())} router logits recorded")
+        except Exception:
+            print(f"{name}: FAILED")
+            traceback.print_exc()
