@@ -92,7 +92,10 @@ class Adapter:
 
     def logits(self, output) -> Tensor:
         """The raw logits ``(T, E)`` from a router's output."""
-        z = output if self.index is None else output[self.index]
+        # A router that returns a bare tensor under index 0 (DBRX declares index=0 and returns
+        # the logits alone) records the tensor itself, as transformers' OutputRecorder does.
+        bare = self.index is None or (self.index == 0 and isinstance(output, Tensor))
+        z = output if bare else output[self.index]
         if isinstance(z, Tensor) and z.dim() == 3:
             z = z.reshape(-1, z.shape[-1])  # (B, S, E) -> (T, E), row-major as the ids
         if not isinstance(z, Tensor) or z.dim() != 2:
@@ -106,8 +109,12 @@ class Adapter:
     def experts_per_token(self, module: nn.Module, parent: nn.Module | None) -> int:
         if self.top_k is not None:
             return int(self.top_k(module, parent))
-        for m in (module, parent):
-            for attr in _TOP_K_ATTRS:
+        # The router's attribute, its MoE block's, then the router's config (Gemma 4's router
+        # reads config.top_k_experts at each call).
+        config = getattr(module, "config", None)
+        for m, names in ((module, _TOP_K_ATTRS), (parent, _TOP_K_ATTRS),
+                         (config, ("top_k_experts", *_TOP_K_ATTRS))):  # fmt: skip
+            for attr in names:
                 k = getattr(m, attr, None)
                 if isinstance(k, int) and not isinstance(k, bool):
                     return k

@@ -2,19 +2,20 @@
 
 A family is a model folder of ``transformers.models`` whose modeling code declares a
 ``router_logits`` recorder (``_can_record_outputs``). Its tiny model is its default config with
-every size shrunk (width 32, 2 layers, 4 experts, top-2, ...); some defaults do not build that way,
-and :func:`build` then raises with the reason (listed by tests/test_families.py and the README).
+every size shrunk (width 32, 2 layers, 4 experts, top-2, ...), then, where that alone does not
+give a tiny model that runs, the family's recipe (tests/family_recipes.py). :data:`FULL`,
+:data:`CAPTURE_ONLY` and :data:`NOT_SUPPORTED` say what tests/test_families.py must find.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 import pathlib
 
 import torch
 import transformers
+from family_recipes import RECIPES
 
 MODELS = pathlib.Path(transformers.__file__).parent / "models"
 
@@ -108,14 +109,26 @@ FULL = frozenset(
     granitemoe_swa granitemoeshared hunyuan_v1_moe hy_v3 hy_v4 jetmoe kolibri1 laguna llama4
     mellum mimo_v2_flash minimax minimax_m2 mistral_large4 mixtral nllb_moe olmoe
     openai_privacy_filter phimoe qwen2_moe qwen3_5_moe qwen3_moe qwen3_next qwen3_vl_moe
-    solar_open step3p7 switch_transformers""".split()
+    solar_open step3p7 switch_transformers dots1 mistral4 flint deepseek_ocr2 unlimited_ocr
+    muse_spark dots3_note gemma4 diffusion_gemma glm4v_moe glm5_next inkling2 minimax_m3_vl
+    bailing_hybrid kimi_linear jamba nemotron_h granitemoehybrid lfm2_moe qwen4_exp
+    qwen3_omni_moe dbrx hy_v4_vl lara_mini""".split()
 )
 CAPTURE_ONLY = {
     "zaya": "ZayaRouter computes its logits through several linear layers (a small MLP): no "
     "single linear output to bias",
+    "ernie4_5_vl_moe": "hard modality split: text and vision tokens have separate routers and "
+    "experts, so a per-modality bias has nothing to choose between",
+    "inkling": "InklingTopkRouter's linear layer also computes the shared experts' sink logits "
+    "(n_routed + n_shared outputs) and returns the routed ones only: the bias would not line up "
+    "with the logits",
+    "longcat_flash": "its classifier scores the routed experts and the zero (identity) experts "
+    "(n_routed + zero_expert_num outputs) while the router declares n_routed experts",
 }
 NOT_SUPPORTED = {
     "doge": "DogeCDMoE records product-key scores (B, S, 2 x sqrt(E)), not (T, E) logits",
+    "inkling2_loop": "a looped layer runs its router once per pass and smar keeps the last "
+    "pass's logits only (the tiny model, whose 2 layers do not loop, passes every check)",
 }
 
 
@@ -171,6 +184,19 @@ def _two(per_layer: list) -> list:
 
 
 def _shrink(cfg, depth=0) -> None:
+    # Configs with per-layer sub-configs (Gemma 4, dots3) refuse reads of a per-layer field on the
+    # whole config unless asked; the recipes then shrink their per-layer configs.
+    flag = "allow_global_per_layer_attribute_access"
+    had = flag in cfg.__dict__
+    cfg.__dict__.setdefault(flag, True)
+    try:
+        _shrink_fields(cfg, depth)
+    finally:
+        if not had:
+            cfg.__dict__.pop(flag, None)
+
+
+def _shrink_fields(cfg, depth: int) -> None:
     n_layers = getattr(cfg, "num_hidden_layers", None)
     for key, value in SIZES.items():
         if key in cfg.__dict__ and not isinstance(getattr(cfg, key), (list, dict)):
@@ -203,28 +229,6 @@ def _shrink(cfg, depth=0) -> None:
         rope["mrope_section"] = [half - (n - 1) * (half // n)] + [half // n] * (n - 1)
 
 
-# Per-family recipes, applied after the generic shrinking where it alone does not give a tiny
-# model that runs. Each maps an attribute path ("text_config.head_dim") to its value; the special
-# keys are "@class" (the model class to build, by name) and "@fix" (a callable taking the config,
-# for constraints between fields).
-RECIPES: dict[str, dict] = {
-    # Its routers are those of the text model; the multimodal class is tests/test_adapters.py's
-    # (with images), and transformers 5.24 cannot run it (smar.adapters.UPSTREAM_DEFECTS).
-    "llama4": {"@class": "Llama4ForCausalLM"},
-}
-
-
-def recipes() -> dict[str, dict]:
-    """:data:`RECIPES`, with the parts under development in ``tests/_recipes_*.py`` merged in."""
-    out = dict(RECIPES)
-    for p in sorted(pathlib.Path(__file__).parent.glob("_recipes_*.py")):
-        spec = importlib.util.spec_from_file_location(p.stem, p)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        out.update(module.RECIPES)
-    return out
-
-
 def _set(cfg, path: str, value) -> None:
     *parents, name = path.split(".")
     for part in parents:
@@ -245,9 +249,9 @@ def apply_recipe(cfg, recipe: dict) -> None:
 
 
 def build(family: str) -> torch.nn.Module:
-    """The family's top model class on its shrunk default config (and its recipe), in eval mode,
-    seed 0."""
-    recipe = recipes().get(family, {})
+    """The family's top model class (or its recipe's) on its shrunk default config and its recipe
+    (tests/family_recipes.py), in eval mode, seed 0."""
+    recipe = RECIPES.get(family, {})
     cls = model_class(family)
     if "@class" in recipe:
         cls = getattr(importlib.import_module(cls.__module__), recipe["@class"])
