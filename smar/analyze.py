@@ -19,8 +19,6 @@ Shapes legend: L MoE layers, T tokens, E experts, M modalities.
 
 from __future__ import annotations
 
-import inspect
-import json
 import logging
 import math
 import os
@@ -32,7 +30,6 @@ import torch
 from torch import Tensor
 
 from smar.metrics import MODALITY_NAMES, RoutingStats
-from smar.modality import modality_ids, special_token_ids
 
 __all__ = [
     "Source",
@@ -124,189 +121,12 @@ def analyze(source: Source, *, progress: bool = True) -> Analysis:
 
 
 # ------------------------------------------------------------------------------ Hugging Face
-def read_jsonl(path: str | os.PathLike, max_samples: int | None = None) -> Iterator[dict]:
-    """Samples of a JSONL file one by one; image paths are relative to the file."""
-    path = Path(path)
-    n = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if max_samples is not None and n >= max_samples:
-                return
-            try:
-                sample = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno} is not JSON ({e})") from None
-            if not isinstance(sample, dict) or not ("conversations" in sample or "text" in sample):
-                raise ValueError(
-                    f"{path}:{lineno}: a sample needs 'conversations' (LLaVA format) or 'text'"
-                )
-            images = sample.get("image") or sample.get("images") or []
-            images = [images] if isinstance(images, str) else list(images)
-            sample["images"] = [str((path.parent / p).resolve()) for p in images]
-            n += 1
-            yield sample
+def hf_source(model_dir: str | os.PathLike, data: str | os.PathLike, **kwargs) -> Source:
+    """A Hugging Face model folder and a JSONL file of samples as a :class:`Source`; see
+    :func:`smar.hf.source.hf_source` (imports transformers)."""
+    from smar.hf.source import hf_source as source
 
-
-def count_samples(path: str | os.PathLike, max_samples: int | None = None) -> int:  # noqa: D103
-    with open(path, encoding="utf-8") as f:
-        n = sum(1 for line in f if line.strip())
-    return n if max_samples is None else min(n, max_samples)
-
-
-def _messages(sample: dict) -> list[dict]:
-    """LLaVA conversation turns as chat messages; ``<image>`` marks become image entries."""
-    if "conversations" not in sample:
-        return [{"role": "user", "content": [{"type": "text", "text": sample["text"]}]}]
-    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-    out = []
-    for turn in sample["conversations"]:
-        content = []
-        for k, piece in enumerate(str(turn["value"]).split("<image>")):
-            if k:
-                content.append({"type": "image"})
-            if piece.strip():
-                content.append({"type": "text", "text": piece.strip()})
-        out.append(
-            {"role": roles.get(turn.get("from"), turn.get("from", "user")), "content": content}
-        )
-    return out
-
-
-class HFEncoder:
-    """Samples to model inputs with the model folder's own processor; when ``AutoProcessor``
-    cannot be built (e.g. a video processor that needs torchvision), its tokenizer and image
-    processor, each image's placeholder repeated as the processor would."""
-
-    def __init__(self, model_dir: str, config, mm_token_types: bool = False):
-        import transformers
-
-        self.config, self.mm_token_types = config, mm_token_types
-        self.processor = None
-        try:
-            proc = transformers.AutoProcessor.from_pretrained(model_dir)
-            if isinstance(proc, transformers.ProcessorMixin):
-                self.processor = proc
-        except Exception as e:  # noqa: BLE001 (any failure: fall back to the parts)
-            why = f"{type(e).__name__}: {str(e).strip()[:160]}"
-            log.warning(
-                "AutoProcessor(%s) failed (%s); tokenizer + image processor", model_dir, why
-            )
-        tok = getattr(self.processor, "tokenizer", None)
-        self.tokenizer = tok or transformers.AutoTokenizer.from_pretrained(model_dir)
-        self.image_processor = getattr(self.processor, "image_processor", None)
-        if self.processor is None and (Path(model_dir) / "preprocessor_config.json").exists():
-            self.image_processor = transformers.AutoImageProcessor.from_pretrained(model_dir)
-        image_id = getattr(config, "image_token_id", getattr(config, "image_token_index", None))
-        self.image_token = getattr(self.processor, "image_token", None) or (
-            self.tokenizer.convert_ids_to_tokens(image_id) if image_id is not None else None
-        )
-        self.template = getattr(self.processor, "chat_template", None) or getattr(
-            self.tokenizer, "chat_template", None
-        )
-
-    def text(self, sample: dict) -> str:
-        msgs = _messages(sample)
-        if self.template:
-            owner = self.processor if self.processor is not None else self.tokenizer
-            return owner.apply_chat_template(msgs, tokenize=False)
-        parts = []
-        for m in msgs:
-            body = " ".join(self.image_token if c["type"] == "image" else c["text"]
-                            for c in m["content"])  # fmt: skip
-            parts.append(f"{m['role']}: {body}")
-        return "\n".join(parts)
-
-    def __call__(self, samples: list[dict]) -> dict:
-        from PIL import Image
-
-        texts = [self.text(s) for s in samples]
-        images = [Image.open(p).convert("RGB") for s in samples for p in s["images"]]
-        if images and self.image_token is None:
-            raise ValueError("the model config names no image token: cannot place images")
-        if self.processor is not None:
-            return dict(self.processor(text=texts, images=images or None, padding=True,
-                                       return_tensors="pt"))  # fmt: skip
-        out = {}
-        if images:
-            if self.image_processor is None:
-                raise ValueError("samples have images but the model folder has no image processor")
-            out = dict(self.image_processor(images=images, return_tensors="pt"))
-            counts = iter(self._tokens_per_image(out, len(images)))
-            texts = [self._expand(t, counts) for t in texts]
-        enc = dict(self.tokenizer(texts, padding=True, return_tensors="pt"))
-        if self.mm_token_types:  # what the processor would add (Qwen-VL's M-RoPE needs it)
-            tokens = special_token_ids(self.config)
-            enc["mm_token_type_ids"] = modality_ids(enc["input_ids"], token_ids=tokens)
-        return {**enc, **out}
-
-    def _tokens_per_image(self, out: dict, n: int) -> list[int]:
-        if "image_grid_thw" in out:  # Qwen-VL style: patches merged merge_size x merge_size
-            merge = getattr(self.image_processor, "merge_size", 1) ** 2
-            return [int(g.prod()) // merge for g in out["image_grid_thw"]]
-        seq = getattr(self.config, "image_seq_length", None)
-        if seq is None:
-            raise ValueError("cannot tell how many tokens an image takes: use a model folder "
-                             "whose processor loads with AutoProcessor")  # fmt: skip
-        return [int(seq)] * n
-
-    def _expand(self, text: str, counts: Iterator[int]) -> str:
-        pieces = text.split(self.image_token)
-        return pieces[0] + "".join(self.image_token * next(counts) + p for p in pieces[1:])
-
-
-def hf_source(
-    model_dir: str | os.PathLike,
-    data: str | os.PathLike,
-    *,
-    batch_size: int = 8,
-    max_samples: int | None = None,
-    name: str | None = None,
-) -> Source:
-    """A Hugging Face model folder (loaded by :func:`smar.hf.inspect.load_model_dir`, observed
-    with :func:`smar.record`) and a JSONL file of samples, as a :class:`Source`; modality ids come
-    from the inputs (placeholder tokens or ``mm_token_type_ids``), padding is ignored."""
-    from smar.capture import record
-    from smar.hf.inspect import load_model_dir
-
-    model_dir = str(model_dir)
-    model = load_model_dir(model_dir).eval()
-    accepts = inspect.signature(model.forward).parameters
-    encoder = HFEncoder(model_dir, model.config, "mm_token_type_ids" in accepts)
-    rec = record(model)
-    n = count_samples(data, max_samples)
-    rec.detach()
-
-    def batches() -> Iterator[Routed]:
-        with record(model) as capture, torch.no_grad():
-            chunk: list[dict] = []
-            for sample in read_jsonl(data, max_samples):
-                chunk.append(sample)
-                if len(chunk) == batch_size:
-                    yield _forward(model, capture, encoder(chunk))
-                    chunk = []
-            if chunk:
-                yield _forward(model, capture, encoder(chunk))
-
-    return Source(
-        name=name or Path(model_dir).name,
-        batches=batches,
-        top_k=rec.top_k,
-        router=rec.router,
-        total=math.ceil(n / batch_size),
-        layers=list(rec.layers),
-        info={
-            "model": f"{type(model).__name__} ({model_dir})",
-            "data": f"{data} ({n} samples, batches of {batch_size})",
-            "routers": f"{len(rec.sites)} ({rec.sites[0].adapter.name}), top-{rec.top_k}",
-        },
-    )
-
-
-def _forward(model, capture, inputs: dict) -> Routed:
-    model(**inputs)
-    return [z.float() for z in capture.logits()], capture.modality_ids
+    return source(model_dir, data, **kwargs)
 
 
 # ------------------------------------------------------------------------------------ output
@@ -388,6 +208,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward (default 8)")
     p.add_argument("--max-samples", type=int, help="analyse at most this many samples")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-bias", action="store_true",
+                   help="HF folders: leave smar_bias.safetensors out (the model without its "
+                   "trained modality bias)")  # fmt: skip
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out (and count) samples whose image is missing or unreadable "
+                   "instead of stopping")  # fmt: skip
     p.set_defaults(func=main)
 
 
@@ -410,6 +236,9 @@ def sources_for(args, run_loader=None) -> list[Source]:
         found = run_loader(d, batch_size=args.batch_size, max_samples=args.max_samples) if (
             run_loader) else None  # fmt: skip
         if found is not None:
+            if args.data is not None:
+                raise AnalyzeError(f"{d} is a testbed run, analysed on its own held-out data: "
+                                   "--data is for Hugging Face model folders; drop it")  # fmt: skip
             out += found
             continue
         if (Path(d) / "results.json").exists() and (Path(d) / "model.safetensors").exists():
@@ -418,8 +247,16 @@ def sources_for(args, run_loader=None) -> list[Source]:
             raise AnalyzeError(f"{d} has no config.json (not a model folder nor a testbed run)")
         if args.data is None:
             raise AnalyzeError(f"{d} is a model folder: pass --data FILE.jsonl")
-        out.append(hf_source(d, args.data, batch_size=args.batch_size,
-                             max_samples=args.max_samples))  # fmt: skip
+        try:
+            source = hf_source(d, args.data, batch_size=args.batch_size,
+                               max_samples=args.max_samples, bias=not args.no_bias,
+                               skip_bad_images=args.skip_bad_images)  # fmt: skip
+        except ValueError as e:  # bad samples or folder: said in one line
+            raise AnalyzeError(str(e)) from None
+        print(f"smar analyze: {source.info['bias']}")
+        if "skipped" in source.info:
+            print(f"smar analyze: skipped {source.info['skipped']}")
+        out.append(source)
     names: dict[str, int] = {}
     for s in out:  # names unique in the comparison
         k = names[s.name] = names.get(s.name, 0) + 1

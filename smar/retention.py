@@ -67,16 +67,18 @@ def check_tasks(tasks: Sequence[str], task_manager) -> None:
             )
 
 
-def _open_model(model, batch_size: int | None):
-    """``(model, model_args)`` for ``simple_evaluate``: an LM object as is, a local Hugging Face
-    folder as lm-eval's ``"hf"`` model; anything else a ``ValueError`` naming the fix."""
+def _check_model(model) -> None:
+    """An LM object, or a local Hugging Face model or PEFT adapter folder; anything else a
+    ``ValueError`` naming the fix (checked for both models before either runs)."""
     from lm_eval.api.model import LM
 
     if isinstance(model, LM):
-        return model, None
+        return
     d = Path(model)
     if not d.is_dir():
         raise ValueError(f"model folder {d} does not exist; fix: pass a local model folder")
+    if (d / "adapter_config.json").is_file() and not (d / "config.json").is_file():
+        return  # a PEFT adapter folder: its base model is checked when it loads
     try:
         cfg = json.loads((d / "config.json").read_text())
     except (OSError, ValueError):
@@ -90,12 +92,42 @@ def _open_model(model, batch_size: int | None):
             "one, or for a testbed run or stage folder use `smar retention` (it serves the "
             "testbed model) or smar.testbed.lm_eval_tasks.TestbedLM"
         )
-    import lm_eval.models  # noqa: F401  (registers "hf": lm-eval skips it once any model is)
-    import torch
 
-    # lm-eval's "hf" model asks for CUDA unless told otherwise
-    args = f"pretrained={d},device={'cuda' if torch.cuda.is_available() else 'cpu'}"
-    return "hf", args if batch_size is None else f"{args},batch_size={batch_size}"
+
+def _open_model(model, batch_size: int | None, bias: bool = True):
+    """An ``lm_eval`` LM: an LM object as is; a local folder loaded by
+    :func:`smar.hf.loading.load_model_folder` (a causal LM, a vision-language model read on text
+    alone, a PEFT adapter; its trained modality bias attached unless ``bias=False``) and served
+    by lm-eval's ``HFLM``."""
+    from lm_eval.api.model import LM
+
+    if isinstance(model, LM):
+        return model
+    _check_model(model)
+    import torch
+    import transformers
+    from lm_eval.models.huggingface import HFLM
+
+    from smar.hf.loading import load_model_folder
+
+    loaded = load_model_folder(model, bias=bias)
+    print(f"smar retention: {loaded.note}", file=sys.stderr)
+    lm_model = loaded.language_model()
+    tokenizer = None
+    for where in (loaded.path, getattr(loaded.model, "peft_config", {}).get("default")):
+        where = getattr(where, "base_model_name_or_path", where)
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(where))
+            break
+        except (OSError, ValueError, TypeError):
+            continue
+    if tokenizer is None:
+        raise ValueError(f"{model} has no tokenizer; fix: save the tokenizer into the folder")
+    lm = HFLM(pretrained=lm_model, tokenizer=tokenizer, backend="causal",
+              batch_size=batch_size or 1,
+              device="cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
+    lm._smar_loaded = loaded  # the bias wrappers live as long as the LM
+    return lm
 
 
 def evaluate_tasks(
@@ -107,6 +139,7 @@ def evaluate_tasks(
     batch_size: int | None = None,
     metrics: Mapping[str, str] | None = None,
     task_manager=None,
+    bias: bool = True,
 ) -> dict[str, dict]:
     """Runs lm-eval's ``simple_evaluate`` on one model and returns its score per task.
 
@@ -119,6 +152,7 @@ def evaluate_tasks(
         metrics: ``task -> metric`` (e.g. ``{"hellaswag": "acc_norm"}``); default
             :data:`PRIMARY`.
         task_manager: a ``TaskManager`` to reuse (it indexes every task once).
+        bias: attach a folder's ``smar_bias.safetensors`` (its trained modality bias).
 
     Returns:
         :func:`task_scores` of the run.
@@ -127,10 +161,9 @@ def evaluate_tasks(
 
     tm = task_manager or make_task_manager(include_path)
     check_tasks(tasks, tm)
-    lm, model_args = _open_model(model, batch_size)
+    lm = _open_model(model, batch_size, bias)
     out = lm_eval.simple_evaluate(
         model=lm,
-        model_args=model_args,
         tasks=list(tasks),
         task_manager=tm,
         limit=limit,
@@ -245,6 +278,7 @@ def measure_retention(
     metrics: Mapping[str, str] | None = None,
     task_manager=None,
     local_only: bool = False,
+    bias: bool = True,
 ) -> dict:
     """Both models on ``tasks`` (see :func:`evaluate_tasks` for the arguments; ``local_only``:
     see :func:`make_task_manager`) and their :func:`summarize`, plus the task list and lm-eval's
@@ -252,10 +286,10 @@ def measure_retention(
     from importlib.metadata import version
 
     for m in (base, tuned):  # both models and every task checked before either runs
-        _open_model(m, batch_size)
+        _check_model(m)
     tm = task_manager or make_task_manager(include_path, local_only=local_only)
     check_tasks(tasks, tm)
-    kw = dict(limit=limit, batch_size=batch_size, metrics=metrics, task_manager=tm)
+    kw = dict(limit=limit, batch_size=batch_size, metrics=metrics, task_manager=tm, bias=bias)
     b = evaluate_tasks(base, tasks, **kw)
     t = evaluate_tasks(tuned, tasks, **kw)
     return {
@@ -295,6 +329,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="only tasks from --include-path and testbed folders (skips indexing lm-eval's own)",
     )
     p.add_argument("--tasks-dir", help="where testbed tasks are exported (default: a temp dir)")
+    p.add_argument("--no-bias", action="store_true",
+                   help="leave the folders' smar_bias.safetensors out (the models without their "
+                   "trained modality bias)")  # fmt: skip
     p.set_defaults(func=main)
     return p
 
@@ -317,6 +354,8 @@ def main(args: argparse.Namespace, *, open_models: OpenModels | None = None) -> 
             if not sep or not task or not metric:
                 raise ValueError(f"--metric {m!r} is not TASK=METRIC")
             metrics[task] = metric
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
         limit = args.limit
         if limit is not None and limit >= 1:
             limit = int(limit)
@@ -340,6 +379,7 @@ def main(args: argparse.Namespace, *, open_models: OpenModels | None = None) -> 
                 batch_size=args.batch_size,
                 metrics=metrics,
                 local_only=args.local_only,
+                bias=not getattr(args, "no_bias", False),
             )
         report = {"base": str(args.base), "tuned": str(args.tuned), **report}
     except ValueError as e:
@@ -347,7 +387,11 @@ def main(args: argparse.Namespace, *, open_models: OpenModels | None = None) -> 
         return 2
     text = json.dumps(report, indent=2)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        from smar.atomic import publish
+
+        tmp = Path(f"{args.out}.tmp")
+        tmp.write_text(text + "\n")
+        publish(tmp, args.out)  # a reader never sees half a file
         log.info("wrote %s", args.out)
     else:
         print(text)

@@ -96,6 +96,7 @@ def inspect_model_dir(path: str, adapter: Adapter | list[Adapter] | None = None)
     double = balancing_loss_in_model(model)
     if double:
         lines.append(f"note: {double}")
+    lines.append(_bias_line(path))
     header = ("layer", "module", "kind", "class", "adapter", "gating", "experts", "top-k", "bias")
     rows = [
         (
@@ -115,6 +116,21 @@ def inspect_model_dir(path: str, adapter: Adapter | list[Adapter] | None = None)
     for r in (header, *rows):
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return "\n".join(lines)
+
+
+def _bias_line(path) -> str:
+    """What the folder's ``smar_bias.safetensors`` holds, in one line."""
+    from smar.hf.saving import BIAS_FILE, _read
+
+    if not os.path.isfile(os.path.join(path, BIAS_FILE)):
+        return f"{BIAS_FILE}: none (no trained modality bias)"
+    try:
+        tensors, config = _read(path)
+    except (ValueError, OSError) as e:
+        return f"{BIAS_FILE}: unreadable ({str(e).splitlines()[0][:120]})"
+    largest = max((float(t.abs().max()) for t in tensors.values()), default=0.0)
+    return (f"{BIAS_FILE}: trained modality bias for {len(tensors)} routers (largest |b| "
+            f"{largest:.3g}); smar analyze and smar retention load it, --no-bias leaves it out")
 
 
 def _can_bias(site) -> str:

@@ -1,0 +1,245 @@
+"""The Hugging Face source of ``smar analyze``: a model folder and a JSONL file of samples,
+run batch by batch with the folder's own processor, its routing captured (imports transformers).
+
+Samples are LLaVA conversations (``{"image": "a.png", "conversations": [{"from": "human",
+"value": "<image>\\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]}``, image paths relative
+to the file) or plain text (``{"text": "..."}``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from smar.analyze import Routed, Source
+from smar.modality import modality_ids, special_token_ids
+
+__all__ = ["read_jsonl", "HFEncoder", "hf_source"]
+
+log = logging.getLogger(__name__)
+
+
+def read_jsonl(
+    path: str | os.PathLike, max_samples: int | None = None, *, skipped: list | None = None
+) -> Iterator[dict]:
+    """Samples of a JSONL file one by one; image paths are relative to the file, and each image
+    is checked as it is read: a missing or unreadable one raises ``ValueError`` naming the line,
+    or, given a ``skipped`` list, the sample is left out and its line appended there."""
+    path = Path(path)
+    n = 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if max_samples is not None and n >= max_samples:
+                return
+            try:
+                sample = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno} is not JSON ({e})") from None
+            if not isinstance(sample, dict) or not ("conversations" in sample or "text" in sample):
+                raise ValueError(
+                    f"{path}:{lineno}: a sample needs 'conversations' (LLaVA format) or 'text'"
+                )
+            images = sample.get("image") or sample.get("images") or []
+            images = [images] if isinstance(images, str) else list(images)
+            sample["images"] = [str((path.parent / p).resolve()) for p in images]
+            bad = _unreadable(sample["images"])
+            if bad and skipped is None:
+                raise ValueError(f"{path}:{lineno}: {bad}; fix the path or pass --skip-bad-images")
+            if bad:
+                skipped.append(f"{path}:{lineno}")
+                continue
+            n += 1
+            yield sample
+
+
+def _unreadable(paths: list[str]) -> str | None:
+    """Why the first image of ``paths`` that cannot be read cannot be, or None."""
+    from PIL import Image, UnidentifiedImageError
+
+    for p in paths:
+        try:
+            with Image.open(p) as img:
+                img.verify()
+        except FileNotFoundError:
+            return f"image {p} does not exist"
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+            return f"image {p} cannot be read ({type(e).__name__}: {str(e)[:80]})"
+    return None
+
+
+def _messages(sample: dict) -> list[dict]:
+    """LLaVA conversation turns as chat messages; ``<image>`` marks become image entries."""
+    if "conversations" not in sample:
+        return [{"role": "user", "content": [{"type": "text", "text": sample["text"]}]}]
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+    out = []
+    for turn in sample["conversations"]:
+        content = []
+        for k, piece in enumerate(str(turn["value"]).split("<image>")):
+            if k:
+                content.append({"type": "image"})
+            if piece.strip():
+                content.append({"type": "text", "text": piece.strip()})
+        out.append(
+            {"role": roles.get(turn.get("from"), turn.get("from", "user")), "content": content}
+        )
+    return out
+
+
+class HFEncoder:
+    """Samples to model inputs with the model folder's own processor; when ``AutoProcessor``
+    cannot be built (e.g. a video processor that needs torchvision), its tokenizer and image
+    processor, each image's placeholder repeated as the processor would."""
+
+    def __init__(self, model_dir: str, config, mm_token_types: bool = False):
+        import transformers
+
+        self.config, self.mm_token_types = config, mm_token_types
+        self.processor = None
+        try:
+            proc = transformers.AutoProcessor.from_pretrained(model_dir)
+            if isinstance(proc, transformers.ProcessorMixin):
+                self.processor = proc
+        except Exception as e:  # noqa: BLE001 (any failure: fall back to the parts)
+            why = f"{type(e).__name__}: {str(e).strip()[:160]}"
+            log.warning(
+                "AutoProcessor(%s) failed (%s); tokenizer + image processor", model_dir, why
+            )
+        tok = getattr(self.processor, "tokenizer", None)
+        self.tokenizer = tok or transformers.AutoTokenizer.from_pretrained(model_dir)
+        self.image_processor = getattr(self.processor, "image_processor", None)
+        if self.processor is None and (Path(model_dir) / "preprocessor_config.json").exists():
+            self.image_processor = transformers.AutoImageProcessor.from_pretrained(model_dir)
+        image_id = getattr(config, "image_token_id", getattr(config, "image_token_index", None))
+        self.image_token = getattr(self.processor, "image_token", None) or (
+            self.tokenizer.convert_ids_to_tokens(image_id) if image_id is not None else None
+        )
+        self.template = getattr(self.processor, "chat_template", None) or getattr(
+            self.tokenizer, "chat_template", None
+        )
+
+    def text(self, sample: dict) -> str:
+        msgs = _messages(sample)
+        if self.template:
+            owner = self.processor if self.processor is not None else self.tokenizer
+            return owner.apply_chat_template(msgs, tokenize=False)
+        parts = []
+        for m in msgs:
+            body = " ".join(self.image_token if c["type"] == "image" else c["text"]
+                            for c in m["content"])  # fmt: skip
+            parts.append(f"{m['role']}: {body}")
+        return "\n".join(parts)
+
+    def __call__(self, samples: list[dict]) -> dict:
+        from PIL import Image
+
+        texts = [self.text(s) for s in samples]
+        images = [Image.open(p).convert("RGB") for s in samples for p in s["images"]]
+        if images and self.image_token is None:
+            raise ValueError("the model config names no image token: cannot place images")
+        if self.processor is not None:
+            return dict(self.processor(text=texts, images=images or None, padding=True,
+                                       return_tensors="pt"))  # fmt: skip
+        out = {}
+        if images:
+            if self.image_processor is None:
+                raise ValueError("samples have images but the model folder has no image processor")
+            out = dict(self.image_processor(images=images, return_tensors="pt"))
+            counts = iter(self._tokens_per_image(out, len(images)))
+            texts = [self._expand(t, counts) for t in texts]
+        enc = dict(self.tokenizer(texts, padding=True, return_tensors="pt"))
+        if self.mm_token_types:  # what the processor would add (Qwen-VL's M-RoPE needs it)
+            tokens = special_token_ids(self.config)
+            enc["mm_token_type_ids"] = modality_ids(enc["input_ids"], token_ids=tokens)
+        return {**enc, **out}
+
+    def _tokens_per_image(self, out: dict, n: int) -> list[int]:
+        if "image_grid_thw" in out:  # Qwen-VL style: patches merged merge_size x merge_size
+            merge = getattr(self.image_processor, "merge_size", 1) ** 2
+            return [int(g.prod()) // merge for g in out["image_grid_thw"]]
+        seq = getattr(self.config, "image_seq_length", None)
+        if seq is None:
+            raise ValueError("cannot tell how many tokens an image takes: use a model folder "
+                             "whose processor loads with AutoProcessor")  # fmt: skip
+        return [int(seq)] * n
+
+    def _expand(self, text: str, counts: Iterator[int]) -> str:
+        pieces = text.split(self.image_token)
+        return pieces[0] + "".join(self.image_token * next(counts) + p for p in pieces[1:])
+
+
+def hf_source(
+    model_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    batch_size: int = 8,
+    max_samples: int | None = None,
+    name: str | None = None,
+    bias: bool = True,
+    skip_bad_images: bool = False,
+) -> Source:
+    """A Hugging Face model folder (loaded by :func:`smar.hf.loading.load_model_folder`, with
+    its trained modality bias unless ``bias=False``) and a JSONL file of samples, as a
+    :class:`Source`; modality ids come from the inputs (placeholder tokens or
+    ``mm_token_type_ids``), padding is ignored. A sample whose image is missing or unreadable
+    stops the analysis with its line, or with ``skip_bad_images`` is left out and counted
+    (``source.info["skipped"]``)."""
+    from smar.capture import record
+    from smar.hf.loading import load_model_folder
+
+    model_dir = str(model_dir)
+    # Every sample and image checked before the model loads.
+    skipped: list[str] | None = [] if skip_bad_images else None
+    n = sum(1 for _ in read_jsonl(data, max_samples, skipped=skipped))
+    loaded = load_model_folder(model_dir, bias=bias)
+    log.info("%s", loaded.note)
+    model = loaded.model
+    accepts = inspect.signature(model.forward).parameters
+    encoder = HFEncoder(model_dir, model.config, "mm_token_type_ids" in accepts)
+    # With the bias attached, its regularizer captures the logits the routers route on.
+    capture = loaded.regularizer or record(model)
+    info = {
+        "model": f"{type(model).__name__} ({model_dir})",
+        "bias": loaded.note,
+        "data": f"{data} ({n} samples, batches of {batch_size})",
+        "routers": f"{len(capture.sites)} ({capture.sites[0].adapter.name}), top-{capture.top_k}",
+    }
+    if skipped:
+        info["skipped"] = f"{len(skipped)} samples with a missing or unreadable image: " + (
+            ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))  # fmt: skip
+        log.warning("%s: %s", data, info["skipped"])
+
+    def batches() -> Iterator[Routed]:
+        with torch.no_grad():
+            chunk: list[dict] = []
+            for sample in read_jsonl(data, max_samples, skipped=[] if skip_bad_images else None):
+                chunk.append(sample)
+                if len(chunk) == batch_size:
+                    yield _forward(model, capture, encoder(chunk))
+                    chunk = []
+            if chunk:
+                yield _forward(model, capture, encoder(chunk))
+
+    return Source(
+        name=name or Path(model_dir).name,
+        batches=batches,
+        top_k=capture.top_k,
+        router=capture.router,
+        total=math.ceil(n / batch_size),
+        layers=list(capture.layers),
+        info=info,
+    )
+
+
+def _forward(model, capture, inputs: dict) -> Routed:
+    model(**inputs)
+    return [z.float() for z in capture.logits()], capture.modality_ids
