@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
@@ -79,11 +80,57 @@ def _retention(args: argparse.Namespace) -> int:
     return retention_main(args, open_models=open_pair)
 
 
+def _version() -> str:
+    """``smar.__version__`` (the code that runs, even from a source tree or a stale editable
+    install), else the installed distribution's."""
+    import smar
+
+    found = getattr(smar, "__version__", None)
+    if found:
+        return found
+    from importlib.metadata import version
+
+    return version("smar")
+
+
+# reST in the docstrings that help texts come from: ``code``, :role:`~pkg.Name` and `title`
+_REST = [
+    (re.compile(r"``(.+?)``"), r"\1"),
+    (re.compile(r":[a-z]+(?::[a-z]+)?:`~[\w.]*?(\w+)`"), r"\1"),  # :class:`~a.B`: B, as Sphinx
+    (re.compile(r":[a-z]+(?::[a-z]+)?:`([^`]+)`"), r"\1"),
+    (re.compile(r"(?<![\w`])`([^`]+)`(?![\w`])"), r"\1"),
+]
+
+
+def plain(text: str | None) -> str | None:
+    """``text`` without reST markup, as a terminal shows it."""
+    if not text:
+        return text
+    for pattern, repl in _REST:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def _plain_help(parser: argparse.ArgumentParser) -> None:
+    """Strips reST from every help text of ``parser`` and its subcommands: several come from
+    docstrings (the modules adding commands write theirs), which --help would show raw."""
+    parser.description = plain(parser.description)
+    parser.epilog = plain(parser.epilog)
+    for action in parser._actions:
+        action.help = plain(action.help)
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:  # the one-line helps listed by `smar --help`
+                choice.help = plain(choice.help)
+            for sub in set(action.choices.values()):
+                _plain_help(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="smar", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--debug", action="store_true", help="show the traceback of an error (anywhere in the line)"
     )
+    p.add_argument("--version", action="version", version=f"smar {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the paper's experiment end to end on this machine")
     demo.add_argument("--smoke", action="store_true", help="tiny sizes, under two minutes")
@@ -113,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["analyze"].set_defaults(func=_analyze)
     add_retention(sub)
     sub.choices["retention"].set_defaults(func=_retention)
+    _plain_help(p)
     return p
 
 

@@ -1,13 +1,17 @@
 """smar.hf: SMARTrainer on every supported family, TRL's SFTTrainer, upcycling, inspect."""
 
+import copy
+import math
+import statistics
 import warnings
+from math import nan
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from test_adapters import CASES, build  # noqa: E402
+from test_adapters import CASES, IMG, build  # noqa: E402
 
 import smar  # noqa: E402
 import smar.hf  # noqa: E402
@@ -58,6 +62,58 @@ def test_trainer_steps_and_logs(name, tmp_path):
         assert {f"smar/layer{la:02d}/mrd" for la in layers} <= set(h)
     if case.bias:
         assert any(b.abs().sum() > 0 for b in trainer.smar.bias_parameters())
+
+
+def _eval_terms_by_hand(model, batches, config: smar.SMARConfig) -> dict[str, float]:
+    """The routing terms of each batch from smar.record and the loss functions (not the
+    trainer's path), averaged over the batches where each is defined (MRD: both modalities)."""
+    per_batch: list[dict[str, float]] = []
+    with smar.record(model) as rec, torch.no_grad():
+        for batch in batches:
+            model(**batch)
+            logits = rec.logits()
+            ids = (batch["input_ids"] == IMG).long().reshape(-1)  # token-level: image 1, text 0
+            D = smar.mrd(logits, ids) if bool(ids.any()) else torch.full((len(logits),), nan)
+            band = smar.smar_loss(logits, ids, band=config.band)  # 0 without image tokens
+            lb = smar.load_balancing_loss(logits, top_k=rec.top_k)
+            z = smar.z_loss(logits)
+            terms = {"smar/band": band, "smar/lb": lb, "smar/z": z, "smar/mrd": D.nanmean()}
+            c = config
+            terms["smar/total"] = c.smar_weight * band + c.lb_weight * lb + c.z_weight * z
+            layers = zip(rec.captured_layers, D, strict=True)
+            terms.update({f"smar/layer{la:02d}/mrd": d for la, d in layers})
+            per_batch.append({k: float(v) for k, v in terms.items()})
+    return {
+        k: statistics.fmean(v for b in per_batch if math.isfinite(v := b[k])) for k in per_batch[0]
+    }
+
+
+def test_evaluate_reports_the_routing_terms_on_the_eval_set(tmp_path):
+    case = build("qwen3_moe_llava")
+    # a batch without image tokens: its MRD is undefined (left out of the mean), its band 0
+    text_only = [{k: v for k, v in s.items() if k != "pixel_values"} for s in case.samples]
+    for s in text_only:
+        s["input_ids"] = s["input_ids"].masked_fill(s["input_ids"] == IMG, 7)
+        s["labels"] = s["input_ids"].clone()
+    eval_set = case.samples + text_only  # batches of 2: multimodal, then text only
+    config = smar.SMARConfig(z_weight=1e-3)
+    reference = copy.deepcopy(case.model)  # no bias wrappers; a zero bias changes no output bit
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = smar.hf.SMARTrainer(
+            model=case.model, args=args(tmp_path, per_device_eval_batch_size=2),
+            eval_dataset=eval_set, data_collator=case.collate, smar_config=config,
+        )  # fmt: skip
+    metrics = trainer.evaluate()
+    expected = _eval_terms_by_hand(reference, [case.batch, case.collate(text_only)], config)
+    got = {k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith("eval_smar/")}
+    assert set(got) == set(expected)
+    assert len([k for k in got if k.startswith("smar/layer")]) == len(trainer.smar.layers) == 2
+    for k, v in expected.items():
+        assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+    assert 0 < got["smar/band"] < 1.5  # the text-only batch's 0 counts in the mean
+    # evaluation keeps its terms apart from training's logging window
+    assert trainer._smar_sums is None and trainer._smar_eval_sums is None
 
 
 def test_trainer_warns_when_the_model_adds_its_own_balancing_loss(tmp_path):

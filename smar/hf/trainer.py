@@ -40,11 +40,14 @@ class SMARTrainerMixin:
     part of the model and of the optimizer. Logged at each logging step (means since the last
     log, over micro-batches and, with ``SMARConfig(stats="global")``, over ranks; kept on the
     device in between): ``smar/total``, ``smar/band``, ``smar/lb``, ``smar/z``, ``smar/mrd`` and
-    ``smar/layerNN/mrd``. Evaluation reports ``eval_lm_loss`` (the model's own loss) beside
-    ``eval_loss`` (which includes the routing loss). If the model adds its own load-balancing
-    loss (``output_router_logits=True`` with ``router_aux_loss_coef > 0``) while
-    ``lb_weight > 0``, a warning says how to keep only one; it is checked after the Trainer is
-    built (TRL's ``SFTTrainer`` turns the model's on in its ``__init__``).
+    ``smar/layerNN/mrd``. Evaluation reports the same terms on the evaluation set
+    (``eval_smar/mrd``, ``eval_smar/layerNN/mrd``, ...: means over its batches, as in training,
+    and over every rank's share of it) and ``eval_lm_loss`` (the model's own loss) beside
+    ``eval_loss`` (which includes the routing loss); both need labels, as ``eval_loss`` does.
+    If the model adds its own load-balancing loss (``output_router_logits=True`` with
+    ``router_aux_loss_coef > 0``) while ``lb_weight > 0``, a warning says how to keep only one;
+    it is checked after the Trainer is built (TRL's ``SFTTrainer`` turns the model's on in its
+    ``__init__``).
 
     Saving: checkpoints and ``save_model()`` hold the model's original router keys (a plain
     ``from_pretrained`` loads them) and the bias in ``smar_bias.safetensors``
@@ -68,8 +71,9 @@ class SMARTrainerMixin:
             warnings.simplefilter("ignore")  # warned below, once, with the trainer's words
             self.smar: Regularizer = attach(model, config, adapter=smar_adapter)
         # (names, sums, counts) of the terms since the last log, on the device
-        self._smar_sums: tuple[list[str], torch.Tensor, torch.Tensor] | None = None
-        self._smar_eval: list[torch.Tensor] = []
+        self._smar_sums: _Sums | None = None
+        # the same over the evaluation loop running now (apart: it may run inside a window)
+        self._smar_eval_sums: _Sums | None = None
         super().__init__(*args, **kwargs)
         self.add_callback(_StepBoundary(self.smar))
         # Checked once the Trainer is built: TRL's SFTTrainer sets output_router_logits inside.
@@ -111,14 +115,19 @@ class SMARTrainerMixin:
         if self.smar.bias_parameters() and self.state.best_model_checkpoint:
             load_bias_into(self.smar, self.state.best_model_checkpoint)
 
-    # -- evaluation: the LM loss beside eval_loss
+    # -- evaluation: the routing terms and the LM loss beside eval_loss
 
     def evaluation_loop(self, *args, **kwargs):
-        self._smar_eval = []
+        self._smar_eval_sums = None
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
-        if self._smar_eval:
-            output.metrics[f"{prefix}_lm_loss"] = float(torch.stack(self._smar_eval).mean())
+        sums, self._smar_eval_sums = self._smar_eval_sums, None
+        if sums is not None:  # None without labels: compute_loss never ran
+            # Every rank evaluates its own share of the set: the means are over all shares
+            # whatever SMARConfig.stats says (with "global" each batch's terms already are).
+            group = default_group("global", self.smar.config.group)
+            means = self._smar_means(sums, group)
+            output.metrics.update({f"{prefix}_{n}": v for n, v in means.items()})
         return output
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -143,34 +152,27 @@ class SMARTrainerMixin:
                 "checkpointing?): use gradient_checkpointing_kwargs={'use_reentrant': False}",
                 stacklevel=2,
             )
-        if not model.training:
-            self._smar_eval.append(loss.detach())
-        loss = loss + reg
         if model.training:
-            self._smar_accumulate(self.smar.term_tensors())
+            self._smar_sums = _add_terms(self._smar_sums, self.smar.term_tensors())
+        else:
+            terms = {"lm_loss": loss.detach(), **self.smar.term_tensors()}
+            self._smar_eval_sums = _add_terms(self._smar_eval_sums, terms)
+        loss = loss + reg
         return (loss, *result[1:]) if return_outputs else loss
 
-    def _smar_accumulate(self, terms: dict[str, torch.Tensor]) -> None:
-        """Adds this micro-batch's terms to the sums logged next, on the device (no wait)."""
-        values = torch.stack([v.float() for v in terms.values()])  # (n,)
-        finite = torch.isfinite(values)  # NaN MRD: a modality absent from this batch
-        values = torch.where(finite, values, torch.zeros_like(values))
-        names = list(terms)
-        if self._smar_sums is None or self._smar_sums[0] != names:
-            self._smar_sums = (names, values, finite.float())  # first, or other terms than before
-        else:
-            _, total, count = self._smar_sums
-            self._smar_sums = (names, total + values, count + finite.float())
-
     def _smar_flush(self) -> dict[str, float]:
-        """Means of the accumulated terms over micro-batches and ranks (one all-reduce), then
-        the deferred checks of the regularizer."""
+        """Means of the terms accumulated since the last log over micro-batches and, with
+        ``stats="global"``, ranks; then the deferred checks of the regularizer."""
         sums, self._smar_sums = self._smar_sums, None
         if sums is None:
             return {}
+        return self._smar_means(sums, default_group(self.smar.config.stats, self.smar.config.group))
+
+    def _smar_means(self, sums: _Sums, group) -> dict[str, float]:
+        """Means of accumulated terms over their finite values, summed over ``group`` (None:
+        this rank's) in one all-reduce, then the deferred checks of the regularizer."""
         names, total, count = sums
         both = torch.cat([total, count])  # (2n,)
-        group = default_group(self.smar.config.stats, self.smar.config.group)
         if group is not None:
             import torch.distributed as dist
 
@@ -186,6 +188,22 @@ class SMARTrainerMixin:
         if "loss" in logs and self._smar_sums is not None:
             logs.update(self._smar_flush())
         super().log(logs, *args, **kwargs)
+
+
+# (names, sums, counts): per-term sums of the finite values and their counts, (n,) each
+_Sums = tuple[list[str], torch.Tensor, torch.Tensor]
+
+
+def _add_terms(sums: _Sums | None, terms: dict[str, torch.Tensor]) -> _Sums:
+    """``sums`` with this micro-batch's terms added, on the device (no wait)."""
+    values = torch.stack([v.float() for v in terms.values()])  # (n,)
+    finite = torch.isfinite(values)  # NaN MRD: a modality absent from this batch
+    values = torch.where(finite, values, torch.zeros_like(values))
+    names = list(terms)
+    if sums is None or sums[0] != names:
+        return names, values, finite.float()  # first, or other terms than before
+    _, total, count = sums
+    return names, total + values, count + finite.float()
 
 
 class _StepBoundary(transformers.TrainerCallback):
