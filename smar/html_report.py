@@ -224,7 +224,7 @@ def write_report(
             [Table(["run"] + [f"layer {i}" for i in range(L)], rows)]))  # fmt: skip
     else:
         secs.append(Section("mrd", "MRD per MoE layer", ["No run saw both text and image tokens."]))
-    usage, comp, flagged_rows = [], [], []
+    usage, comp, flagged_rows, unused = [], [], [], 0
     for a, r in zip(analyses, records, strict=True):
         slug, mods = _slug(r["name"]), r["modalities"]
         st = a.stats
@@ -237,6 +237,7 @@ def write_report(
             out / f"composition_{slug}.png", threshold=threshold,
             title=f"Modality composition of each expert: {r['name']}")  # fmt: skip
         comp.append((paths[f"composition_{slug}"], f"{r['name']}: share of slots per modality"))
+        unused += int((st.select_count.sum(dim=1) == 0).sum())
         flagged_rows += [[r["name"], x["layer"], x["expert"], x["modality"], x["share"],
                           int(x["slots"])] for x in r["exclusive"]]  # fmt: skip
     secs.append(
@@ -254,8 +255,10 @@ def write_report(
                        flagged_rows, caption=f"Experts held >= {threshold:.0%} by one modality",
                        flagged=range(len(flagged_rows)))  # fmt: skip
     secs.append(Section("composition", "Modality composition of each expert", [
-        f"Colour: the text share of each expert's top-k slots. A letter marks an expert that one "
-        f"modality holds almost alone (>= {threshold:.0%}); {len(flagged_rows)} such experts."],
+        f"Colour: the text share of each expert's top-k slots (blue: all text, red: no "
+        f"text). A letter marks an expert that one modality holds almost alone "
+        f"(>= {threshold:.0%}); {len(flagged_rows)} such experts. Grey hatched: an expert that "
+        f"received no token; {unused} such experts."],
         comp, [flag_table] if flagged_rows else []))  # fmt: skip
     entropy = {r["name"]: {m: [_nan(v) for v in r["entropy"][m]] for m in r["modalities"]
                            if r["tokens"][m] > 0} for r in records}  # fmt: skip

@@ -9,6 +9,7 @@ Shapes legend: L MoE layers, M modalities, E experts, R runs.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -75,6 +76,11 @@ def plot_mrd(
         path: output image (png, svg, pdf).
         band: the tolerance band to shade, or None.
     """
+    return _save(_mrd_figure(mrd_per_arm, band=band, title=title), path)
+
+
+def _mrd_figure(mrd_per_arm, *, band, title):
+    """The figure of :func:`plot_mrd`, not saved (the tests read its axes)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     if band is not None:
@@ -83,12 +89,47 @@ def plot_mrd(
         ax.plot(range(len(values)), list(values), marker="o", label=arm)
     ax.set_xlabel("MoE layer")
     ax.set_ylabel("MRD (symmetric KL, nats)")
-    ax.set_yscale("symlog", linthresh=0.1)
+    _mrd_scale(ax, [v for vs in mrd_per_arm.values() for v in vs] + list(band or ()))
     ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return fig
+
+
+def _mrd_scale(ax, values: Sequence[float]) -> None:
+    """Chooses the MRD axis' scale from the values (band included) and labels its ticks as plain
+    numbers.
+
+    A log axis only helps where values span decades; over less (MRD of 0.5 to 3, say) it shows a
+    single labelled tick (10^0), so such ranges get a linear axis. From 1.5 decades on the axis
+    is symlog, linear below the smallest positive value's decade so that a zero MRD still
+    shows, with ticks at 1, 2 and 5 per decade where there are few decades (always >= 3 labels).
+    """
+    from matplotlib.ticker import (
+        FuncFormatter,
+        MaxNLocator,
+        NullFormatter,
+        ScalarFormatter,
+        SymmetricalLogLocator,
+    )
+
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    positive = [v for v in finite if v > 0]
+    decades = math.log10(max(positive) / min(positive)) if positive else 0.0
+    if decades < 1.5 or any(v < 0 for v in finite):
+        ax.set_yscale("linear")
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=6, min_n_ticks=3))
+        ax.yaxis.set_major_formatter(ScalarFormatter(useOffset=False))
+        return
+    linthresh = 10.0 ** math.floor(math.log10(min(positive)))
+    subs = [1.0, 2.0, 5.0] if decades < 3.0 else [1.0]
+    ax.set_yscale("symlog", linthresh=linthresh)
+    ax.yaxis.set_major_locator(SymmetricalLogLocator(base=10, linthresh=linthresh, subs=subs))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    minor = [float(k) for k in range(2, 10)]
+    ax.yaxis.set_minor_locator(SymmetricalLogLocator(base=10, linthresh=linthresh, subs=minor))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _heatmap(ax, grid, *, title: str, cmap: str, vmin=None, vmax=None, annotate=True):
@@ -163,11 +204,12 @@ def plot_expert_composition(
 ) -> Path:
     """The share of each expert's top-k slots that the first modality (text) holds, per layer;
     experts that one modality holds almost alone (share >= ``threshold``) are marked with that
-    modality's initial.
+    modality's initial, and experts that received no token are grey and hatched.
 
     Args:
         share: ``(L, M, E)``: per layer and expert, the share of its slots taken by each modality
-            (sums to 1 over M for an expert that was chosen at all).
+            (sums to 1 over M for an expert that was chosen at all; 0 or NaN over M for one that
+            received no token).
         modalities: the M names; the first is drawn (1 = all its tokens, 0 = none).
         path: output image.
         threshold: the share from which one modality counts as holding the expert alone.
@@ -175,26 +217,66 @@ def plot_expert_composition(
     Shapes:
         share: (L, M, E).
     """
+    return _save(_composition_figure(share, modalities, threshold=threshold, title=title), path)
+
+
+# For experts that received no token: drawn as "share 0" they would look exactly like the experts
+# that the other modality holds alone. A darker grey than the map's light-grey middle (an even
+# mix), and hatched besides.
+_NO_TOKENS = "#767676"
+
+
+def _composition_figure(share, modalities, *, threshold, title):
+    """The figure of :func:`plot_expert_composition`, not saved (the tests read its artists)."""
+    import matplotlib.patheffects as pe
+    import numpy as np
+    from matplotlib.collections import PatchCollection
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch, Rectangle
+
     plt = _pyplot()
     share = _grid3(share)
-    L, E = len(share), len(share[0][0])
-    first = [[share[i][0][e] for e in range(E)] for i in range(L)]  # (L, E)
-    fig, ax = plt.subplots(figsize=_size(L, E, 1, 1))
-    im = ax.imshow(first, aspect="auto", cmap="coolwarm_r", vmin=0.0, vmax=1.0)
+    L, M, E = len(share), len(modalities), len(share[0][0])
+    total = [[sum(share[i][m][e] for m in range(M)) for e in range(E)] for i in range(L)]
+    # NaN > 0 is False, so an expert whose share is NaN (0 / 0) is empty as well.
+    empty = [[not total[i][e] > 0 for e in range(E)] for i in range(L)]
+    first = np.ma.masked_array([[share[i][0][e] for e in range(E)] for i in range(L)], mask=empty)
+    cmap = plt.get_cmap("coolwarm_r").with_extremes(bad=_NO_TOKENS)
+    fig, ax = plt.subplots(figsize=_size(L, E, 1, 1), layout="constrained")
+    im = ax.imshow(first, aspect="auto", cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+    holes = [Rectangle((e - 0.5, i - 0.5), 1, 1) for i in range(L) for e in range(E) if empty[i][e]]
+    if holes:
+        ax.add_collection(PatchCollection(holes, facecolor="none", edgecolor="white",
+                                          hatch="///", linewidth=0.0))  # fmt: skip
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     ax.set_xticks(range(0, E, max(1, E // 16)))
     ax.set_yticks(range(0, L, max(1, L // 24)))
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=f"{modalities[0]} share of slots")
+    # White letters outlined in black read on the dark red and the dark blue ends of the map
+    # alike, where black letters all but vanish into the red.
+    outline = [pe.withStroke(linewidth=2.2, foreground="black")]
+    size = 9 if E <= 24 else 7
+    held = set()
     for i in range(L):
         for e in range(E):
-            m = max(range(len(modalities)), key=lambda k: share[i][k][e])
+            if empty[i][e]:
+                continue
+            m = max(range(M), key=lambda k: share[i][k][e])
             if share[i][m][e] >= threshold:
-                ax.text(e, i, modalities[m][0].upper(), ha="center", va="center", fontsize=7,
-                        fontweight="bold")  # fmt: skip
-    ax.set_title(f"{title}\n(letter: one modality holds >= {threshold:.0%} of the slots)",
-                 fontsize=9)  # fmt: skip
-    return _save(fig, path)
+                held.add(m)
+                ax.text(e, i, modalities[m][0].upper(), ha="center", va="center", fontsize=size,
+                        fontweight="bold", color="white", path_effects=outline)  # fmt: skip
+    handles = [Line2D([], [], linestyle="none", marker=rf"$\mathbf{{{modalities[m][0].upper()}}}$",
+                      markersize=8, color="black", label=f"{modalities[m]} >= {threshold:.0%}")
+               for m in sorted(held)]  # fmt: skip
+    handles.append(Patch(facecolor=_NO_TOKENS, edgecolor="white", hatch="///", label="no tokens"))
+    # Below the x label, outside the grid: inside it would hide cells.
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=7,
+               frameon=False)  # fmt: skip
+    ax.set_title(f"{title}\n(letter: one modality holds >= {threshold:.0%} of the slots;"
+                 " grey: no tokens)", fontsize=9)  # fmt: skip
+    return fig
 
 
 def plot_entropy(
@@ -271,24 +353,31 @@ def plot_mrd_history(
         path: output image.
         band: the tolerance band to shade, or None.
     """
-    plt = _pyplot()
     rows = [h for h in history if h.get("mrd")]
     if not rows:
         raise ValueError("plot_mrd_history: no record holds per-layer MRD values")
+    return _save(_mrd_history_figure(rows, band=band, title=title), path)
+
+
+def _mrd_history_figure(rows, *, band, title):
+    """The figure of :func:`plot_mrd_history` from records that hold MRD, not saved."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     if band is not None:
         ax.axhspan(band[0], band[1], color="tab:green", alpha=0.15, label=f"band {tuple(band)}")
     steps = [int(h["step"]) for h in rows]
+    drawn = list(band or ())
     for layer in range(len(rows[0]["mrd"])):
         values = [_value(h["mrd"], layer) for h in rows]
         ax.plot(steps, values, marker=".", label=f"layer {layer}")
+        drawn += values
     ax.set_xlabel("training step")
     ax.set_ylabel("MRD (symmetric KL, nats)")
-    ax.set_yscale("symlog", linthresh=0.1)
+    _mrd_scale(ax, drawn)
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
 def _value(values, i: int) -> float:

@@ -50,6 +50,8 @@ def _report(tmp_path):
 def test_every_section_is_written(tmp_path):
     page = _report(tmp_path).read_text()
     assert re.findall(r'<section id="(\w+)"', page) == list(SECTIONS)
+    # The composition section names the grey cells and counts them (here every expert is used).
+    assert "Grey hatched: an expert that received no token; 0 such experts." in page
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium binary")
