@@ -209,9 +209,17 @@ class MoEBlock(nn.Module):
         order = flat_experts.argsort(stable=True)  # (T*K,) assignments grouped by expert
         token = order // self.top_k  # (T*K,) token of each grouped assignment
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-        return _Experts.apply(
-            x, self.gate_up_proj, self.down_proj, gates.reshape(-1)[order], token, counts
-        )
+        w1, w2, gates = self.gate_up_proj, self.down_proj, gates.reshape(-1)[order]
+        kind = x.device.type
+        if torch.is_autocast_enabled(kind):
+            # Autocast does not reach into an autograd Function: cast as it casts a linear layer
+            # (inputs and weights to its dtype; the casts carry the gradients back to the float32
+            # weights) and run the experts with autocast off, so every product has one dtype.
+            dtype = torch.get_autocast_dtype(kind)
+            x, w1, w2, gates = (t.to(dtype) for t in (x, w1, w2, gates))
+            with torch.autocast(kind, enabled=False):
+                return _Experts.apply(x, w1, w2, gates, token, counts)
+        return _Experts.apply(x, w1, w2, gates, token, counts)
 
     def extra_repr(self) -> str:
         return (

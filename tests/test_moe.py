@@ -226,3 +226,29 @@ def test_bad_input_is_named():
         Router(8, 4, modality_bias=True)(torch.randn(3, 8), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="cannot upcycle"):
         upcycle(torch.nn.Linear(4, 4), num_experts=2, top_k=1)
+
+
+def test_block_under_bf16_autocast_matches_the_reference_in_bf16():
+    """Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` the experts compute in bf16 (as
+    autocast computes a linear layer) from float32 master weights: the output is bf16 and equals
+    the token-by-token reference on the bf16-cast weights and input; gradients reach the float32
+    weights and equal that reference's."""
+    torch.manual_seed(0)
+    block = MoEBlock(32, 48, 4, 2)
+    x = torch.randn(40, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, experts, gates = block.route(x)
+        out = block._dispatch(x, experts, gates.to(x.dtype))
+    assert out.dtype == torch.bfloat16
+    (out.float() ** 2).sum().backward()
+    ours = [block.gate_up_proj.grad.clone(), block.down_proj.grad.clone()]
+    w1 = block.gate_up_proj.detach().clone().requires_grad_(True)
+    w2 = block.down_proj.detach().clone().requires_grad_(True)
+    holder = type("B", (), {"gate_up_proj": w1.bfloat16(), "down_proj": w2.bfloat16()})
+    want = reference_experts(holder, x.bfloat16(), experts, gates.detach().bfloat16())
+    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
+    (want.float() ** 2).sum().backward()
+    assert block.gate_up_proj.dtype == torch.float32 and ours[0].dtype == torch.float32
+    for mine, theirs in zip(ours, (w1.grad, w2.grad), strict=True):
+        assert mine.abs().sum() > 0
+        torch.testing.assert_close(mine, theirs, rtol=5e-2, atol=5e-2 * theirs.abs().max().item())
