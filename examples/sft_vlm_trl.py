@@ -1,16 +1,31 @@
 """Vision fine-tuning of a MoE multimodal LM with TRL's ``SFTTrainer`` and SMAR.
 
-Data: a JSON file in LLaVA's format plus the folder its image paths are relative to, optionally
-mixed with a pure-text set at a chosen share of samples::
+Data: a JSON file of conversations plus the folder its image paths are relative to, optionally
+mixed with a pure-text set at a chosen share of samples. A record may come in LLaVA's format::
 
     [{"id": "0001", "image": "coco/0001.png",
       "conversations": [{"from": "human", "value": "<image>\\nWhat is shown?"},
                         {"from": "gpt", "value": "A red square."}]}, ...]
 
-(``.jsonl``, one record a line, works too; a record without ``"image"`` is a text sample.) The
-model is a local folder holding the model and its processor (``save_pretrained`` of both), e.g. a
-LLaVA around Qwen3-MoE or Mixtral, or Qwen3-VL-MoE. Every input file and record is checked before
-the model is loaded; a problem stops the run with one line naming the file, the record and the fix.
+or ShareGPT's (``"from"``: human, gpt, user, assistant or system), or with role/content turns
+(``{"role": "user", "content": "<image>\\nWhat is shown?"}``, under ``"conversations"`` or
+``"messages"``; the ``<image>`` may be left out, as in TRL's string format), or in TRL's typed
+content::
+
+    {"images": ["coco/0001.png"],
+     "messages": [{"role": "user", "content": [{"type": "image"},
+                                               {"type": "text", "text": "What is shown?"}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": "A red square."}]}]}
+
+where an image item may also hold its path (``{"type": "image", "image": "coco/0001.png"}``, or
+``"path"``); typed image items stay where they are, while the other formats show the images first
+in the first user turn, as LLaVA and TRL do. A conversation gives the same tokens in any format.
+(``.jsonl``, one record a line, works too; a record without images is a text sample.)
+
+The model is a local folder holding the model and its processor (``save_pretrained`` of both),
+e.g. a LLaVA around Qwen3-MoE or Mixtral, or Qwen3-VL-MoE. Every input file and record is checked
+before the model is loaded; a problem stops the run with one line naming the file, the record and
+the fix (for a record in no accepted format: the formats).
 
     python examples/sft_vlm_trl.py --model ./llava-qwen3-moe --data llava.json \\
         --image-folder ./images --text-data sharegpt.json --text-ratio 0.3 \\
@@ -18,11 +33,13 @@ the model is loaded; a problem stops the run with one line naming the file, the 
     torchrun --nproc-per-node 8 examples/sft_vlm_trl.py ...     # or: accelerate launch ...
     python examples/sft_vlm_trl.py --demo                        # tiny random model, CPU, seconds
 
-Under torchrun or accelerate the Trainer sets up the processes; ``--stats global`` (the default)
-computes SMAR's statistics over the global batch. The output folder holds the model (original
-router keys, so a plain ``from_pretrained`` loads it), its processor, ``smar_bias.safetensors``
-(reload it with ``smar.hf.load_bias(model, folder)``) and ``trainer_state.json`` (its
-``log_history`` holds the ``smar/*`` terms).
+Under torchrun or accelerate the Trainer sets up the processes and trains data-parallel (DDP),
+on CPUs too (over gloo; the example sets ``use_cpu`` where there is no accelerator, which the
+Trainer needs for that); ``--stats global`` (the default) computes SMAR's statistics over the
+global batch; rank 0 alone writes the output folder. That holds the model (original router
+keys, so a plain ``from_pretrained`` loads it), its processor, ``smar_bias.safetensors`` (reload
+it with ``smar.hf.load_bias(model, folder)``) and ``trainer_state.json`` (its ``log_history``
+holds the ``smar/*`` terms).
 
 The TRL settings this needs (TRL 1.x), and why:
 
@@ -68,7 +85,9 @@ import smar
 import smar.hf
 
 log = logging.getLogger("sft_vlm_trl")
-ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # LLaVA's "from" -> chat role
+# a turn's "from" (LLaVA, ShareGPT) or "role" -> the chat role
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+         "system": "system"}  # fmt: skip
 IMAGE = "<image>"
 
 
@@ -83,10 +102,11 @@ class DataError(ValueError):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", help="local folder with the model and its processor")
-    p.add_argument("--data", help="LLaVA-format JSON (or JSONL) of image+text conversations")
-    p.add_argument("--image-folder", help="folder the 'image' paths are relative to "
+    p.add_argument("--data", help="JSON (or JSONL) of image+text conversations (LLaVA, "
+                   "ShareGPT, role/content or TRL's messages)")  # fmt: skip
+    p.add_argument("--image-folder", help="folder the image paths are relative to "
                    "(default: the folder of --data)")  # fmt: skip
-    p.add_argument("--text-data", help="JSON (or JSONL) of text conversations, same format")
+    p.add_argument("--text-data", help="JSON (or JSONL) of text conversations, any of the formats")
     p.add_argument("--text-ratio", type=float, default=0.0,
                    help="share of the mixed set drawn from --text-data, in [0, 1)")  # fmt: skip
     p.add_argument("--output-dir", default="sft_vlm_trl_out")
@@ -135,13 +155,20 @@ def smar_config(args: argparse.Namespace) -> smar.SMARConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: LLaVA's records -> {"messages": chat turns, "images": image paths}
+# Data: records in any accepted format -> {"messages": typed chat turns, "images": image paths}
+
+FORMATS = (
+    'accepted formats: LLaVA/ShareGPT {"image", "conversations": [{"from": "human" | "gpt" | '
+    '"user" | "assistant" | "system", "value"}]}; role/content {"image", "conversations" | '
+    '"messages": [{"role", "content": "..."}]}; TRL {"images", "messages": [{"role", "content": '
+    '[{"type": "image"}, {"type": "text", "text"}]}]}'
+)
 
 
 def read_records(path: str) -> list:
     """The records of a JSON list or a JSONL file."""
     if not os.path.isfile(path):
-        raise DataError(f"{path}: no such file; pass the path of a LLaVA-format JSON file")
+        raise DataError(f"{path}: no such file; pass the path of a JSON (or JSONL) data file")
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if path.endswith(".jsonl"):
@@ -159,8 +186,8 @@ def read_records(path: str) -> list:
         records = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(
-            f"{path}:{e.lineno}:{e.colno}: not JSON ({e.msg}); LLaVA's format is one JSON list of "
-            "records (use .jsonl for one record a line)"
+            f"{path}:{e.lineno}:{e.colno}: not JSON ({e.msg}); a .json file holds one JSON list "
+            "of records (use .jsonl for one record a line)"
         ) from None
     if not isinstance(records, list):
         raise DataError(f"{path}: holds a {type(records).__name__}; expected a list of records")
@@ -168,46 +195,120 @@ def read_records(path: str) -> list:
 
 
 def to_example(record, where: str, image_folder: str | None) -> dict:
-    """One LLaVA record as TRL's conversational sample. ``where`` names the record in errors.
+    """One record, in any accepted format (:data:`FORMATS`), as TRL's conversational sample with
+    typed content: ``{"messages": [{"role", "content": [{"type": "image"}, {"type": "text",
+    "text"}]}], "images": [path, ...]}``, one path per image item, in their order. ``where`` names
+    the record in errors.
 
-    LLaVA puts the image first in the first human turn whatever the place of ``<image>``; so does
-    TRL when a message's content is a string, so ``<image>`` is only counted and removed.
+    The formats differ only in where a turn's role and text are and where its images go; one
+    branch per format reads that, and the rest is shared, so that one conversation gives the
+    same tokens whatever format it came in:
+
+    * ``{"from", "value"}`` turns (LLaVA, ShareGPT) and ``{"role", "content": "..."}`` turns:
+      LLaVA puts the images first in the first human turn whatever the place of ``<image>``; so
+      does TRL with string content, so ``<image>`` is only counted and removed (role/content
+      turns may leave it out altogether, as TRL's string format does);
+    * ``{"role", "content": [items]}`` turns (TRL's typed content): the image items stay where
+      they are; each has its path inline (``"image"`` or ``"path"``) or takes the next one of the
+      record's ``images`` (or ``image``).
     """
-    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
-        raise DataError(f"{where}: no 'conversations' list; each record is "
-                        '{"id", "image", "conversations": [{"from", "value"}, ...]}')  # fmt: skip
-    images = record.get("image", [])
+    keys = [k for k in ("conversations", "messages") if isinstance(record, dict) and k in record]
+    if len(keys) == 2:
+        raise DataError(f"{where}: both 'conversations' and 'messages'; keep one")
+    turns = record[keys[0]] if keys else None
+    if not turns or not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise DataError(f"{where}: no 'conversations' list (or 'messages' list) of turns; "
+                        f"{FORMATS}")  # fmt: skip
+    if "image" in record and "images" in record:
+        raise DataError(f"{where}: both 'image' and 'images'; keep one")
+    images = record.get("images", record.get("image", []))
     images = [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
-        raise DataError(f"{where}: 'image' must be a path or a list of paths")
-    messages, placeholders = [], 0
-    for n, turn in enumerate(record["conversations"]):
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-            raise DataError(f"{where}: turn {n} has no text 'value'; each turn is "
-                            '{"from": "human" | "gpt" | "system", "value": "..."}')  # fmt: skip
-        if turn.get("from") not in ROLES:
-            raise DataError(f"{where}: turn {n} is from {turn.get('from')!r}; use one of "
-                            f"{sorted(ROLES)}")  # fmt: skip
-        placeholders += turn["value"].count(IMAGE)
-        content = turn["value"].replace(IMAGE, "").strip()
-        messages.append({"role": ROLES[turn["from"]], "content": content})
+        raise DataError(f"{where}: 'image' / 'images' must be a path or a list of paths")
+
+    if all("from" in t for t in turns):  # LLaVA, ShareGPT
+        messages = text_turns(turns, "from", "value", len(images), where)
+    elif all("role" in t for t in turns) and any(isinstance(t.get("content"), list) for t in turns):
+        messages = [typed_turn(n, t, where) for n, t in enumerate(turns)]  # TRL's typed content
+    elif all("role" in t for t in turns):  # role/content with text content
+        messages = text_turns(turns, "role", "content", len(images), where)
+    else:
+        raise DataError(f"{where}: turns are neither all {{'from', 'value'}} nor all "
+                        f"{{'role', 'content'}}; {FORMATS}")  # fmt: skip
+
+    paths, left = [], list(images)  # inline paths stay; the other items take the record's
+    for item in (i for m in messages for i in m["content"] if i["type"] == "image"):
+        if "path" not in item and not left:
+            raise DataError(f"{where}: more image items than image paths; give each its path "
+                            "in 'images' or inline ({'type': 'image', 'image': path})")  # fmt: skip
+        paths.append(item.pop("path") if "path" in item else left.pop(0))
+    if left:
+        raise DataError(f"{where}: {len(images)} image path(s) but {len(images) - len(left)} "
+                        "image item(s) to show them in; one item per image")  # fmt: skip
     if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: no 'gpt' turn; there is nothing to learn from")
-    if placeholders != len(images):
-        raise DataError(
-            f"{where}: {len(images)} image(s) but {placeholders} '{IMAGE}' placeholder(s); put one "
-            f"'{IMAGE}\\n' in the first human turn per image"
-        )
-    paths = [os.path.join(image_folder or "", i) for i in images]
+        raise DataError(f"{where}: no assistant ('gpt') turn; there is nothing to learn from")
+    paths = [os.path.join(image_folder or "", p) for p in paths]
     for path in paths:
         if not os.path.isfile(path):
             raise DataError(f"{where}: image {path} not found; pass --image-folder, the folder "
-                            "its 'image' paths are relative to")  # fmt: skip
+                            "its image paths are relative to")  # fmt: skip
     return {"messages": messages, "images": paths}
 
 
+def role(turn: dict, key: str, n: int, where: str) -> str:
+    """The chat role of turn ``n``, whose speaker is under ``key`` ("from" or "role")."""
+    if not isinstance(turn[key], str) or turn[key] not in ROLES:
+        said = "is from" if key == "from" else "has role"
+        raise DataError(f"{where}: turn {n} {said} {turn[key]!r}; use one of {sorted(ROLES)}")
+    return ROLES[turn[key]]
+
+
+def text_turns(turns: list[dict], key: str, text: str, images: int, where: str) -> list[dict]:
+    """Typed turns of turns whose text is a string under ``text``, with ``images`` image
+    items first in the first user turn (where LLaVA and TRL show them)."""
+    messages, placeholders = [], 0
+    for n, turn in enumerate(turns):
+        if not isinstance(turn.get(text), str):
+            raise DataError(f"{where}: turn {n} has no text {text!r}")
+        placeholders += turn[text].count(IMAGE)
+        content = [{"type": "text", "text": turn[text].replace(IMAGE, "").strip()}]
+        messages.append({"role": role(turn, key, n, where), "content": content})
+    if placeholders != images and not (key == "role" and placeholders == 0):
+        raise DataError(
+            f"{where}: {images} image(s) but {placeholders} '{IMAGE}' placeholder(s); put one "
+            f"'{IMAGE}\\n' in the first human turn per image"
+        )
+    first = next((m for m in messages if m["role"] == "user"), None)
+    if images and first is None:
+        raise DataError(f"{where}: {images} image(s) but no user turn to show them in")
+    if images:
+        first["content"][:0] = [{"type": "image"} for _ in range(images)]
+    return messages
+
+
+def typed_turn(n: int, turn: dict, where: str) -> dict:
+    """Turn ``n`` of TRL's typed content, each item reduced to ``{"type", "text"}`` (one schema
+    for every record of the dataset), an inline image path kept under ``"path"``."""
+    content = turn["content"]
+    content = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    items = []
+    for item in content if isinstance(content, list) else [content]:
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "text" and isinstance(item.get("text"), str):
+            items.append({"type": "text", "text": item["text"]})
+        elif kind == "image":
+            inline = item["image"] if item.get("image") is not None else item.get("path")
+            if inline is not None and not isinstance(inline, str):
+                raise DataError(f"{where}: turn {n}: an inline image must be a path")
+            items.append({"type": "image"} | ({"path": inline} if inline is not None else {}))
+        else:
+            raise DataError(f"{where}: turn {n}: content items are {{'type': 'image'}} or "
+                            f"{{'type': 'text', 'text': str}}; got {item!r:.60}")  # fmt: skip
+    return {"role": role(turn, "role", n, where), "content": items}
+
+
 def load_examples(path: str, image_folder: str | None = None) -> list[dict]:
-    """Every record of a LLaVA-format file, checked (images must exist)."""
+    """Every record of a file in an accepted format, checked (images must exist)."""
     folder = os.path.dirname(path) if image_folder is None else image_folder
     out = []
     for i, record in enumerate(read_records(path)):
@@ -261,20 +362,29 @@ class MaskImageTokens:
         return batch
 
 
-def main(argv: list[str] | None = None):
-    """Runs the fine-tuning; returns the trainer (the tests read it)."""
+def main(argv: list[str] | None = None, sft_options: dict | None = None):
+    """Runs the fine-tuning; returns the trainer (the tests read it). ``sft_options``: more
+    ``SFTConfig`` fields, beyond the command line's (the tests fix the optimizer and the order)."""
     args = parse_args(argv)
     if not args.demo:
-        return run(args)
-    with tempfile.TemporaryDirectory() as demo:
-        args.model, args.data, args.text_data = write_demo(demo)
-        args.output_dir = os.path.join(demo, "out")
-        args.text_ratio = args.text_ratio or 0.25
-        args.max_steps, args.batch_size, args.logging_steps, args.lr = 2, 2, 1, 1e-2
-        return run(args)
+        trainer = run(args, sft_options)
+    else:
+        with tempfile.TemporaryDirectory() as demo:
+            args.model, args.data, args.text_data = write_demo(demo)
+            args.output_dir = os.path.join(demo, "out")
+            args.text_ratio = args.text_ratio or 0.25
+            args.max_steps, args.batch_size, args.logging_steps, args.lr = 2, 2, 1, 1e-2
+            trainer = run(args, sft_options)
+    import torch.distributed as dist
+
+    # Leave the process group the Trainer joined, its work done: a rank that exits still in it
+    # can abort as the interpreter ends (gloo: "terminate called without an active exception").
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return trainer
 
 
-def run(args: argparse.Namespace):
+def run(args: argparse.Namespace, sft_options: dict | None = None):
     config = smar_config(args)
     try:
         examples = load_examples(args.data, args.image_folder)
@@ -286,6 +396,7 @@ def run(args: argparse.Namespace):
         examples = mix(examples, texts, args.text_ratio, args.seed)
     train = to_dataset(examples)
 
+    import torch
     import transformers
     import trl
 
@@ -304,6 +415,11 @@ def run(args: argparse.Namespace):
         logging_steps=args.logging_steps, bf16=args.bf16, seed=args.seed, report_to=[],
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         disable_tqdm=args.demo,
+        # Without an accelerator, the Trainer (accelerate) makes a data-parallel (gloo) state
+        # only with use_cpu; else each process torchrun or accelerate starts trains alone (world
+        # size 1, no DDP, all writing the output folder) while SMAR all-reduces its statistics
+        # across them. One process on CPU trains the same either way.
+        **{"use_cpu": not torch.accelerator.is_available(), **(sft_options or {})},
     )  # fmt: skip
     trainer = SMARSFTTrainer(
         model=model, args=sft, train_dataset=train, processing_class=processor, smar_config=config
