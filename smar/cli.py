@@ -23,7 +23,7 @@ import traceback
 
 log = logging.getLogger("smar")
 
-COMMANDS = ("analyze", "demo", "inspect", "retention", "sweep")
+COMMANDS = ("analyze", "demo", "inspect", "real", "retention", "sweep")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,6 +64,30 @@ def _refuse_torchrun(command: str) -> None:
             f"run `smar {command}` directly; its stage-3 runs use `workers=` processes "
             "(e.g. workers=4)",
         )
+
+
+def _real(args: argparse.Namespace) -> int:
+    """``smar real sanity``: the real model loads, answers, and upcycles without changing."""
+    import resource
+    import time
+
+    from smar.testbed.real.base import SANITY_PROMPTS, greedy, load_base, upcycle_gap
+    from smar.testbed.real.precision import resolve_precision
+
+    precision, why = resolve_precision(args.precision)
+    print(f"precision: {precision} ({why})")
+    t = time.perf_counter()
+    model, tok = load_base(args.cache)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"base: {type(model).__name__}, {n / 1e6:.1f}M parameters, loaded in "
+          f"{time.perf_counter() - t:.0f} s")  # fmt: skip
+    for prompt, answer in zip(SANITY_PROMPTS, greedy(model, tok), strict=True):
+        print(f"  {prompt!r} -> {answer!r}")
+    gap = upcycle_gap(model)
+    print(f"upcycled (4 experts, top-2, alternate layers): max |logit difference| {gap:.2e}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"peak memory: {peak:.2f} GiB")
+    return 0
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -148,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
         "declare (repeatable)",
     )
     insp.set_defaults(func=_inspect)
+
+    real = sub.add_parser("real", help="SMAR on a real pretrained LM (SmolLM2-135M-Instruct)")
+    real.add_argument("stage", choices=("sanity",),
+                      help="sanity: the base model's greedy answers to three prompts and the "
+                      "largest logit change upcycling makes")  # fmt: skip
+    real.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                      help="bf16 autocast where the CPU has bf16 matrix instructions (auto)")
+    real.add_argument("--cache", help="folder of the model file (default <smar cache>/real)")
+    real.set_defaults(func=_real)
 
     sweep = sub.add_parser("sweep", help="arms x seeds x text ratios x bands x learning rates")
     sweep.add_argument("overrides", nargs="*", help="e.g. seeds=0,1,2 bands=1.5:2,0:0")

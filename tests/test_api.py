@@ -37,7 +37,7 @@ def test_cli_commands_are_pinned():
     assert (
         sorted(sub.choices)
         == sorted(cli.COMMANDS)
-        == ["analyze", "demo", "inspect", "retention", "sweep"]
+        == ["analyze", "demo", "inspect", "real", "retention", "sweep"]
     )
 
 
@@ -60,9 +60,10 @@ def test_cli_options_are_pinned():
         "demo": ["--help", "--out", "--quiet", "--smoke", "-h", "overrides"],
         "inspect": ["--adapter", "--help", "-h", "model_dir"],
         "sweep": ["--help", "-h", "overrides"],
-        "analyze": ["--batch-size", "--data", "--help", "--max-samples", "--out", "--quiet", "-h",
-                    "dirs"],
+        "real": ["--cache", "--help", "--precision", "-h", "stage"],
+        "analyze": ["--batch-size", "--data", "--help", "--max-samples", "--no-bias", "--out",
+                    "--quiet", "--skip-bad-images", "-h", "dirs"],
         "retention": ["--base", "--batch-size", "--help", "--include-path", "--limit",
-                      "--local-only", "--metric", "--out", "--tasks", "--tasks-dir", "--tuned",
-                      "-h"],
+                      "--local-only", "--metric", "--no-bias", "--out", "--tasks", "--tasks-dir",
+                      "--tuned", "-h"],
     }

