@@ -71,7 +71,8 @@ def _real(args: argparse.Namespace) -> int:
     import resource
     import time
 
-    from smar.testbed.real.base import SANITY_PROMPTS, greedy, load_base, upcycle_gap
+    from smar.testbed.real.base import SANITY_PROMPTS, greedy, load_base
+    from smar.testbed.real.model import build_vlm, text_gap
     from smar.testbed.real.precision import resolve_precision
 
     precision, why = resolve_precision(args.precision)
@@ -83,8 +84,11 @@ def _real(args: argparse.Namespace) -> int:
           f"{time.perf_counter() - t:.0f} s")  # fmt: skip
     for prompt, answer in zip(SANITY_PROMPTS, greedy(model, tok), strict=True):
         print(f"  {prompt!r} -> {answer!r}")
-    gap = upcycle_gap(model)
-    print(f"upcycled (4 experts, top-2, alternate layers): max |logit difference| {gap:.2e}")
+    vlm, _, _ = build_vlm(model, tok)
+    n = sum(p.numel() for p in vlm.parameters())
+    print(f"LLaVA around it (CLIP tower, MLPs of alternate layers upcycled to 4 experts, top-2): "
+          f"{n / 1e6:.1f}M parameters; on text, max |logit difference| to the base "
+          f"{text_gap(model, vlm):.2e}")  # fmt: skip
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"peak memory: {peak:.2f} GiB")
     return 0

@@ -101,5 +101,43 @@ def test_real_sanity_answers_and_upcycles():
     out = subprocess.run([sys.executable, "-m", "smar.cli", "real", "sanity"], capture_output=True,
                          text=True, check=True).stdout  # fmt: skip
     assert "Paris" in out and "peak memory" in out
-    gap = float(out.split("max |logit difference| ")[1].split()[0])
+    gap = float(out.split("max |logit difference| to the base ")[1].split()[0])
     assert gap < 1e-3
+
+
+def test_llava_around_an_lm_computes_its_logits_on_text_and_sees_images():
+    """LLaVA around a tiny Llama (a tokenizer from tests/test_analyze.py): text logits equal the
+    base's up to upcycling's rounding, half the layers hold 4 experts, and an image prompt runs
+    through the processor with one placeholder per patch."""
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from smar.moe import MoEBlock
+    from smar.testbed.real.model import VisionSpec, build_vlm, text_gap
+
+    words = ["<unk>", "<pad>", *"user assistant : what is in the picture a red square".split()]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>",
+                                               pad_token="<pad>")  # fmt: skip
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} : {% for c in m['content'] %}{% if c['type'] == "
+        "'image' %}<image>{% else %}{{ c['text'] }} {% endif %}{% endfor %}\n{% endfor %}"
+    )
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    lm = transformers.LlamaForCausalLM(cfg).eval()
+    spec = VisionSpec(image_size=16, patch_size=8, hidden_size=32, layers=1, heads=2)
+    model, tok2, proc = build_vlm(lm, tok, vision=spec)
+    assert text_gap(lm, model, tokens=16) < 1e-5
+    assert sum(isinstance(m, MoEBlock) for m in model.modules()) == 2
+    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in the picture"}]}]
+    text = proc.apply_chat_template(msgs, tokenize=False)
+    batch = proc(text=[text], images=[Image.new("RGB", (20, 20), "red")], return_tensors="pt")
+    assert int((batch["input_ids"] == model.config.image_token_index).sum()) == spec.tokens_per_image
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).logits).all()
