@@ -119,6 +119,7 @@ def test_peft_adapter_round_trips_with_the_bias(tmp_path):
     peft = pytest.importorskip("peft")
     m = model()
     m.save_pretrained(tmp_path / "base")
+    m.name_or_path = str(tmp_path / "base")  # as from_pretrained(folder) sets it
     pm = peft.get_peft_model(m, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     t = trainer(pm, tmp_path / "run")
     t.train()
@@ -135,6 +136,12 @@ def test_peft_adapter_round_trips_with_the_bias(tmp_path):
     )  # fmt: skip
     assert got["bias"] == pytest.approx(biases)
     assert torch.allclose(torch.tensor(got["logits"]), trained, atol=1e-5, rtol=0)
+    # the one loader the commands use: base from adapter_config.json, adapter, bias
+    loaded = smar.hf.load_model_folder(tmp_path / "adapter")
+    assert "PEFT adapter" in loaded.note and "modality bias loaded" in loaded.note
+    with torch.no_grad():
+        mine = loaded.model(input_ids=probe()).logits
+    assert torch.allclose(mine, trained, atol=1e-5, rtol=0)
 
 
 def test_bias_trains_when_peft_wraps_after_the_attach(tmp_path):
