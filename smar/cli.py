@@ -72,7 +72,7 @@ def _real(args: argparse.Namespace) -> int:
     import time
 
     from smar.testbed.real.base import SANITY_PROMPTS, greedy, load_base
-    from smar.testbed.real.model import build_vlm, text_gap
+    from smar.testbed.real.model import CHAT_TEMPLATE, build_vlm, text_gap
     from smar.testbed.real.precision import resolve_precision
 
     precision, why = resolve_precision(args.precision)
@@ -84,7 +84,7 @@ def _real(args: argparse.Namespace) -> int:
           f"{time.perf_counter() - t:.0f} s")  # fmt: skip
     for prompt, answer in zip(SANITY_PROMPTS, greedy(model, tok), strict=True):
         print(f"  {prompt!r} -> {answer!r}")
-    vlm, _, _ = build_vlm(model, tok)
+    vlm, _, _ = build_vlm(model, tok, chat_template=CHAT_TEMPLATE)
     n = sum(p.numel() for p in vlm.parameters())
     print(f"LLaVA around it (CLIP tower, MLPs of alternate layers upcycled to 4 experts, top-2): "
           f"{n / 1e6:.1f}M parameters; on text, max |logit difference| to the base "

@@ -105,18 +105,15 @@ def test_real_sanity_answers_and_upcycles():
     assert gap < 1e-3
 
 
-def test_llava_around_an_lm_computes_its_logits_on_text_and_sees_images():
-    """LLaVA around a tiny Llama (a tokenizer from tests/test_analyze.py): text logits equal the
-    base's up to upcycling's rounding, half the layers hold 4 experts, and an image prompt runs
-    through the processor with one placeholder per patch."""
+def _tiny_vlm():
+    """LLaVA around a tiny random Llama with a word-level tokenizer and a chat template."""
     transformers = pytest.importorskip("transformers")
-    from PIL import Image
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from smar.moe import MoEBlock
-    from smar.testbed.real.model import VisionSpec, build_vlm, text_gap
+    from smar.testbed.real.model import VisionSpec, build_vlm
 
-    words = ["<unk>", "<pad>", *"user assistant : what is in the picture a red square".split()]
+    words = ["<unk>", "<pad>", *("user assistant : what is in the picture a red square which "
+                                 "shape do you see i triangle circle . ?").split()]  # fmt: skip
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>",
@@ -124,14 +121,27 @@ def test_llava_around_an_lm_computes_its_logits_on_text_and_sees_images():
     tok.chat_template = (
         "{% for m in messages %}{{ m['role'] }} : {% for c in m['content'] %}{% if c['type'] == "
         "'image' %}<image>{% else %}{{ c['text'] }} {% endif %}{% endfor %}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant : {% endif %}"
     )
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                                    num_hidden_layers=4, num_attention_heads=4,
                                    num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
     lm = transformers.LlamaForCausalLM(cfg).eval()
-    spec = VisionSpec(image_size=16, patch_size=8, hidden_size=32, layers=1, heads=2)
-    model, tok2, proc = build_vlm(lm, tok, vision=spec)
+    spec = VisionSpec(image_size=32, patch_size=8, hidden_size=32, layers=1, heads=2)
+    return lm, spec, *build_vlm(lm, tok, vision=spec)
+
+
+def test_llava_around_an_lm_computes_its_logits_on_text_and_sees_images():
+    """LLaVA around a tiny Llama: text logits equal the base's up to upcycling's rounding, half
+    the layers hold 4 experts, and an image prompt runs through the processor with one
+    placeholder per patch."""
+    from PIL import Image
+
+    from smar.moe import MoEBlock
+    from smar.testbed.real.model import text_gap
+
+    lm, spec, model, tok2, proc = _tiny_vlm()
     assert text_gap(lm, model, tokens=16) < 1e-5
     assert sum(isinstance(m, MoEBlock) for m in model.modules()) == 2
     assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
@@ -141,3 +151,48 @@ def test_llava_around_an_lm_computes_its_logits_on_text_and_sees_images():
     assert int((batch["input_ids"] == model.config.image_token_index).sum()) == spec.tokens_per_image
     with torch.no_grad():
         assert torch.isfinite(model(**batch).logits).all()
+
+
+def test_chat_samples_collate_with_labels_on_the_answer_only():
+    from smar.testbed.real.data import collate, description_chat, qa_chat
+
+    lm, spec, model, tok, proc = _tiny_vlm()
+    samples = qa_chat(5, seed=0, split="train") + description_chat(2, seed=0)
+    assert [s["task"] for s in samples[:5]] == ["digit", "shape", "colour", "count", "position"]
+    assert all(s["images"][0].size == (32, 32) for s in samples)
+    batch = collate(proc, samples)
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    for i, s in enumerate(samples):
+        head = proc.apply_chat_template(s["messages"][:-1], tokenize=False, add_generation_prompt=True)
+        n_head = len(proc(text=[head], images=s["images"], return_tensors="pt")["input_ids"][0])
+        n = int(mask[i].sum())
+        assert (labels[i, :n_head] == -100).all() and (labels[i, n:] == -100).all()
+        assert torch.equal(labels[i, n_head:n], ids[i, n_head:n]) and n > n_head
+        assert int((ids[i] == model.config.image_token_index).sum()) == spec.tokens_per_image
+    out = model(**batch)
+    assert torch.isfinite(out.loss)
+
+
+SMOLLM2_TEMPLATE = (  # the tokenizer's own, as the GGUF carries it
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ "
+    "'<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    "<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' "
+    "}}{% endif %}"
+)
+
+
+@pytest.mark.parametrize("gen", [True, False])
+def test_chat_template_is_smollm2s_on_strings_and_reads_typed_content(gen):
+    import jinja2
+
+    from smar.testbed.real.model import CHAT_TEMPLATE
+
+    env = jinja2.Environment()
+    text = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    for msgs in (text, [{"role": "system", "content": "Be brief."}, *text]):
+        want = env.from_string(SMOLLM2_TEMPLATE).render(messages=msgs, add_generation_prompt=gen)
+        assert env.from_string(CHAT_TEMPLATE).render(messages=msgs, add_generation_prompt=gen) == want
+    typed = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}]
+    got = env.from_string(CHAT_TEMPLATE).render(messages=typed, add_generation_prompt=gen)
+    assert "<|im_start|>user\n<image>Hi?<|im_end|>\n" in got

@@ -18,9 +18,21 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["VisionSpec", "IMAGE_TOKEN", "build_vlm", "text_gap"]
+__all__ = ["VisionSpec", "IMAGE_TOKEN", "CHAT_TEMPLATE", "build_vlm", "text_gap"]
 
 IMAGE_TOKEN = "<image>"
+
+# SmolLM2-Instruct's own chat template (its tokenizer's), reading TRL's typed content as well as
+# plain strings: an image item becomes the <image> placeholder the processor expands.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging "
+    "Face<|im_end|>\n' }}{% endif %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>{% else %}"
+    "{{ c['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -39,10 +51,12 @@ class VisionSpec:
 
 
 def build_vlm(base, tokenizer, *, vision: VisionSpec = VisionSpec(), num_experts: int = 4,
-              top_k: int = 2, layers="alternate"):  # fmt: skip
+              top_k: int = 2, layers="alternate", chat_template: str | None = None):  # fmt: skip
     """``(model, tokenizer, processor)``: LLaVA around ``base`` (a ``...ForCausalLM``), upcycled.
 
-    ``tokenizer`` gets the ``<image>`` token (a copy is returned; the base's is unchanged).
+    ``tokenizer`` gets the ``<image>`` token (a copy is returned; the base's is unchanged); the
+    processor's chat template is ``chat_template`` (e.g. :data:`CHAT_TEMPLATE` for SmolLM2) or the
+    tokenizer's.
     """
     import copy
 
@@ -87,7 +101,7 @@ def build_vlm(base, tokenizer, *, vision: VisionSpec = VisionSpec(), num_experts
         ),
         tokenizer=tok, patch_size=vision.patch_size, vision_feature_select_strategy="default",
         image_token=IMAGE_TOKEN, num_additional_image_tokens=1,
-        chat_template=getattr(tok, "chat_template", None),
+        chat_template=chat_template or getattr(tok, "chat_template", None),
     )  # fmt: skip
     return model.eval(), tok, processor
 
