@@ -211,3 +211,30 @@ def test_stage0_tower_learns_the_images_and_is_frozen():
     assert sum(out["probe"].values()) > sum(chance.values()) + 0.5, out["probe"]
     assert out["probe"]["colour"] > 0.9, out["probe"]
     assert not any(p.requires_grad for p in model.model.vision_tower.parameters())
+
+
+@pytest.mark.parametrize("arm", ["none", "smar"])
+def test_alignment_then_instruction_tuning_through_smartrainer(tmp_path, arm):
+    """Alignment trains the projector alone (its loss falls; nothing else moves); stage 3 of an
+    arm trains through SMARTrainer, logs SMAR's terms, and saves a folder that the library's
+    loader reads back to the trained logits, with the bias for `smar`."""
+    import smar.hf
+    from smar.testbed.real.data import collate, description_chat, qa_chat
+    from smar.testbed.real.train import align, instruct
+
+    _, _, model, _, proc = _tiny_vlm()
+    lm_before = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}
+    losses = align(model, proc, description_chat(16, seed=0), steps=12, batch=4, lr=3e-3)
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert all(torch.equal(v, model.model.language_model.state_dict()[k]) for k, v in lm_before.items())
+    samples = qa_chat(16, seed=0, split="train")
+    trainer = instruct(model, proc, samples, str(tmp_path / arm), arm=arm, steps=3, batch=4,
+                       lr=1e-3)  # fmt: skip
+    logged = {k for row in trainer.state.log_history for k in row}
+    assert {"smar/lb", "smar/mrd"} <= logged
+    loaded = smar.hf.load_model_folder(tmp_path / arm)
+    assert ("modality bias loaded" in loaded.note) == (arm == "smar")
+    batch = collate(proc, samples[:2])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(**batch).logits, model(**batch).logits)
