@@ -31,9 +31,43 @@ from smar.modality import (
     modality_ids,
     resolve_groups,
     special_token_ids,
+    token_mask,
 )
 
-__all__ = ["RouterCapture", "record"]
+__all__ = ["RouterCapture", "record", "unwrap"]
+
+
+def unwrap(model, who: str, *, new_parameters: bool = False) -> nn.Module:
+    """The model smar acts on: ``model``, or the module inside ``nn.DataParallel`` or
+    ``DistributedDataParallel`` (their forward calls it with the inputs, so its hooks see them,
+    and its config names the placeholder tokens; hooked on the wrapper, every token read as
+    text).
+
+    Raises:
+        TypeError: if ``model`` is not a module.
+        ValueError: for DataParallel over several devices (replicas in threads would mix their
+            captures), or DDP when smar adds parameters DDP would not synchronise.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"{who}(model={model!r:.40}): model must be a torch.nn.Module, the MoE model itself; "
+            f"got a {type(model).__name__}"
+        )
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        if isinstance(model, nn.DataParallel) and len(model.device_ids or []) > 1:
+            raise ValueError(
+                f"{who}: nn.DataParallel over devices {model.device_ids} runs one replica per "
+                "device in threads, which smar cannot tell apart; fix: use "
+                "DistributedDataParallel (one process per device), or attach to model.module"
+            )
+        if new_parameters and isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError(
+                f"{who}: the model is already wrapped in DistributedDataParallel, which would not "
+                "synchronise the modality bias smar adds; fix: attach before wrapping "
+                "(reg = smar.attach(model); model = DDP(model)), or SMARConfig(modality_bias=False)"
+            )
+        model = model.module
+    return model
 
 
 def _top_k(site: RouterSite) -> int | None:
@@ -69,19 +103,27 @@ class ModalityState:
     def __init__(self):
         self.ids: Tensor | None = None  # (B, S) or (T,), derived from the last forward's inputs
         self.explicit: Tensor | None = None  # set by the caller; wins over derived ids
-        self.tokens: int | None = None  # B * S of the last forward's inputs, when known
+        self.shape: tuple[int, int] | None = None  # (B, S) of the last forward's inputs, if known
+        self.fitted = False  # the explicit ids fitted a forward since they were set
         # True: the bias wrappers check the ids at once (a host-device sync); False: they keep
         # the largest id seen (max_id, on the device) for a later check (Regularizer.check)
         self.check_ids = True
         self.max_id: Tensor | None = None
 
     def current(self) -> Tensor | None:
-        """Explicit ids if they cover the current forward's tokens, else the derived ones: the
-        decode steps of ``generate()`` after ``set_modality(prompt ids)`` see their new tokens."""
+        """Explicit ids if they fit the current forward, else the derived ones: the decode steps
+        of ``generate()`` after ``set_modality(prompt ids)`` see their new tokens."""
         explicit = self.explicit
-        if explicit is not None and (self.tokens is None or explicit.numel() == self.tokens):
+        if explicit is not None and (self.shape is None or self.fits(explicit, self.shape)):
             return explicit
         return self.ids if self.ids is not None else explicit
+
+    @staticmethod
+    def fits(ids: Tensor, shape: tuple[int, int]) -> bool:
+        """Explicit ids fit a forward of ``shape`` (B, S): ``(T,)`` of ``B * S``, or ``(B, S)``."""
+        if ids.dim() == 1:
+            return ids.numel() == shape[0] * shape[1]
+        return tuple(ids.shape) == shape
 
     def flat(self, num_tokens: int, who: str) -> Tensor:
         ids = self.current()
@@ -122,6 +164,7 @@ class RouterCapture:
         groups: dict[int, int] | str | None = None,
         kinds: str | Sequence[str] = "mlp",
     ):
+        model = unwrap(model, "record")
         if modality not in LEVELS:
             raise ValueError(f"modality must be one of {LEVELS}; got {modality!r}")
         self.groups = resolve_groups(groups)
@@ -202,24 +245,42 @@ class RouterCapture:
         if not isinstance(input_ids, Tensor):
             input_ids = None
         mm = kwargs.get("mm_token_type_ids")
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() != 2:
-            mask = None  # 4-D masks carry no padding in a form we can read
         embeds = kwargs.get("inputs_embeds")
         shaped = input_ids if input_ids is not None else embeds
-        self._state.tokens = (
-            int(shaped.shape[0] * shaped.shape[1])
-            if isinstance(shaped, Tensor) and shaped.dim() >= 2
+        # (B, S) from token ids, or from embeddings (B, S, D); a float (T, D) tells no batch
+        shape = (
+            (int(shaped.shape[0]), int(shaped.shape[1]))
+            if isinstance(shaped, Tensor) and shaped.dim() >= 2 + shaped.is_floating_point()
             else None
         )
-        width = None if shaped is None or shaped.dim() < 2 else shaped.shape[1]
-        if mask is not None and width is not None and mask.shape[1] > width:
+        state = self._state
+        state.shape = shape
+        if state.explicit is not None and shape is not None:
+            if state.fits(state.explicit, shape):
+                state.fitted = True
+                return None  # the caller's ids are this forward's: nothing to derive
+            if not state.fitted:  # ids that fit no forward would be ignored
+                raise ValueError(
+                    f"set_modality ids of shape {tuple(state.explicit.shape)} do not fit this "
+                    f"forward's inputs {shape}; fix: set_modality(ids of shape {shape}), or "
+                    "set_modality(None) to derive them from the inputs (ids apply to the "
+                    "forwards they fit: generate()'s decode steps derive their own)"
+                )
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, dict):  # one mask per attention type (generate(), static cache)
+            mask = mask.get("full_attention", next(iter(mask.values()), None))
+        if not isinstance(mask, Tensor):
+            mask = None  # a flex-attention BlockMask: its padding cannot be read
+        elif shape is not None and mask.dim() == 2 and mask.shape[1] > shape[1]:
             # With a KV cache the mask covers the cached tokens too: the last S are this call's.
-            mask = mask[:, -width:]
+            mask = mask[:, -shape[1] :]
+        elif mask.dim() > 2:  # padding read from a 4-D mask, as modality_ids() reads it
+            mask = None if shape is None else token_mask(mask, shape)  # (B, S) bool
+        width = None if shape is None else shape[1]
         if mm is not None and width is not None and mm.dim() == 2 and mm.shape[1] > width:
             mm = mm[:, -width:]
         if mm is None and input_ids is None:
-            self._state.ids = None  # inputs_embeds only: set_modality() must say
+            state.ids = None  # inputs_embeds only: set_modality() must say
             return None
         # A text-only model (no placeholder token in its config) sees text only.
         token_ids = self.token_ids if self.token_ids else None
@@ -234,15 +295,48 @@ class RouterCapture:
                 attention_mask=mask,
                 level=self.level,
             )
-        self._state.ids = group_modalities(ids, self.groups)  # (B, S)
+        state.ids = group_modalities(ids, self.groups)  # (B, S)
         return None
 
     def set_modality(self, ids: Tensor | None) -> None:
         """Sets explicit modality ids ``(B, S)`` or ``(T,)`` for the next forwards (``None``:
-        derive them from the inputs again)."""
-        if ids is not None and (not isinstance(ids, Tensor) or ids.is_floating_point()):
-            raise ValueError("modality ids must be an integer tensor (0 text, 1 image, -1 ignore)")
+        derive them from the inputs again).
+
+        They apply to every forward they fit; the first forward after this call must fit them
+        (else it is refused); later forwards that do not fit (``generate()``'s decode steps after
+        the prompt) derive their own ids from their inputs.
+
+        Raises:
+            TypeError: if ``ids`` is not an integer tensor.
+            ValueError: for a shape other than ``(T,)`` or ``(B, S)``, ids below -1, or ids
+                that are all -1 (no token would count).
+        """
+        if ids is not None:
+            if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.dtype == torch.bool:
+                got = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
+                raise TypeError(
+                    f"set_modality(ids): ids must be an integer tensor (0 text, 1 image, -1 "
+                    f"ignore); got {got}; fix: e.g. ids.long()"
+                )
+            if ids.dim() not in (1, 2) or ids.numel() == 0:
+                raise ValueError(
+                    f"set_modality(ids): ids must have shape (T,) or (B, S) with tokens; got "
+                    f"{tuple(ids.shape)}"
+                )
+            lo, hi = (int(v) for v in torch.aminmax(ids))
+            if lo < -1:
+                raise ValueError(
+                    f"set_modality(ids): ids hold {lo}; fix: modality ids are >= 0 (0 text, 1 "
+                    "image), and -1 marks a token to ignore"
+                )
+            if hi < 0:
+                raise ValueError(
+                    "set_modality(ids): every id is -1: no valid token for the band loss, the "
+                    "MRD or load balancing; fix: mark text tokens 0 and image tokens 1 (-1 only "
+                    "for padding)"
+                )
         self._state.explicit = ids
+        self._state.fitted = False
 
     @property
     def modality_ids(self) -> Tensor | None:

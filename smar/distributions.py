@@ -168,10 +168,27 @@ def modality_ids_flat(modality_ids: Tensor, num_tokens: int) -> Tensor:
     return _flat_ids(modality_ids, num_tokens, "modality_ids", allow_bool=False).long()
 
 
+def check_mask(mask: Tensor | None) -> None:
+    """An integer mask must hold only 0 and 1: it weighs tokens, so modality ids passed as a
+    mask would weigh image tokens 1, video tokens 2 and padding -1."""
+    if not isinstance(mask, Tensor) or mask.dtype == torch.bool or mask.is_floating_point():
+        return  # bool is the canonical form; float masks are checked for 0/1 downstream
+    if mask.is_meta or mask.numel() == 0:
+        return
+    bad = mask[(mask != 0) & (mask != 1)]
+    if bad.numel():
+        raise ValueError(
+            f"mask holds {sorted(set(bad.unique()[:4].tolist()))}: a mask is bool (or 0 and 1), "
+            "true for the tokens that count; fix: pass a bool mask, e.g. mask=ids >= 0 for "
+            "modality ids"
+        )
+
+
 def mask_flat(mask: Tensor | None, num_tokens: int) -> Tensor | None:
     """Validates a token mask and returns it as float ``(T,)`` of 0/1, or None."""
     if mask is None:
         return None
+    check_mask(mask)
     return _flat_ids(mask, num_tokens, "mask", allow_bool=True).float()
 
 

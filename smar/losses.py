@@ -27,24 +27,21 @@ can be imported from ``smar.losses``.
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from smar.baselines import (
-    check_lb_variant,
-    lb_from_sums,
-    lb_sums,
-    limoe_loss,
-    load_balancing_loss,
-    z_loss,
-)
+from smar import baselines
+from smar.baselines import check_lb_variant, lb_from_sums, lb_sums
 from smar.collective import StepSums, all_reduce_sums
 from smar.distributions import (
     EPS,
     Routing,
+    check_mask,
     check_modalities,
     check_top_k,
     jeffreys,
@@ -72,6 +69,55 @@ __all__ = [
 ]
 
 _HINGES = ("linear", "squared")
+
+
+def check_weight(name: str, value) -> None:
+    """A loss weight must be a finite number >= 0 (NaN would make the total NaN, a negative
+    weight rewards the term it weighs)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number >= 0; got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"{name}={value!r} must be a finite number >= 0; fix: {name}=0.0 turns the term off"
+        )
+
+
+def check_logits(router_logits) -> None:
+    """Router logits with values to read: not on the meta device, at least one token."""
+    first = router_logits
+    if isinstance(first, (list, tuple)) and first:
+        first = first[0]
+    if not isinstance(first, Tensor):
+        return  # a Routing, or an error the canonical checks word
+    if first.is_meta:
+        raise ValueError(
+            "router_logits are on the meta device (shapes without values, e.g. a model built "
+            "under init_empty_weights); fix: load the model's weights before its forward"
+        )
+    if first.dim() >= 2 and first.shape[-2] == 0:
+        raise ValueError(
+            f"router_logits have no token (T=0, shape {tuple(first.shape)}); fix: route at "
+            "least one token"
+        )
+
+
+def _checks_inputs(fn):
+    """``fn`` from :mod:`smar.baselines` with the checks of this module's losses first."""
+
+    @functools.wraps(fn)
+    def checked(router_logits, *args, mask=None, **kwargs):
+        check_logits(router_logits)
+        check_mask(mask)
+        if mask is not None:
+            kwargs["mask"] = mask
+        return fn(router_logits, *args, **kwargs)
+
+    return checked
+
+
+load_balancing_loss = _checks_inputs(baselines.load_balancing_loss)
+z_loss = _checks_inputs(baselines.z_loss)
+limoe_loss = _checks_inputs(baselines.limoe_loss)
 
 
 def _mrd_and_presence(
@@ -118,6 +164,7 @@ def mrd(
         ``(L,)`` for one ``image`` id, ``(L, N)`` for N ids. NaN where a modality has no valid
         token (the divergence is undefined there).
     """
+    check_logits(router_logits)
     r = prepare_routing(router_logits, router=router)
     ids = modality_ids_flat(modality_ids, r.shape[1])
     images = (image,) if isinstance(image, int) else tuple(image)
@@ -185,6 +232,7 @@ def smar_loss(
     """
     if hinge not in _HINGES:
         raise ValueError(f"hinge must be one of {_HINGES}; got {hinge!r}")
+    check_logits(router_logits)
     r = prepare_routing(router_logits, router=router)
     ids = modality_ids_flat(modality_ids, r.shape[1])
     b = _check_band(band, r.shape[0]).to(device=r.device, dtype=r.dtype)  # (L, 2)
@@ -252,8 +300,14 @@ def routing_objective(
         computed) to unweighted scalars, and ``"mrd"`` to the detached per-layer MRD ``(L,)``
         when modality ids are given (NaN where a modality is absent).
     """
+    for name, value in (("smar_weight", smar_weight), ("lb_weight", lb_weight),
+                        ("z_weight", z_weight), ("limoe_weight", limoe_weight)):  # fmt: skip
+        check_weight(name, value)
+    check_logits(router_logits)
+    check_mask(mask)
     r = prepare_routing(router_logits, router=router)
-    if mask is None and modality_ids is not None:
+    from_ids = mask is None and modality_ids is not None
+    if from_ids:
         mask = modality_ids >= 0
     if (smar_weight or limoe_weight) and modality_ids is None:
         raise ValueError("modality_ids are required when smar_weight or limoe_weight is set")
@@ -296,6 +350,11 @@ def routing_objective(
         )
     terms: dict[str, Tensor] = {}
     total = torch.zeros((), dtype=r.dtype, device=r.device)
+    if lb_weight and from_ids and r.check and bool(parts["lb_tokens"] <= 0):
+        raise ValueError(
+            "modality_ids have no valid token (every id is -1, padding or ignored): no routing "
+            "to balance; fix: give at least one token an id >= 0 (0 text, 1 image)"
+        )
     if lb_weight:
         terms["lb"] = lb_from_sums(parts, top_k=top_k, variant=lb_variant, check=r.check)
         total = total + lb_weight * terms["lb"]

@@ -27,6 +27,7 @@ from smar.distributions import (
     modality_onehot,
     probabilities,
 )
+from smar.losses import check_logits
 
 __all__ = ["RoutingStats", "MODALITY_NAMES"]
 
@@ -78,10 +79,20 @@ class RoutingStats:
             router_logits: L tensors (T, E) or one (L, T, E) tensor of raw logits.
             modality_ids: (T,) or (B, S) integer ids; -1 ignored.
         """
+        check_logits(router_logits)
         z = as_logits(router_logits).detach()
         L, T, E = z.shape
         check_top_k(top_k, E)
         ids = modality_ids_flat(modality_ids, T)
+        tracked = torch.isin(ids, ids.new_tensor(self.modalities))  # (T,)
+        if not bool(tracked.any()) and bool((ids >= 0).any()):
+            seen = sorted(set(ids[ids >= 0].unique()[:4].tolist()))
+            raise ValueError(
+                f"modality_ids hold ids {seen} but none of the tracked modalities "
+                f"{self.modalities}: the batch would add nothing; fix: RoutingStats(modalities="
+                f"{tuple(sorted(set(self.modalities) | set(seen)))}), or count them as one with "
+                "smar.modality.group_modalities"
+            )
         if self.prob_sum is None:
             M = len(self.modalities)
             self.top_k = top_k
@@ -167,7 +178,8 @@ class RoutingStats:
         - ``load/<modality>/expertEE``: share of the modality's top-k slots per expert;
         - ``share/<modality>/expertEE``: modality composition of each expert (share of its slots);
         - ``imbalance``: max over experts of the all-token load divided by the balanced load 1/E
-          (1.0 is perfectly balanced, E is one expert taking everything);
+          (1.0 is perfectly balanced, E is one expert taking everything; NaN when no token of a
+          tracked modality was seen);
         - ``entropy/<modality>``: mean per-token routing entropy / log(E) (1 = uniform);
         - ``entropy_mean/<modality>``: entropy of the modality's mean distribution / log(E).
 
@@ -181,7 +193,7 @@ class RoutingStats:
         load = self.load()  # (L, M, E)
         slots = self.select_count.sum(dim=1)  # (L, E)
         share = self.select_count / slots.clamp_min(1.0)[:, None, :]  # (L, M, E)
-        all_load = slots / slots.sum(dim=-1, keepdim=True).clamp_min(1.0)  # (L, E)
+        all_load = slots / slots.sum(dim=-1, keepdim=True)  # (L, E); NaN when nothing was seen
         imbalance = all_load.max(dim=-1).values * E  # (L,)
         tok_entropy = self.entropy_sum / self.tokens[None, :] / math.log(E)  # (L, M)
         mean_entropy = entropy(P) / math.log(E)  # (L, M)

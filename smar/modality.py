@@ -10,7 +10,8 @@ in order of preference, from:
 3. ``input_ids == image_token_id`` (and ``video_token_id``, ``audio_token_id``) of the model config:
    processors expand each image into that many placeholder tokens before the model sees them.
 
-Padding (``attention_mask == 0``) always becomes ``-1``. Modalities can be counted as one with
+Padding (``attention_mask == 0``, or in a 4-D mask a key no query may attend, see
+:func:`token_mask`) always becomes ``-1``. Modalities can be counted as one with
 :func:`group_modalities` (``"visual"``: image and video tokens together).
 
 Shapes legend: B batch, S sequence, T = B * S tokens.
@@ -20,7 +21,7 @@ This module does not import transformers: a config is read by attribute name onl
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -34,6 +35,7 @@ __all__ = [
     "LEVELS",
     "special_token_ids",
     "modality_ids",
+    "token_mask",
     "GROUPS",
     "resolve_groups",
     "group_modalities",
@@ -90,7 +92,8 @@ def modality_ids(
             :func:`special_token_ids`).
         mm_token_type_ids: ``(B, S)`` processor output (0 text, 1 image, 2 video, 3 audio); wins
             over ``input_ids``.
-        attention_mask: ``(B, S)``, 0 for padding; padding becomes ``-1``.
+        attention_mask: ``(B, S)``, 0 for padding, or a 4-D mask ``(B, H, S, K)`` (see
+            :func:`token_mask`); padding becomes ``-1``.
         level: ``"token"`` (each token its own modality, the default) or ``"sample"`` (every
             token of a sample holding any non-text token gets that sample's non-text modality,
             the smallest one if several; pure-text samples stay 0).
@@ -127,14 +130,61 @@ def modality_ids(
         sample_mod = torch.where(sample_mod == 1 << 30, torch.zeros_like(sample_mod), sample_mod)
         ids = torch.where(ids >= 0, sample_mod.expand_as(ids), ids)  # (B, S)
     if attention_mask is not None:
-        if attention_mask.dim() != 2 or attention_mask.shape != ids.shape:
-            raise ValueError(
-                f"attention_mask must be (B, S) = {tuple(ids.shape)}; got "
-                f"{tuple(attention_mask.shape)} (4-D and packed masks are not supported: pass "
-                "modality ids explicitly)"
-            )
-        ids = ids.masked_fill(attention_mask == 0, IGNORE)
+        ids = ids.masked_fill(~token_mask(attention_mask, tuple(ids.shape)), IGNORE)
     return ids
+
+
+def _attends(mask: Tensor) -> Tensor:
+    """Where a 3-D or 4-D attention mask lets a query attend a key, as the model reads it: bool
+    masks are True where attended; float masks are additive (0 attends, -inf or the dtype's
+    minimum masks); integer masks are 1 where attended."""
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        return mask != 0
+    if bool((mask > 0).any()):  # a 0/1 "keep" mask would be read as biases by the model
+        raise ValueError(
+            f"attention_mask ({mask.dtype}, {mask.dim()}-D) holds positive values: a float 4-D "
+            "mask is additive (0 attends, -inf masks); fix: pass a bool mask (True attends) or "
+            "the additive form, e.g. (1 - keep) * torch.finfo(dtype).min"
+        )
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def token_mask(attention_mask: Tensor, shape: tuple[int, int]) -> Tensor:
+    """Which tokens count ``(B, S)`` bool (False for padding), from a 2-D or a 4-D mask.
+
+    A 4-D mask ``(B, H, S, K)`` (or 3-D ``(B, S, K)``; ``B`` and ``H`` may be 1) has one row per
+    token of the forward and one column per key, the cached ones included. A token is padding
+    when no token of the forward may attend its key: this holds for causal, packed
+    (block-diagonal) and bidirectional masks alike. Its key is among the last ``S`` columns (no
+    cache, or a growing KV cache) unless a static cache puts the forward's keys elsewhere (no
+    token then attends its own column there): causal attention is assumed in that case, and a
+    token counts when it attends a key beyond those the tokens before it attend.
+
+    Raises:
+        ValueError: on shapes that do not fit ``shape``, or an ambiguous float mask.
+    """
+    B, S = shape
+    if attention_mask.dim() == 2 and tuple(attention_mask.shape) == (B, S):
+        return attention_mask != 0
+    m = attention_mask[:, None] if attention_mask.dim() == 3 else attention_mask
+    if m.dim() != 4 or m.shape[0] not in (1, B) or m.shape[2] != S or m.shape[3] < S:
+        raise ValueError(
+            f"attention_mask must be (B, S) = {(B, S)} or 4-D (B, heads, S, keys >= S); got "
+            f"{tuple(attention_mask.shape)}; fix: pass modality ids explicitly (-1 for padding)"
+        )
+    a = _attends(m).any(dim=1)  # (B, S, K): a query attends a key through any head
+    K = a.shape[-1]
+    q = torch.arange(S, device=a.device)
+    if K == S or bool(a[:, q, K - S + q].any()):
+        keep = a[:, :, K - S :].any(dim=1)  # (B, S): some query attends the token's key
+    else:  # a static cache: the last key each token attends must move on
+        last = torch.where(a, torch.arange(K, device=a.device), -1).amax(dim=-1)  # (B, S)
+        before = torch.cummax(last, dim=-1).values.roll(1, dims=-1)
+        before[:, 0] = -1
+        keep = last > before
+    return keep.expand(B, S)
 
 
 # Named groupings: each maps modality ids onto the id they are counted as.
@@ -144,23 +194,54 @@ GROUPS: dict[str, dict[int, int]] = {
 }
 
 
-def resolve_groups(groups: dict[int, int] | str | None) -> dict[int, int]:
+def _group_id(x, groups) -> int:
+    """A modality id of a grouping: an integer, or its digits (JSON keys are strings)."""
+    if isinstance(x, str) and x.strip().isdigit():
+        return int(x)
+    if isinstance(x, int) and not isinstance(x, bool):
+        if x < 0:
+            raise ValueError(f"groups={groups!r}: {x} is not a modality id (ids are >= 0)")
+        return x
+    raise TypeError(
+        f"groups={groups!r}: {x!r} is not a modality id; fix: map integer ids, e.g. "
+        "groups={2: 1} (video counts as image)"
+    )
+
+
+def resolve_groups(
+    groups: dict[int, int] | str | None, *, keep: Sequence[int] = ()
+) -> dict[int, int]:
     """A grouping as a ``{from_id: to_id}`` dict: a name of :data:`GROUPS`, a dict, or None.
 
+    Args:
+        groups: the grouping.
+        keep: ids that must stay themselves (the two sides of the MRD: merging one into another
+            id leaves that side empty on every forward).
+
     Raises:
-        ValueError: for an unknown name, or ids that are not integers >= 0.
+        ValueError: for an unknown name, negative ids, or an id of ``keep`` mapped away.
+        TypeError: for ids that are not integers.
     """
     if groups is None:
         return {}
     if isinstance(groups, str):
         if groups not in GROUPS:
             raise ValueError(f"unknown modality grouping {groups!r}; known: {sorted(GROUPS)}")
-        return dict(GROUPS[groups])
-    out = {}
-    for a, b in dict(groups).items():
-        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in (a, b)):
-            raise ValueError(f"modality groups map ids >= 0 onto ids >= 0; got {a!r}: {b!r}")
-        out[a] = b
+        out = dict(GROUPS[groups])
+    elif isinstance(groups, Mapping):
+        out = {_group_id(a, groups): _group_id(b, groups) for a, b in groups.items()}
+    else:
+        raise TypeError(
+            f"groups must be a name of {sorted(GROUPS)}, a dict {{from_id: to_id}} or None; "
+            f"got {type(groups).__name__}"
+        )
+    for a, b in out.items():
+        if a in keep and b != a:
+            raise ValueError(
+                f"groups={groups!r} counts modality {a} as {b}, but the MRD compares "
+                f"modalities {tuple(keep)}: that side would be empty on every forward (band 0, "
+                "MRD NaN); fix: group the other modalities onto them, e.g. groups={2: 1}"
+            )
     return out
 
 

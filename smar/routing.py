@@ -30,10 +30,10 @@ from torch import Tensor, nn
 
 from smar.adapters import Adapter, upstream_defect
 from smar.bias import ModalityBiasRouter, check_modality_id
-from smar.capture import RouterCapture, record
+from smar.capture import RouterCapture, record, unwrap
 from smar.collective import STATS, StepSums, default_group
 from smar.distributions import prepare_routing
-from smar.losses import routing_objective
+from smar.losses import check_weight, routing_objective
 from smar.modality import LEVELS, resolve_groups
 
 __all__ = [
@@ -109,9 +109,9 @@ class SMARConfig:
 
     def __post_init__(self):
         for name in ("smar_weight", "lb_weight", "z_weight"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"{name} must be a number >= 0; got {v!r}")
+            check_weight(name, getattr(self, name))
+        if not isinstance(self.modality_bias, bool):  # a string such as "no" would be truthy
+            raise TypeError(f"modality_bias must be True or False; got {self.modality_bias!r}")
         if self.hinge not in ("linear", "squared"):
             raise ValueError(f"hinge must be 'linear' or 'squared'; got {self.hinge!r}")
         if self.lb_variant not in ("switch", "hf"):
@@ -133,9 +133,9 @@ class SMARConfig:
             raise ValueError(f"check must be 'first' or 'always'; got {self.check!r}")
         if not isinstance(self.accumulate, bool):
             raise ValueError(f"accumulate must be True or False; got {self.accumulate!r}")
-        if isinstance(self.groups, dict):  # JSON keys are strings
-            self.groups = {int(k): int(v) for k, v in self.groups.items()}
-        resolve_groups(self.groups)
+        groups = resolve_groups(self.groups, keep=(self.text, self.image))
+        if self.groups is not None and not isinstance(self.groups, str):
+            self.groups = groups  # ids as integers: JSON keys are strings
         if isinstance(self.band, list) and self.band and isinstance(self.band[0], (int, float)):
             self.band = tuple(self.band)  # a pair read from JSON or YAML
 
@@ -190,6 +190,7 @@ class Regularizer(RouterCapture):
         adapter: Adapter | Sequence[Adapter] | None = None,
     ):
         self.config = config = SMARConfig() if config is None else config
+        model = unwrap(model, "attach", new_parameters=config.modality_bias)
         self.wrappers: list[ModalityBiasRouter] = []
         previous = getattr(model, "_smar_regularizer", None)
         if (previous is not None and previous() is not None) or any(
@@ -419,7 +420,7 @@ def attach(
     Args:
         model: a transformers MoE model (text MoE inside a LLaVA-style model, native multimodal
             MoE, or a model upcycled with :func:`smar.hf.upcycle_hf`), or any module whose routers
-            an adapter recognises.
+            an adapter recognises; in ``nn.DataParallel`` or DDP, the module inside is used.
         config: weights and options (:class:`SMARConfig` defaults if None).
         adapter: adapters for router classes smar does not know
             (see :class:`smar.adapters.Adapter`).
@@ -428,6 +429,7 @@ def attach(
         The regularizer; ``regularizer.detach()`` restores the model.
 
     Raises:
+        TypeError: if ``model`` is not a module.
         ValueError: if no router is found (the message names the model class and the fix).
     """
     return Regularizer(model, config, adapter=adapter)

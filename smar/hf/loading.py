@@ -12,6 +12,11 @@ of the two it is, and the commands print it.
     print(loaded.note)          # "...: modality bias loaded (smar_bias.safetensors, 2 routers)"
     loaded.model(**batch)       # routes with the trained bias
     loaded.language_model()     # the part that reads text, for language retention
+
+A folder that cannot give a usable model is refused before (or while) it loads, in one line that
+names the folder or file and the fix: no weights, weights that are not safetensors (smar never
+loads pickles: unpickling can run code), a truncated or unreadable weights file, NaN or inf in a
+weight, no tokenizer (``tokenizer=True``), no MoE router (``routers=True``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 
 from torch import nn
 
+from smar.adapters import find_routers
 from smar.hf.inspect import _check_local, load_model_dir
 from smar.hf.saving import BIAS_FILE, load_bias
 from smar.routing import Regularizer
@@ -29,6 +35,9 @@ from smar.routing import Regularizer
 __all__ = ["Loaded", "load_model_folder"]
 
 ADAPTER_CONFIG = "adapter_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json",
+                   "vocab.txt", "spiece.model")  # fmt: skip
+_RESAVE = "fix: load the model in a trusted session and save it again with save_pretrained"
 
 
 @dataclass
@@ -64,6 +73,8 @@ def _load_adapter_folder(path: Path) -> nn.Module:
 
     try:
         base = json.loads((path / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+        if not isinstance(base, str) or not base:  # null when the base was built, not loaded
+            raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
         raise ValueError(
             f"{path / ADAPTER_CONFIG} names no base_model_name_or_path; fix: write it with PEFT's "
@@ -77,12 +88,15 @@ def _load_adapter_folder(path: Path) -> nn.Module:
             f"{path} is a PEFT adapter of {base!r}, which is not a local folder; fix: save the "
             "base model locally and set base_model_name_or_path in adapter_config.json to it"
         )
-    return PeftModel.from_pretrained(load_model_dir(str(base_dir)), str(path))
+    check_weights(base_dir)
+    _check_adapter_weights(path)
+    return PeftModel.from_pretrained(_load(base_dir), str(path))
 
 
 def load_model_folder(
-    path, *, bias: bool = True, weights: bool = True, adapter=None
-) -> Loaded:
+    path, *, bias: bool = True, weights: bool = True, adapter=None, tokenizer: bool = False,
+    routers: bool = False,
+) -> Loaded:  # fmt: skip
     """The model of a folder, with its trained modality bias where it has one.
 
     Args:
@@ -91,31 +105,163 @@ def load_model_folder(
             ``from_pretrained`` gives it).
         weights: load the weights (False: the architecture on the meta device, without bias).
         adapter: adapters for routers the model does not declare, as given to ``smar.attach``.
+        tokenizer: require a tokenizer in the folder (or an adapter's base folder), checked
+            before the model loads.
+        routers: require a MoE router smar finds (a dense model is refused).
 
     Returns:
         A :class:`Loaded`.
 
     Raises:
-        FileNotFoundError: ``path`` is not a folder.
-        ValueError: an adapter folder whose base model is not local.
+        FileNotFoundError: ``path`` is not a folder, or has no config.json, weights or
+            (``tokenizer=True``) tokenizer.
+        ValueError: the weights are pickles, unreadable or not finite; an adapter folder whose
+            base model is not local; a bad bias file; (``routers=True``) no router.
     """
     _check_local(path)
     folder = Path(path).expanduser()
-    if _is_adapter_folder(folder):
+    is_adapter = _is_adapter_folder(folder)
+    if tokenizer:
+        check_tokenizer(folder, _adapter_base(folder) if is_adapter else None)
+    if is_adapter:
         model, what = _load_adapter_folder(folder), "PEFT adapter"
     else:
-        model, what = load_model_dir(str(folder), weights=weights), type_name(folder)
+        if weights:
+            check_weights(folder)
+        model, what = _load(folder, weights=weights), type_name(folder)
     model.eval()
+    if weights:
+        _check_finite(model, folder)
+    if routers and not find_routers(model, adapter):
+        raise ValueError(
+            f"{folder}: no MoE router smar knows in {type(model).__name__} (a dense model?); "
+            "fix: upcycle it with smar.hf.upcycle_hf and save_pretrained, or pass adapter= "
+            "(smar.adapters.Adapter) for a MoE architecture smar does not know"
+        )
     has_bias = (folder / BIAS_FILE).is_file()
     reg = None
     if has_bias and bias and weights:
-        reg = load_bias(model, folder, adapter=adapter)
+        try:
+            reg = load_bias(model, folder, adapter=adapter)
+        except ValueError as e:  # attach's errors name the model class, not the folder
+            if str(folder) in str(e):
+                raise
+            raise ValueError(f"{folder / BIAS_FILE}: {e}") from None
         note = f"modality bias loaded ({BIAS_FILE}, {len(reg.sites)} routers)"
     elif has_bias:
         note = f"{BIAS_FILE} not loaded (--no-bias): the model without its trained bias"
     else:
         note = f"no {BIAS_FILE}: the model as saved"
     return Loaded(model, str(path), reg, f"{path} ({what}): {note}")
+
+
+def _load(folder: Path, weights: bool = True) -> nn.Module:
+    """``load_model_dir``, its OS and deserialisation errors turned into one line naming the
+    folder (transformers' own may name neither the file nor a fix)."""
+    from safetensors import SafetensorError
+
+    kwargs = {"use_safetensors": True} if weights else {}  # never a pickle, whatever is there
+    try:
+        return load_model_dir(str(folder), weights=weights, **kwargs)
+    except FileNotFoundError:
+        raise
+    except (OSError, RuntimeError, SafetensorError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{folder}: the model does not load ({first}); {_RESAVE}") from None
+
+
+def check_weights(folder: Path) -> None:
+    """The folder's weights are safetensors files whose headers read (a truncated or garbled
+    file fails here, naming itself, rather than deep inside transformers)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(
+                f"{index} is not a safetensors index (no weight_map); {_RESAVE}"
+            ) from None
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{folder}: {index.name} names shards that are not there: {missing[:3]}; "
+                "fix: copy every shard into the folder, or save the model again"
+            )
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        _no_safetensors(folder, "model.safetensors", "save_pretrained(folder)")
+        return
+    for name in files:
+        _check_safetensors(folder / name)
+
+
+def _check_adapter_weights(folder: Path) -> None:
+    if not (folder / "adapter_model.safetensors").is_file():
+        _no_safetensors(folder, "adapter_model.safetensors", "the PEFT model's save_pretrained")
+    _check_safetensors(folder / "adapter_model.safetensors")
+
+
+def _no_safetensors(folder: Path, expected: str, how: str) -> None:
+    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+        p.name for p in folder.glob("*.pt*") if p.is_file()
+    )
+    if pickles:
+        raise ValueError(
+            f"{folder} holds its weights as pickles ({', '.join(pickles[:3])}), which smar "
+            "never loads (unpickling runs code); fix: load it in a trusted session and save "
+            f"with safetensors ({how} writes {expected})"
+        )
+    raise FileNotFoundError(
+        f"{folder} has no weights ({expected}); fix: write them with {how}, or copy the "
+        "weight files into the folder"
+    )
+
+
+def _check_safetensors(file: Path) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            f.keys()
+    except Exception as e:  # noqa: BLE001 (SafetensorError, OSError: any unreadable file)
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(
+            f"{file} is not a readable safetensors file ({first}: truncated or corrupted); "
+            "fix: copy it again from where it was saved, or save the model again"
+        ) from None
+
+
+def _check_finite(model: nn.Module, folder: Path) -> None:
+    """safetensors has no checksum: a garbled weight loads as any number. NaN or inf in a
+    weight would make every output NaN, so they are refused here, naming the weight."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and p.device.type != "meta" and not bool(p.isfinite().all()):
+            raise ValueError(
+                f"{folder}: weight {name} holds NaN or inf (a corrupted file or a diverged "
+                "training); fix: copy the weights again, or load an earlier checkpoint"
+            )
+
+
+def _adapter_base(folder: Path) -> Path | None:
+    try:
+        base = Path(json.loads((folder / ADAPTER_CONFIG).read_text())["base_model_name_or_path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return base if base.is_absolute() or not (folder / base).is_dir() else folder / base
+
+
+def check_tokenizer(folder: Path, base: Path | None = None) -> None:
+    """The folder (or an adapter's base folder) holds a tokenizer: the commands that read a
+    model need one, and find out before the model loads."""
+    for where in (folder, base):
+        if where is not None and any((Path(where) / f).is_file() for f in TOKENIZER_FILES):
+            return
+    raise FileNotFoundError(
+        f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...); fix: save "
+        f"it into the folder: AutoTokenizer.from_pretrained(BASE_MODEL).save_pretrained('{folder}')"
+    )
 
 
 def type_name(folder: Path) -> str:

@@ -6,7 +6,13 @@ adapter's directory):
 * one float32 tensor ``(M, E)`` per biased router, named ``<router module name>.modality_bias``,
   where the router module name is the router's name in the model *without* smar or PEFT around
   it (e.g. ``model.layers.0.mlp.gate``; a PEFT ``base_model.model.`` prefix is removed);
-* metadata ``format = "smar-bias/1"`` and ``smar_config`` = the :class:`smar.SMARConfig` as JSON.
+* metadata ``format = "smar-bias/1"``, ``smar_config`` = the :class:`smar.SMARConfig` as JSON and
+  ``checksum = "sha256:<hex>"`` over the tensors' names, shapes and float32 bytes.
+
+:func:`load_bias` refuses, in one line naming the file and the fix, a file that is not
+safetensors, lacks or garbles its metadata, holds other tensors, fails its checksum (a file from
+an older version has none and is still read) or holds NaN or inf: a bias like that would make
+every output of the model NaN, or silently route every token to one expert.
 
 The model's own weights are saved with the *original* router keys (the wrappers are taken out
 while ``save_pretrained`` runs), so a plain ``from_pretrained`` loads every router weight;
@@ -18,9 +24,12 @@ while ``save_pretrained`` runs), so a plain ``from_pretrained`` loads every rout
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from dataclasses import fields
 
+import torch
 from torch import Tensor, nn
 
 from smar.routing import Regularizer, SMARConfig, attach
@@ -30,6 +39,7 @@ __all__ = ["BIAS_FILE", "FORMAT", "save_bias", "load_bias", "load_bias_into", "o
 BIAS_FILE = "smar_bias.safetensors"
 FORMAT = "smar-bias/1"
 _PEFT_PREFIX = "base_model.model."
+_SUFFIX = ".modality_bias"
 
 
 def _plain(name: str) -> str:
@@ -72,12 +82,29 @@ def save_bias(reg: Regularizer, path: str | os.PathLike) -> str | None:
     os.makedirs(path, exist_ok=True)
     file = os.path.join(path, BIAS_FILE)
     tensors = {_plain(k): v.detach().float().cpu().contiguous() for k, v in state.items()}
-    meta = {"format": FORMAT, "smar_config": json.dumps(reg.config.to_dict())}
+    meta = {
+        "format": FORMAT,
+        "smar_config": json.dumps(reg.config.to_dict()),
+        "checksum": checksum(tensors),
+    }
     save_file(tensors, file, metadata=meta)
     return file
 
 
+def checksum(tensors: dict[str, Tensor]) -> str:
+    """``sha256:<hex>`` over the tensors' names, shapes and float32 bytes, in name order: the
+    safetensors format has no checksum of its own, so a flipped byte would load as a bias."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().float().cpu().contiguous()
+        h.update(f"{name}\0{tuple(t.shape)}\0".encode())
+        h.update(t.numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
 def _read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
+    """The bias tensors and the saved config (as a dict) of ``path/smar_bias.safetensors``,
+    checked (see the module docstring); a ValueError names the file, the problem and the fix."""
     from safetensors import safe_open
 
     file = os.path.join(path, BIAS_FILE)
@@ -86,19 +113,89 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
             f"no {BIAS_FILE} in {path}: save it with smar.hf.save_bias(reg, path) (SMARTrainer's "
             "checkpoints and save_model() write it)"
         )
-    with safe_open(file, framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    fix = (
+        f"fix: save it again with smar.hf.save_bias(reg, {os.fspath(path)!r}), or delete it (or "
+        "pass bias=False / --no-bias) to use the model without its trained bias"
+    )
+    try:
+        with safe_open(file, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 (SafetensorError, OSError: any unreadable file)
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"{file} is not a readable safetensors file ({first}); {fix}") from None
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{file} is not a smar bias file (format {meta.get('format')!r})")
-    return tensors, json.loads(meta["smar_config"])
+        raise ValueError(
+            f"{file} is not a smar bias file (format {meta.get('format')!r}, expected "
+            f"{FORMAT!r}); {fix}"
+        )
+    saved = _saved_config(file, meta, fix)
+    if not tensors:
+        raise ValueError(f"{file} holds no bias tensor; {fix}")
+    other = sorted(k for k in tensors if not k.endswith(_SUFFIX))
+    bad = sorted(k for k, t in tensors.items() if t.dim() != 2 or not t.is_floating_point())
+    if other:
+        raise ValueError(f"{file} holds tensors not named '<router>{_SUFFIX}': {other[:5]}; {fix}")
+    if bad:
+        raise ValueError(
+            f"{file} holds tensors that are not floating-point (num_modalities, experts) "
+            f"matrices: {bad[:5]}; {fix}"
+        )
+    if "checksum" in meta and meta["checksum"] != checksum(tensors):
+        raise ValueError(
+            f"{file}: checksum mismatch, the file was changed or corrupted after it was saved; "
+            f"{fix}"
+        )
+    nonfinite = sorted(k for k, t in tensors.items() if not bool(torch.isfinite(t).all()))
+    if nonfinite:
+        raise ValueError(
+            f"{file} holds NaN or inf in {nonfinite[:3]} (the training diverged): every output "
+            "would be NaN; fix: load an earlier checkpoint's bias, lower the learning rate and "
+            "train again, or pass bias=False / --no-bias to use the model without it"
+        )
+    return tensors, saved
+
+
+def _saved_config(file: str, meta: dict, fix: str) -> dict:
+    """The ``smar_config`` metadata as a dict that :class:`SMARConfig` accepts."""
+    if "smar_config" not in meta:
+        raise ValueError(f"{file} has no smar_config in its metadata; {fix}")
+    try:
+        saved = json.loads(meta["smar_config"])
+    except ValueError as e:
+        raise ValueError(f"{file}: its smar_config metadata is not JSON ({e}); {fix}") from None
+    if not isinstance(saved, dict):
+        raise ValueError(
+            f"{file}: its smar_config metadata must be a JSON object of SMARConfig options; got "
+            f"{type(saved).__name__}; {fix}"
+        )
+    known = {f.name for f in fields(SMARConfig)} - {"group"}
+    unknown = sorted(set(saved) - known)
+    if unknown:
+        raise ValueError(
+            f"{file}: its smar_config has unknown options {unknown} (a newer smar, or an edited "
+            f"file); {fix}, or upgrade smar"
+        )
+    try:
+        config = SMARConfig(**saved)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{file}: its smar_config is invalid ({e}); {fix}") from None
+    if not config.modality_bias:
+        raise ValueError(f"{file}: its smar_config has modality_bias=false; {fix}")
+    return saved
 
 
 def load_bias_into(reg: Regularizer, path: str | os.PathLike) -> None:
     """Copies the bias saved in ``path`` into an attached regularizer (same routers)."""
     tensors, _ = _read(path)
     mine = {_plain(k): k for k in reg.bias_state_dict()}
-    reg.load_bias_state_dict({mine.get(k, k): v for k, v in tensors.items()})
+    try:
+        reg.load_bias_state_dict({mine.get(k, k): v for k, v in tensors.items()})
+    except ValueError as e:
+        raise ValueError(
+            f"{os.path.join(path, BIAS_FILE)}: {e}; fix: load it into the model it was trained "
+            "with (the same routers and num_modalities), or pass bias=False / --no-bias"
+        ) from None
 
 
 def load_bias(
@@ -120,6 +217,11 @@ def load_bias(
     _, saved = _read(path)
     if config is None:
         config = SMARConfig(**saved)
+    elif not config.modality_bias:
+        raise ValueError(
+            f"load_bias({os.fspath(path)!r}, config=...): config.modality_bias must stay True to "
+            f"hold the saved bias; fix: pass a config with modality_bias=True"
+        )
     reg = attach(model, config, adapter=adapter)
     try:
         load_bias_into(reg, path)

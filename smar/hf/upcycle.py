@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -53,10 +55,31 @@ def _layer_indices(layers: str | Sequence[int], n: int) -> list[int]:
         return list(range(n))
     if layers == "alternate":
         return list(range(0, n, 2))  # MoE-LLaVA's sparse layers: every other one from the first
+    fix = f"layers must be 'all', 'alternate' or a list of indices in [0, {n}); got {layers!r}"
+    if (
+        isinstance(layers, str)
+        or not hasattr(layers, "__iter__")
+        or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers)
+    ):
+        raise ValueError(fix)
     idx = sorted({int(i) for i in layers})
     if not idx or idx[0] < 0 or idx[-1] >= n:
-        raise ValueError(f"layers must be 'all', 'alternate' or indices in [0, {n}); got {layers}")
+        raise ValueError(fix)
     return idx
+
+
+def _check_options(num_experts, top_k, noise) -> None:
+    """The options of :func:`upcycle_hf`, before any layer changes."""
+    for name, value in (("num_experts", num_experts), ("top_k", top_k)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1; fix: e.g. {name}=2")
+    if top_k > num_experts:
+        raise ValueError(
+            f"top_k={top_k} must be <= num_experts={num_experts}: each token picks top_k of "
+            f"the experts; fix: top_k={num_experts} or num_experts>={top_k}"
+        )
+    if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not 0 <= noise < math.inf:
+        raise ValueError(f"noise={noise!r} must be a finite number >= 0; fix: e.g. noise=0.0")
 
 
 @torch.no_grad()
@@ -89,6 +112,7 @@ def upcycle_hf(
     Returns:
         The same model, upcycled.
     """
+    _check_options(num_experts, top_k, noise)
     decoder_layers = _decoder_layers(model)
     idx = _layer_indices(layers, len(decoder_layers))
     generator = torch.Generator().manual_seed(seed)
@@ -118,11 +142,10 @@ def upcycle_hf(
 
 
 def model_class(config) -> type:
-    for arch in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, arch, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModelForCausalLM
+    """The model class that builds ``config`` (see :func:`smar.hf.inspect.config_model_class`)."""
+    from smar.hf.inspect import config_model_class  # inspect imports this module
+
+    return config_model_class(config)
 
 
 def upcycled_class(cls: type, spec: dict) -> type:
@@ -154,8 +177,10 @@ def from_pretrained_upcycled(path: str, cls: type | None = None, **kwargs) -> nn
         kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
     """
     config = transformers.AutoConfig.from_pretrained(path)
-    spec = getattr(config, "smar_upcycle", None)
-    if not spec:
+    from smar.hf.inspect import upcycle_spec
+
+    spec = upcycle_spec(config, str(path))
+    if spec is None:
         raise ValueError(f"{path} has no smar_upcycle in its config: load it with from_pretrained")
     cls = model_class(config) if cls is None else cls
     return upcycled_class(cls, spec).from_pretrained(path, **kwargs)
