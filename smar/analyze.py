@@ -195,6 +195,33 @@ def write_analysis(analyses: list[Analysis], out_dir, *, title=None, threshold=0
     return write_report(analyses, records, Path(out_dir), title=title, threshold=threshold)
 
 
+def output_problem(path: str | os.PathLike, *, folder: bool = True) -> str | None:
+    """Why ``path`` cannot be written as an output folder (``folder=True``) or file, or None:
+    it is a file (a folder), it lies under a file, or its nearest existing folder is not
+    writable by this process (a file is created there and removed at once to tell)."""
+    p = Path(path)
+    if folder and p.exists() and not p.is_dir():
+        return "is a file"
+    if not folder and p.is_dir():
+        return "is a folder"
+    d = p if folder else p.parent
+    while not d.exists() and d.parent != d:
+        d = d.parent
+    if not d.is_dir():
+        return f"is under {d}, a file"
+    if not os.access(d, os.W_OK | os.X_OK):
+        return f"cannot be written: {d} is read-only for this user"
+    try:  # what access() cannot tell: a read-only mount for root, sysfs, ...
+        import tempfile
+
+        fd, probe = tempfile.mkstemp(dir=d, prefix=".smar-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        return f"cannot be written: {d}: {e.strerror or e}"
+    return None
+
+
 # ------------------------------------------------------------------------------------- command
 def add_parser(subparsers) -> None:
     """Adds ``smar analyze`` to an argparse subparsers object (``func=main``)."""
@@ -221,6 +248,11 @@ class AnalyzeError(ValueError):
     """A bad argument of ``smar analyze``, said in one line."""
 
 
+def report_dir(args) -> Path:
+    """``--out``, else ``analysis/`` in the first folder."""
+    return Path(args.out) if args.out else Path(args.dirs[0]) / "analysis"
+
+
 def sources_for(args, run_loader=None) -> list[Source]:
     """One :class:`Source` per folder: testbed runs through ``run_loader`` (a callable
     ``(path, batch_size=, max_samples=) -> list[Source] | None``, None when the folder is not a
@@ -229,10 +261,18 @@ def sources_for(args, run_loader=None) -> list[Source]:
         raise AnalyzeError("--batch-size and --max-samples must be >= 1")
     if args.data is not None and not os.path.isfile(args.data):
         raise AnalyzeError(f"--data {args.data}: no such file")
-    out: list[Source] = []
+    if args.out is not None and not args.out.strip():
+        raise AnalyzeError("--out is empty; fix: pass --out DIR")
     for d in args.dirs:
         if not os.path.isdir(d):
             raise AnalyzeError(f"{d}: no such directory")
+    out_dir = report_dir(args)
+    why = output_problem(out_dir)
+    if why:  # checked before any model loads
+        named = f"--out {out_dir}" if args.out else f"the report folder {out_dir}"
+        raise AnalyzeError(f"{named} {why}; fix: pass --out DIR, a folder this user can write")
+    out: list[Source] = []
+    for d in args.dirs:
         found = run_loader(d, batch_size=args.batch_size, max_samples=args.max_samples) if (
             run_loader) else None  # fmt: skip
         if found is not None:
@@ -275,7 +315,7 @@ def main(args, run_loader=None) -> int:
     except AnalyzeError as e:
         print(f"smar: error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out) if args.out else Path(args.dirs[0]) / "analysis"
+    out = report_dir(args)
     analyses = [analyze(s, progress=not args.quiet) for s in sources]
     paths = write_analysis(analyses, out)
     print(f"report: {paths['html']} (routing.json, {len(paths) - 2} plots)")

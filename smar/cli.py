@@ -42,7 +42,13 @@ def _demo(args: argparse.Namespace) -> int:
 
     _refuse_torchrun("demo")
     cfg = smoke_config() if args.smoke else demo_config()
-    if args.out:
+    if args.out is not None:  # --out '' is refused by validation, not dropped
+        given = [o for o in args.overrides if o.split("=", 1)[0] == "out"]
+        if given:
+            from smar.testbed.errors import UsageError
+
+            raise UsageError(f"the output folder is given twice (--out {args.out!r} and "
+                             f"{given[0]})", "give it once")  # fmt: skip
         cfg.out = args.out
     cfg = apply_overrides(cfg, args.overrides)
     result = run_pipeline(cfg, quiet=args.quiet)

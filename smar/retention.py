@@ -17,6 +17,8 @@ import argparse
 import difflib
 import json
 import logging
+import math
+import os
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -110,7 +112,7 @@ def _open_model(model, batch_size: int | None, bias: bool = True):
 
     from smar.hf.loading import load_model_folder
 
-    loaded = load_model_folder(model, bias=bias)
+    loaded = load_model_folder(model, bias=bias, tokenizer=True)
     print(f"smar retention: {loaded.note}", file=sys.stderr)
     lm_model = loaded.language_model()
     tokenizer = None
@@ -356,9 +358,8 @@ def main(args: argparse.Namespace, *, open_models: OpenModels | None = None) -> 
             metrics[task] = metric
         if args.batch_size is not None and args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
-        limit = args.limit
-        if limit is not None and limit >= 1:
-            limit = int(limit)
+        limit = _limit(args.limit)
+        _check_paths(args)
         with tempfile.TemporaryDirectory(prefix="smar-tasks-") as tmp:
             base, tuned, include = args.base, args.tuned, list(args.include_path or [])
             if open_models is not None:
@@ -387,12 +388,57 @@ def main(args: argparse.Namespace, *, open_models: OpenModels | None = None) -> 
         return 2
     text = json.dumps(report, indent=2)
     if args.out:
-        from smar.atomic import publish
-
-        tmp = Path(f"{args.out}.tmp")
-        tmp.write_text(text + "\n")
-        publish(tmp, args.out)  # a reader never sees half a file
+        _write(args.out, text + "\n")
         log.info("wrote %s", args.out)
     else:
         print(text)
     return 0
+
+
+def _limit(limit: float | None) -> int | float | None:
+    """``--limit``: a fraction of each task below 1, a whole number of documents from 1 on."""
+    if limit is None:
+        return None
+    if not (math.isfinite(limit) and limit > 0):
+        raise ValueError(
+            f"--limit {limit:g}: must be above 0; fix: give a number of documents per task "
+            "(e.g. --limit 100) or a fraction below 1 (e.g. --limit 0.1)"
+        )
+    if limit >= 1 and limit != int(limit):
+        raise ValueError(f"--limit {limit:g}: from 1 on it counts documents; fix: give a whole "
+                         f"number, e.g. --limit {int(limit)}")  # fmt: skip
+    return int(limit) if limit >= 1 else limit
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """``--include-path`` folders exist; ``--out`` and ``--tasks-dir`` can be written (checked
+    before either model is evaluated)."""
+    from smar.analyze import output_problem
+
+    for p in args.include_path or ():
+        if not Path(p).is_dir():
+            what = "is not a folder" if Path(p).exists() else "does not exist"
+            raise ValueError(f"--include-path {p} {what}; fix: pass the folder of the task YAMLs")
+    for flag, path, fix in (
+        ("--out", args.out, "a FILE.json this user can write (without it the JSON is printed)"),
+        ("--tasks-dir", args.tasks_dir, "a folder this user can write (without it: a temp dir)"),
+    ):
+        why = path is not None and (output_problem(path, folder=flag != "--out")
+                                    if path.strip() else "is empty")  # fmt: skip
+        if why:
+            raise ValueError(f"{flag} {path or repr(path)} {why}; fix: pass {fix}")
+
+
+def _write(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically: a reader never sees half a file."""
+    from smar.atomic import publish
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -21,7 +21,7 @@ import torch
 from smar.analyze import Routed, Source
 from smar.modality import modality_ids, special_token_ids
 
-__all__ = ["read_jsonl", "HFEncoder", "hf_source"]
+__all__ = ["read_jsonl", "check_sample", "HFEncoder", "hf_source"]
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,19 @@ def read_jsonl(
 ) -> Iterator[dict]:
     """Samples of a JSONL file one by one; image paths are relative to the file, and each image
     is checked as it is read: a missing or unreadable one raises ``ValueError`` naming the line,
-    or, given a ``skipped`` list, the sample is left out and its line appended there."""
+    or, given a ``skipped`` list, the sample is left out and its line appended there. A line that
+    is not UTF-8, not a JSON object or not a sample (see :func:`check_sample`) raises
+    ``ValueError`` naming ``file:line`` and the fix."""
     path = Path(path)
     n = 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where} is not UTF-8 text (byte {e.start} of the line); fix: "
+                                 "save the file as UTF-8") from None  # fmt: skip
             if not line.strip():
                 continue
             if max_samples is not None and n >= max_samples:
@@ -43,22 +51,70 @@ def read_jsonl(
             try:
                 sample = json.loads(line)
             except ValueError as e:
-                raise ValueError(f"{path}:{lineno} is not JSON ({e})") from None
-            if not isinstance(sample, dict) or not ("conversations" in sample or "text" in sample):
-                raise ValueError(
-                    f"{path}:{lineno}: a sample needs 'conversations' (LLaVA format) or 'text'"
-                )
-            images = sample.get("image") or sample.get("images") or []
-            images = [images] if isinstance(images, str) else list(images)
-            sample["images"] = [str((path.parent / p).resolve()) for p in images]
+                raise ValueError(f"{where} is not JSON ({e}); fix: one JSON object a line"
+                                 ) from None  # fmt: skip
+            check_sample(sample, where)
+            sample["images"] = [str((path.parent / p).resolve()) for p in _image_paths(sample)]
             bad = _unreadable(sample["images"])
             if bad and skipped is None:
-                raise ValueError(f"{path}:{lineno}: {bad}; fix the path or pass --skip-bad-images")
+                raise ValueError(f"{where}: {bad}; fix: correct the path or pass --skip-bad-images")
             if bad:
-                skipped.append(f"{path}:{lineno}")
+                skipped.append(where)
                 continue
             n += 1
             yield sample
+
+
+_FORMAT = ('fix: write {"image": "a.png", "conversations": [{"from": "human", "value": '
+           '"<image>\\nWhat is it?"}, ...]} or {"text": "..."}')  # fmt: skip
+
+
+def check_sample(sample, where: str) -> None:
+    """Raises ``ValueError`` naming ``where`` (``file:line``) when ``sample`` is not a LLaVA
+    conversation (a list of turns with a string ``value``) or a text sample (a non-empty
+    ``text`` string), has image paths that are not strings, or has not one ``<image>`` mark per
+    image."""
+    if not isinstance(sample, dict):
+        raise ValueError(f"{where} is a JSON {type(sample).__name__}, not an object; {_FORMAT}")
+    if "conversations" in sample:
+        turns = sample["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise ValueError(
+                f"{where}: 'conversations' must be a non-empty list of turns; {_FORMAT}"
+            )
+        for k, turn in enumerate(turns):
+            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+                raise ValueError(f"{where}: turn {k} of 'conversations' has no string 'value'; "
+                                 f"{_FORMAT}")  # fmt: skip
+        texts = [t["value"] for t in turns]
+    elif "text" in sample:
+        texts = [sample["text"]]
+        if not isinstance(sample["text"], str):
+            raise ValueError(f"{where}: 'text' must be a string; {_FORMAT}")
+    else:
+        raise ValueError(f"{where}: a sample needs 'conversations' (LLaVA format) or 'text'; "
+                         f"{_FORMAT}")  # fmt: skip
+    if not any(t.replace("<image>", "").strip() for t in texts):
+        raise ValueError(f"{where}: the sample holds no text; fix: give it some text")
+    paths = _image_paths(sample)
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        got = json.dumps(sample.get("image", sample.get("images")))[:40]
+        raise ValueError(f"{where}: 'image' must be a path or a list of paths (got {got}); fix: "
+                         "name the image files relative to the JSONL file")  # fmt: skip
+    marks = sum(t.count("<image>") for t in texts)
+    if marks != len(paths):
+        raise ValueError(
+            f"{where}: {len(paths)} image(s) but {marks} <image> mark(s) in the text; fix: put "
+            "one <image> in the conversation per image"
+        )
+
+
+def _image_paths(sample: dict):
+    """The sample's ``image`` (or ``images``): a path as a list of one; None as no image."""
+    images = sample.get("image", sample.get("images"))
+    if images is None:
+        return []
+    return [images] if isinstance(images, str) else images
 
 
 def _unreadable(paths: list[str]) -> str | None:
@@ -71,6 +127,8 @@ def _unreadable(paths: list[str]) -> str | None:
                 img.verify()
         except FileNotFoundError:
             return f"image {p} does not exist"
+        except IsADirectoryError:
+            return f"image {p} is a folder, not an image"
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
             return f"image {p} cannot be read ({type(e).__name__}: {str(e)[:80]})"
     return None
@@ -200,7 +258,10 @@ def hf_source(
     # Every sample and image checked before the model loads.
     skipped: list[str] | None = [] if skip_bad_images else None
     n = sum(1 for _ in read_jsonl(data, max_samples, skipped=skipped))
-    loaded = load_model_folder(model_dir, bias=bias)
+    if n == 0:
+        why = f"all {len(skipped)} samples were skipped" if skipped else "it is empty or blank"
+        raise ValueError(f"{data} holds no sample to analyse ({why}); fix: one JSON sample a line")
+    loaded = load_model_folder(model_dir, bias=bias, tokenizer=True, routers=True)
     log.info("%s", loaded.note)
     model = loaded.model
     accepts = inspect.signature(model.forward).parameters

@@ -72,8 +72,17 @@ def _reusable(out: Path, resolved: dict) -> dict | None:
 
 
 def run_job(cfg_dict: dict, job_dict: dict, base_dir: str) -> dict:
-    """Worker entry point: tune one job from the cached stage-2 model, evaluate, save."""
+    """Worker entry point: tune one job from the cached stage-2 model, evaluate, save (on one
+    thread; run here in the main process, its thread count is restored after)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _run_job(cfg_dict, job_dict, base_dir)
+    finally:
+        torch.set_num_threads(threads)  # the stage cache keys hold the main process's count
+
+
+def _run_job(cfg_dict: dict, job_dict: dict, base_dir: str) -> dict:
     cfg = config_from_dict(cfg_dict)
     job = Job(**job_dict)
     out = Path(cfg.out) / job.name

@@ -315,11 +315,20 @@ def _is_testbed_folder(folder: str | Path) -> bool:
 
 
 def open_pair(base: str, tuned: str, workdir: str | Path, *, batch_size: int = 256):
-    """For ``smar retention``: when either folder is a testbed model, both as :class:`TestbedLM`
-    and the testbed's tasks exported into ``workdir`` (returned as the include path); else None.
+    """For ``smar retention``: when both folders are testbed models, both as :class:`TestbedLM`
+    and the testbed's tasks exported into ``workdir`` (returned as the include path); None when
+    neither is (Hugging Face folders: smar's own loader serves them); a ``ValueError`` for one
+    of each (their tokenizers differ: retention compares one model before and after tuning).
     """
-    if not (_is_testbed_folder(base) or _is_testbed_folder(tuned)):
+    kinds = [_is_testbed_folder(base), _is_testbed_folder(tuned)]
+    if not any(kinds):
         return None
+    if not all(kinds):
+        tb, other = (base, tuned) if kinds[0] else (tuned, base)
+        raise ValueError(
+            f"{tb} is a testbed model but {other} is not (a Hugging Face model folder?); fix: "
+            "compare two testbed folders (run or stage) or two Hugging Face model folders"
+        )
     models = [load_model(f) for f in (base, tuned)]
     cfg = recorded_config(tuned, base)
     bundle = load_bundle(cfg)

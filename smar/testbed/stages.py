@@ -6,6 +6,9 @@
 A stage is built under a lock (two commands on one cache build it once), checked on load (a
 corrupt file is set aside and the stage built again), and never cached when its loss or weights
 are not finite: :class:`~smar.testbed.errors.Diverged` names the stage, the step and the rate.
+The cache key holds torch's thread count: sums reduce in another order on another count, so a
+stage built with 2 threads differs from one built with 1 in the last digits, and the two are
+never mixed.
 """
 
 from __future__ import annotations
@@ -69,7 +72,8 @@ STAGES = ("vision", "pretrain", "align", "instruct")
 
 
 def stage_dir(cfg: RunConfig, name: str) -> Path:
-    """The cache folder of stage ``name``, keyed on every config the stage depends on."""
+    """The cache folder of stage ``name``, keyed on every config the stage depends on and on
+    torch's thread count (the last digits of a stage follow it)."""
     if name not in STAGES:
         raise ValueError(f"unknown stage {name!r}; known: {STAGES}")
     data = data_key(cfg.data)
@@ -94,17 +98,52 @@ def stage_dir(cfg: RunConfig, name: str) -> Path:
         parts.append(cfg.align)
     if name == "instruct":
         parts += [cfg.instruct, {"text_len": cfg.tune.text_len, "label": cfg.tune.label_prompt}]
+    parts.append({"threads": torch.get_num_threads()})
     return cache_dir() / "stages" / f"{name}-{config_hash(STAGE_VERSION, *parts)}"
 
 
-def check_finite(loss: torch.Tensor, stage: str, step: int, steps: int, lr: float, field: str):
-    """Raises :class:`Diverged` when ``loss`` is not finite, naming the stage, step and rate."""
+def check_finite(
+    loss: torch.Tensor,
+    stage: str,
+    step: int,
+    steps: int,
+    lr: float,
+    field: str,
+    *,
+    router_logits=(),
+    fix: str | None = None,
+):
+    """Raises :class:`Diverged` when ``loss`` or a router logit is NaN or +inf (checked before
+    any routing loss reads them), naming the stage, step and rate; ``fix`` replaces the default
+    fix (lower ``field`` or raise its warmup)."""
     value = loss.item()
-    if not math.isfinite(value):
+    what = f"the loss is {value}"
+    if math.isfinite(value):
+        bad = [i for i, z in enumerate(router_logits) if _nan_or_posinf(z)]
+        if not bad:
+            return
+        what = f"the router logits of MoE layer {bad[0]} are NaN or +inf"
+    raise Diverged(
+        f"{stage} diverged: {what} at step {step + 1} of {steps} (learning rate {lr:.3g} at "
+        "that step); nothing of it was cached",
+        fix or f"lower {field} or raise its warmup",
+    )
+
+
+def _nan_or_posinf(z: torch.Tensor) -> bool:
+    """-inf is a masked expert (hard routing); NaN and +inf are overflow."""
+    z = z.detach()
+    return bool(torch.isnan(z).any() or torch.isposinf(z).any())
+
+
+def check_weights(model: torch.nn.Module, stage: str, fix: str) -> None:
+    """Raises :class:`Diverged` naming the first weight of ``model`` that is not finite."""
+    bad = [n for n, p in model.state_dict().items() if not torch.isfinite(p).all()]
+    if bad:
         raise Diverged(
-            f"{stage} diverged: the loss is {value} at step {step + 1} of {steps} (learning rate "
-            f"{lr:.3g} at that step); nothing of it was cached",
-            f"lower {field} or raise its warmup",
+            f"{stage} diverged: weight {bad[0]} is not finite after training; nothing of it "
+            "was cached",
+            fix,
         )
 
 
@@ -138,9 +177,7 @@ def _stage(cfg: RunConfig, name: str, build, bundle: Bundle, quiet: bool, after=
             t0 = time.time()
             model, metrics = build(start, cfg, bundle, quiet)
             metrics["seconds"] = time.time() - t0
-            bad = [n for n, p in model.state_dict().items() if not torch.isfinite(p).all()]
-            if bad:
-                raise Diverged(f"stage {name}: weight {bad[0]} is not finite after training")
+            check_weights(model, f"stage {name}", f"lower {name}.lr or raise its warmup")
             model.save(out)
             write_json(out / "metrics.json", metrics)  # last: the stage is complete
     return model
@@ -220,10 +257,12 @@ def _pretrain(model: TinyModel, cfg: RunConfig, bundle: Bundle, quiet: bool):
         x, y = stream.batch(cfg.pretrain.batch_size, S)
         out_ = model(x, labels=y, logits="none")
         loss = out_.loss
+        check_finite(loss, "stage 1 (language)", step, cfg.pretrain.steps, lr, "pretrain.lr",
+                     router_logits=out_.router_logits)  # fmt: skip
         if native:
             lb = load_balancing_loss(out_.router_logits, top_k=cfg.tune.top_k)
             loss = loss + cfg.tune.lb_weight * lb
-        check_finite(loss, "stage 1 (language)", step, cfg.pretrain.steps, lr, "pretrain.lr")
+            check_finite(loss, "stage 1 (language)", step, cfg.pretrain.steps, lr, "pretrain.lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

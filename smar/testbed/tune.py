@@ -13,7 +13,7 @@ from smar.testbed.config import RunConfig
 from smar.testbed.data.bundle import Bundle
 from smar.testbed.data.mixing import TextStream, mixed_items, qa_batch
 from smar.testbed.model import TinyModel
-from smar.testbed.stages import check_finite, lr_at, make_optimizer
+from smar.testbed.stages import check_finite, check_weights, lr_at, make_optimizer
 
 
 @dataclass
@@ -85,6 +85,10 @@ def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool 
     )
     history = []
     field = "tune.lr" if job.lr is None else "lrs"
+    fix = f"lower {field} or raise tune.warmup"
+    if t.noise > 0 and t.base == "upcycle":
+        fix += f" (or lower tune.noise={t.noise:g}: the experts' noise, relative to their weights)"
+    stage = f"stage 3 (run {job.name})"
     for step in range(t.steps):
         lr_now = lr_at(step, t.steps, t.warmup, lr)
         for grp in opt.param_groups:
@@ -104,9 +108,12 @@ def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool 
             modality_ids=b.modality_ids,
             logits="none",
         )
+        # the routing losses read the router logits: a NaN there is a divergence, said as one
+        check_finite(out.loss, stage, step, t.steps, lr_now, field,
+                     router_logits=out.router_logits, fix=fix)  # fmt: skip
         aux, terms = arm_objective(out, cfg, arm)
         loss = out.loss + aux
-        check_finite(loss, f"stage 3 (run {job.name})", step, t.steps, lr_now, field)
+        check_finite(loss, stage, step, t.steps, lr_now, field, fix=fix)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -121,4 +128,5 @@ def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool 
                     "mrd": [] if mrd is None else mrd.tolist(),
                 }
             )
+    check_weights(model, stage, fix)
     return model, arm, history

@@ -1,6 +1,7 @@
 """Every check of a resolved :class:`~smar.testbed.config.RunConfig` and its input files, run
 before any work (``smar demo`` and ``smar sweep``): ranges, names (with the closest known one),
-duplicates, and text files that exist and hold enough text. Each failure is one
+duplicates, seeds that fit the random generators, an output folder and a cache that can be
+written, and text files that exist and hold enough text. Each failure is one
 :class:`~smar.testbed.errors.UsageError` naming the field, the value and the fix.
 """
 
@@ -18,6 +19,8 @@ __all__ = ["validate_config", "check_text_files", "MIN_TEXT_CHARS"]
 
 # the held-out 5% of local text must hold several windows of prose to score
 MIN_TEXT_CHARS = 20_000
+# seeds are offset (1000 + seed, ...) and passed to torch's 64-bit generators
+MAX_SEED = 2**31 - 1
 LAYERS = ("all", "alternate")
 
 
@@ -26,6 +29,33 @@ def _at_least(name: str, value, low, fix: str | None = None) -> None:
         raise UsageError(f"{name}={value} must be a finite number", fix)
     if value < low:
         raise UsageError(f"{name}={value} must be at least {low}", fix)
+
+
+def _seed(name: str, value: int) -> None:
+    _at_least(name, value, 0)
+    if value > MAX_SEED:
+        raise UsageError(f"{name}={value} must be at most {MAX_SEED}", "give a smaller seed")
+
+
+def _writable(cfg: RunConfig) -> None:
+    """The output folder and the cache (stages, data, locks) can be written."""
+    import os
+
+    from smar.analyze import output_problem
+    from smar.testbed.io import cache_dir
+
+    if not str(cfg.out).strip():
+        raise UsageError("the output folder is empty (--out '' or out=)", "pass --out DIR")
+    why = output_problem(cfg.out)
+    if why:
+        raise UsageError(f"output folder {cfg.out} {why}", "pass another --out (or out=)")
+    cache = cache_dir()
+    where = f"SMAR_CACHE={cache}" if os.environ.get("SMAR_CACHE") else f"the smar cache {cache}"
+    why = output_problem(cache)
+    if why:
+        raise UsageError(
+            f"{where} {why}", "set SMAR_CACHE to a writable folder (it holds the cached stages)"
+        )
 
 
 def _positive(name: str, value: float) -> None:
@@ -109,8 +139,9 @@ def _model(cfg: RunConfig) -> None:
 def validate_config(cfg: RunConfig, *, check_files: bool = True) -> None:
     """Raises :class:`UsageError` on the first field of ``cfg`` that cannot run, before any work."""
     d = cfg.data
-    for name in ("skill_examples", "descriptions", "seed"):
+    for name in ("skill_examples", "descriptions"):
         _at_least(f"data.{name}", getattr(d, name), 0)
+    _seed("data.seed", d.seed)
     for name in ("image_size", "eval_text", "eval_mm", "prose_bytes", "vision_examples"):
         _at_least(f"data.{name}", getattr(d, name), 1)
     for name in ("vision", "pretrain", "align"):
@@ -145,7 +176,7 @@ def validate_config(cfg: RunConfig, *, check_files: bool = True) -> None:
     if not cfg.seeds:
         raise UsageError("seeds= is empty", "give at least one seed, e.g. seeds=0,1,2")
     for s in cfg.seeds:
-        _at_least("seeds", s, 0)
+        _seed("seeds", s)
     _unique("seeds", cfg.seeds)
     _at_least("control_seeds", cfg.control_seeds, 0)
     _at_least("workers", cfg.workers, 1)
@@ -159,8 +190,7 @@ def validate_config(cfg: RunConfig, *, check_files: bool = True) -> None:
         _positive("lrs", lr)
     _unique("lrs", cfg.lrs, lambda r: f"{r:g}")
     _jobs(cfg)
-    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        raise UsageError(f"output folder {cfg.out} is a file", "pass another --out (or out=)")
+    _writable(cfg)
     if check_files and d.text_files:
         check_text_files(d.text_files)
 
@@ -177,13 +207,22 @@ def _jobs(cfg: RunConfig) -> None:
         )
 
 
+def _resolve(f) -> Path:
+    try:
+        return Path(f).expanduser().resolve()
+    except (RuntimeError, OSError):  # RuntimeError: a symlink loop (Python < 3.13)
+        raise UsageError(
+            f"data.text_files: {f} is a symlink loop", "point the link at a text file"
+        ) from None
+
+
 def check_text_files(files) -> int:
     """Checks that each file exists, is text (UTF-8, no NUL bytes) and is not empty, and that
     together they hold :data:`MIN_TEXT_CHARS` characters. Returns that count."""
     from smar.testbed.data.corpus import clean_text
 
     total = 0
-    resolved = [Path(f).expanduser().resolve() for f in files]
+    resolved = [_resolve(f) for f in files]
     _unique("data.text_files", [str(p) for p in resolved])
     for f, p in zip(files, resolved, strict=True):
         where = f"data.text_files: {f}"
