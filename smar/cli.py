@@ -240,6 +240,11 @@ def _inspect(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"--adapter {spec}: {e}", "name a smar.adapters.Adapter as package.module:NAME"
             ) from None
+        except Exception as e:  # the user's module failed while it was imported
+            raise UsageError(
+                f"--adapter {spec}: importing its module raised {type(e).__name__}: "
+                f"{str(e)[:120]}", "fix that module (run `python -c 'import MODULE'` to see it)"
+            ) from None
     try:
         import transformers
 

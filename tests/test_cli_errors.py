@@ -143,6 +143,25 @@ def test_inspect_bad_paths(capsys, tmp_path):
     assert "--adapter nonsense" in err and "package.module:NAME" in err
 
 
+def test_inspect_adapter_module_that_raises_on_import(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    (tmp_path / "broken_adapter_mod.py").write_text("raise RuntimeError('boom at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
+    err = _one_line(capsys, ["inspect", str(model), "--adapter", "broken_adapter_mod:A"])
+    assert "importing its module raised RuntimeError: boom at import" in err and "fix: " in err
+
+
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_retention_batch_size_below_one(capsys, tmp_path, size):
+    pytest.importorskip("lm_eval")
+    err = _one_line(capsys, ["retention", "--base", str(tmp_path), "--tuned", str(tmp_path),
+                             "--tasks", "x", "--batch-size", size])  # fmt: skip
+    assert f"--batch-size {size}: must be >= 1" in err
+
+
 def test_library_says_a_missing_local_folder():
     pytest.importorskip("transformers")
     from smar.hf.inspect import load_model_dir
