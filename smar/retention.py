@@ -114,18 +114,10 @@ def _open_model(model, batch_size: int | None, bias: bool = True):
 
     loaded = load_model_folder(model, bias=bias, tokenizer=True)
     print(f"smar retention: {loaded.note}", file=sys.stderr)
-    lm_model = loaded.language_model()
-    tokenizer = None
-    for where in (loaded.path, getattr(loaded.model, "peft_config", {}).get("default")):
-        where = getattr(where, "base_model_name_or_path", where)
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(str(where))
-            break
-        except (OSError, ValueError, TypeError):
-            continue
-    if tokenizer is None:
-        raise ValueError(f"{model} has no tokenizer; fix: save the tokenizer into the folder")
-    lm = HFLM(pretrained=lm_model, tokenizer=tokenizer, backend="causal",
+    tokenizer = transformers.AutoTokenizer.from_pretrained(loaded.tokenizer_path)
+    # A vision-language model run on input_ids alone is its language model (the text row of
+    # the bias applies): retention measures what the vision training left of it.
+    lm = HFLM(pretrained=loaded.model, tokenizer=tokenizer, backend="causal",
               batch_size=batch_size or 1,
               device="cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
     lm._smar_loaded = loaded  # the bias wrappers live as long as the LM

@@ -11,7 +11,6 @@ of the two it is, and the commands print it.
     loaded = load_model_folder("out/checkpoint-100")
     print(loaded.note)          # "...: modality bias loaded (smar_bias.safetensors, 2 routers)"
     loaded.model(**batch)       # routes with the trained bias
-    loaded.language_model()     # the part that reads text, for language retention
 
 A folder that cannot give a usable model is refused before (or while) it loads, in one line that
 names the folder or file and the fix: no weights, weights that are not safetensors (smar never
@@ -50,18 +49,15 @@ class Loaded:
         regularizer: SMAR attached with the trained bias, or None (no bias file, or
             ``bias=False``). It holds the bias wrappers: ``regularizer.detach()`` removes them.
         note: one line saying what was loaded, the bias included.
+        tokenizer_path: the folder holding its tokenizer (the folder, or an adapter's base), when
+            it was asked for (``tokenizer=True``).
     """
 
     model: nn.Module
     path: str
     regularizer: Regularizer | None
     note: str
-
-    def language_model(self) -> nn.Module:
-        """The model that reads text: the model itself. A LLaVA-style or native multimodal
-        model run on ``input_ids`` alone is its language model (and the text row of the bias
-        applies), so language retention measures what the vision training left of it."""
-        return self.model
+    tokenizer_path: str | None = None
 
 
 def _is_adapter_folder(path: Path) -> bool:
@@ -121,8 +117,8 @@ def load_model_folder(
     _check_local(path)
     folder = Path(path).expanduser()
     is_adapter = _is_adapter_folder(folder)
-    if tokenizer:
-        check_tokenizer(folder, _adapter_base(folder) if is_adapter else None)
+    tokens = tokenizer_folder(folder, _adapter_base(folder) if is_adapter else None) if (
+        tokenizer) else None  # fmt: skip
     if is_adapter:
         model, what = _load_adapter_folder(folder), "PEFT adapter"
     else:
@@ -152,7 +148,8 @@ def load_model_folder(
         note = f"{BIAS_FILE} not loaded (--no-bias): the model without its trained bias"
     else:
         note = f"no {BIAS_FILE}: the model as saved"
-    return Loaded(model, str(path), reg, f"{path} ({what}): {note}")
+    return Loaded(model, str(path), reg, f"{path} ({what}): {note}",
+                  None if tokens is None else str(tokens))  # fmt: skip
 
 
 def _load(folder: Path, weights: bool = True) -> nn.Module:
@@ -252,12 +249,12 @@ def _adapter_base(folder: Path) -> Path | None:
     return base if base.is_absolute() or not (folder / base).is_dir() else folder / base
 
 
-def check_tokenizer(folder: Path, base: Path | None = None) -> None:
-    """The folder (or an adapter's base folder) holds a tokenizer: the commands that read a
-    model need one, and find out before the model loads."""
+def tokenizer_folder(folder: Path, base: Path | None = None) -> Path:
+    """The folder (or else an adapter's base folder) that holds a tokenizer: the commands that
+    read a model need one, and find out before the model loads."""
     for where in (folder, base):
         if where is not None and any((Path(where) / f).is_file() for f in TOKENIZER_FILES):
-            return
+            return Path(where)
     raise FileNotFoundError(
         f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...); fix: save "
         f"it into the folder: AutoTokenizer.from_pretrained(BASE_MODEL).save_pretrained('{folder}')"

