@@ -34,8 +34,6 @@ __all__ = [
     "find_routers",
     "no_router_error",
     "ERNIE_NO_BIAS",
-    "UPSTREAM_DEFECTS",
-    "upstream_defect",
 ]
 
 Reroute = Callable[[nn.Module, object, Tensor], object]
@@ -201,55 +199,6 @@ ADAPTERS: tuple[Adapter, ...] = (
         note="smar.moe.Router (upcycled or own MoE block)",
     ),
 )
-
-
-# ----------------------------------------------------------------------------------------------
-# defects of transformers releases that break a family whatever smar does
-
-
-@dataclass(frozen=True)
-class UpstreamDefect:
-    """A transformers release that cannot run a model class, and what the user can do."""
-
-    model_class: str
-    releases: tuple[str, ...]
-    symptom: str
-    remedy: str
-
-    def message(self, release: str) -> str:
-        return f"transformers {release}: {self.model_class}: {self.symptom}; {self.remedy}"
-
-
-UPSTREAM_DEFECTS: tuple[UpstreamDefect, ...] = (
-    UpstreamDefect(
-        "Llama4ForConditionalGeneration",
-        ("5.24.0",),
-        "forward reads `image_outputs` from its language model's MoeCausalLMOutputWithPast "
-        "(AttributeError on every call, return_dict or not)",
-        "install transformers 5.23 or >= 5.25 (fixed there)",
-    ),
-)
-
-
-def _transformers_release() -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("transformers")
-    except PackageNotFoundError:
-        return None
-
-
-def upstream_defect(model: nn.Module) -> str | None:
-    """One line naming the known defect of the installed transformers that breaks ``model``'s
-    class (the release, the symptom, what to do), or ``None``. :func:`smar.attach` warns with it;
-    the tests skip with it."""
-    release = _transformers_release()
-    name = type(model).__name__
-    for defect in UPSTREAM_DEFECTS:
-        if defect.model_class == name and release in defect.releases:
-            return defect.message(release)
-    return None
 
 
 def _smar_router_class():

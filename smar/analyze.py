@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from smar.atomic import output_problem
 from smar.metrics import MODALITY_NAMES, RoutingStats
 
 __all__ = [
@@ -193,33 +194,6 @@ def write_analysis(analyses: list[Analysis], out_dir, *, title=None, threshold=0
 
     records = [routing_record(a, threshold) for a in analyses]
     return write_report(analyses, records, Path(out_dir), title=title, threshold=threshold)
-
-
-def output_problem(path: str | os.PathLike, *, folder: bool = True) -> str | None:
-    """Why ``path`` cannot be written as an output folder (``folder=True``) or file, or None:
-    it is a file (a folder), it lies under a file, or its nearest existing folder is not
-    writable by this process (a file is created there and removed at once to tell)."""
-    p = Path(path)
-    if folder and p.exists() and not p.is_dir():
-        return "is a file"
-    if not folder and p.is_dir():
-        return "is a folder"
-    d = p if folder else p.parent
-    while not d.exists() and d.parent != d:
-        d = d.parent
-    if not d.is_dir():
-        return f"is under {d}, a file"
-    if not os.access(d, os.W_OK | os.X_OK):
-        return f"cannot be written: {d} is read-only for this user"
-    try:  # what access() cannot tell: a read-only mount for root, sysfs, ...
-        import tempfile
-
-        fd, probe = tempfile.mkstemp(dir=d, prefix=".smar-probe-")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        return f"cannot be written: {d}: {e.strerror or e}"
-    return None
 
 
 # ------------------------------------------------------------------------------------- command

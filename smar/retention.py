@@ -18,11 +18,12 @@ import difflib
 import json
 import logging
 import math
-import os
 import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+from smar.atomic import write_text
 
 __all__ = [
     "make_task_manager",
@@ -380,7 +381,7 @@ def main(args: argparse.Namespace, *, open_models: OpenModels | None = None) -> 
         return 2
     text = json.dumps(report, indent=2)
     if args.out:
-        _write(args.out, text + "\n")
+        write_text(args.out, text + "\n")
         log.info("wrote %s", args.out)
     else:
         print(text)
@@ -405,7 +406,7 @@ def _limit(limit: float | None) -> int | float | None:
 def _check_paths(args: argparse.Namespace) -> None:
     """``--include-path`` folders exist; ``--out`` and ``--tasks-dir`` can be written (checked
     before either model is evaluated)."""
-    from smar.analyze import output_problem
+    from smar.atomic import output_problem
 
     for p in args.include_path or ():
         if not Path(p).is_dir():
@@ -419,18 +420,3 @@ def _check_paths(args: argparse.Namespace) -> None:
                                     if path.strip() else "is empty")  # fmt: skip
         if why:
             raise ValueError(f"{flag} {path or repr(path)} {why}; fix: pass {fix}")
-
-
-def _write(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` atomically: a reader never sees half a file."""
-    from smar.atomic import publish
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        publish(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

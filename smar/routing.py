@@ -28,13 +28,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from smar.adapters import Adapter, upstream_defect
+from smar.adapters import Adapter
 from smar.bias import ModalityBiasRouter, check_modality_id
 from smar.capture import RouterCapture, record, unwrap
 from smar.collective import STATS, StepSums, default_group
 from smar.distributions import prepare_routing
 from smar.losses import check_weight, routing_objective
 from smar.modality import LEVELS, resolve_groups
+from smar.upstream import upstream_defect
 
 __all__ = [
     "SMARConfig",

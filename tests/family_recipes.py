@@ -145,7 +145,7 @@ RECIPES: dict[str, dict] = {
         "num_dense_layers": 1,  # the first 2 (both of the 2 layers) are dense
     },
     # Its routers are those of the text model; the multimodal class is tests/test_adapters.py's
-    # (with images), and transformers 5.24 cannot run it (smar.adapters.UPSTREAM_DEFECTS).
+    # (with images), and transformers 5.24 cannot run it (smar.upstream.UPSTREAM_DEFECTS).
     "llama4": {"@class": "Llama4ForCausalLM"},
     "longcat_flash": {
         "expert_ffn_hidden_size": 32,  # 2048

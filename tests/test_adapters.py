@@ -20,9 +20,10 @@ transformers = pytest.importorskip("transformers")
 
 import smar  # noqa: E402
 import smar.hf  # noqa: E402
-from smar.adapters import ADAPTERS, Adapter, find_routers, upstream_defect  # noqa: E402
+from smar.adapters import ADAPTERS, Adapter, find_routers  # noqa: E402
 from smar.bias import ModalityBiasRouter  # noqa: E402
 from smar.moe import MoEBlock  # noqa: E402
+from smar.upstream import upstream_defect  # noqa: E402
 
 B, S, IMG = 2, 12, 120  # batch, sequence, image placeholder token id
 TXT = dict(
@@ -242,7 +243,7 @@ CASES = {
 
 def build(name: str) -> Case:
     """The case's tiny model, or a skip naming the transformers defect that breaks its class in
-    the installed release (``smar.adapters.UPSTREAM_DEFECTS``)."""
+    the installed release (``smar.upstream.UPSTREAM_DEFECTS``)."""
     torch.manual_seed(0)
     case = CASES[name]()
     defect = upstream_defect(case.model)
@@ -426,18 +427,18 @@ def test_adapter_validates_its_fields():
 def test_attach_warns_of_a_known_transformers_defect_in_one_line(monkeypatch):
     """A class that the installed transformers cannot run gets one warning naming the release,
     the symptom and what to install; other classes and releases get none."""
-    import smar.adapters as adapters
+    import smar.upstream as upstream
 
     case = build("mixtral_llava")
     cls = type(case.model).__name__
     release = transformers.__version__
-    defect = adapters.UpstreamDefect(cls, (release,), "forward fails", "install another release")
-    monkeypatch.setattr(adapters, "UPSTREAM_DEFECTS", (*adapters.UPSTREAM_DEFECTS, defect))
+    defect = upstream.UpstreamDefect(cls, (release,), "forward fails", "install another release")
+    monkeypatch.setattr(upstream, "UPSTREAM_DEFECTS", (*upstream.UPSTREAM_DEFECTS, defect))
     with pytest.warns(UserWarning) as seen:
         smar.attach(case.model).detach()
     lines = [str(w.message) for w in seen if cls in str(w.message)]
     assert lines == [f"transformers {release}: {cls}: forward fails; install another release"]
-    monkeypatch.setattr(adapters, "_transformers_release", lambda: "0.0.1")
+    monkeypatch.setattr(upstream, "_transformers_release", lambda: "0.0.1")
     assert upstream_defect(case.model) is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -26,8 +26,9 @@ transformers = pytest.importorskip("transformers")
 import families  # noqa: E402
 
 import smar  # noqa: E402
-from smar.adapters import find_routers, upstream_defect  # noqa: E402
+from smar.adapters import find_routers  # noqa: E402
 from smar.bias import ModalityBiasRouter  # noqa: E402
+from smar.upstream import upstream_defect  # noqa: E402
 
 FAMILIES = families.families()
 ALL = ("mlp", "attention")

@@ -41,7 +41,7 @@ def _writable(cfg: RunConfig) -> None:
     """The output folder and the cache (stages, data, locks) can be written."""
     import os
 
-    from smar.analyze import output_problem
+    from smar.atomic import output_problem
     from smar.testbed.io import cache_dir
 
     if not str(cfg.out).strip():
