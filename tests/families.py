@@ -112,7 +112,7 @@ FULL = frozenset(
     solar_open step3p7 switch_transformers dots1 mistral4 flint deepseek_ocr2 unlimited_ocr
     muse_spark dots3_note gemma4 diffusion_gemma glm4v_moe glm5_next inkling2 minimax_m3_vl
     bailing_hybrid kimi_linear jamba nemotron_h granitemoehybrid lfm2_moe qwen4_exp
-    qwen3_omni_moe dbrx hy_v4_vl lara_mini""".split()
+    qwen3_omni_moe dbrx hy_v4_vl lara_mini ergo minicpm5_moe kolibri1_1""".split()
 )
 CAPTURE_ONLY = {
     "zaya": "ZayaRouter computes its logits through several linear layers (a small MLP): no "

@@ -140,6 +140,7 @@ RECIPES: dict[str, dict] = {
         "linear_num_heads": 2,  # its linear-attention heads (32 x 128)
         "linear_head_dim": 16,
     },
+    "kolibri1_1": {"mlp_only_layers": [0]},  # default: the first two, both of the two layers dense
     "lfm2_moe": {
         "layer_types": ["conv", "full_attention"],  # None by default: does not build
         "num_dense_layers": 1,  # the first 2 (both of the 2 layers) are dense

@@ -219,4 +219,6 @@ def test_readme_family_table_agrees_with_the_declared_statuses():
     assert len(said) >= 60
     for family in set(said) & set(FAMILIES):
         assert said[family] == families.status(family), family
-    assert {f for f in FAMILIES if families.status(f) != "not yet checked"} <= set(said)
+    release = re.search(r"on transformers (\S+):", block).group(1)
+    if release == transformers.__version__:  # the table lists every family of its release
+        assert {f for f in FAMILIES if families.status(f) != "not yet checked"} <= set(said)
