@@ -9,6 +9,10 @@ The router returns raw logits ``(T, E)`` after the modality bias and the hard-ro
 canonical routing data that :mod:`smar.losses` consumes. The MoE block keeps the last ones in
 ``block.last_router_logits`` so that a model can hand them to the losses without hooks.
 
+Inside :func:`weight_gradient_stop`, chosen tokens (the image tokens, for a control) compute the
+same outputs but give nothing to the expert and router weights' gradients; the gradient to the
+block's input, and through it to everything upstream (a projector), is unchanged.
+
 Expert weights are stored stacked, in the layout of transformers' MoE experts
 (``gate_up_proj (E, 2F, D)``, ``down_proj (E, D, F)``), so that a block can be copied to and from
 Hugging Face models without reshaping.
@@ -16,13 +20,23 @@ Hugging Face models without reshaping.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Router", "MoEBlock", "SwiGLU", "default_partition", "upcycle"]
+from smar.experts import GroupedExperts
+
+__all__ = [
+    "Router",
+    "MoEBlock",
+    "SwiGLU",
+    "default_partition",
+    "upcycle",
+    "weight_gradient_stop",
+]
 
 
 def default_partition(num_experts: int, num_modalities: int = 2) -> list[list[int]]:
@@ -54,7 +68,9 @@ class Router(nn.Module):
             Tokens with modality ``-1`` are not masked.
 
     Shapes:
-        ``x (T, D)``, ``modality_ids (T,)`` -> logits ``(T, E)``.
+        ``x (T, D)``, ``modality_ids (T,)``, ``stop (T,)`` bool or None -> logits ``(T, E)``;
+        rows where ``stop`` is True give no gradient to the weight and the bias, and the usual
+        gradient to ``x``.
     """
 
     def __init__(
@@ -101,8 +117,16 @@ class Router(nn.Module):
             self.allowed = None
             self.partition = None
 
-    def forward(self, x: torch.Tensor, modality_ids: torch.Tensor | None = None) -> torch.Tensor:
-        logits = F.linear(x, self.weight).float()  # (T, E), routing in float32
+    def forward(
+        self,
+        x: torch.Tensor,
+        modality_ids: torch.Tensor | None = None,
+        stop: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        logits = F.linear(x, self.weight)  # (T, E)
+        if stop is not None:
+            logits = _stop_weight_gradient(logits, x, self.weight, stop[:, None])
+        logits = logits.float()  # routing in float32
         if self.bias is None and not self.hard:
             return logits
         if modality_ids is None:
@@ -124,7 +148,10 @@ class Router(nn.Module):
         valid = mod >= 0  # (T,)
         index = mod.clamp(min=0)  # (T,)
         if self.bias is not None:
-            logits = logits + self.bias[index] * valid[:, None]  # (T, E)
+            bias = self.bias[index] * valid[:, None]  # (T, E)
+            if stop is not None:
+                bias = torch.where(stop[:, None], bias.detach(), bias)
+            logits = logits + bias
         if self.hard:
             blocked = ~self.allowed[index] & valid[:, None]  # (T, E)
             logits = logits.masked_fill(blocked, float("-inf"))
@@ -135,6 +162,59 @@ class Router(nn.Module):
             f"dim={self.weight.shape[1]}, num_experts={self.num_experts}, "
             f"modality_bias={self.bias is not None}, hard={self.hard}"
         )
+
+
+def _stop_weight_gradient(
+    z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stop: torch.Tensor
+) -> torch.Tensor:
+    """``z = F.linear(x, weight)`` with the rows where ``stop (T, 1)`` is True cut from the
+    gradients of ``weight`` (and of anything a wrapper added to ``z``), their gradient to ``x``
+    kept: those rows become ``z.detach() + (p - p.detach())`` with ``p`` the product by the
+    detached weight, the same bits as ``z`` (``p - p`` is an exact zero). ``z`` itself is not
+    recomputed, so a wrapper that transformed it (the modality bias of :mod:`smar.bias`, which
+    acts on the first ``F.linear``) keeps its effect on every row."""
+    p = F.linear(x, weight.detach())  # (T, E), gradient to x only
+    return torch.where(stop, z.detach() + (p - p.detach()), z)
+
+
+@contextlib.contextmanager
+def weight_gradient_stop(module: nn.Module, stop: torch.Tensor | None) -> Iterator[None]:
+    """Within it, the tokens where ``stop`` is True give nothing to the weight gradients of every
+    :class:`MoEBlock` in ``module`` (experts' ``gate_up_proj`` and ``down_proj``, the router's
+    weight and modality bias) and change nothing else: the outputs are the same bits, and the
+    gradient to each block's input (so to the layers and the projector upstream) is the one
+    without the stop. A control that removes the image tokens' share of the MoE weights' updates
+    while the projector still learns.
+
+    Args:
+        module: a model holding :class:`MoEBlock` s (``smar.upcycle_hf``'s, the testbed's).
+        stop: bool, whose ``reshape(-1)`` lines up with each block's tokens ``x.reshape(-1, D)``:
+            ``(B, S)`` for hidden states ``(B, S, D)``; e.g. ``input_ids == image_token_id``.
+            ``None``: no stop.
+
+    Example::
+
+        with weight_gradient_stop(model, input_ids == image_token_id):
+            model(input_ids=input_ids, labels=labels).loss.backward()
+    """
+    blocks = [m for m in module.modules() if isinstance(m, MoEBlock)]
+    if stop is not None:
+        if not blocks:
+            raise ValueError(
+                f"{type(module).__name__} holds no smar.moe.MoEBlock: weight_gradient_stop acts on "
+                "those only (upcycle the model with smar.upcycle_hf or smar.moe.upcycle)"
+            )
+        if stop.dtype != torch.bool:
+            raise ValueError(f"stop must be a bool tensor (True: stop), got {stop.dtype}")
+        stop = stop.reshape(-1)  # (T,)
+    before = [b.grad_stop for b in blocks]
+    try:
+        for b in blocks:
+            b.grad_stop = stop
+        yield
+    finally:
+        for b, old in zip(blocks, before, strict=True):
+            b.grad_stop = old
 
 
 class SwiGLU(nn.Module):
@@ -156,7 +236,7 @@ class MoEBlock(nn.Module):
     Tokens are grouped by expert (one sort), each expert runs once on its contiguous slice, and the
     weighted outputs are scattered back with one ``index_add_``: no loop over tokens and no expert
     computed for a token that did not choose it. The experts' backward is written by hand
-    (``_Experts``): the same products as autograd's, without its copies and zero fills.
+    (``GroupedExperts``): the same products as autograd's, without its copies and zero fills.
 
     Args:
         dim: model width ``D``.
@@ -183,12 +263,19 @@ class MoEBlock(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=dim**-0.5)
         nn.init.normal_(self.down_proj, std=hidden**-0.5)
         self.last_router_logits: torch.Tensor | None = None
+        self.grad_stop: torch.Tensor | None = None  # (T,) bool, set by weight_gradient_stop
 
     def route(
-        self, x: torch.Tensor, modality_ids: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        modality_ids: torch.Tensor | None = None,
+        stop: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits ``(T, E)``, chosen experts ``(T, K)`` and renormalised gates ``(T, K)``."""
-        logits = self.router(x, modality_ids)  # (T, E)
+        if stop is None:
+            logits = self.router(x, modality_ids)  # (T, E)
+        else:
+            logits = self.router(x, modality_ids, stop=stop)
         top_logits, experts = logits.topk(self.top_k, dim=-1)  # (T, K)
         # Softmax over all E then renormalising over the chosen k equals a softmax over the k.
         gates = top_logits.softmax(dim=-1)  # (T, K)
@@ -197,19 +284,34 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor, modality_ids: torch.Tensor | None = None) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, D)
-        logits, experts, gates = self.route(x, modality_ids)
+        stop = self.grad_stop
+        if stop is not None:
+            if stop.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"weight_gradient_stop: stop has {stop.shape[0]} entries but this MoEBlock saw "
+                    f"{x.shape[0]} tokens (hidden states {tuple(shape)}); give stop the shape of "
+                    "the hidden states without their last dimension, e.g. (B, S) for (B, S, D)"
+                )
+            stop = stop.to(x.device)
+        logits, experts, gates = self.route(x, modality_ids, stop)
         self.last_router_logits = logits
-        out = self._dispatch(x, experts, gates.to(x.dtype))
+        out = self._dispatch(x, experts, gates.to(x.dtype), stop)
         return out.reshape(shape)
 
     def _dispatch(
-        self, x: torch.Tensor, experts: torch.Tensor, gates: torch.Tensor
+        self,
+        x: torch.Tensor,
+        experts: torch.Tensor,
+        gates: torch.Tensor,
+        stop: torch.Tensor | None = None,
     ) -> torch.Tensor:
         flat_experts = experts.reshape(-1)  # (T*K,)
         order = flat_experts.argsort(stable=True)  # (T*K,) assignments grouped by expert
         token = order // self.top_k  # (T*K,) token of each grouped assignment
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
         w1, w2, gates = self.gate_up_proj, self.down_proj, gates.reshape(-1)[order]
+        # (T*K,) 1 where an assignment's token gives to the expert weights' gradients, else 0
+        keep = None if stop is None else (~stop).index_select(0, token).to(x.dtype)
         kind = x.device.type
         if torch.is_autocast_enabled(kind):
             # Autocast does not reach into an autograd Function: cast as it casts a linear layer
@@ -217,95 +319,16 @@ class MoEBlock(nn.Module):
             # weights) and run the experts with autocast off, so every product has one dtype.
             dtype = torch.get_autocast_dtype(kind)
             x, w1, w2, gates = (t.to(dtype) for t in (x, w1, w2, gates))
+            keep = None if keep is None else keep.to(dtype)
             with torch.autocast(kind, enabled=False):
-                return _Experts.apply(x, w1, w2, gates, token, counts)
-        return _Experts.apply(x, w1, w2, gates, token, counts)
+                return GroupedExperts.apply(x, w1, w2, gates, token, counts, keep)
+        return GroupedExperts.apply(x, w1, w2, gates, token, counts, keep)
 
     def extra_repr(self) -> str:
         return (
             f"dim={self.gate_up_proj.shape[2]}, hidden={self.down_proj.shape[2]}, "
             f"num_experts={self.num_experts}, top_k={self.top_k}"
         )
-
-
-class _Experts(torch.autograd.Function):
-    """The experts of a :class:`MoEBlock` on tokens grouped by expert, forward and backward by hand.
-
-    The gate and up products of an expert are two products, ``(n, F)`` each, so that SiLU and the
-    element-wise products run on contiguous memory, and the backward makes none of the copies,
-    zero fills and concatenations that autograd makes around the per-expert slices. Every
-    product is written into its place (``torch.mm`` / ``torch.addmm`` with ``out=``), in the
-    orientation ``F.linear`` uses: the
-    forward gives the bits of a loop of ``F.linear`` calls (transformers' eager experts), and does
-    not depend on where the weights lie in memory (a loaded checkpoint's views are not aligned
-    like freshly allocated weights; the transposed orientation gives other bits there for small
-    experts).
-
-    Shapes: ``x (T, D)``, ``gate_up (E, 2F, D)``, ``down (E, D, F)``, ``gates (T*K,)`` and
-    ``token (T*K,)`` in expert order, ``counts`` (E ints) -> ``(T, D)``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, gate_up, down, gates, token, counts):
-        F_ = down.shape[2]
-        xs = x.index_select(0, token)  # (T*K, D)
-        y = x.new_empty(xs.shape)  # (T*K, D) each assignment's expert output, before its gate
-        saved, start = [], 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                saved.append(None)
-                continue
-            xe = xs[start : start + n]  # (n, D)
-            g = torch.mm(xe, gate_up[e, :F_].t())  # (n, F)
-            u = torch.mm(xe, gate_up[e, F_:].t())  # (n, F)
-            s = F.silu(g)
-            a = s * u  # (n, F)
-            torch.mm(a, down[e].t(), out=y[start : start + n])
-            saved.append((g, u, s, a))
-            start += n
-        out = torch.zeros_like(x).index_add_(0, token, y * gates[:, None])  # (T, D)
-        ctx.counts, ctx.hidden = counts, saved
-        ctx.save_for_backward(xs, y, gates, token, gate_up, down)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        xs, y, gates, token, gate_up, down = ctx.saved_tensors
-        need_x, need_w1, need_w2, need_g = ctx.needs_input_grad[:4]
-        F_ = down.shape[2]
-        dy_full = grad_out.index_select(0, token)  # (T*K, D)
-        d_gates = (dy_full * y).sum(1) if need_g else None  # (T*K,)
-        dy = dy_full * gates[:, None]  # (T*K, D)
-        dxs = torch.empty_like(xs) if need_x else None
-        # every expert's slice is written below; only the experts without tokens need zeros
-        d_gate_up = torch.empty_like(gate_up) if need_w1 else None
-        d_down = torch.empty_like(down) if need_w2 else None
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if n == 0:
-                for grad in (d_gate_up, d_down):
-                    if grad is not None:
-                        grad[e].zero_()
-                continue
-            g, u, s, a = ctx.hidden[e]
-            xe, dy_e = xs[start : start + n], dy[start : start + n]  # (n, D) each
-            if need_w2:
-                torch.mm(dy_e.t(), a, out=d_down[e])  # (D, F)
-            if need_x or need_w1:
-                da = torch.mm(dy_e, down[e])  # (n, F)
-                du = da * s
-                dg = torch.ops.aten.silu_backward(da * u, g)
-                if need_w1:
-                    torch.mm(dg.t(), xe, out=d_gate_up[e, :F_])  # (F, D)
-                    torch.mm(du.t(), xe, out=d_gate_up[e, F_:])
-                if need_x:
-                    dxe = dxs[start : start + n]
-                    torch.mm(dg, gate_up[e, :F_], out=dxe)  # (n, D)
-                    torch.addmm(dxe, du, gate_up[e, F_:], out=dxe)
-            start += n
-        dx = torch.zeros_like(grad_out).index_add_(0, token, dxs) if need_x else None
-        return dx, d_gate_up, d_down, d_gates, None, None
 
 
 def _dense_weights(dense_mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

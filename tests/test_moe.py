@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from smar.losses import load_balancing_loss, smar_loss
-from smar.moe import MoEBlock, Router, SwiGLU, default_partition, upcycle
+from smar.moe import MoEBlock, Router, SwiGLU, default_partition, upcycle, weight_gradient_stop
 
 
 def reference_moe(block: MoEBlock, x, modality_ids=None):
@@ -252,3 +252,217 @@ def test_block_under_bf16_autocast_matches_the_reference_in_bf16():
     for mine, theirs in zip(ours, (w1.grad, w2.grad), strict=True):
         assert mine.abs().sum() > 0
         torch.testing.assert_close(mine, theirs, rtol=5e-2, atol=5e-2 * theirs.abs().max().item())
+
+
+# ----------------------------------------------------------------------------------------------
+# weight_gradient_stop: stopped tokens give nothing to the weights' gradients, the rest unchanged
+
+
+def reference_stopped_moe(block: MoEBlock, x, ids, stop):
+    """Token by token, a stopped token computing with detached router and expert weights (and
+    bias): what the stop must give, forward and backward. Returns the output and the logits."""
+    rows, logits = [], []
+    for t in range(x.shape[0]):
+        cut = (lambda p: p.detach()) if bool(stop[t]) else (lambda p: p)
+        z = (x[t] @ cut(block.router.weight).t()).float()  # (E,) the router's float32 logits
+        z = z + cut(block.router.bias)[ids[t]]
+        w, idx = z.softmax(-1).topk(block.top_k)
+        w = w / w.sum()
+        row = 0
+        for j in range(block.top_k):
+            e = int(idx[j])
+            g, u = (cut(block.gate_up_proj)[e] @ x[t]).chunk(2)
+            row = row + w[j] * (cut(block.down_proj)[e] @ (torch.nn.functional.silu(g) * u))
+        rows.append(row)
+        logits.append(z)
+    return torch.stack(rows), torch.stack(logits)
+
+
+def _stop_grads(block, x, ids, fn):
+    """Output, logits and the gradients (x, gate_up, down, router weight, bias) of a loss on both
+    the output and the router logits (a routing loss reaches the router through the logits)."""
+    torch.manual_seed(1)
+    w = torch.randn(x.shape, dtype=x.dtype)
+    xi = x.clone().requires_grad_(True)
+    out, logits = fn(xi)
+    ((out * w).sum() + smar_loss([logits], ids) + logits.pow(2).mean()).backward()
+    params = (block.gate_up_proj, block.down_proj, block.router.weight, block.router.bias)
+    grads = [xi.grad] + [p.grad.clone() for p in params]
+    block.zero_grad(set_to_none=True)
+    return out.detach(), logits.detach(), grads
+
+
+def _stopped_block(E, K, T, seed=0):
+    torch.manual_seed(seed)
+    block = MoEBlock(16, 24, E, K, modality_bias=True).double()
+    with torch.no_grad():
+        block.router.bias.normal_()  # a non-zero bias, so that its gradient is not trivial
+    x = torch.randn(T, 16, dtype=torch.float64)
+    ids = torch.randint(0, 2, (T,))
+    return block, x, ids
+
+
+def _ours(block, ids, stop):
+    def fn(xi):
+        with weight_gradient_stop(block, stop):
+            return block(xi, ids), block.last_router_logits
+
+    return fn
+
+
+@pytest.mark.parametrize("E,K,T", [(4, 2, 40), (8, 2, 5), (3, 3, 20), (4, 1, 30)])
+def test_weight_gradient_stop_matches_the_detached_reference(E, K, T):
+    """Against float64 autograd on a token-by-token reference whose stopped tokens use detached
+    weights: the gradients of the input, both expert weights, the router weight and its bias agree
+    to 1e-10; the output and the logits are the bits of the block without the stop."""
+    block, x, ids = _stopped_block(E, K, T)
+    stop = ids == 1
+    plain = _stop_grads(block, x, ids, lambda xi: (block(xi, ids), block.last_router_logits))
+    ours = _stop_grads(block, x, ids, _ours(block, ids, stop))
+    ref = _stop_grads(block, x, ids, lambda xi: reference_stopped_moe(block, xi, ids, stop))
+    assert torch.equal(ours[0], plain[0]) and torch.equal(ours[1], plain[1])
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-10, atol=1e-12)
+    diffs = [(a - b).abs().max().item() for a, b in zip(ours[2], ref[2], strict=True)]
+    assert max(diffs) < 1e-10, diffs
+    torch.testing.assert_close(ours[2][0], plain[2][0], rtol=1e-12, atol=1e-13)  # x: unchanged
+    # the test can fail: ignoring the stop (the plain gradients) misses the reference's weights
+    for mine, theirs in zip(plain[2][1:], ref[2][1:], strict=True):
+        assert (mine - theirs).abs().max() > 1e-3
+
+
+def test_weight_gradient_stop_all_none_and_its_scope():
+    """Every token stopped: the weights get exact zeros, the input its usual gradient; no token
+    stopped: the bits of the block without the stop. The stop ends with the context, nests, and
+    acts on every block of a module."""
+    block, x, ids = _stopped_block(4, 2, 24)
+    plain = _stop_grads(block, x, ids, lambda xi: (block(xi, ids), block.last_router_logits))
+    every = _stop_grads(block, x, ids, _ours(block, ids, torch.ones(24, dtype=torch.bool)))
+    for g in every[2][1:]:
+        assert torch.equal(g, torch.zeros_like(g))
+    torch.testing.assert_close(every[2][0], plain[2][0], rtol=1e-12, atol=1e-13)
+    none = _stop_grads(block, x, ids, _ours(block, ids, torch.zeros(24, dtype=torch.bool)))
+    for a, b in zip(none[2], plain[2], strict=True):
+        assert torch.equal(a, b)
+    model = torch.nn.Sequential(block, MoEBlock(16, 24, 4, 2).double())
+    with weight_gradient_stop(model, ids == 0):
+        assert all(b.grad_stop is not None for b in model)
+        with weight_gradient_stop(model, None):
+            assert all(b.grad_stop is None for b in model)
+        assert torch.equal(model[1].grad_stop, ids == 0)
+    assert all(b.grad_stop is None for b in model)
+
+
+def test_weight_gradient_stop_under_bf16_autocast():
+    """In bf16 autocast (the experts cast as ``_dispatch`` casts them): the same bits out, the
+    input's gradient of the plain block, exact zeros in the weights when every token stops, and
+    for half the tokens stopped, weight gradients equal to those of the kept tokens alone."""
+    torch.manual_seed(0)
+    block = MoEBlock(32, 48, 4, 2)
+    x = torch.randn(2, 20, 32)
+    stop = torch.zeros(2, 20, dtype=torch.bool)
+    stop[1] = True  # the second sequence stopped: its tokens' expert choices do not mix
+    results = []
+    for s in (None, stop, torch.ones_like(stop)):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16), weight_gradient_stop(block, s):
+            out = block(xi)
+        (out.float() ** 2).sum().backward()
+        params = (block.gate_up_proj, block.down_proj, block.router.weight)
+        results.append((out, xi.grad, [p.grad.clone() for p in params]))
+        block.zero_grad(set_to_none=True)
+    (out0, dx0, _), (out1, dx1, w1), (out2, dx2, w2) = results
+    assert out0.dtype == torch.bfloat16 and torch.equal(out0, out1) and torch.equal(out0, out2)
+    torch.testing.assert_close(dx1, dx0, rtol=0, atol=0)
+    torch.testing.assert_close(dx2, dx0, rtol=0, atol=0)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in w2)
+    xi = x[:1].clone()  # the kept sequence alone
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (block(xi).float() ** 2).sum().backward()
+    for mine, alone in zip(
+        w1, (block.gate_up_proj, block.down_proj, block.router.weight), strict=True
+    ):
+        assert mine.dtype == torch.float32 and mine.abs().sum() > 0
+        torch.testing.assert_close(
+            mine, alone.grad, rtol=2e-2, atol=2e-2 * alone.grad.abs().max().item()
+        )
+
+
+def test_weight_gradient_stop_names_what_is_wrong():
+    block = MoEBlock(8, 8, 4, 2)
+    with pytest.raises(ValueError, match=r"stop has 5 entries .* saw 6 tokens.*\(B, S\)"):
+        with weight_gradient_stop(block, torch.zeros(5, dtype=torch.bool)):
+            block(torch.randn(2, 3, 8))
+    assert block.grad_stop is None  # restored after the error
+    with pytest.raises(ValueError, match="bool"):
+        with weight_gradient_stop(block, torch.zeros(6)):
+            pass
+    with pytest.raises(ValueError, match="no smar.moe.MoEBlock"):
+        with weight_gradient_stop(torch.nn.Linear(8, 8), torch.zeros(6, dtype=torch.bool)):
+            pass
+
+
+def test_weight_gradient_stop_in_an_upcycled_llama():
+    """``smar.upcycle_hf`` on a tiny random Llama: stopping every token leaves the experts and the
+    routers without gradient and the input embeddings with the gradient they get without the
+    stop; stopping some tokens changes the MoE weights' gradients (noisy expert copies, so that the
+    routers matter) and not the embeddings'."""
+    transformers = pytest.importorskip("transformers")
+    from smar.hf import upcycle_hf
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2)  # fmt: skip
+    model = upcycle_hf(transformers.LlamaForCausalLM(cfg).double(), num_experts=4, noise=0.1)
+    ids = torch.randint(0, 96, (2, 12))
+    ids[:, :4] = 7  # an "image token"
+
+    def grads(stop):
+        with weight_gradient_stop(model, stop):
+            model(input_ids=ids, labels=ids).loss.backward()
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    plain, every, some = grads(None), grads(torch.ones_like(ids, dtype=torch.bool)), grads(ids == 7)
+    moe = [n for n in plain if ".mlp." in n]
+    assert len(moe) == 2 * 3  # gate_up_proj, down_proj, router.weight in 2 layers
+    assert all(torch.equal(every[n], torch.zeros_like(plain[n])) for n in moe)
+    assert all(plain[n].abs().sum() > 0 for n in moe)
+    embed = "model.embed_tokens.weight"
+    for stopped in (every, some):
+        torch.testing.assert_close(stopped[embed], plain[embed], rtol=1e-10, atol=1e-12)
+        assert all(torch.equal(stopped[n], plain[n]) for n in plain if n not in moe and n != embed)
+    assert all((some[n] - plain[n]).abs().max() > 1e-6 for n in moe)
+
+
+def test_weight_gradient_stop_through_the_modality_bias_wrapper():
+    """Under ``smar.attach`` the router is wrapped (the bias is added to its first ``F.linear``):
+    with the stop the output keeps its bits, and the wrapper's bias gets no gradient from stopped
+    tokens either (only text rows move when the image tokens stop)."""
+    import smar
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(MoEBlock(16, 24, 4, 2)).double()
+    reg = smar.attach(model)
+    bias = reg.wrappers[0].modality_bias
+    with torch.no_grad():
+        bias.normal_()
+    x = torch.randn(2, 10, 16, dtype=torch.float64)
+    ids = torch.zeros(2, 10, dtype=torch.long)
+    ids[:, :4] = 1
+    outs, grads = [], []
+    for stop in (None, ids == 1, torch.ones_like(ids, dtype=torch.bool)):
+        reg.set_modality(ids)
+        with weight_gradient_stop(model, stop):
+            outs.append(model(x))
+        outs[-1].pow(2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    assert all(torch.equal(out, outs[0]) for out in outs)
+    plain, image, every = grads
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in every.values())
+    name = "0.router.modality_bias"
+    assert torch.equal(image[name][1], torch.zeros(4, dtype=torch.float64))
+    torch.testing.assert_close(image[name][0], plain[name][0], rtol=1e-10, atol=1e-12)
+    assert plain[name][1].abs().sum() > 0

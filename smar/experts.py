@@ -1,0 +1,103 @@
+"""The experts of :class:`smar.moe.MoEBlock` on tokens grouped by expert, forward and backward
+written by hand (``GroupedExperts``): the products of a loop of ``F.linear`` calls, without
+autograd's copies and zero fills, and with an optional per-assignment mask on the weights'
+gradients (:func:`smar.moe.weight_gradient_stop`).
+
+Shape legend: T tokens, K experts per token, D model width, F expert hidden width, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["GroupedExperts"]
+
+
+class GroupedExperts(torch.autograd.Function):
+    """The experts of a :class:`MoEBlock` on tokens grouped by expert, forward and backward by hand.
+
+    The gate and up products of an expert are two products, ``(n, F)`` each, so that SiLU and the
+    element-wise products run on contiguous memory, and the backward makes none of the copies,
+    zero fills and concatenations that autograd makes around the per-expert slices. Every
+    product is written into its place (``torch.mm`` / ``torch.addmm`` with ``out=``), in the
+    orientation ``F.linear`` uses: the
+    forward gives the bits of a loop of ``F.linear`` calls (transformers' eager experts), and does
+    not depend on where the weights lie in memory (a loaded checkpoint's views are not aligned
+    like freshly allocated weights; the transposed orientation gives other bits there for small
+    experts).
+
+    ``keep`` (or None) multiplies the rows of the weights' gradients in the backward only: an
+    assignment with ``keep == 0`` gives nothing to ``d_gate_up`` and ``d_down`` and its usual
+    share to ``dx`` and ``d_gates``.
+
+    Shapes: ``x (T, D)``, ``gate_up (E, 2F, D)``, ``down (E, D, F)``, ``gates (T*K,)``,
+    ``token (T*K,)`` and ``keep (T*K,)`` in expert order, ``counts`` (E ints) -> ``(T, D)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gate_up, down, gates, token, counts, keep=None):
+        F_ = down.shape[2]
+        xs = x.index_select(0, token)  # (T*K, D)
+        y = x.new_empty(xs.shape)  # (T*K, D) each assignment's expert output, before its gate
+        saved, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                saved.append(None)
+                continue
+            xe = xs[start : start + n]  # (n, D)
+            g = torch.mm(xe, gate_up[e, :F_].t())  # (n, F)
+            u = torch.mm(xe, gate_up[e, F_:].t())  # (n, F)
+            s = F.silu(g)
+            a = s * u  # (n, F)
+            torch.mm(a, down[e].t(), out=y[start : start + n])
+            saved.append((g, u, s, a))
+            start += n
+        out = torch.zeros_like(x).index_add_(0, token, y * gates[:, None])  # (T, D)
+        ctx.counts, ctx.hidden = counts, saved
+        ctx.save_for_backward(xs, y, gates, token, gate_up, down, keep)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        xs, y, gates, token, gate_up, down, keep = ctx.saved_tensors
+        need_x, need_w1, need_w2, need_g = ctx.needs_input_grad[:4]
+        F_ = down.shape[2]
+        dy_full = grad_out.index_select(0, token)  # (T*K, D)
+        d_gates = (dy_full * y).sum(1) if need_g else None  # (T*K,)
+        dy = dy_full * gates[:, None]  # (T*K, D)
+        dy_w, xs_w = dy, xs  # what the weights' gradients see (T*K, D)
+        if keep is not None:
+            dy_w = dy * keep[:, None] if need_w2 else None
+            xs_w = xs * keep[:, None] if need_w1 else None
+        dxs = torch.empty_like(xs) if need_x else None
+        # every expert's slice is written below; only the experts without tokens need zeros
+        d_gate_up = torch.empty_like(gate_up) if need_w1 else None
+        d_down = torch.empty_like(down) if need_w2 else None
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if n == 0:
+                for grad in (d_gate_up, d_down):
+                    if grad is not None:
+                        grad[e].zero_()
+                continue
+            g, u, s, a = ctx.hidden[e]
+            dy_e = dy[start : start + n]  # (n, D)
+            if need_w2:
+                torch.mm(dy_w[start : start + n].t(), a, out=d_down[e])  # (D, F)
+            if need_x or need_w1:
+                da = torch.mm(dy_e, down[e])  # (n, F)
+                du = da * s
+                dg = torch.ops.aten.silu_backward(da * u, g)
+                if need_w1:
+                    xw = xs_w[start : start + n]  # (n, D)
+                    torch.mm(dg.t(), xw, out=d_gate_up[e, :F_])  # (F, D)
+                    torch.mm(du.t(), xw, out=d_gate_up[e, F_:])
+                if need_x:
+                    dxe = dxs[start : start + n]
+                    torch.mm(dg, gate_up[e, :F_], out=dxe)  # (n, D)
+                    torch.addmm(dxe, du, gate_up[e, F_:], out=dxe)
+            start += n
+        dx = torch.zeros_like(grad_out).index_add_(0, token, dxs) if need_x else None
+        return dx, d_gate_up, d_down, d_gates, None, None, None
