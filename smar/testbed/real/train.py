@@ -4,8 +4,19 @@
   model's inputs, on descriptions (LLaVA's alignment stage).
 * :func:`instruct`: visual instruction tuning of one arm with :class:`smar.hf.SMARTrainer` (a
   ``transformers.Trainer``): the MoE layers' MLPs, routers and projector train, attention and
-  embeddings stay frozen (MoE-LLaVA's stage 3). Arms: ``none`` (load balancing only) and ``smar``
-  (SMAR's band loss and modality bias, on top of the same load balancing).
+  embeddings stay frozen (MoE-LLaVA's stage 3). Arms (:data:`ARMS`), each with the same load
+  balancing:
+
+  - ``none``: load balancing only;
+  - ``smar``: SMAR's band loss and trainable modality bias;
+  - ``hard``: modality-specific experts (text: the first half, image: the second), through the
+    same bias, fixed at 0 on the modality's own experts and :data:`HARD_BIAS` on the others (top-k
+    never picks them: router logits differ by far less) and not trained;
+  - ``stop``: the image-gradient-stop control, ``none`` with the image tokens' contribution to the
+    experts' and routers' weight gradients removed (:func:`smar.moe.weight_gradient_stop`); the
+    projector still learns through them. What it keeps over ``none`` is the forgetting that
+    routing by modality can act on;
+  - ``noimage``: the no-image control, ``none`` on the same samples with their images removed.
 
 Both run in float32, or in bf16 autocast (``precision="bf16"``: float32 master weights and
 optimizer state; smar's losses compute in float32 from the bf16 logits).
@@ -22,18 +33,54 @@ import smar
 import smar.hf
 from smar.testbed.real.data import collate
 
-__all__ = ["ARMS", "arm_config", "align", "instruct"]
+__all__ = ["ARMS", "HARD_BIAS", "arm_config", "align", "instruct", "drop_images"]
 
-ARMS = ("none", "smar")
+ARMS = ("none", "smar", "hard", "stop", "noimage")
+HARD_BIAS = -30.0
 
 
 def arm_config(arm: str, lb_weight: float = 0.01) -> smar.SMARConfig:
-    """The routing objective of an arm: the same load balancing for both."""
-    if arm == "none":
+    """The routing objective of an arm: the same load balancing for every arm."""
+    if arm in ("none", "stop", "noimage"):
         return smar.SMARConfig(smar_weight=0.0, lb_weight=lb_weight, modality_bias=False)
     if arm == "smar":
         return smar.SMARConfig(lb_weight=lb_weight)
+    if arm == "hard":
+        return smar.SMARConfig(smar_weight=0.0, lb_weight=lb_weight, modality_bias=True)
     raise ValueError(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
+
+
+def drop_images(samples: list[dict]) -> list[dict]:
+    """The no-image control's samples: the same chats without their image items."""
+    out = []
+    for s in samples:
+        msgs = [{**m, "content": [c for c in m["content"] if c.get("type") != "image"]}
+                if isinstance(m["content"], list) else m for m in s["messages"]]  # fmt: skip
+        out.append({**s, "messages": msgs, "images": []})
+    return out
+
+
+def _fix_hard(trainer) -> None:
+    """Sets each modality bias to the hard partition and freezes it (before the optimizer is
+    built, so it never trains)."""
+    for bias in trainer.smar.bias_parameters():  # (M, E)
+        half = bias.shape[1] // 2
+        with torch.no_grad():
+            bias.zero_()
+            bias[0, half:] = HARD_BIAS
+            bias[1, :half] = HARD_BIAS
+        bias.requires_grad_(False)
+
+
+class _StopTrainer(smar.hf.SMARTrainer):
+    """``SMARTrainer`` whose forwards stop the image tokens' weight gradients."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        from smar.moe import weight_gradient_stop
+
+        image = inputs["input_ids"] == model.config.image_token_index  # (B, S)
+        with weight_gradient_stop(model, image):
+            return super().compute_loss(model, inputs, *args, **kwargs)
 
 
 def _cast(precision: str):
@@ -82,7 +129,7 @@ def trainable_for_instruct(model) -> list[str]:
 
 def instruct(model, processor, samples: list[dict], out_dir: str, *, arm: str, steps: int,
              batch: int = 8, lr: float = 2e-5, seed: int = 0, precision: str = "fp32",
-             lb_weight: float = 0.01):  # fmt: skip
+             lb_weight: float = 0.01, progress: bool = False):  # fmt: skip
     """Stage 3 of one arm with :class:`smar.hf.SMARTrainer`; saves the model and its bias into
     ``out_dir`` and returns the trainer (its ``state.log_history`` holds the ``smar/*`` terms)."""
     import transformers
@@ -93,12 +140,17 @@ def instruct(model, processor, samples: list[dict], out_dir: str, *, arm: str, s
         learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10),
         weight_decay=0.0, logging_steps=max(1, steps // 10), save_strategy="no",
         report_to=[], seed=seed, data_seed=seed, use_cpu=True, bf16=precision == "bf16",
-        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True,
+        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not progress,
     )  # fmt: skip
-    trainer = smar.hf.SMARTrainer(
+    if arm == "noimage":
+        samples = drop_images(samples)
+    cls = _StopTrainer if arm == "stop" else smar.hf.SMARTrainer
+    trainer = cls(
         model=model, args=args, train_dataset=samples,
         data_collator=lambda rows: collate(processor, rows), smar_config=arm_config(arm, lb_weight),
     )  # fmt: skip
+    if arm == "hard":
+        _fix_hard(trainer)
     trainer.train()
     trainer.save_model(out_dir)
     processor.save_pretrained(out_dir)

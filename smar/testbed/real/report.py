@@ -1,0 +1,157 @@
+"""``smar real run``'s results: retention per benchmark, paired by seed, and ``report.md``.
+
+Retention of a benchmark is the tuned model's score over the stage-1 model's: for bits per byte
+(lower is better) ``bpb_stage1 / bpb``, for knowledge ``accuracy / accuracy_stage1``; ``R`` is the
+mean over the language benchmarks. Every arm is compared with ``none`` on the same seed (same
+samples, same order); intervals are 95% t intervals over seeds. The stop and no-image controls'
+shares are ``(R_control - R_none) / (1 - R_none)`` per seed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from smar.atomic import write_text
+from smar.testbed.io import write_json
+from smar.testbed.stats import confidence_interval, image_driven_share
+
+__all__ = ["retention", "aggregate", "write"]
+
+LOWER_IS_BETTER = ("chat_bpb", "code_bpb", "prose_bpb")
+BENCHMARKS = {"chat_bpb": "chat (base answers, bpb)", "code_bpb": "code (HumanEval, bpb)",
+              "prose_bpb": "prose (Shakespeare, bpb)", "knowledge": "knowledge (exact)"}  # fmt: skip
+CONTROLS = {"stop": "image-gradient stop", "noimage": "no images"}
+
+
+def retention(language: dict, base: dict) -> dict[str, float]:
+    """Per-benchmark retention of one run's language scores against the stage-1 model's."""
+    return {k: (base[k] / v if k in LOWER_IS_BETTER else v / base[k]) for k, v in language.items()}
+
+
+def _mean(values) -> float:
+    """The mean of the finite values (None: not measured, e.g. no image token), NaN if none."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def _ci(values) -> list[float]:
+    mean, half = confidence_interval(list(values))
+    return [mean, half]
+
+
+def aggregate(stage1: dict, runs: dict) -> dict:
+    """Per arm: retention per benchmark, ``R``, multimodal accuracy and the last logged per-layer
+    MRD (means and intervals over seeds); per arm but ``none``: paired differences to ``none``;
+    per control: its share of ``none``'s forgetting."""
+    by_arm: dict[str, dict[int, dict]] = {}
+    for r in runs.values():
+        ret = retention(r["language"], stage1["language"])
+        mm = r["multimodal"]
+        last = r["log"][-1] if r["log"] else {}
+        mrd = {k.split("/")[1]: v for k, v in last.items() if k.startswith("smar/layer")}
+        by_arm.setdefault(r["arm"], {})[r["seed"]] = {
+            "retention": ret, "R": sum(ret.values()) / len(ret), "mm": mm,
+            "mm_mean": sum(mm.values()) / len(mm), "mrd": mrd,
+        }  # fmt: skip
+    out = {}
+    for arm, seeds in by_arm.items():
+        rows = list(seeds.values())
+        a = {
+            "seeds": sorted(seeds),
+            "retention": {b: _ci(r["retention"][b] for r in rows) for b in rows[0]["retention"]},
+            "R": _ci(r["R"] for r in rows),
+            "multimodal": {t: _ci(r["mm"][t] for r in rows) for t in rows[0]["mm"]},
+            "multimodal_mean": _ci(r["mm_mean"] for r in rows),
+            "mrd": {k: _mean([r["mrd"].get(k) for r in rows]) for k in rows[0]["mrd"]},
+            "R_by_seed": {s: r["R"] for s, r in seeds.items()},
+        }
+        out[arm] = a
+    none = by_arm.get("none", {})
+    for arm, seeds in by_arm.items():
+        paired = [s for s in seeds if s in none]
+        if arm == "none" or not paired:
+            continue
+        diff = {b: _ci(seeds[s]["retention"][b] - none[s]["retention"][b] for s in paired)
+                for b in none[paired[0]]["retention"]}  # fmt: skip
+        diff["R"] = _ci(seeds[s]["R"] - none[s]["R"] for s in paired)
+        diff["multimodal_mean"] = _ci(seeds[s]["mm_mean"] - none[s]["mm_mean"] for s in paired)
+        out[arm]["vs_none"] = diff
+        if arm in CONTROLS:
+            shares = [image_driven_share(none[s]["R"], seeds[s]["R"]) for s in paired]
+            out[arm]["share"] = _ci(shares)
+            out[arm]["share_by_seed"] = shares
+    return out
+
+
+def _f(x: list[float] | float, digits: int = 3) -> str:
+    if isinstance(x, list):
+        mean, half = x
+        return f"{mean:.{digits}f}" + ("" if math.isnan(half) else f" ± {half:.{digits}f}")
+    return f"{x:.{digits}f}"
+
+
+def _markdown(cfg, stage1: dict, agg: dict, meta: dict) -> str:
+    arms = [a for a in ("none", "smar", "hard", "stop", "noimage") if a in agg]
+    lines = ["# smar real: SMAR on SmolLM2-135M-Instruct", "",
+             f"Model: {meta['model']}; seeds {list(cfg.seeds)}; stage 3: {cfg.steps} steps of "
+             f"{cfg.batch} samples, lr {cfg.lr}, {cfg.text_ratio:.1%} pure text; precision "
+             f"{cfg.precision}. Intervals: 95% over seeds.", "",
+             "## Stage-1 model (the reference)", "",
+             "| benchmark | score |", "|---|---|"]  # fmt: skip
+    lines += [f"| {BENCHMARKS[b]} | {v:.4f} |" for b, v in stage1["language"].items()]
+    lines += [f"| knowledge questions scored (the base answers them right) | "
+              f"{stage1['knowledge_asked']} |"]
+    lines += [f"| image: {t} | {v:.3f} |" for t, v in stage1["multimodal"].items()]
+    lines += ["", "## Language retention (1 = as the stage-1 model)", "",
+              "| arm | " + " | ".join(BENCHMARKS[b] for b in BENCHMARKS) + " | R | image acc. |",
+              "|---" * (len(BENCHMARKS) + 3) + "|"]  # fmt: skip
+    for arm in arms:
+        a = agg[arm]
+        cells = [_f(a["retention"][b]) if b in a["retention"] else "-" for b in BENCHMARKS]
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {_f(a['R'])} | "
+                     f"{_f(a['multimodal_mean'])} |")  # fmt: skip
+    none = agg.get("none")
+    if none:
+        below = [BENCHMARKS[b] for b, (m, h) in none["retention"].items() if m + h < 1]
+        lines += ["", "Forgetting (none's retention with its 95% interval below 1): "
+                  + (", ".join(below) if below else "**none**: no benchmark")]  # fmt: skip
+    diffs = [a for a in arms if "vs_none" in agg[a]]
+    if diffs:
+        lines += ["", "## Paired differences to none (retention; image accuracy)", "",
+                  "| arm | " + " | ".join(BENCHMARKS[b] for b in BENCHMARKS)
+                  + " | R | image acc. |", "|---" * (len(BENCHMARKS) + 3) + "|"]  # fmt: skip
+        for arm in diffs:
+            d = agg[arm]["vs_none"]
+            lines.append(f"| {arm} | " + " | ".join(_f(d[b]) if b in d else "-" for b in BENCHMARKS)
+                         + f" | {_f(d['R'])} | {_f(d['multimodal_mean'])} |")  # fmt: skip
+    shares = [a for a in arms if "share" in agg[a]]
+    if shares:
+        lines += ["", "## What routing by modality can act on", ""]
+        for arm in shares:
+            lines.append(f"- {CONTROLS[arm]} control's share of none's forgetting, "
+                         f"(R_{arm} - R_none) / (1 - R_none): {_f(agg[arm]['share'], 2)}")
+    lines += ["", "## Per-layer MRD (last logged training step, mean over seeds)", "",
+              "| arm | " + " | ".join(next(iter(agg.values()))["mrd"]) + " |",
+              "|---" * (len(next(iter(agg.values()))["mrd"]) + 1) + "|"]  # fmt: skip
+    for arm in arms:
+        lines.append(f"| {arm} | " + " | ".join(f"{v:.3f}" for v in agg[arm]["mrd"].values())
+                     + " |")  # fmt: skip
+    t = meta["timing"]
+    lines += ["", f"Time: {t['total'] / 60:.1f} min (base answers {t['base_answers']:.0f} s, "
+              f"stages 0-1 {t['vision_align']:.0f} s); peak memory "
+              f"{meta['peak_memory_gib']:.1f} GiB."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write(out: str | Path, cfg, stage1: dict, runs: dict, meta: dict) -> dict:
+    """Writes ``results.json`` and ``report.md`` into ``out``; returns the results."""
+    out = Path(out)
+    agg = aggregate(stage1, runs)
+    results = {"stage1": stage1, "arms": agg, **meta,
+               "runs": {k: {x: v[x] for x in ("arm", "seed", "language", "multimodal",
+                                              "train_seconds", "eval_seconds")}
+                        for k, v in runs.items()}}  # fmt: skip
+    write_json(out / "results.json", results)
+    write_text(out / "report.md", _markdown(cfg, stage1, agg, meta))
+    return results

