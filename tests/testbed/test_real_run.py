@@ -17,10 +17,17 @@ def _tiny_base():
 
     from smar.testbed.real.model import CHAT_TEMPLATE
 
-    words = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", *(
-        "system user assistant what is the capital of a an in picture image digit shape colour "
-        "red blue green square circle triangle it number one two three four five six seven eight "
-        "nine zero def return write sentence about describe tell me you see . ? ,").split()]
+    words = [
+        "<unk>",
+        "<pad>",
+        "<|im_start|>",
+        "<|im_end|>",
+        *(
+            "system user assistant what is the capital of a an in picture image digit shape colour "
+            "red blue green square circle triangle it number one two three four five six seven eight "
+            "nine zero def return write sentence about describe tell me you see . ? ,"
+        ).split(),
+    ]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>",

