@@ -73,31 +73,9 @@ def _refuse_torchrun(command: str) -> None:
 
 
 def _real(args: argparse.Namespace) -> int:
-    """``smar real sanity``: the real model loads, answers, and upcycles without changing."""
-    import resource
-    import time
+    from smar.testbed.real.command import main as real_main
 
-    from smar.testbed.real.base import SANITY_PROMPTS, greedy, load_base
-    from smar.testbed.real.model import CHAT_TEMPLATE, build_vlm, text_gap
-    from smar.testbed.real.precision import resolve_precision
-
-    precision, why = resolve_precision(args.precision)
-    print(f"precision: {precision} ({why})")
-    t = time.perf_counter()
-    model, tok = load_base(args.cache)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"base: {type(model).__name__}, {n / 1e6:.1f}M parameters, loaded in "
-          f"{time.perf_counter() - t:.0f} s")  # fmt: skip
-    for prompt, answer in zip(SANITY_PROMPTS, greedy(model, tok), strict=True):
-        print(f"  {prompt!r} -> {answer!r}")
-    vlm, _, _ = build_vlm(model, tok, chat_template=CHAT_TEMPLATE)
-    n = sum(p.numel() for p in vlm.parameters())
-    print(f"LLaVA around it (CLIP tower, MLPs of alternate layers upcycled to 4 experts, top-2): "
-          f"{n / 1e6:.1f}M parameters; on text, max |logit difference| to the base "
-          f"{text_gap(model, vlm):.2e}")  # fmt: skip
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"peak memory: {peak:.2f} GiB")
-    return 0
+    return real_main(args)
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -183,14 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     insp.set_defaults(func=_inspect)
 
-    real = sub.add_parser("real", help="SMAR on a real pretrained LM (SmolLM2-135M-Instruct)")
-    real.add_argument("stage", choices=("sanity",),
-                      help="sanity: the base model's greedy answers to three prompts and the "
-                      "largest logit change upcycling makes")  # fmt: skip
-    real.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                      help="bf16 autocast where the CPU has bf16 matrix instructions (auto)")
-    real.add_argument("--cache", help="folder of the model file (default <smar cache>/real)")
-    real.set_defaults(func=_real)
+    from smar.testbed.real.command import add_parser as add_real
+
+    add_real(sub).set_defaults(func=_real)
 
     sweep = sub.add_parser("sweep", help="arms x seeds x text ratios x bands x learning rates")
     sweep.add_argument("overrides", nargs="*", help="e.g. seeds=0,1,2 bands=1.5:2,0:0")
@@ -242,8 +215,8 @@ def _inspect(args: argparse.Namespace) -> int:
             ) from None
         except Exception as e:  # the user's module failed while it was imported
             raise UsageError(
-                f"--adapter {spec}: importing its module raised {type(e).__name__}: "
-                f"{str(e)[:120]}", "fix that module (run `python -c 'import MODULE'` to see it)"
+                f"--adapter {spec}: importing its module raised {type(e).__name__}: {str(e)[:120]}",
+                "fix that module (run `python -c 'import MODULE'` to see it)",
             ) from None
     try:
         import transformers

@@ -1,0 +1,118 @@
+"""The ``smar real`` command: ``sanity`` (the base model loads, answers and upcycles without
+changing) and ``run`` (the experiment, :func:`smar.testbed.real.run.run`)."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+from smar.testbed.errors import UsageError
+
+__all__ = ["add_parser", "main"]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    real = subparsers.add_parser(
+        "real", help="SMAR on a real pretrained LM (SmolLM2-135M-Instruct)"
+    )
+    real.add_argument("stage", choices=("sanity", "run"),
+                      help="sanity: the base model's greedy answers to three prompts and the "
+                      "largest logit change upcycling makes; run: the experiment (stages 0-3, "
+                      "the arms over seeds, retention, report)")  # fmt: skip
+    real.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "bf16", "fp32"),
+        help="bf16 autocast where the CPU has bf16 matrix instructions (auto)",
+    )
+    real.add_argument("--cache", help="folder of the model file (default <smar cache>/real)")
+    real.add_argument("--out", default="smar-real", help="run: output folder (smar-real)")
+    real.add_argument("--smoke", action="store_true",
+                      help="run: tiny sizes, every stage and arm, a few minutes")  # fmt: skip
+    real.add_argument("--arms", help="run: comma-separated, of none,smar,hard,stop,noimage "
+                      "(default none,smar,stop)")  # fmt: skip
+    real.add_argument("--seeds", help="run: comma-separated seeds (default 0,1,2)")
+    real.add_argument("--steps", type=int, help="run: stage-3 optimizer steps per run")
+    real.add_argument("--lr", type=float, help="run: stage-3 learning rate")
+    real.add_argument("--quiet", action="store_true", help="run: no progress bars")
+    return real
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise UsageError(f"{flag} {text!r} is not a comma-separated list of integers",
+                         f"e.g. {flag} 0,1,2") from None  # fmt: skip
+
+
+def _config(args: argparse.Namespace, precision: str):
+    from smar.testbed.real.run import RealConfig
+    from smar.testbed.real.train import ARMS
+
+    kw: dict = {"precision": precision}
+    if args.arms:
+        kw["arms"] = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+        bad = [a for a in kw["arms"] if a not in ARMS]
+        if bad or not kw["arms"]:
+            raise UsageError(f"--arms {args.arms!r}: unknown arm(s) {bad}",
+                             f"choose among {','.join(ARMS)}")  # fmt: skip
+    if args.seeds:
+        kw["seeds"] = _ints(args.seeds, "--seeds")
+    for name in ("steps", "lr"):
+        value = getattr(args, name)
+        if value is not None:
+            if not value > 0:
+                raise UsageError(f"--{name} must be positive; got {value}")
+            kw[name] = value
+    return RealConfig.smoke(**kw) if args.smoke else RealConfig(**kw)
+
+
+def main(args: argparse.Namespace) -> int:
+    from smar.testbed.real.precision import resolve_precision
+
+    precision, why = resolve_precision(args.precision)
+    print(f"precision: {precision} ({why})")
+    if args.stage == "run":
+        return _run(args, precision)
+    return _sanity(args)
+
+
+def _run(args: argparse.Namespace, precision: str) -> int:
+    from smar.atomic import output_problem
+    from smar.testbed.real.base import GGUF_SHA256, load_base
+    from smar.testbed.real.run import run
+
+    cfg = _config(args, precision)
+    problem = output_problem(args.out)
+    if problem:
+        raise UsageError(f"--out {args.out}: {problem}", "pass a folder smar can write")
+    base = load_base(args.cache)
+    res = run(cfg, args.out, base=base, model_id=f"smollm2-135m-instruct-{GGUF_SHA256[:12]}",
+              progress=not args.quiet)  # fmt: skip
+    print(open(f"{args.out}/report.md", encoding="utf-8").read())
+    print(f"results: {args.out}/results.json; runs (smar analyze reads them): {args.out}/runs/; "
+          f"peak memory {res['peak_memory_gib']:.1f} GiB")  # fmt: skip
+    return 0
+
+
+def _sanity(args: argparse.Namespace) -> int:
+    from smar.testbed.real.base import SANITY_PROMPTS, greedy, load_base
+    from smar.testbed.real.model import CHAT_TEMPLATE, build_vlm, text_gap
+
+    t = time.perf_counter()
+    model, tok = load_base(args.cache)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"base: {type(model).__name__}, {n / 1e6:.1f}M parameters, loaded in "
+          f"{time.perf_counter() - t:.0f} s")  # fmt: skip
+    for prompt, answer in zip(SANITY_PROMPTS, greedy(model, tok), strict=True):
+        print(f"  {prompt!r} -> {answer!r}")
+    vlm, _, _ = build_vlm(model, tok, chat_template=CHAT_TEMPLATE)
+    n = sum(p.numel() for p in vlm.parameters())
+    print(f"LLaVA around it (CLIP tower, MLPs of alternate layers upcycled to 4 experts, top-2): "
+          f"{n / 1e6:.1f}M parameters; on text, max |logit difference| to the base "
+          f"{text_gap(model, vlm):.2e}")  # fmt: skip
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"peak memory: {peak:.2f} GiB")
+    return 0
