@@ -93,3 +93,39 @@ def test_smoke_run_every_arm_then_cached(tmp_path):
     after = json.loads((tmp_path / "out" / "runs" / "none-seed0" / "scores.json").read_text())
     assert after == before
     assert again["runs"]["none-seed1"]["language"] == res["runs"]["none-seed1"]["language"]
+
+
+def test_command_runs_the_smoke_experiment(tmp_path, monkeypatch, capsys):
+    """`smar real run --smoke` through the command line, the model loader replaced by the tiny
+    Llama (the real model's run is the slow test)."""
+    from smar.cli import main
+    from smar.testbed.real import base as real_base
+    from smar.testbed.real import run as real_run
+
+    tiny = _tiny_base()
+    monkeypatch.setattr(real_base, "load_base", lambda root=None: tiny)
+    monkeypatch.setattr(real_run, "cache_dir", lambda: tmp_path / "cache")
+    out = tmp_path / "out"
+    code = main(["real", "run", "--smoke", "--arms", "none,stop", "--seeds", "0", "--quiet",
+                 "--precision", "fp32", "--out", str(out)])  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "## Language retention" in printed and "| stop |" in printed
+    assert json.loads((out / "results.json").read_text())["arms"]["stop"]["seeds"] == [0]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["none-seed0", "stop-seed0"]
+
+
+@pytest.mark.slow
+def test_real_smoke_run_on_smollm2(tmp_path):
+    """The real model (downloaded once), every arm at tiny sizes, from the command line."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("gguf")
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "-m", "smar.cli", "real", "run", "--smoke", "--quiet",
+                    "--arms", "none,smar,hard,stop,noimage", "--out", str(out)],
+                   check=True)  # fmt: skip
+    res = json.loads((out / "results.json").read_text())
+    assert res["stage1"]["knowledge_asked"] > 0  # SmolLM2 answers some of them right
+    assert set(res["arms"]) == {"none", "smar", "hard", "stop", "noimage"}
