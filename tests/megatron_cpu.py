@@ -13,6 +13,8 @@ patched, and only here:
    CPU device while the shims are on.
 3. The CUDA RNG tracker's ``fork`` (attention's dropout region, even at dropout 0): a no-op, for
    the GPT model only.
+4. Activation recomputation (``tensor_parallel.checkpoint``) saves and restores the CUDA RNG
+   states: only the CPU one here.
 """
 
 from __future__ import annotations
@@ -38,9 +40,13 @@ def cpu_shims():
     torch.cuda.current_device = lambda: torch.device("cpu")
     tracker = tp_random.get_cuda_rng_tracker()
     tracker.fork = lambda *args, **kwargs: contextlib.nullcontext()  # an instance attribute
+    rng = tp_random._get_all_rng_states, tp_random._set_all_rng_states
+    tp_random._get_all_rng_states = lambda: (torch.get_rng_state(), None, None)
+    tp_random._set_all_rng_states = lambda cpu, cuda, tracked: torch.set_rng_state(cpu)
     try:
         yield
     finally:
+        tp_random._get_all_rng_states, tp_random._set_all_rng_states = rng
         del tracker.fork
         torch.cuda.current_device = old_device
         if had_gemm:

@@ -20,6 +20,7 @@ M modalities.
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 
 import torch
 from torch import Tensor
@@ -75,19 +76,42 @@ class SMARRouter(TopKRouter):
             # parallelism by finalize_model_grads, like the router weight
             self.modality_bias.sequence_parallel = config.sequence_parallel
         self._ids_checked = False
+        self._replay: deque[Tensor] = deque()  # ids of checkpointed forwards, for recomputation
 
     # -- modality ids ---------------------------------------------------------------------------
 
-    def _modality_ids(self, S: int, B: int, device, padding_mask: Tensor | None) -> Tensor:
-        """The ids of this router's ``T = S * B`` tokens, ``(T,)`` in the logits' row order."""
+    def _ids_of_this_forward(self) -> Tensor:
+        """The ids set around this forward; for a forward that activation recomputation re-runs
+        in the backward pass (outside :func:`modality_ids`), those of the checkpointed forward.
+
+        Megatron's recomputation (``tensor_parallel.checkpoint``, full or ``moe`` selective) runs
+        the forward without gradients, then again in the backward pass, micro-batches in the
+        order of their forwards: the first run keeps its ids, the second takes them back.
+        """
         ids = current_ids.current()
         where = f"SMARRouter (layer {self.layer_number})"
+        if self.training and not torch.is_grad_enabled() and ids is not None:
+            self._replay.append(ids)  # a checkpointed forward (evaluation runs in eval mode)
+        elif ids is None and _in_backward():
+            if not self._replay:
+                raise ValueError(
+                    f"{where} re-ran in the backward pass (activation recomputation) but its "
+                    "first forward had no modality ids; fix: run the model's forward inside "
+                    "`with smar.megatron.modality_ids(ids):`"
+                )
+            ids = self._replay.popleft()
         if ids is None:
             raise ValueError(
                 f"{where} got no modality ids for this forward; fix: run the model inside "
                 "`with smar.megatron.modality_ids(ids):` with ids (B, S) shaped like its "
                 "input_ids (torch.zeros_like(input_ids) for text only)"
             )
+        return ids
+
+    def _modality_ids(self, S: int, B: int, device, padding_mask: Tensor | None) -> Tensor:
+        """The ids of this router's ``T = S * B`` tokens, ``(T,)`` in the logits' row order."""
+        ids = self._ids_of_this_forward()
+        where = f"SMARRouter (layer {self.layer_number})"
         if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
             raise ValueError(f"{where}: modality ids must be integers; got {ids.dtype}")
         tp = self.tp_group.size() if self.tp_group is not None else 1
@@ -204,6 +228,12 @@ class SMARRouter(TopKRouter):
         s = self.smar
         return (f"smar_weight={s.smar_weight}, band={s.band}, modalities={s.num_modalities}, "
                 f"bias={s.modality_bias}, stats={s.stats!r}")  # fmt: skip
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass now (where recomputation runs forwards)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 def _metrics_tracker():
