@@ -1,12 +1,13 @@
-"""Writes the README's table of MoE families from a run of tests/test_families.py.
+"""Writes the table of MoE families of docs/huggingface.md from a run of tests/test_families.py.
 
-    python scripts/family_table.py            # run the sweep, rewrite the README's table
-    python scripts/family_table.py --check    # run it, exit 1 if the README's table differs
+    python scripts/family_table.py            # run the sweep, rewrite the table
+    python scripts/family_table.py --check    # run it, exit 1 if the table differs
 
 Each family's row comes from what its tests did in this run, not from what tests/families.py
 declares: full (every check passed), capture only or not supported (skipped with the reason
 printed), not yet checked, an upstream defect of the installed transformers, or failed.
-The table sits between the README's ``<!-- families:begin -->`` and ``<!-- families:end -->``.
+The table sits between docs/huggingface.md's ``<!-- families:begin -->`` and
+``<!-- families:end -->``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "huggingface.md"
 BEGIN, END = "<!-- families:begin -->", "<!-- families:end -->"
 ORDER = ("full", "capture only", "not supported", "upstream defect", "not yet checked", "failed")
 
@@ -82,7 +83,7 @@ def table(statuses: dict[str, tuple[str, str]], version: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--check", action="store_true", help="exit 1 if the README's table differs")
+    ap.add_argument("--check", action="store_true", help="exit 1 if the table differs")
     args = ap.parse_args(argv)
     import transformers
 
@@ -91,18 +92,18 @@ def main(argv=None) -> int:
                        plugins=[plugin])  # fmt: skip
     statuses = {f: classify(o) for f, o in plugin.by_family.items()}
     new = table(statuses, transformers.__version__)
-    text = README.read_text()
+    text = PAGE.read_text()
     if BEGIN not in text or END not in text:
-        raise SystemExit(f"family_table: {README} has no {BEGIN} ... {END} block")
+        raise SystemExit(f"family_table: {PAGE} has no {BEGIN} ... {END} block")
     before, rest = text.split(BEGIN, 1)
     old, after = rest.split(END, 1)
     if args.check:
         same = (BEGIN + old + END) == new
-        print("family_table: README table " + ("matches the run" if same else "differs"))
+        print(f"family_table: {PAGE.name} table " + ("matches the run" if same else "differs"))
         return 0 if same and code == 0 else 1
-    tmp = README.with_suffix(".md.tmp")
+    tmp = PAGE.with_suffix(".md.tmp")
     tmp.write_text(before + new + after)
-    tmp.replace(README)
+    tmp.replace(PAGE)
     print(new.splitlines()[1])
     return int(code)
 

@@ -7,8 +7,8 @@ Each family is built from its default config, shrunk, and where that alone does 
 recipe (``tests/families.py``: ``RECIPES``). Its status there says what must pass: full, capture
 only (the bias is refused with a reason) or not supported (skipped with the reason); a family a
 newer transformers adds skips as "not yet checked", and a known family that stops building fails.
-The README's family table is written from this file's run by ``scripts/family_table.py``. The
-sweep builds about 70 models and runs in the default suite:
+The family table of docs/huggingface.md is written from this file's run by
+``scripts/family_table.py``. The sweep builds about 70 models and runs in the default suite:
 ``python -m pytest -rs tests/test_families.py``.
 """
 
@@ -204,10 +204,10 @@ def test_gradients_reach_router_and_bias(family):
     model.zero_grad()
 
 
-def test_readme_family_table_agrees_with_the_declared_statuses():
-    """The README's table (written from a run by scripts/family_table.py) says of each family
-    what tests/families.py declares, so neither can change without the other."""
-    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+def test_docs_family_table_agrees_with_the_declared_statuses():
+    """docs/huggingface.md's table (written from a run by scripts/family_table.py) says of each
+    family what tests/families.py declares, so neither can change without the other."""
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "huggingface.md").read_text()
     block = text.split("<!-- families:begin -->")[1].split("<!-- families:end -->")[0]
     said, status = {}, None
     for row in re.findall(r"^\| ([^|]*) \| ([^|]*) \|", block, re.M):
