@@ -1,8 +1,9 @@
 """Adapters: the only place that knows model architectures.
 
 An :class:`Adapter` says, for one family of router modules, how to read the canonical routing data
-out of it (SPEC section 1: raw float logits ``(T, E)`` per MoE layer) and whether it can take a
-modality bias. Everything else in smar (hooks, losses, trainer) works on the canonical form only.
+out of it (docs/method.md#notation: raw float logits ``(T, E)`` per MoE layer) and whether it can
+take a modality bias. Everything else in smar (hooks, losses, trainer) works on the canonical form
+only.
 
 Most adapters are not written here: :func:`find_routers` reads each transformers model's own
 declaration of which module records ``router_logits`` and at which output index

@@ -1,4 +1,4 @@
-"""The baseline regularizers of SPEC section 4: load balancing (Switch, and transformers'
+"""The baseline regularizers (docs/method.md#baselines): load balancing (Switch, and transformers'
 pooled variant), the ST-MoE router z-loss and LIMoE's per-modality entropy losses.
 
 Pure functions of router logits (or a prepared :class:`smar.distributions.Routing`), as in

@@ -1,5 +1,6 @@
-"""The modality-aware router bias (SPEC section 3): a wrapper around a model's router that adds a
-trainable per-modality bias ``b[m(t)]`` to each token's logits before the router's own top-k.
+"""The modality-aware router bias (docs/method.md#modality-bias): a wrapper around a model's
+router that adds a trainable per-modality bias ``b[m(t)]`` to each token's logits before the
+router's own top-k.
 
 No top-k is written here per family. The wrapper runs the original router unchanged, and while it
 runs, a ``TorchFunctionMode`` adds the bias to the output of the router's linear layer (the one

@@ -1,8 +1,8 @@
 """Routing statistics over more than the local micro-batch: the global batch of a data-parallel
 run, and the micro-batches of one optimizer step under gradient accumulation.
 
-SMAR's distributions and the load-balancing statistics are ratios of sums over tokens (SPEC
-section 3, "Distributed option"). Here the sums of one forward are made global with **one**
+SMAR's distributions and the load-balancing statistics are ratios of sums over tokens
+(docs/method.md#global-batch). Here the sums of one forward are made global with **one**
 all-reduce (every statistic packed into one buffer), keeping the gradient through the local part
 only, scaled by the world size: data-parallel engines average gradients over ranks, so the averaged
 router gradient equals that of one process on the concatenated batch. :class:`StepSums` adds the

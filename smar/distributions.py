@@ -42,7 +42,7 @@ __all__ = [
     "modality_distributions",
 ]
 
-EPS = 1e-9  # lower clamp of a routing distribution before its log (SPEC section 2)
+EPS = 1e-9  # lower clamp of a routing distribution before its log (docs/method.md#mrd)
 
 _ROUTERS = ("softmax", "sigmoid")
 # Below this many logits per layer, one top-k over the stacked layers beats L calls on a CPU

@@ -2,7 +2,7 @@
 
 Every function here is pure: it takes router logits (and modality ids or a mask) and returns a
 tensor. Models, hooks and trainers only collect tensors and pass them in. The definitions are
-those of SPEC.md sections 1-4.
+those of docs/method.md (#notation to #baselines).
 
 Shapes legend:
     L  MoE layers          T  tokens (batch x sequence, flattened row-major)

