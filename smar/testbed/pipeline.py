@@ -1,5 +1,5 @@
-"""The testbed pipeline (SPEC section 5) end to end: data, stages 0-2 (cached), the stage-1
-evaluation, every stage-3 job, ``results.json``, the report and its plots, and the routing
+"""The testbed pipeline (docs/method.md#experiment) end to end: data, stages 0-2 (cached), the
+stage-1 evaluation, every stage-3 job, ``results.json``, the report and its plots, and the routing
 of every run (``analysis/index.html``, as ``smar analyze`` writes it).
 
 Stages 0-2 are cached in ``cache_dir()/stages`` under a hash of every config they depend on, so

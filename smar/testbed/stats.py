@@ -1,6 +1,6 @@
 """Retention, outlier-robust means and confidence intervals across seeds (pure Python).
 
-The testbed's headline numbers (SPEC section 5):
+The testbed's headline numbers (docs/method.md#experiment):
 
 - retention per text benchmark = score after tuning / score of the stage-1 LM;
 - mean retention, and mean retention without the benchmark that moved most (|retention - 1|
