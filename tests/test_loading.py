@@ -63,7 +63,7 @@ def _plain(folder, bias: bool):
 
 
 def _mrd_by_hand(folder, data, bias: bool) -> list[float]:
-    """MRD per layer as SPEC section 2 defines it, from the router logits the language model
+    """MRD per layer as docs/method.md#mrd defines it, from the router logits the language model
     records itself (``output_router_logits``), over every sample of ``data``."""
     model = _plain(folder, bias)
     image_id = model.config.image_token_index
