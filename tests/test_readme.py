@@ -48,6 +48,28 @@ def test_docs_pages_are_linked_from_the_readme():
     assert all((ROOT / "docs" / name).exists() for name in linked)
 
 
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_links_to_docs_pages_and_anchors_resolve():
+    """Links between the README and the pages, and the modules' citations of docs/*.md#anchor,
+    name a page that exists and a heading it has."""
+    sources = [ROOT / "README.md", *PAGES, *sorted((ROOT / "smar").rglob("*.py"))]
+    for source in sources:
+        text = source.read_text()
+        base = source.parent if source.suffix == ".md" else ROOT
+        # a markdown link in a page, a docs/ path in a module's docstring or comment
+        link = r"\]\(" if source.suffix == ".md" else r"\b(?=docs/)"
+        for target, anchor in re.findall(link + r"((?:docs/)?[\w-]+\.md)(?:#([\w-]+))?", text):
+            page = base / target
+            assert page.exists(), f"{source.relative_to(ROOT)} links to {target}"
+            if anchor:
+                assert anchor in _anchors(page), f"{source.relative_to(ROOT)}: {target}#{anchor}"
+
+
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
     bash_blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
