@@ -1,7 +1,7 @@
 """Runs compared: runs grouped by name without their seed, 95% intervals over seeds, each group's
 differences to ``none`` paired by seed (retention, multimodal accuracy, per benchmark), the
-evaluation noise of those differences, and the image-driven share of the forgetting. The report
-(:mod:`smar.testbed.report`) writes what this computes."""
+evaluation noise of those differences, and the shares of the forgetting that the controls
+measure. The report (:mod:`smar.testbed.report`) writes what this computes."""
 
 from __future__ import annotations
 
@@ -12,10 +12,15 @@ from collections import defaultdict
 from smar.testbed.evaluate import learned_benchmarks, summarize
 from smar.testbed.stats import bootstrap_mean_retention, confidence_interval, image_driven_share
 
-__all__ = ["aggregate", "significant"]
+__all__ = ["aggregate", "control_shares", "significant"]
 
 _MEANS = ("retention/mean", "retention/mean_wo_outlier", "retention/outlier")
-_CONTROLS_VS_NONE = ("control_noimage", "control_shuffled")  # paired per benchmark with `none`
+# paired per benchmark with `none`
+_CONTROLS_VS_NONE = ("control_noimage", "control_shuffled", "control_stop")
+# each control's share of the forgetting, (R_control - R_none) / (1 - R_none) paired by seed:
+# the no-image control's (images removed), the stop control's (the image tokens' MoE weight
+# updates removed, the projector still learning: what routing by modality can act on)
+SHARES = {"control_noimage": "image_share", "control_stop": "stop_share"}
 
 
 def _group(name: str) -> str:
@@ -25,8 +30,9 @@ def _group(name: str) -> str:
 def aggregate(results: dict) -> dict[str, dict]:
     """Per group of runs (a run name without its seed): retention and accuracy with 95% CIs,
     differences to ``none`` paired by seed (``delta_none``, ``delta_mm_none``), the evaluation
-    noise of the retention difference (``eval_noise``), and on ``control_noimage`` the
-    image-driven share of the forgetting (``image_share``)."""
+    noise of the retention difference (``eval_noise``), and the shares of the forgetting: on
+    ``control_noimage`` the image-driven one (``image_share``), on ``control_stop`` the one that
+    passes through the image tokens' MoE weight updates (``stop_share``)."""
     base = results["base"]["scores"]
     include = learned_benchmarks(base)
     groups: dict[str, list[dict]] = defaultdict(list)
@@ -80,7 +86,8 @@ def aggregate(results: dict) -> dict[str, dict]:
         row["delta_bench"] = _paired_per_benchmark(
             row, out.get("none") if g in _CONTROLS_VS_NONE else ref
         )
-    _image_share(out)
+    for group, key in SHARES.items():
+        _share(out, group, key)
     for row in out.values():
         for key in [k for k in row if k.startswith("_")]:
             del row[key]
@@ -133,15 +140,33 @@ def _eval_noise(row: dict, ref: dict, seeds: list, base: dict, include: list[str
     return (0.0, 1.96 * math.sqrt(var) / len(runs))
 
 
-def _image_share(out: dict) -> None:
-    """Adds the image-driven share of the forgetting, paired by seed, to ``control_noimage``."""
-    none, noimage = out.get("none"), out.get("control_noimage")
-    if none is None or noimage is None:
+def _share(out: dict, group: str, key: str) -> None:
+    """Adds ``(R_group - R_none) / (1 - R_none)`` paired by seed (95% interval) to ``group`` as
+    ``key``, and its values per seed as ``key_by_seed``."""
+    none, control = out.get("none"), out.get(group)
+    if none is None or control is None:
         return
-    seeds = [s for s in noimage["seeds"] if s in none["_mean_by_seed"]]
+    seeds = [s for s in control["seeds"] if s in none["_mean_by_seed"]]
     shares = [
-        image_driven_share(none["_mean_by_seed"][s], noimage["_mean_by_seed"][s]) for s in seeds
+        image_driven_share(none["_mean_by_seed"][s], control["_mean_by_seed"][s]) for s in seeds
     ]
     shares = [v for v in shares if not math.isnan(v)]
-    noimage["image_share"] = confidence_interval(shares) if shares else (float("nan"),) * 2
-    noimage["image_share_by_seed"] = shares
+    control[key] = confidence_interval(shares) if shares else (float("nan"),) * 2
+    control[f"{key}_by_seed"] = shares
+
+
+def control_shares(agg: dict[str, dict]) -> dict[str, dict]:
+    """The shares of the forgetting in ``aggregate``'s output, for ``results.json``: by key
+    (``image_share``, ``stop_share``) the control it comes from, its mean and 95% half-width,
+    and its value per seed; only the shares whose control ran."""
+    out = {}
+    for group, key in SHARES.items():
+        if key in agg.get(group, {}):
+            mean, half = agg[group][key]
+            out[key] = {
+                "control": group,
+                "mean": mean,
+                "half_width": half,
+                "by_seed": agg[group][f"{key}_by_seed"],
+            }
+    return out

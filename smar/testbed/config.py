@@ -118,8 +118,8 @@ class RunConfig:
         default_factory=lambda: InstructConfig(steps=2000, lr=1e-3, text_ratio=0.5)
     )
     tune: TuneConfig = field(default_factory=TuneConfig)
-    # the demo shows `none` and `smar` over three seeds with the no-image control on each (what
-    # the verdict and the image-driven share need, in 15 minutes from a cold cache); `smar sweep`
+    # the demo shows `none` and `smar` over three seeds with the no-image and image-gradient-stop
+    # controls on each (what the verdict and the two shares of the forgetting need); `smar sweep`
     # covers the other arms and the text-ratio controls
     arms: list[str] = field(default_factory=lambda: ["none", "smar"])
     controls: bool = True
@@ -127,6 +127,10 @@ class RunConfig:
     # the shuffled-image control on every seed beside the no-image one (images present but
     # carrying no answer: separates the image tokens' share from the answers' predictability)
     shuffled_control: bool = False
+    # the image-gradient-stop control on every seed beside the no-image one: `none` whose image
+    # tokens give nothing to the MoE weights' gradients, the projector still learning (the share
+    # of the forgetting that passes through those updates: what routing by modality can act on)
+    stop_control: bool = True
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     text_ratios: list[float] = field(default_factory=list)
     bands: list[tuple[float, float]] = field(default_factory=list)

@@ -45,6 +45,7 @@ _NOT_IN_RUN = (
     "controls",
     "control_seeds",
     "shuffled_control",
+    "stop_control",
     "seeds",
     "text_ratios",
     "bands",
@@ -103,7 +104,7 @@ def _run_job(cfg_dict: dict, job_dict: dict, base_dir: str) -> dict:
 
 # Job fields added after runs were first recorded, with their defaults: left out of a run's
 # record while at the default, so that the runs recorded before them are still reused
-_ADDED_JOB_FIELDS = {"shuffle_images": False}
+_ADDED_JOB_FIELDS = {"shuffle_images": False, "stop_image_gradients": False}
 
 
 def _job_record(job: Job) -> dict:
@@ -170,10 +171,15 @@ def jobs_for(cfg: RunConfig, sweep: bool = False) -> list[Job]:
                         parts.append(f"seed{seed}")
                         jobs.append(Job("_".join(parts), arm, seed, r, b, lr))
     if cfg.controls:
-        # the no-image control pairs with `none` on every seed (the image-driven share); the two
-        # text-ratio controls check the calibration and run on the first `control_seeds` seeds
+        # the no-image and image-gradient-stop controls pair with `none` on every seed (the
+        # shares of the forgetting); the two text-ratio controls check the calibration and run
+        # on the first `control_seeds` seeds
         for k, seed in enumerate(cfg.seeds):
             jobs.append(Job(f"control_noimage_seed{seed}", "none", seed, drop_images=True))
+            if cfg.stop_control:
+                jobs.append(
+                    Job(f"control_stop_seed{seed}", "none", seed, stop_image_gradients=True)
+                )
             if cfg.shuffled_control:
                 jobs.append(Job(f"control_shuffled_seed{seed}", "none", seed, shuffle_images=True))
             if k < cfg.control_seeds:

@@ -16,6 +16,7 @@ import math
 import time
 from pathlib import Path
 
+from smar.testbed.compare import aggregate, control_shares
 from smar.testbed.config import RunConfig
 from smar.testbed.data.bundle import Bundle, load_bundle
 from smar.testbed.data.mixing import TextStream, collate, mixed_items
@@ -109,7 +110,8 @@ def evaluate_base(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> dict:
 def run_pipeline(cfg: RunConfig, *, quiet: bool = False) -> dict:
     """Runs (or reuses) every stage and every stage-3 job; writes results.json, report.md, plots.
 
-    Returns the results dictionary that ``results.json`` holds.
+    Returns the results dictionary that ``results.json`` holds (``"shares"``: the controls' shares
+    of the forgetting, see :func:`smar.testbed.compare.control_shares`).
     """
     validate_config(cfg)  # every check before any work
     t_start = time.time()
@@ -141,6 +143,7 @@ def run_pipeline(cfg: RunConfig, *, quiet: bool = False) -> dict:
         "timings": timings,
         "config": to_dict(cfg),
     }
+    summary["shares"] = control_shares(aggregate(summary))  # the controls' shares, paired
     write_json(out / "results.json", summary)
     write_report(summary, out)
     try:  # the routing of every run, seen: analysis/index.html (smar analyze on this folder)

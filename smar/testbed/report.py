@@ -25,6 +25,13 @@ CALIBRATION = (  # (group, what it checks, threshold, direction)
         None,
     ),
     (
+        "control_stop",
+        "image-gradient-stop control (`none` whose image tokens give nothing to the MoE weights' "
+        "gradients, the projector still learning): forgetting without the image tokens' updates",
+        None,
+        None,
+    ),
+    (
         "control_shuffled",
         "shuffled-image control (each sample shows another's image): the image tokens stay, "
         "the answers cannot be read off them",
@@ -115,7 +122,56 @@ def summary_text(results: dict) -> str:
             f"image-driven share of the forgetting: {_fmt(m, h)} (target >= {SHARE_TARGET} with "
             f"its interval above 0: {'met' if shown else 'not met'})"
         )
+    stop = agg.get("control_stop", {}).get("stop_share")
+    if stop is not None:
+        lines.append(
+            f"stop-control share of the forgetting: {_fmt(*stop)} (the image tokens' MoE weight "
+            "updates: what routing by modality can act on)"
+        )
     return "\n".join(lines)
+
+
+def _share_lines(agg: dict) -> list[str]:
+    """The calibration table's rows of the controls' shares of the forgetting (no-image, then
+    image-gradient stop), then what they mean."""
+    rows, notes = [], []
+    if "image_share" in agg.get("control_noimage", {}):
+        m, h = agg["control_noimage"]["image_share"]
+        ok = "yes" if m >= SHARE_TARGET and significant((m, h)) else "**no**"
+        rows.append(
+            f"| image-driven share | {_fmt(m, h)} | `(R_noimage - R_none) / (1 - R_none)`, paired "
+            f"by seed: >= {SHARE_TARGET} with its interval above 0 | {ok} |"
+        )
+        if math.isnan(m) or math.isnan(h):
+            notes.append(_no_interval("image-driven", m))
+        elif not (m > 0 and significant((m, h))):
+            notes.append(
+                "The image-driven share is not shown to be above 0 (its interval reaches 0 or "
+                "below): as measured, the text alone may cause all of the forgetting, and then no "
+                "routing method that acts on image tokens can help."
+            )
+    if "stop_share" in agg.get("control_stop", {}):
+        m, h = agg["control_stop"]["stop_share"]
+        rows.append(
+            f"| stop-control share | {_fmt(m, h)} | `(R_stop - R_none) / (1 - R_none)`, paired by "
+            "seed: the forgetting that passes through the image tokens' expert and router weight "
+            "updates, at most what routing by modality can recover |  |"
+        )
+        why = (
+            "The stop control keeps the images and the projector's learning and removes only the "
+            "image tokens' share of the MoE weights' updates; the no-image control also makes the "
+            "answers unreadable from an image, which biases its share down."
+        )
+        if math.isnan(m) or math.isnan(h):
+            why += " " + _no_interval("stop-control", m)
+        notes.append(why)
+    return rows + [line for note in notes for line in ("", note)]
+
+
+def _no_interval(share: str, mean: float) -> str:
+    if math.isnan(mean):  # no seed where `none` forgot anything
+        return f"The {share} share needs `none` to forget (its retention below 1 on some seed)."
+    return f"The {share} share needs two seeds or more for an interval."
 
 
 def _star(interval: tuple[float, float]) -> str:
@@ -191,22 +247,7 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
         m, h = agg[g]["retention/mean"]
         ok = "" if thr is None else ("yes" if (m >= thr if op == ">=" else m <= thr) else "**no**")
         lines.append(f"| `{g}` | {_fmt(m, h)} | {text} | {ok} |")
-    if "image_share" in agg.get("control_noimage", {}):
-        m, h = agg["control_noimage"]["image_share"]
-        ok = "yes" if m >= SHARE_TARGET and significant((m, h)) else "**no**"
-        lines.append(
-            f"| image-driven share | {_fmt(m, h)} | `(R_noimage - R_none) / (1 - R_none)`, paired "
-            f"by seed: >= {SHARE_TARGET} with its interval above 0 | {ok} |"
-        )
-        if math.isnan(h):
-            lines += ["", "The image-driven share needs two seeds or more for an interval."]
-        elif not (m > 0 and significant((m, h))):
-            lines += [
-                "",
-                "The image-driven share is not shown to be above 0 (its interval reaches 0 or "
-                "below): as measured, the text alone may cause all of the forgetting, and then no "
-                "routing method that acts on image tokens can help.",
-            ]
+    lines += _share_lines(agg)
     # the controls with a threshold (the text-ratio ones) that did not run here
     missing = [f"`{g}`" for g, _, thr, _ in CALIBRATION if g != "none" and thr and g not in agg]
     if missing:
@@ -274,10 +315,10 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
             "### Paired differences per benchmark",
             "",
             "Each benchmark's difference to `none` with the same seed (retention for text, "
-            "accuracy for multimodal; the no-image control against `none` too), 95% interval, "
-            "**bold** where it excludes 0; `*` marks the benchmarks in mean retention. One "
-            "benchmark's seed-to-seed swings (a skill that breaks on one seed) widen the mean's "
-            "interval; this table shows which.",
+            "accuracy for multimodal; the no-image and stop controls against `none` too), 95% "
+            "interval, **bold** where it excludes 0; `*` marks the benchmarks in mean retention. "
+            "One benchmark's seed-to-seed swings (a skill that breaks on one seed) widen the "
+            "mean's interval; this table shows which.",
             "",
             "| run | "
             + " | ".join(k.split("/", 1)[1] + ("*" if k in in_mean else "") for k in keys)

@@ -87,7 +87,8 @@ def image_driven_share(r_none: float, r_noimage: float) -> float:
 
     ``R_none`` is the mean retention of the ``none`` arm, ``R_noimage`` that of the same stage 3
     with the images removed. 1: the images cause all of it; 0: the text alone does; NaN when
-    ``none`` forgets nothing (``R_none >= 1``: there is no forgetting to share).
+    ``none`` forgets nothing (``R_none >= 1``: there is no forgetting to share). The same formula
+    gives the image-gradient-stop control's share, with ``R_stop`` in place of ``R_noimage``.
     """
     if r_none >= 1.0:
         return float("nan")

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from smar.losses import routing_objective
+from smar.moe import weight_gradient_stop
 from smar.testbed.arms import Arm, make_arm
 from smar.testbed.config import RunConfig
 from smar.testbed.data.bundle import Bundle
@@ -18,7 +19,10 @@ from smar.testbed.stages import check_finite, check_weights, lr_at, make_optimiz
 
 @dataclass
 class Job:
-    """One stage-3 run."""
+    """One stage-3 run. ``drop_images``: the multimodal samples lose their images (the no-image
+    control); ``shuffle_images``: each shows another sample's image; ``stop_image_gradients``:
+    the image tokens give nothing to the MoE layers' expert and router weight gradients
+    (:func:`smar.moe.weight_gradient_stop`), the projector still learns through them."""
 
     name: str
     arm: str
@@ -28,6 +32,7 @@ class Job:
     lr: float | None = None
     drop_images: bool = False
     shuffle_images: bool = False
+    stop_image_gradients: bool = False
 
 
 def prepare(model: TinyModel, cfg: RunConfig, arm: Arm, generator: torch.Generator) -> TinyModel:
@@ -100,14 +105,16 @@ def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool 
             modality=arm.modality,
             label_prompt=t.label_prompt,
         )
-        out = model(
-            b.input_ids,
-            b.pixel_values,
-            b.labels,
-            attention_mask=b.attention_mask,
-            modality_ids=b.modality_ids,
-            logits="none",
-        )
+        stop = b.input_ids == bundle.tok.image_id if job.stop_image_gradients else None  # (B, S)
+        with weight_gradient_stop(model, stop):
+            out = model(
+                b.input_ids,
+                b.pixel_values,
+                b.labels,
+                attention_mask=b.attention_mask,
+                modality_ids=b.modality_ids,
+                logits="none",
+            )
         # the routing losses read the router logits: a NaN there is a divergence, said as one
         check_finite(out.loss, stage, step, t.steps, lr_now, field,
                      router_logits=out.router_logits, fix=fix)  # fmt: skip

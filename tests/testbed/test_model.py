@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from smar.losses import load_balancing_loss, mrd
-from smar.moe import MoEBlock
+from smar.moe import MoEBlock, weight_gradient_stop
 from smar.testbed.blocks import linear_cross_entropy
 from smar.testbed.model import TinyConfig, TinyModel
 
@@ -203,7 +203,10 @@ def test_logits_only_where_asked():
     assert some.shape == (6, 64)
     assert torch.allclose(some, full.logits[read], atol=1e-5)
     # the last layer (MoE here) ran its FFN at the 6 positions read alone
-    assert cfg.moe_layers == [cfg.n_layers - 1] and out.router_logits[-1].shape == (6, cfg.num_experts)
+    assert cfg.moe_layers == [cfg.n_layers - 1] and out.router_logits[-1].shape == (
+        6,
+        cfg.num_experts,
+    )
     assert torch.allclose(out.router_logits[-1], full.router_logits[-1][read.reshape(-1)])
     with pytest.raises(ValueError, match="bool mask"):
         model(ids, pix, logits=read.long())
@@ -294,3 +297,40 @@ def test_fused_head_cross_entropy_equals_torch(N, chunk):
         torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     with torch.no_grad():
         torch.testing.assert_close(linear_cross_entropy(h, w, t), runs[1][0])
+
+
+def test_image_gradient_stop_keeps_the_projector_learning():
+    """The stop control's mechanism in the testbed model (``stop = input_ids == <image>``, the
+    shape of the MoE blocks' tokens): the same loss, the projector's and every non-MoE gradient
+    as without the stop, the MoE weights' gradients changed; every token stopped, they are 0."""
+    torch.manual_seed(0)
+    cfg = tiny_config(moe_layers=[0, 1], modality_bias=True)
+    model = TinyModel(cfg).double()
+    with torch.no_grad():
+        for layer in model.layers:  # experts that differ, so that the routers matter
+            layer.ffn.router.bias.normal_()
+            for w in (layer.ffn.gate_up_proj, layer.ffn.down_proj):
+                w.add_(0.1 * w.std() * torch.randn_like(w))
+    ids, pix, labels = batch(cfg, B=3, S=16)
+
+    def grads(stop):
+        with weight_gradient_stop(model, stop):
+            out = model(ids, pix.double(), labels)
+        out.loss.backward()
+        got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out.loss.detach(), got
+
+    (loss0, plain), (loss1, image) = grads(None), grads(ids == IMG)
+    _, every = grads(torch.ones_like(ids, dtype=torch.bool))
+    assert torch.equal(loss0, loss1)
+    moe = [n for n in plain if ".ffn." in n]
+    assert len(moe) == 2 * 4  # experts (2), router weight and bias, in two layers
+    assert any(n.startswith("projector.") for n in plain)
+    for n in plain:
+        if n in moe:
+            assert (image[n] - plain[n]).abs().max() > 1e-8, n
+            assert torch.equal(every[n], torch.zeros_like(every[n])), n
+        else:
+            torch.testing.assert_close(image[n], plain[n], rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(every[n], plain[n], rtol=1e-9, atol=1e-12)

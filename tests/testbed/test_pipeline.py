@@ -7,7 +7,7 @@ import torch
 
 from smar import cli
 from smar.testbed.config import RunConfig, TuneConfig, config_from_dict, smoke_config
-from smar.testbed.jobs import _job_record, jobs_for
+from smar.testbed.jobs import _NOT_IN_RUN, _job_record, jobs_for
 from smar.testbed.model import TinyModel
 from smar.testbed.overrides import to_dict
 from smar.testbed.stages import stage_dir
@@ -20,12 +20,25 @@ def test_smoke_demo_end_to_end(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out  # the verdict, paired differences included
     assert "SMAR testbed, seeds [0]" in printed and "Δ vs none" in printed
     assert "\nsmar " in printed and "image-driven share of the forgetting" in printed
+    assert "stop-control share of the forgetting" in printed
     out = tmp_path / "out"
     report = (out / "report.md").read_text()
     assert "## Calibration" in report and "`smar`" in report and "`hard_sample`" in report
     results = json.loads((out / "results.json").read_text())
     runs = results["runs"]
     assert set(runs) == {j.name for j in jobs_for(smoke_config())}
+    # the image-gradient-stop control beside the no-image one: its share in the report and in
+    # results.json; its experts trained apart from `none`'s, its projector still learned
+    assert {"control_noimage_seed0", "control_stop_seed0"} <= set(runs)
+    assert "| `control_stop` |" in report and "| stop-control share |" in report
+    assert set(results["shares"]) == {"image_share", "stop_share"}
+    share = results["shares"]["stop_share"]
+    assert share["control"] == "control_stop" and len(share["by_seed"]) <= 1
+    stop, none = (TinyModel.load(out / n) for n in ("control_stop_seed0", "none_seed0"))
+    base = TinyModel.load(stage_dir(smoke_config(), "instruct"))
+    assert not torch.equal(stop.layers[0].ffn.down_proj, none.layers[0].ffn.down_proj)
+    moved = zip(stop.projector.parameters(), base.projector.parameters(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in moved)
     for name, r in runs.items():
         assert (out / name / "model.safetensors").exists()
         run_cfg = json.loads((out / name / "run_config.json").read_text())
@@ -53,16 +66,25 @@ def test_smoke_demo_end_to_end(tmp_path, monkeypatch, capsys):
 
 
 def test_jobs_cover_arms_seeds_and_controls():
-    # the demo: none and smar on three seeds, each paired with a no-image control
+    # the demo: none and smar on three seeds, each paired with a no-image and a stop control
     assert [j.name for j in jobs_for(RunConfig())] == [
         "none_seed0", "none_seed1", "none_seed2", "smar_seed0", "smar_seed1", "smar_seed2",
-        "control_noimage_seed0", "control_noimage_seed1", "control_noimage_seed2",
+        "control_noimage_seed0", "control_stop_seed0", "control_noimage_seed1",
+        "control_stop_seed1", "control_noimage_seed2", "control_stop_seed2",
     ]  # fmt: skip
     cfg = RunConfig(arms=["none", "smar"], seeds=[0, 1], text_ratios=[0.025, 0.1], control_seeds=1)
     names = [j.name for j in jobs_for(cfg)]
     assert "smar_text0.1_seed1" in names and "control_text_seed0" in names
-    # the no-image control on every seed, the text-ratio controls on the first (control_seeds=1)
-    assert len(names) == 2 * 2 * 2 + 2 + 2
+    # the no-image and stop controls on every seed, the text-ratio controls on the first
+    # (control_seeds=1)
+    assert len(names) == 2 * 2 * 2 + 2 * 2 + 2
+    stops = [j for j in jobs_for(cfg) if j.stop_image_gradients]
+    assert [(j.name, j.arm) for j in stops] == [
+        ("control_stop_seed0", "none"),
+        ("control_stop_seed1", "none"),
+    ]
+    cfg.stop_control = False
+    assert not any(j.stop_image_gradients for j in jobs_for(cfg))
     assert "control_noimage_seed1" in names and "control_text_seed1" not in names
     with pytest.raises(ValueError, match="unknown arm"):
         jobs_for(RunConfig(arms=["nonsense"]))
@@ -74,8 +96,10 @@ def test_jobs_cover_arms_seeds_and_controls():
     ]  # fmt: skip
     assert Job("x", "none").drop_images is False
     # a job field added later stays out of a run's record at its default: older runs are reused
-    assert "shuffle_images" not in _job_record(Job("x", "none"))
-    assert _job_record(Job("x", "none", shuffle_images=True))["shuffle_images"] is True
+    for added in ("shuffle_images", "stop_image_gradients"):
+        assert added not in _job_record(Job("x", "none"))
+        assert _job_record(Job("x", "none", **{added: True}))[added] is True
+    assert "stop_control" in _NOT_IN_RUN  # which runs a config asks for: not what a run depends on
     # the shuffled-image control, on request, beside the no-image one on every seed
     shuffled = RunConfig(arms=["none"], seeds=[0, 1], shuffled_control=True)
     assert [j.name for j in jobs_for(shuffled) if j.shuffle_images] == [
@@ -93,7 +117,7 @@ def test_smoke_demo_native_base(tmp_path, monkeypatch):
     """The natively-MoE base: stage 1 pretrains a MoE LM, stage 3 tunes it without upcycling."""
     monkeypatch.chdir(tmp_path)
     args = ["demo", "--smoke", "--quiet", "--out", "out", "tune.base=native", "arms=none,smar,hard"]
-    assert cli.main(args + ["control_seeds=0"]) == 0
+    assert cli.main(args + ["control_seeds=0", "stop_control=false"]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     # the no-image control alone: the report says which calibration controls did not run
     runs = {"none_seed0", "smar_seed0", "hard_seed0", "control_noimage_seed0"}

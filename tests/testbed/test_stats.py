@@ -6,8 +6,8 @@ import re
 import pytest
 import torch
 
-from smar.testbed.compare import aggregate, significant
-from smar.testbed.report import summary_text
+from smar.testbed.compare import aggregate, control_shares, significant
+from smar.testbed.report import summary_text, write_report
 from smar.testbed.stats import (
     bootstrap_mean_retention,
     confidence_interval,
@@ -124,6 +124,45 @@ def test_report_pairs_seeds_for_differences_and_the_image_share():
     # shuffling which seed is which breaks the pairing and widens the interval
     runs["smar_seed0"], runs["smar_seed1"] = _run("smar", 0, 0.92), _run("smar", 1, 0.82)
     assert aggregate({"base": base, "runs": runs})["smar"]["delta_none"][1] > 0.1
+
+
+def test_stop_control_share_is_paired_reported_and_recorded(tmp_path):
+    """The image-gradient-stop control's share ``(R_stop - R_none) / (1 - R_none)`` paired by seed
+    beside the no-image one: in the aggregate, the terminal's verdict, the report's calibration
+    table (one table: both rows before any note) and what ``results.json`` records."""
+    base = {"scores": {"text/prose": 1.0, "text/facts": 1.0, "mm/digit": 0.1}}
+    runs = {}
+    for s, r in {0: 0.80, 1: 0.90, 2: 0.70}.items():
+        runs[f"none_seed{s}"] = _run("none", s, r)
+        runs[f"control_noimage_seed{s}"] = _run("none", s, r + (1 - r) / 2)  # share 0.5
+        runs[f"control_stop_seed{s}"] = _run("none", s, r + (1 - r) * (0.2 + s / 10))
+    results = {"base": base, "runs": runs}
+    agg = aggregate(results)
+    mean, half = agg["control_stop"]["stop_share"]
+    assert mean == pytest.approx(0.3) and half == pytest.approx(4.303 * 0.1 / 3**0.5, rel=1e-3)
+    assert agg["control_stop"]["stop_share_by_seed"] == pytest.approx([0.2, 0.3, 0.4])
+    assert agg["control_stop"]["delta_bench"]["retention/prose"][0] == pytest.approx(0.19 / 3)
+    assert "stop_share" not in agg["control_noimage"] and "image_share" not in agg["control_stop"]
+    shares = control_shares(agg)
+    assert set(shares) == {"image_share", "stop_share"}
+    assert shares["stop_share"]["control"] == "control_stop"
+    assert shares["stop_share"]["mean"] == pytest.approx(0.3)
+    assert shares["image_share"]["by_seed"] == pytest.approx([0.5] * 3)
+    text = summary_text(results)
+    assert "stop-control share of the forgetting: 0.300 ± 0.248" in text
+    cfg = {"tune": {"steps": 1, "lr": 1.0, "text_ratio": 0.1, "trainable": "moe",
+                    "num_experts": 4, "top_k": 2, "layers": "all", "band": [1.5, 2.0]},
+           "seeds": [0, 1, 2]}  # fmt: skip
+    extra = {"prose_bpb": 1.0, "unigram_bpb": 2.0, "pretrain": {}}
+    report = write_report({**results, "base": {**base, **extra}, "config": cfg}, tmp_path)
+    table = report.read_text().split("## Calibration")[1].split("\n\n")[1].splitlines()
+    assert table[-2].startswith("| image-driven share | 0.500 ± 0.000")
+    assert table[-1].startswith("| stop-control share | 0.300 ± 0.248 | `(R_stop - R_none)")
+    assert any(line.startswith("| `control_stop` |") for line in table)
+    # without the control, neither the share nor its line
+    runs = {k: v for k, v in runs.items() if not k.startswith("control_stop")}
+    assert "stop_share" not in control_shares(aggregate({"base": base, "runs": runs}))
+    assert "stop-control" not in summary_text({"base": base, "runs": runs})
 
 
 def test_significance_needs_an_interval_that_excludes_zero():
