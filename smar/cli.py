@@ -1,7 +1,7 @@
 """The ``smar`` command: thin commands over the library.
 
 Every option and override is checked before any work. An expected error (a
-:class:`smar.testbed.errors.SmarError`: bad input, a corrupt file, a diverged stage) is one line
+:class:`smar.errors.SmarError`: bad input, a corrupt file, a diverged stage) is one line
 on stderr, ``smar: error: <problem>; fix: <fix>``, and exit code 2; ``--debug`` adds the
 traceback. Ctrl-C or SIGTERM stops every worker, keeps what finished and prints the command that
 resumes (exit code 130); anything else is a bug and keeps its traceback (exit code 1).
@@ -45,7 +45,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.out is not None:  # --out '' is refused by validation, not dropped
         given = [o for o in args.overrides if o.split("=", 1)[0] == "out"]
         if given:
-            from smar.testbed.errors import UsageError
+            from smar.errors import UsageError
 
             raise UsageError(f"the output folder is given twice (--out {args.out!r} and "
                              f"{given[0]})", "give it once")  # fmt: skip
@@ -62,7 +62,7 @@ def _refuse_torchrun(command: str) -> None:
     torchrun every rank would train the same runs and write the same files."""
     world = os.environ.get("WORLD_SIZE", "1")
     if world.isdigit() and int(world) > 1:
-        from smar.testbed.errors import UsageError
+        from smar.errors import UsageError
 
         raise UsageError(
             f"smar {command} runs in one process, not under torchrun (WORLD_SIZE={world}): every "
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_model_dir(path: str) -> None:
     """``smar inspect``'s folder: exists, is a folder, holds a config.json that parses."""
-    from smar.testbed.errors import UsageError
+    from smar.errors import UsageError
 
     hub = "a model-hub id? download it first: hf download ID --local-dir DIR"
     if not os.path.exists(path):
@@ -200,7 +200,7 @@ def _check_model_dir(path: str) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from smar.testbed.errors import UsageError
+    from smar.errors import UsageError
 
     _check_model_dir(args.model_dir)
     from smar.hf.inspect import inspect_model_dir, load_adapter
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args([a for a in argv if a != "--debug"])
     except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
         return int(e.code or 0)
-    from smar.testbed.errors import SmarError
+    from smar.errors import SmarError
 
     resume = shlex.join(["smar", *argv])
     try:

@@ -1,51 +1,7 @@
-"""The testbed's expected errors: one type, :class:`SmarError`, whose message names the problem
-and the fix in one line. ``smar`` prints that line and exits with code 2 (``--debug`` shows the
-traceback); anything else is a bug and keeps its traceback.
+"""The testbed's expected errors, re-exported from :mod:`smar.errors` (one error module for the
+library, the commands and the testbed): ``SmarError`` and its kinds ``UsageError``,
+``CorruptFile``, ``Diverged`` and ``Interrupted``."""
 
-``UsageError`` (a bad option, override or input file, found before any work), ``CorruptFile``
-(a file that fails its check on load), ``Diverged`` (a non-finite loss) and ``Interrupted``
-(Ctrl-C or SIGTERM; exit code 130) are its kinds. ``UsageError`` is also a ``ValueError`` so
-that code catching the old ``ValueError`` keeps working.
-"""
-
-from __future__ import annotations
+from smar.errors import CorruptFile, Diverged, Interrupted, SmarError, UsageError
 
 __all__ = ["SmarError", "UsageError", "CorruptFile", "Diverged", "Interrupted"]
-
-
-class SmarError(Exception):
-    """An expected error, said in one line: ``problem`` and, when known, ``fix``."""
-
-    exit_code = 2
-
-    def __init__(self, problem: str, fix: str | None = None):
-        super().__init__(problem, fix)  # both in args: the error pickles across processes
-        self.problem, self.fix = problem, fix
-
-    def __str__(self) -> str:
-        return self.problem if not self.fix else f"{self.problem}; fix: {self.fix}"
-
-
-class UsageError(SmarError, ValueError):
-    """A bad option, override or input file, found before any work starts."""
-
-
-class CorruptFile(SmarError):
-    """A file failed its check on load (truncated, garbled, unparsable); names its path."""
-
-    def __init__(self, path, why: str, fix: str | None = None):
-        super().__init__(f"{path} is corrupt ({why})", fix)
-        self.path, self.why = str(path), why
-
-    def __reduce__(self):
-        return (type(self), (self.path, self.why, self.fix))
-
-
-class Diverged(SmarError):
-    """A training stage produced a non-finite loss or weights; nothing of it was cached."""
-
-
-class Interrupted(SmarError):
-    """Ctrl-C or SIGTERM: finished work is kept, the message says how to resume."""
-
-    exit_code = 130

@@ -7,7 +7,7 @@ trips over another writer's temporary file. Builders of shared cache entries hol
 
 Every read is checked: :func:`read_json` (strict JSON, the one place JSON is parsed) and
 :func:`load_tensors` (safetensors header and the sha256 of its data, recorded at write time)
-raise :class:`~smar.testbed.errors.CorruptFile` naming the file. Caches set a corrupt file aside
+raise :class:`~smar.errors.CorruptFile` naming the file. Caches set a corrupt file aside
 with :func:`set_aside` and rebuild it. JSON is written strictly: NaN and infinities become null.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from smar.atomic import publish
-from smar.testbed.errors import CorruptFile
+from smar.errors import CorruptFile
 
 __all__ = [
     "atomic_write",

@@ -2,7 +2,7 @@
 each), and reuse of finished runs keyed on what a run depends on (interrupted sweeps resume).
 
 Ctrl-C or SIGTERM in the main process (or a failed run) stops every worker at once; finished
-runs stay and :class:`~smar.testbed.errors.Interrupted` says how to resume. Workers ignore
+runs stay and :class:`~smar.errors.Interrupted` says how to resume. Workers ignore
 Ctrl-C (the main process decides), remove their temporary files on SIGTERM, and exit by
 themselves when their parent dies. A run holds a lock on its folder while it runs, so two
 commands writing one output folder do each run once.
@@ -24,7 +24,7 @@ import torch
 from smar.testbed.arms import make_arm
 from smar.testbed.config import RunConfig, config_from_dict
 from smar.testbed.data.bundle import data_hashes, load_bundle
-from smar.testbed.errors import CorruptFile, Interrupted
+from smar.errors import CorruptFile, Interrupted
 from smar.testbed.evaluate import eval_sets, evaluate_model, routing_summary
 from smar.testbed.io import (
     file_lock,

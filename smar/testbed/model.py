@@ -423,9 +423,9 @@ class TinyModel(nn.Module):
 
         Raises:
             FileNotFoundError: a file is missing.
-            smar.testbed.errors.CorruptFile: a file fails its check (named).
+            smar.errors.CorruptFile: a file fails its check (named).
         """
-        from smar.testbed.errors import CorruptFile
+        from smar.errors import CorruptFile
         from smar.testbed.io import load_tensors, read_json
 
         d = Path(directory)

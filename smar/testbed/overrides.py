@@ -14,7 +14,7 @@ import json
 import typing
 from typing import Any
 
-from smar.testbed.errors import UsageError
+from smar.errors import UsageError
 
 __all__ = ["apply_overrides", "to_dict", "config_hash"]
 

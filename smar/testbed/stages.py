@@ -5,7 +5,7 @@
 
 A stage is built under a lock (two commands on one cache build it once), checked on load (a
 corrupt file is set aside and the stage built again), and never cached when its loss or weights
-are not finite: :class:`~smar.testbed.errors.Diverged` names the stage, the step and the rate.
+are not finite: :class:`~smar.errors.Diverged` names the stage, the step and the rate.
 The cache key holds torch's thread count: sums reduce in another order on another count, so a
 stage built with 2 threads differs from one built with 1 in the last digits, and the two are
 never mixed.
@@ -25,7 +25,7 @@ from smar.testbed.config import STAGE_VERSION, RunConfig
 from smar.testbed.data import images, questions
 from smar.testbed.data.bundle import Bundle, data_key
 from smar.testbed.data.mixing import TextStream, collate, mixed_items, qa_batch
-from smar.testbed.errors import CorruptFile, Diverged
+from smar.errors import CorruptFile, Diverged
 from smar.testbed.io import cache_dir, file_lock, read_json, set_aside, write_json
 from smar.testbed.model import TinyConfig, TinyModel
 from smar.testbed.overrides import config_hash

@@ -2,7 +2,7 @@
 before any work (``smar demo`` and ``smar sweep``): ranges, names (with the closest known one),
 duplicates, seeds that fit the random generators, an output folder and a cache that can be
 written, and text files that exist and hold enough text. Each failure is one
-:class:`~smar.testbed.errors.UsageError` naming the field, the value and the fix.
+:class:`~smar.errors.UsageError` naming the field, the value and the fix.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from smar.testbed.config import BASES, RunConfig
-from smar.testbed.errors import UsageError
+from smar.errors import UsageError
 
 __all__ = ["validate_config", "check_text_files", "MIN_TEXT_CHARS"]
 

@@ -12,7 +12,7 @@ import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from smar.testbed.errors import SmarError, UsageError
+from smar.errors import SmarError, UsageError
 from smar.testbed.io import (
     atomic_write,
     cache_dir,

@@ -57,10 +57,10 @@ class Tokenizer:
     @classmethod
     def load(cls, path: Path) -> Tokenizer:
         """A tokenizer saved by :meth:`train`; a file that does not parse raises
-        :class:`~smar.testbed.errors.CorruptFile` naming it."""
+        :class:`~smar.errors.CorruptFile` naming it."""
         from tokenizers import Tokenizer as HFTokenizer
 
-        from smar.testbed.errors import CorruptFile
+        from smar.errors import CorruptFile
         from smar.testbed.io import read_json
 
         read_json(path)  # strict JSON first: names the file when it is truncated or empty
