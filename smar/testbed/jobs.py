@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
+from smar.errors import CorruptFile, Interrupted
 from smar.testbed.arms import make_arm
 from smar.testbed.config import RunConfig, config_from_dict
 from smar.testbed.data.bundle import data_hashes, load_bundle
-from smar.errors import CorruptFile, Interrupted
 from smar.testbed.evaluate import eval_sets, evaluate_model, routing_summary
 from smar.testbed.io import (
     file_lock,

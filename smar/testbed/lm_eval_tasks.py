@@ -22,10 +22,10 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from smar.errors import CorruptFile
 from smar.testbed.config import RunConfig
 from smar.testbed.data import skills
 from smar.testbed.data.bundle import load_bundle
-from smar.errors import CorruptFile
 from smar.testbed.jobs import recorded_config  # noqa: F401  (part of this module's interface)
 from smar.testbed.model import TinyModel
 from smar.testbed.scoring import ChoiceItem, choice_logprobs

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
+from smar.errors import CorruptFile, Diverged
 from smar.losses import load_balancing_loss
 from smar.testbed.config import STAGE_VERSION, RunConfig
 from smar.testbed.data import images, questions
 from smar.testbed.data.bundle import Bundle, data_key
 from smar.testbed.data.mixing import TextStream, collate, mixed_items, qa_batch
-from smar.errors import CorruptFile, Diverged
 from smar.testbed.io import cache_dir, file_lock, read_json, set_aside, write_json
 from smar.testbed.model import TinyConfig, TinyModel
 from smar.testbed.overrides import config_hash

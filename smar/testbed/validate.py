@@ -12,8 +12,8 @@ import difflib
 import math
 from pathlib import Path
 
-from smar.testbed.config import BASES, RunConfig
 from smar.errors import UsageError
+from smar.testbed.config import BASES, RunConfig
 
 __all__ = ["validate_config", "check_text_files", "MIN_TEXT_CHARS"]
 

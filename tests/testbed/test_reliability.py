@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from smar import cli
+from smar.errors import CorruptFile, Diverged
 from smar.testbed import io as tio
 from smar.testbed.config import smoke_config
 from smar.testbed.data import bundle as tbundle
 from smar.testbed.data import corpus
 from smar.testbed.data.tokenizer import Tokenizer
-from smar.errors import CorruptFile, Diverged
 from smar.testbed.model import TinyConfig, TinyModel
 from smar.testbed.overrides import apply_overrides
 from smar.testbed.stages import check_finite, stage_dir

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
+from smar.errors import CorruptFile
 from smar.testbed.config import STAGE_VERSION, DataConfig, RunConfig
 from smar.testbed.data import corpus, images, questions, skills
 from smar.testbed.data.tokenizer import Tokenizer
-from smar.errors import CorruptFile
 from smar.testbed.io import (
     cache_dir,
     file_lock,
