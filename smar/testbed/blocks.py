@@ -17,7 +17,7 @@ from torch import nn
 from smar.moe import MoEBlock, SwiGLU
 
 if TYPE_CHECKING:
-    from smar.testbed.model import TinyConfig
+    from smar.testbed.config import TinyConfig
 
 
 class RMSNorm(nn.Module):

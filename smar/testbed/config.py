@@ -1,4 +1,5 @@
-"""The testbed's run configuration: small dataclasses with documented fields, and presets.
+"""The testbed's configuration, in one module: the model's (:class:`TinyConfig`) and the run's,
+small dataclasses with documented fields, and presets.
 
 Presets are functions: :func:`demo_config` (``smar demo``), :func:`smoke_config` (``--smoke``,
 tiny sizes for the tests) and :func:`sweep_config` (``smar sweep``). Change any field with
@@ -7,11 +8,102 @@ tiny sizes for the tests) and :func:`sweep_config` (``smar sweep``). Change any 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from smar.testbed.model import TinyConfig
+from dataclasses import dataclass, field, fields
 
 STAGE_VERSION = 5  # bump when a stage's code changes what it produces
+
+
+@dataclass
+class TinyConfig:
+    """Sizes and options of :class:`~smar.testbed.model.TinyModel` (``RunConfig.model``).
+
+    Attributes:
+        vocab_size: tokenizer vocabulary size (the ``<image>`` token included).
+        image_token_id: id of the ``<image>`` placeholder; each image fills ``image_tokens``
+            of them.
+        dim: model width ``D``.
+        n_layers: decoder layers.
+        n_heads: attention heads.
+        ffn_hidden: SwiGLU hidden width of each FFN (and of each expert).
+        max_seq_len: longest sequence (RoPE table size).
+        rope_theta: RoPE base.
+        moe_layers: which layers hold MoE blocks: ``[]`` for a dense LM; ``upcycle`` fills it.
+        num_experts: ``E`` of the MoE layers.
+        top_k: experts per token.
+        modality_bias: MoE routers get a trainable per-modality bias (docs/method.md#modality-bias).
+        hard: MoE routers mask the other modality's experts (hard modality routing).
+        partition: expert groups per modality for ``hard`` (default: halves).
+        image_size: square image side in pixels.
+        channels: image channels.
+        patch_size: vision patch side; ``image_tokens = (image_size // patch_size) ** 2``.
+        vision_dim: vision encoder width ``V``.
+        vision_layers: vision transformer layers.
+        vision_heads: vision attention heads.
+        vision_classes: classes of the vision pretraining head (0: no head).
+        vision_stem: channels of a 3x3 convolution before the patch embedding (0: none, linear
+            patches as in ViT).
+        vision_pool: how the pretraining head pools the patch features: ``"mean"`` or ``"max"``.
+        vision_summary: add the image's pooled patch feature (what the pretraining head reads) to
+            every patch feature before the projector, so that each image token carries the
+            whole image's summary as well as its patch (a deep CLIP tower's patch features do).
+    """
+
+    vocab_size: int = 2048
+    image_token_id: int = 1
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    ffn_hidden: int = 384
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    moe_layers: list[int] = field(default_factory=list)
+    num_experts: int = 4
+    top_k: int = 2
+    modality_bias: bool = False
+    hard: bool = False
+    partition: list[list[int]] | None = None
+    image_size: int = 24
+    channels: int = 3
+    patch_size: int = 4
+    vision_dim: int = 96
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_classes: int = 0
+    vision_stem: int = 0
+    vision_pool: str = "mean"
+    vision_summary: bool = False
+
+    def __post_init__(self):
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(f"dim={self.dim} must split into n_heads={self.n_heads} even heads")
+        if self.vision_dim % self.vision_heads:
+            raise ValueError(f"vision_dim={self.vision_dim} must divide by {self.vision_heads}")
+        if self.vision_pool not in ("mean", "max"):
+            raise ValueError(f"vision_pool must be 'mean' or 'max'; got {self.vision_pool!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}"
+            )
+        if not 0 <= self.image_token_id < self.vocab_size:
+            raise ValueError(f"image_token_id={self.image_token_id} outside the vocabulary")
+        bad = [i for i in self.moe_layers if not 0 <= i < self.n_layers]
+        if bad:
+            raise ValueError(f"moe_layers {bad} outside [0, n_layers={self.n_layers})")
+        if not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+
+    @property
+    def image_tokens(self) -> int:
+        """Image tokens per image (``P``)."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TinyConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TinyConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**d)
 
 
 @dataclass
