@@ -44,6 +44,9 @@ __all__ = ["RealConfig", "run"]
 
 log = logging.getLogger(__name__)
 
+CHAT_TOKENS = 48  # the base's answers to chat instructions
+KNOWLEDGE_TOKENS = 16  # answers to knowledge questions ("The capital of Kenya is Nairobi.")
+
 
 @dataclass(frozen=True)
 class RealConfig:
@@ -62,10 +65,10 @@ class RealConfig:
     align_steps: int = 40
     align_lr: float = 1e-3
     eval_chat: int = 32  # held-out instructions (base answers scored by likelihood)
-    eval_code: int = 32  # HumanEval problems
-    eval_prose: int = 16  # Shakespeare passages
+    eval_code: int = 16  # HumanEval problems
+    eval_prose: int = 8  # Shakespeare passages
     eval_knowledge: int = 120  # questions asked (those the base answers right are scored)
-    eval_images: int = 24  # image questions per type
+    eval_images: int = 16  # image questions per type
     precision: str = "fp32"
 
     def __post_init__(self):
@@ -110,16 +113,17 @@ def base_answers(lm, tok, cfg: RealConfig, stages: Path, model_id: str) -> dict:
     questions = texts.knowledge_questions()
     random.Random("knowledge").shuffle(questions)
     questions = questions[: cfg.eval_knowledge]
-    path = stages / f"base-answers-{_key(model_id, chat_eval, chat_train, questions)}.json"
+    key = _key(model_id, chat_eval, chat_train, questions, CHAT_TOKENS, KNOWLEDGE_TOKENS)
+    path = stages / f"base-answers-{key}.json"
     cached = read_cached_json(path)
     if cached is not None:
         return cached
     log.info("base answers: %d instructions, %d questions", len(chat_eval) + n_text,
              len(questions))  # fmt: skip
     ask = [[{"role": "user", "content": q}] for q in [*chat_eval, *chat_train]]
-    said = evaluate.generate(lm, tok, ask, max_new_tokens=48)
+    said = evaluate.generate(lm, tok, ask, max_new_tokens=CHAT_TOKENS)
     know = evaluate.generate(lm, tok, [[{"role": "user", "content": q}] for q, _ in questions],
-                             max_new_tokens=24)  # fmt: skip
+                             max_new_tokens=KNOWLEDGE_TOKENS)  # fmt: skip
     out = {
         "chat_eval": [[q, a] for q, a in zip(chat_eval, said[: len(chat_eval)], strict=True)],
         "chat_train": [[q, a] for q, a in zip(chat_train, said[len(chat_eval) :], strict=True)],
@@ -146,10 +150,12 @@ def see(model, proc, cfg: RealConfig, stages: Path, model_id: str) -> dict:
         model.model.load_state_dict(tensors, strict=False)
         model.model.vision_tower.requires_grad_(False)
         return json.loads(meta["info"])
+    log.info("stage 0: the vision tower learns the images (%d steps)", cfg.vision_steps)
     t = time.perf_counter()
     tower = pretrain_tower(model, proc, steps=cfg.vision_steps, seed=0)
     samples = description_chat(max(64, cfg.align_steps * 8), seed=1000) + qa_chat(
         max(64, cfg.align_steps * 8), seed=1000, split="train")  # fmt: skip
+    log.info("stage 0 probe %s; stage 1: alignment (%d steps)", tower["probe"], cfg.align_steps)
     losses = align(model, proc, samples, steps=cfg.align_steps, lr=cfg.align_lr,
                    precision=cfg.precision)  # fmt: skip
     info = {"vision": tower, "align_loss_first": losses[0],
@@ -183,7 +189,7 @@ def score(model, proc, cfg: RealConfig, answers: dict, images: list[dict]) -> di
              for q, a in answers["chat_eval"]]  # fmt: skip
     known = [(q, g) for q, g, a in answers["knowledge"] if texts.is_right(a, g)]
     said = evaluate.generate(model, proc, [[{"role": "user", "content": q}] for q, _ in known],
-                             max_new_tokens=24, cast=cast)  # fmt: skip
+                             max_new_tokens=KNOWLEDGE_TOKENS, cast=cast)  # fmt: skip
     code = texts.humaneval()[: cfg.eval_code]
     prose = [("", p) for p in texts.prose(cfg.eval_prose)]
     language = {
@@ -241,8 +247,10 @@ def run(cfg: RealConfig, out: str | Path, *, base=None, model_id: str | None = N
     seen = see(model, proc, cfg, stages, model_id)
     timing["vision_align"] = time.perf_counter() - t
     images = qa_chat(cfg.eval_images * 5, 0, "eval")
+    write_analyze_data(out / "analyze", images, answers)
     evals = {k: v for k, v in dataclasses.asdict(cfg).items() if k.startswith("eval_")}
     key = _key(model_id, seen, evals, answers["chat_eval"], answers["knowledge"], cfg.precision)
+    log.info("scores of the stage-1 model")
     stage1 = _cached_scores(stages / f"stage1-scores-{key}.json",
                             lambda: score(model, proc, cfg, answers, images))  # fmt: skip
     start = copy.deepcopy(model.state_dict())
@@ -275,6 +283,30 @@ def run(cfg: RealConfig, out: str | Path, *, base=None, model_id: str | None = N
     meta = {"vision": seen, "timing": timing, "peak_memory_gib": _peak_gib(), "model": model_id,
             "knowledge_scored": stage1["knowledge_asked"]}  # fmt: skip
     return report.write(out, cfg, stage1, runs, meta)
+
+
+def write_analyze_data(folder: Path, images: list[dict], answers: dict, per_task: int = 8) -> Path:
+    """``<folder>/samples.jsonl`` for ``smar analyze``: image questions (LLaVA conversations,
+    their images as PNG files beside it) and the held-out chats as text samples."""
+    from smar.atomic import write_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, count = [], {}
+    for i, s in enumerate(images):
+        if count.setdefault(s["task"], 0) >= per_task:
+            continue
+        count[s["task"]] += 1
+        name = f"image{i:03d}.png"
+        s["images"][0].save(folder / name)
+        question = s["messages"][0]["content"][1]["text"]
+        answer = s["messages"][1]["content"][0]["text"]
+        rows.append({"image": name, "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"},
+            {"from": "gpt", "value": answer}]})  # fmt: skip
+    rows += [{"text": f"{q}\n{a}"} for q, a in answers["chat_eval"][: 4 * per_task]]
+    path = folder / "samples.jsonl"
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def _cached_scores(path: Path, compute) -> dict:
