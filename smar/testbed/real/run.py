@@ -230,9 +230,9 @@ def run(cfg: RealConfig, out: str | Path, *, base=None, model_id: str | None = N
     (out / "runs").mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", dataclasses.asdict(cfg))
     if base is None:
-        from smar.testbed.real.base import GGUF_SHA256, load_base
+        from smar.testbed.real.base import MODEL_ID, load_base
 
-        base, model_id = load_base(), f"smollm2-135m-instruct-q4_1-{GGUF_SHA256[:12]}"
+        base, model_id = load_base(), MODEL_ID
     lm, tok = base
     model_id = model_id or f"{type(lm).__name__}-{lm.num_parameters()}"
     timing = {}
