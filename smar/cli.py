@@ -79,14 +79,14 @@ def _real(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from smar.analyze import main as analyze_main
+    from smar.commands.analyze import main as analyze_main
     from smar.testbed.analyze_run import load_runs
 
     return analyze_main(args, run_loader=load_runs)
 
 
 def _retention(args: argparse.Namespace) -> int:
-    from smar.retention import main as retention_main
+    from smar.commands.retention import main as retention_main
     from smar.testbed.lm_eval_tasks import open_pair
 
     return retention_main(args, open_models=open_pair)
@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("overrides", nargs="*", help="e.g. seeds=0,1,2 bands=1.5:2,0:0")
     sweep.set_defaults(func=_sweep)
 
-    from smar.analyze import add_parser as add_analyze
-    from smar.retention import add_parser as add_retention
+    from smar.commands.analyze import add_parser as add_analyze
+    from smar.commands.retention import add_parser as add_retention
 
     add_analyze(sub)
     sub.choices["analyze"].set_defaults(func=_analyze)

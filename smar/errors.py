@@ -10,7 +10,14 @@ that code catching the old ``ValueError`` keeps working. ``smar.testbed.errors``
 
 from __future__ import annotations
 
-__all__ = ["SmarError", "UsageError", "CorruptFile", "Diverged", "Interrupted"]
+__all__ = [
+    "SmarError",
+    "UsageError",
+    "AnalyzeError",
+    "CorruptFile",
+    "Diverged",
+    "Interrupted",
+]
 
 
 class SmarError(Exception):
@@ -28,6 +35,10 @@ class SmarError(Exception):
 
 class UsageError(SmarError, ValueError):
     """A bad option, override or input file, found before any work starts."""
+
+
+class AnalyzeError(UsageError):
+    """A bad argument of ``smar analyze``, said in one line."""
 
 
 class CorruptFile(SmarError):

@@ -10,15 +10,8 @@ import json
 import pytest
 import torch
 
-from smar.analyze import (
-    Source,
-    add_parser,
-    analyze,
-    hf_source,
-    main,
-    stream_stats,
-    write_analysis,
-)
+from smar.analyze import Source, analyze, hf_source, stream_stats, write_analysis
+from smar.commands.analyze import add_parser, main
 from smar.metrics import RoutingStats
 
 pytest.importorskip("matplotlib")

@@ -21,7 +21,7 @@ from test_analyze import _args, _jsonl, _llava_dir  # noqa: E402
 
 import smar  # noqa: E402
 import smar.hf  # noqa: E402
-from smar.analyze import main as analyze_main  # noqa: E402
+from smar.commands.analyze import main as analyze_main  # noqa: E402
 from smar.hf.loading import load_model_folder  # noqa: E402
 from smar.hf.source import HFEncoder, read_jsonl  # noqa: E402
 

@@ -19,6 +19,7 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from smar import retention  # noqa: E402
+from smar.commands import retention as retention_command  # noqa: E402
 from smar.testbed.config import smoke_config  # noqa: E402
 from smar.testbed.data import skills  # noqa: E402
 from smar.testbed.data.bundle import Bundle  # noqa: E402
@@ -170,8 +171,8 @@ def test_missing_or_invalid_model_folder_is_one_clear_error(tiny, tmp_path):
 
 def _cli(argv, open_models=open_pair) -> int:
     parser = argparse.ArgumentParser(prog="smar")
-    retention.add_parser(parser.add_subparsers(dest="command"))
-    return retention.main(parser.parse_args(argv), open_models=open_models)
+    retention_command.add_parser(parser.add_subparsers(dest="command"))
+    return retention_command.main(parser.parse_args(argv), open_models=open_models)
 
 
 def test_cli_errors_are_one_line_with_exit_code_2(tiny, tmp_path, capsys):

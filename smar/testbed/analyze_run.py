@@ -3,7 +3,7 @@
 mix (the one :func:`smar.testbed.evaluate.routing_summary` measures MRD on), with the run's
 training history and band; and a pipeline output folder (``runs/demo``) as all of its runs.
 
-The command layer passes :func:`load_runs` to :func:`smar.analyze.main` (the library never
+The command layer passes :func:`load_runs` to :func:`smar.commands.analyze.main` (the library never
 imports the testbed); :func:`write_run_html` writes the same report beside ``report.md``.
 """
 
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from smar.analyze import AnalyzeError, Source, analyze, write_analysis
+from smar.analyze import Source, analyze, write_analysis
+from smar.errors import AnalyzeError
 from smar.testbed.arms import make_arm
 from smar.testbed.data.bundle import load_bundle
 from smar.testbed.data.mixing import TextStream, collate, mixed_items
@@ -119,7 +120,7 @@ def load_runs(
     path: str | os.PathLike, *, batch_size: int = 32, max_samples: int | None = None
 ) -> list[Source] | None:
     """The sources of a run folder or a pipeline output folder; None for anything else (the
-    ``run_loader`` of :func:`smar.analyze.main`)."""
+    ``run_loader`` of :func:`smar.commands.analyze.main`)."""
     dirs = run_dirs(path)
     if dirs is None:
         return None
