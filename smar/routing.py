@@ -1,4 +1,5 @@
-"""SMAR on a model: the regularizer and its configuration.
+"""SMAR on a model: the regularizer (its configuration, :class:`SMARConfig`, is
+:mod:`smar.config`).
 
 ``attach(model, config)`` captures the model's routers (:mod:`smar.capture`), optionally replaces
 each router with a :class:`smar.bias.ModalityBiasRouter`, and returns a :class:`Regularizer`
@@ -22,8 +23,6 @@ import logging
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, fields
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,10 +30,10 @@ from torch import Tensor, nn
 from smar.adapters import Adapter
 from smar.bias import ModalityBiasRouter, check_modality_id
 from smar.capture import RouterCapture, record, unwrap
-from smar.collective import STATS, StepSums, default_group
+from smar.collective import StepSums, default_group
+from smar.config import SMARConfig
 from smar.distributions import prepare_routing
-from smar.losses import check_weight, routing_objective
-from smar.modality import LEVELS, resolve_groups
+from smar.losses import routing_objective
 from smar.upstream import upstream_defect
 
 __all__ = [
@@ -48,105 +47,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SMARConfig:
-    """Weights and options of the SMAR regularizer (defaults: docs/method.md#objective).
-
-    Args:
-        smar_weight: weight of the tolerance-band loss on the per-layer MRD.
-        band: ``(low, high)`` band of the MRD, or a list of one pair per MoE layer.
-        hinge: ``"linear"`` or ``"squared"``.
-        lb_weight: weight of the (Switch) load-balancing loss; 0 turns it off.
-        lb_variant: ``"switch"`` (1 when balanced) or ``"hf"`` (transformers' pooled version).
-        z_weight: weight of the router z-loss.
-        modality_bias: replace each router by a :class:`ModalityBiasRouter` with a trainable,
-            zero-initialised bias ``(M, E)``.
-        modality: ``"token"`` (image tokens are 1, every text token 0) or ``"sample"`` (every
-            token of a multimodal sample is 1).
-        num_modalities: ``M``, rows of the modality bias (0 text, 1 image, 2 video, 3 audio).
-        text: the anchor modality id of the MRD.
-        image: the other modality id of the MRD.
-        groups: modality ids counted as one before anything else: ``"visual"`` (video tokens
-            count as image tokens), ``"nontext"`` (video and audio count as image), or a dict
-            ``{from_id: to_id}``; None keeps every id.
-        routers: which routers SMAR acts on: ``"mlp"`` (the feed-forward experts' routers, the
-            default), ``"attention"`` (JetMoE's mixture-of-attention routers) or ``"all"``.
-        stats: ``"global"``: when ``torch.distributed`` is initialised with several processes,
-            the MRD, the band loss and load balancing are computed over the global batch of
-            ``group`` (one all-reduce per forward; the loss and the router gradients then equal
-            one process's on the concatenated batch). ``"local"``: over each rank's batch.
-        group: the process group of ``stats="global"``; None is the default (world) group, the
-            data-parallel group of DDP, FSDP and DeepSpeed ZeRO. With tensor, context or expert
-            parallelism, pass the group of ranks that hold different tokens (see
-            docs/distributed.md). Not saved with the config.
-        accumulate: under gradient accumulation, the statistics pool the micro-batches of the
-            optimizer step so far (earlier ones detached; see :class:`smar.collective.StepSums`);
-            the trainer (or your loop, with :meth:`Regularizer.step`) marks where steps end.
-        check: ``"first"``: the first forward's logits and modality ids are checked at once, later
-            forwards without waiting for the device (problems surface at
-            :meth:`Regularizer.check`, which SMARTrainer calls at every logging step);
-            ``"always"``: every forward is checked at once (one host-device sync per check).
-    """
-
-    smar_weight: float = 1.0
-    band: tuple[float, float] | Sequence[tuple[float, float]] = (1.5, 2.0)
-    hinge: str = "linear"
-    lb_weight: float = 0.01
-    lb_variant: str = "switch"
-    z_weight: float = 0.0
-    modality_bias: bool = True
-    modality: str = "token"
-    num_modalities: int = 2
-    text: int = 0
-    image: int = 1
-    groups: dict[int, int] | str | None = None
-    routers: str = "mlp"
-    stats: str = "global"
-    group: Any = None
-    accumulate: bool = False
-    check: str = "first"
-
-    def __post_init__(self):
-        for name in ("smar_weight", "lb_weight", "z_weight"):
-            check_weight(name, getattr(self, name))
-        if not isinstance(self.modality_bias, bool):  # a string such as "no" would be truthy
-            raise TypeError(f"modality_bias must be True or False; got {self.modality_bias!r}")
-        if self.hinge not in ("linear", "squared"):
-            raise ValueError(f"hinge must be 'linear' or 'squared'; got {self.hinge!r}")
-        if self.lb_variant not in ("switch", "hf"):
-            raise ValueError(f"lb_variant must be 'switch' or 'hf'; got {self.lb_variant!r}")
-        if self.modality not in LEVELS:
-            raise ValueError(f"modality must be one of {LEVELS}; got {self.modality!r}")
-        if not isinstance(self.num_modalities, int) or self.num_modalities < 2:
-            raise ValueError(f"num_modalities must be an integer >= 2; got {self.num_modalities}")
-        if not 0 <= self.image < self.num_modalities or not 0 <= self.text < self.num_modalities:
-            raise ValueError(
-                f"text={self.text} and image={self.image} must be < num_modalities="
-                f"{self.num_modalities}"
-            )
-        if self.routers not in ("mlp", "attention", "all"):
-            raise ValueError(f"routers must be 'mlp', 'attention' or 'all'; got {self.routers!r}")
-        if self.stats not in STATS:
-            raise ValueError(f"stats must be one of {STATS}; got {self.stats!r}")
-        if self.check not in ("first", "always"):
-            raise ValueError(f"check must be 'first' or 'always'; got {self.check!r}")
-        if not isinstance(self.accumulate, bool):
-            raise ValueError(f"accumulate must be True or False; got {self.accumulate!r}")
-        groups = resolve_groups(self.groups, keep=(self.text, self.image))
-        if self.groups is not None and not isinstance(self.groups, str):
-            self.groups = groups  # ids as integers: JSON keys are strings
-        if isinstance(self.band, list) and self.band and isinstance(self.band[0], (int, float)):
-            self.band = tuple(self.band)  # a pair read from JSON or YAML
-
-    def to_dict(self) -> dict:
-        """The options as plain data (``group``, a live process group, is left out)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "group"}
-
-    @property
-    def kinds(self) -> tuple[str, ...]:
-        return ("mlp", "attention") if self.routers == "all" else (self.routers,)
 
 
 def balancing_loss_in_model(model: nn.Module) -> str | None:
