@@ -130,7 +130,7 @@ class ModalityBiasRouter(nn.Module):
         adapter: how to read its logits (and, optionally, re-route).
         num_modalities: ``M``.
         num_experts: ``E``.
-        state: the shared modality state (:class:`smar.capture.ModalityState`).
+        state: the shared modality state (:class:`smar.modality.ModalityState`).
 
     Shapes:
         bias ``(M, E)``; the wrapped router's logits ``(T, E)``.

@@ -262,3 +262,48 @@ def group_modalities(ids: Tensor, groups: dict[int, int] | str | None) -> Tensor
     for a, b in table.items():
         out = out.masked_fill(ids == a, b)
     return out
+
+
+class ModalityState:
+    """The modality ids of the current forward, shared by the hooks and the bias wrappers."""
+
+    def __init__(self):
+        self.ids: Tensor | None = None  # (B, S) or (T,), derived from the last forward's inputs
+        self.explicit: Tensor | None = None  # set by the caller; wins over derived ids
+        self.shape: tuple[int, int] | None = None  # (B, S) of the last forward's inputs, if known
+        self.fitted = False  # the explicit ids fitted a forward since they were set
+        # True: the bias wrappers check the ids at once (a host-device sync); False: they keep
+        # the largest id seen (max_id, on the device) for a later check (Regularizer.check)
+        self.check_ids = True
+        self.max_id: Tensor | None = None
+
+    def current(self) -> Tensor | None:
+        """Explicit ids if they fit the current forward, else the derived ones: the decode steps
+        of ``generate()`` after ``set_modality(prompt ids)`` see their new tokens."""
+        explicit = self.explicit
+        if explicit is not None and (self.shape is None or self.fits(explicit, self.shape)):
+            return explicit
+        return self.ids if self.ids is not None else explicit
+
+    @staticmethod
+    def fits(ids: Tensor, shape: tuple[int, int]) -> bool:
+        """Explicit ids fit a forward of ``shape`` (B, S): ``(T,)`` of ``B * S``, or ``(B, S)``."""
+        if ids.dim() == 1:
+            return ids.numel() == shape[0] * shape[1]
+        return tuple(ids.shape) == shape
+
+    def flat(self, num_tokens: int, who: str) -> Tensor:
+        ids = self.current()
+        if ids is None:
+            raise ValueError(
+                f"{who} needs the modality ids of this forward but none are known: call the "
+                "model with input_ids (and a config with image_token_id) or mm_token_type_ids, "
+                "or call regularizer.set_modality(ids) before the forward"
+            )
+        flat = ids.reshape(-1)  # (T,)
+        if flat.numel() != num_tokens:
+            raise ValueError(
+                f"{who} routed {num_tokens} tokens but the modality ids have {flat.numel()} "
+                f"(shape {tuple(ids.shape)}); set explicit ids with regularizer.set_modality(ids)"
+            )
+        return flat
