@@ -1,5 +1,6 @@
-"""Mixture-of-experts building blocks: a router with a modality-aware bias, hard modality routing,
-a top-k SwiGLU MoE block and MoE-LLaVA style upcycling of a dense FFN.
+"""Mixture-of-experts building blocks: a router with a modality-aware bias, hard modality routing
+and a top-k SwiGLU MoE block (MoE-LLaVA style upcycling of a dense FFN into one is
+:mod:`smar.upcycle`).
 
 Shape legend:
     T tokens (batch x sequence, flattened)   D model width   F expert hidden width
@@ -34,7 +35,6 @@ __all__ = [
     "MoEBlock",
     "SwiGLU",
     "default_partition",
-    "upcycle",
     "weight_gradient_stop",
 ]
 
@@ -329,80 +329,3 @@ class MoEBlock(nn.Module):
             f"dim={self.gate_up_proj.shape[2]}, hidden={self.down_proj.shape[2]}, "
             f"num_experts={self.num_experts}, top_k={self.top_k}"
         )
-
-
-def _dense_weights(dense_mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(gate (F, D), up (F, D), down (D, F)) of a SwiGLU MLP, tiny or Hugging Face style."""
-    names = ("gate_proj", "up_proj", "down_proj")
-    if all(hasattr(dense_mlp, n) for n in names):
-        for n in names:
-            if getattr(getattr(dense_mlp, n), "bias", None) is not None:
-                raise ValueError(
-                    f"{type(dense_mlp).__name__}.{n} has a bias; upcycle supports bias-free SwiGLU "
-                    "MLPs (Llama, Qwen, Mistral, Phi-3 style)"
-                )
-        return tuple(getattr(dense_mlp, n).weight for n in names)  # type: ignore[return-value]
-    if hasattr(dense_mlp, "gate_up_proj") and hasattr(dense_mlp, "down_proj"):
-        gate, up = dense_mlp.gate_up_proj.weight.chunk(2, dim=0)  # Phi-3: fused (2F, D)
-        return gate, up, dense_mlp.down_proj.weight
-    raise ValueError(
-        f"cannot upcycle {type(dense_mlp).__name__}: expected a SwiGLU MLP with gate_proj, up_proj "
-        "and down_proj linear layers (or a fused gate_up_proj)"
-    )
-
-
-def _check_silu(dense_mlp: nn.Module) -> None:
-    act = getattr(dense_mlp, "act_fn", None)
-    if act is None:
-        return
-    probe = torch.linspace(-3, 3, 13, device="cpu")  # explicit: works under a meta context
-    if not torch.allclose(act(probe), F.silu(probe), atol=1e-6):
-        raise ValueError(
-            f"{type(dense_mlp).__name__}.act_fn is not SiLU; the MoE experts are SwiGLU and would "
-            "not reproduce this MLP"
-        )
-
-
-@torch.no_grad()
-def upcycle(
-    dense_mlp: nn.Module,
-    *,
-    num_experts: int,
-    top_k: int,
-    noise: float = 0.0,
-    generator: torch.Generator | None = None,
-    **router_kwargs,
-) -> MoEBlock:
-    """Turns a dense SwiGLU FFN into a :class:`MoEBlock` whose experts all copy it (MoE-LLaVA).
-
-    The router is new (random); because every expert is the same function and the gates sum to 1,
-    the block's output equals the dense FFN's on any input when ``noise == 0``. ``noise > 0`` adds
-    Gaussian noise of that relative scale to each expert copy, to break the symmetry between them.
-
-    Args:
-        dense_mlp: an MLP with ``gate_proj``, ``up_proj``, ``down_proj`` (:class:`SwiGLU`, or the
-            MLP of a Hugging Face Llama/Qwen/Mistral decoder) or Phi-3's fused ``gate_up_proj``.
-        num_experts: ``E``.
-        top_k: ``K``.
-        noise: relative standard deviation of the noise added to each copy.
-        generator: random generator for the router and the noise.
-        router_kwargs: passed to :class:`Router`.
-    """
-    if noise < 0:
-        raise ValueError(f"noise must be >= 0, got {noise}")
-    _check_silu(dense_mlp)
-    gate, up, down = _dense_weights(dense_mlp)  # (F, D), (F, D), (D, F)
-    hidden, dim = gate.shape
-    block = MoEBlock(dim, hidden, num_experts, top_k, **router_kwargs)
-    block.to(device=gate.device, dtype=gate.dtype)
-    block.router.weight.copy_(
-        torch.randn(block.router.weight.shape, generator=generator) * dim**-0.5
-    )
-    gate_up = torch.cat([gate, up], dim=0)  # (2F, D)
-    block.gate_up_proj.copy_(gate_up.expand(num_experts, -1, -1))
-    block.down_proj.copy_(down.expand(num_experts, -1, -1))
-    if noise > 0:
-        for p in (block.gate_up_proj, block.down_proj):
-            eps = torch.randn(p.shape, generator=generator).to(p)
-            p.add_(eps * noise * p.std())
-    return block

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from smar.losses import load_balancing_loss, smar_loss
-from smar.moe import MoEBlock, Router, SwiGLU, default_partition, upcycle, weight_gradient_stop
+from smar.moe import MoEBlock, Router, SwiGLU, default_partition, weight_gradient_stop
+from smar.upcycle import upcycle
 
 
 def reference_moe(block: MoEBlock, x, modality_ids=None):

@@ -16,7 +16,8 @@ import torch
 import transformers
 from torch import nn
 
-from smar.moe import MoEBlock, upcycle
+from smar.moe import MoEBlock
+from smar.upcycle import upcycle
 
 __all__ = ["upcycle_hf", "from_pretrained_upcycled", "upcycled_class", "model_class"]
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smar.moe import MoEBlock, Router, upcycle
+from smar.moe import MoEBlock, Router
 from smar.testbed.blocks import (
     DecoderLayer,
     RMSNorm,
@@ -33,6 +33,7 @@ from smar.testbed.blocks import (
     rope_tables,
 )
 from smar.testbed.config import TinyConfig
+from smar.upcycle import upcycle
 
 __all__ = ["TinyConfig", "TinyModel", "TinyOutput"]
 
