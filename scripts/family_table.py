@@ -3,7 +3,7 @@
     python scripts/family_table.py            # run the sweep, rewrite the table
     python scripts/family_table.py --check    # run it, exit 1 if the table differs
 
-Each family's row comes from what its tests did in this run, not from what tests/families.py
+Each family's row comes from what its tests did in this run, not from what tests/helpers/families.py
 declares: full (every check passed), capture only or not supported (skipped with the reason
 printed), not yet checked, an upstream defect of the installed transformers, or failed.
 The table sits between docs/huggingface.md's ``<!-- families:begin -->`` and

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("transformers")
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
 from dist_common import router_weights, samples, tiny_moe  # noqa: E402
 
 import smar  # noqa: E402

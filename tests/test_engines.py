@@ -22,7 +22,7 @@ import torch
 pytest.importorskip("transformers")
 
 HERE = Path(__file__).parent
-SCRIPT = str(HERE / "dist_trainer.py")
+SCRIPT = str(HERE / "helpers" / "dist_trainer.py")
 DS_CONFIG = {
     "train_micro_batch_size_per_gpu": "auto",
     "gradient_accumulation_steps": "auto",
@@ -126,7 +126,7 @@ def test_deepspeed_zero_equals_one_process(ref, tmp_path, stage):
 
 @pytest.mark.slow
 def test_fsdp2_loop_equals_one_process(tmp_path):
-    script = str(HERE / "dist_fsdp.py")
+    script = str(HERE / "helpers" / "dist_fsdp.py")
     one = launch([sys.executable, script], tmp_path / "one", "--per-device", "4")
     two = launch([*torchrun(), script], tmp_path / "two")
     a, b = torch.load(one["dir"] / "fsdp.pt"), torch.load(two["dir"] / "fsdp.pt")

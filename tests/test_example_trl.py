@@ -273,11 +273,11 @@ def test_command_line_options_reach_smar_config():
         EX["parse_args"](["--model", "m", "--data", "d", "--text-ratio", "1.0"])
 
 
-HELPER = pathlib.Path(__file__).parent / "dist_sft_vlm_trl.py"
+HELPER = pathlib.Path(__file__).parent / "helpers" / "dist_sft_vlm_trl.py"
 
 
 def launch(prefix: list[str], record: pathlib.Path, *argv: str) -> tuple[str, list[dict]]:
-    """Runs tests/dist_sft_vlm_trl.py (the example, SGD, samples in order) under ``prefix``;
+    """Runs tests/helpers/dist_sft_vlm_trl.py (the example, SGD, samples in order) under ``prefix``;
     returns its output and the record of each rank."""
     record.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -1,10 +1,10 @@
-"""Every MoE family of the installed transformers (enumerated from the library: tests/families.py),
+"""Every MoE family of the installed transformers (enumerated from the library: tests/helpers/families.py),
 as a tiny random model: smar finds the routers the model declares, captures exactly the logits the
 model records itself, a zero bias changes no output bit, a large bias moves image tokens to the
 expert it favours, and gradients reach router and bias.
 
 Each family is built from its default config, shrunk, and where that alone does not run, its
-recipe (``tests/families.py``: ``RECIPES``). Its status there says what must pass: full, capture
+recipe (``tests/helpers/families.py``: ``RECIPES``). Its status there says what must pass: full, capture
 only (the bias is refused with a reason) or not supported (skipped with the reason); a family a
 newer transformers adds skips as "not yet checked", and a known family that stops building fails.
 The family table of docs/huggingface.md is written from this file's run by
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+import sys
 import warnings
 
 import pytest
@@ -23,6 +24,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+sys.path.insert(0, str(pathlib.Path(__file__).parent / "helpers"))
 import families  # noqa: E402
 
 import smar  # noqa: E402
@@ -42,7 +44,7 @@ def tiny(family: str, bias: bool = False):
     status = families.status(family)
     if status == "not yet checked":
         pytest.skip(f"{family}: not yet checked: new in transformers {transformers.__version__}; "
-                    "give it a recipe and a status in tests/families.py")  # fmt: skip
+                    "give it a recipe and a status in tests/helpers/families.py")  # fmt: skip
     if status == "not supported":
         pytest.skip(f"{family}: not supported: {families.NOT_SUPPORTED[family]}")
     if bias and status == "capture only":
@@ -71,7 +73,7 @@ def tiny(family: str, bias: bool = False):
         pytest.skip(why)
     if why:
         pytest.fail(f"{family} ({status}) no longer builds or runs as a tiny model: {why}; see "
-                    "its recipe in tests/families.py", pytrace=False)  # fmt: skip
+                    "its recipe in tests/helpers/families.py", pytrace=False)  # fmt: skip
     return model, batch
 
 
@@ -206,7 +208,7 @@ def test_gradients_reach_router_and_bias(family):
 
 def test_docs_family_table_agrees_with_the_declared_statuses():
     """docs/huggingface.md's table (written from a run by scripts/family_table.py) says of each
-    family what tests/families.py declares, so neither can change without the other."""
+    family what tests/helpers/families.py declares, so neither can change without the other."""
     text = (pathlib.Path(__file__).parents[1] / "docs" / "huggingface.md").read_text()
     block = text.split("<!-- families:begin -->")[1].split("<!-- families:end -->")[0]
     said, status = {}, None

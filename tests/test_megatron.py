@@ -1,7 +1,7 @@
 """smar.megatron: SMARRouter in Megatron-Core (0.16.1, on CPU with gloo; the shims are in
-tests/megatron_cpu.py, never in the library).
+tests/helpers/megatron_cpu.py, never in the library).
 
-- two processes under torchrun (tests/dist_megatron.py) for DP2, TP2 with sequence parallelism,
+- two processes under torchrun (tests/helpers/dist_megatron.py) for DP2, TP2 with sequence parallelism,
   EP2 and CP2 give the band loss, the MRD and the router and bias gradients of one process on the
   whole micro-batch (relative gaps printed); with local statistics they differ;
 - with a zero bias and band weight 0 the router's outputs and gradients are Megatron's own, bit
@@ -24,14 +24,14 @@ import torch
 
 pytest.importorskip("megatron.core")
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
 import megatron_cpu as mc  # noqa: E402
 
 import smar  # noqa: E402
 from smar.megatron import SMARRouterConfig, modality_ids  # noqa: E402
 
 HERE = Path(__file__).parent
-SCRIPT = str(HERE / "dist_megatron.py")
+SCRIPT = str(HERE / "helpers" / "dist_megatron.py")
 MODES = ("dp", "tp", "ep", "cp")
 
 

@@ -5,7 +5,7 @@ Writes to ``--out`` (rank 0): ``log.json`` (the Trainer's log history), ``router
 router's weight and modality bias after training), and the saved model with
 ``smar_bias.safetensors``; ``reload.pt`` holds the bias that a fresh model loads from it.
 
-Usage: ``torchrun --nproc_per_node 2 tests/dist_trainer.py --out DIR [--stats local]
+Usage: ``torchrun --nproc_per_node 2 tests/helpers/dist_trainer.py --out DIR [--stats local]
 [--accumulate] [--per-device 2] [--ga 1] [--deepspeed ds.json] [--fsdp]``
 """
 

@@ -1,6 +1,6 @@
 """Megatron-Core on CPU for the tests (never in the library): the shims, the process groups and
 tiny models shared by tests/test_megatron.py and the script torchrun starts
-(tests/dist_megatron.py).
+(tests/helpers/dist_megatron.py).
 
 megatron-core 0.16.1 runs its router, an ``MoELayer`` (allgather dispatcher, ``SequentialMLP``,
 local non-TransformerEngine specs) and a small ``GPTModel`` on CPU with gloo once two things are

@@ -1,4 +1,5 @@
-"""Data-parallel SMAR: two gloo processes give the loss and router gradients of one process."""
+"""smar.collective, data-parallel SMAR: two gloo processes give the loss and router gradients of
+one process."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """SMARRouter in a Megatron-Core MoE layer on CPU (gloo), started by tests/test_megatron.py.
 
-One process (``python tests/dist_megatron.py --out DIR``) routes the whole micro-batch: the
-reference. Two (``torchrun --nproc_per_node 2 tests/dist_megatron.py --out DIR``) run each
+One process (``python tests/helpers/dist_megatron.py --out DIR``) routes the whole micro-batch: the
+reference. Two (``torchrun --nproc_per_node 2 tests/helpers/dist_megatron.py --out DIR``) run each
 parallelism in turn on the same micro-batch, split as Megatron splits it: ``dp`` (the batch),
 ``tp`` (the sequence, tensor parallel with sequence parallelism), ``ep`` (experts; the batch
 over the dense data-parallel ranks) and ``cp`` (the sequence in 2 x CP load-balanced chunks);

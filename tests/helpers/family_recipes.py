@@ -1,4 +1,4 @@
-"""Per-family recipes for tests/families.py: the config overrides that make a family's shrunk
+"""Per-family recipes for tests/helpers/families.py: the config overrides that make a family's shrunk
 default config a tiny model that runs, where the generic shrinking alone does not.
 
 One table, :data:`RECIPES`: family -> {attribute path: value}. A path goes through sub-configs,

@@ -1,5 +1,5 @@
 """A tiny Qwen3-MoE and its data, shared by the data-parallel tests and the script that
-``torchrun`` starts (tests/dist_trainer.py). Every rank builds the same model from the seed."""
+``torchrun`` starts (tests/helpers/dist_trainer.py). Every rank builds the same model from the seed."""
 
 from __future__ import annotations
 

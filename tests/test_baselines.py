@@ -1,5 +1,6 @@
-"""Load balancing counts the experts the routers chose (read from their outputs) instead of a
-second top-k; the from-logits path stays for callers that have only logits."""
+"""smar.baselines with smar.capture: load balancing counts the experts the routers chose (read
+from their outputs) instead of a second top-k; the from-logits path stays for callers that have
+only logits."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "helpers"))
 from dist_common import samples, tiny_moe  # noqa: E402
 
 import smar  # noqa: E402

@@ -3,7 +3,7 @@
 A family is a model folder of ``transformers.models`` whose modeling code declares a
 ``router_logits`` recorder (``_can_record_outputs``). Its tiny model is its default config with
 every size shrunk (width 32, 2 layers, 4 experts, top-2, ...), then, where that alone does not
-give a tiny model that runs, the family's recipe (tests/family_recipes.py). :data:`FULL`,
+give a tiny model that runs, the family's recipe (tests/helpers/family_recipes.py). :data:`FULL`,
 :data:`CAPTURE_ONLY` and :data:`NOT_SUPPORTED` say what tests/test_families.py must find.
 """
 
@@ -250,7 +250,7 @@ def apply_recipe(cfg, recipe: dict) -> None:
 
 def build(family: str) -> torch.nn.Module:
     """The family's top model class (or its recipe's) on its shrunk default config and its recipe
-    (tests/family_recipes.py), in eval mode, seed 0."""
+    (tests/helpers/family_recipes.py), in eval mode, seed 0."""
     recipe = RECIPES.get(family, {})
     cls = model_class(family)
     if "@class" in recipe:
@@ -278,7 +278,7 @@ def inputs(model: torch.nn.Module, batch: int = 2, seq: int = 8) -> dict:
     return out
 
 
-if __name__ == "__main__":  # python tests/families.py FAMILY...: build, run, report
+if __name__ == "__main__":  # python tests/helpers/families.py FAMILY...: build, run, report
     import sys
     import traceback
 

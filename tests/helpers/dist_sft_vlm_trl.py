@@ -3,7 +3,7 @@ a constant rate, no clipping and the samples in order, so that N processes can b
 one process on N times the batch (Adam's first steps, about lr * sign(g), would magnify rounding
 differences in tiny gradients): the script tests/test_example_trl.py starts.
 
-Usage: ``[torchrun --nproc_per_node 2] tests/dist_sft_vlm_trl.py RECORD_DIR ARGS...`` where ARGS
+Usage: ``[torchrun --nproc_per_node 2] tests/helpers/dist_sft_vlm_trl.py RECORD_DIR ARGS...`` where ARGS
 are the example's. Each rank writes ``RECORD_DIR/rank{r}.pt``: the world size its trainer saw,
 the class of its model wrapper, whether it saves, the batches it trained on (``input_ids`` and
 ``attention_mask``), the loss log and every router's weight and modality bias before and after
@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-EXAMPLE = pathlib.Path(__file__).parent.parent / "examples" / "sft_vlm_trl.py"
+EXAMPLE = pathlib.Path(__file__).parents[2] / "examples" / "sft_vlm_trl.py"
 SGD = {"optim": "sgd", "lr_scheduler_type": "constant", "max_grad_norm": 0.0,
        "train_sampling_strategy": "sequential"}  # fmt: skip
 
