@@ -23,14 +23,15 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from smar.metrics import MODALITY_NAMES, RoutingStats
+from smar.source import Routed, Source
 
 __all__ = [
     "Source",
@@ -42,35 +43,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-Routed = tuple[list[Tensor], Tensor]  # L tensors (T, E) of raw logits, modality ids (T,)
-
-
-@dataclass
-class Source:
-    """What ``smar analyze`` runs: a model and its data, as batches of routing.
-
-    Attributes:
-        name: shown in the report (unique among the sources compared).
-        batches: a function returning an iterator of ``(router_logits, modality_ids)`` per batch.
-        top_k: experts per token.
-        router: ``"softmax"`` or ``"sigmoid"``.
-        total: the number of batches, for the progress bar (None: unknown).
-        layers: the decoder layer index of each MoE layer (labels only).
-        band: the MRD band to shade, or None.
-        history: training records ``{"step", "mrd": [per layer]}`` (testbed runs), or None.
-        info: lines about the model and the data, shown in the report.
-    """
-
-    name: str
-    batches: Callable[[], Iterator[Routed]]
-    top_k: int
-    router: str = "softmax"
-    total: int | None = None
-    layers: list[int] | None = None
-    band: tuple[float, float] | None = (1.5, 2.0)
-    history: list[dict] | None = None
-    info: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -27,7 +27,8 @@ from pathlib import Path
 from torch import nn
 
 from smar.adapters import find_routers
-from smar.hf.inspect import _check_local, load_model_dir
+from smar.hf.config import _check_local
+from smar.hf.inspect import load_model_dir
 from smar.hf.saving import BIAS_FILE, load_bias
 from smar.routing import Regularizer
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from smar.analyze import Routed, Source
 from smar.modality import modality_ids, special_token_ids
+from smar.source import Routed, Source
 
 __all__ = ["read_jsonl", "check_sample", "HFEncoder", "hf_source"]
 

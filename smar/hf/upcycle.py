@@ -144,7 +144,7 @@ def upcycle_hf(
 
 def model_class(config) -> type:
     """The model class that builds ``config`` (see :func:`smar.hf.inspect.config_model_class`)."""
-    from smar.hf.inspect import config_model_class  # inspect imports this module
+    from smar.hf.config import config_model_class
 
     return config_model_class(config)
 
@@ -178,7 +178,7 @@ def from_pretrained_upcycled(path: str, cls: type | None = None, **kwargs) -> nn
         kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
     """
     config = transformers.AutoConfig.from_pretrained(path)
-    from smar.hf.inspect import upcycle_spec
+    from smar.hf.config import upcycle_spec
 
     spec = upcycle_spec(config, str(path))
     if spec is None:
