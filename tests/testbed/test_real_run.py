@@ -129,3 +129,22 @@ def test_real_smoke_run_on_smollm2(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["stage1"]["knowledge_asked"] > 0  # SmolLM2 answers some of them right
     assert set(res["arms"]) == {"none", "smar", "hard", "stop", "noimage"}
+
+
+def test_smar_analyze_reads_the_runs_with_their_bias(tmp_path, monkeypatch):
+    """The runs' folders and the analysis samples the run writes go through `smar analyze`."""
+    from smar.cli import main
+    from smar.testbed.real.run import RealConfig, run
+
+    cfg = RealConfig.smoke(arms=("none", "smar"), seeds=(0,))
+    run(cfg, tmp_path / "out", base=_tiny_base(), model_id="tiny", stages=tmp_path / "stages",
+        progress=False)  # fmt: skip
+    runs = tmp_path / "out" / "runs"
+    data = tmp_path / "out" / "analyze" / "samples.jsonl"
+    assert sum(1 for line in data.read_text().splitlines() if '"image"' in line) == 10
+    page = tmp_path / "page"
+    code = main(["analyze", str(runs / "none-seed0"), str(runs / "smar-seed0"), "--data",
+                 str(data), "--out", str(page), "--quiet"])  # fmt: skip
+    assert code == 0
+    results = json.loads((page / "routing.json").read_text())
+    assert len(results["runs"]) == 2

@@ -204,6 +204,7 @@ def score(model, proc, cfg: RealConfig, answers: dict, images: list[dict]) -> di
     return {
         "language": language,
         "knowledge_asked": len(known),
+        "knowledge_answers": [[q, a] for (q, _), a in zip(known, said, strict=True)],
         "multimodal": evaluate.multimodal_accuracy(model, proc, images, cast=cast),
     }
 
