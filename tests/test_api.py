@@ -68,6 +68,7 @@ def test_cli_options_are_pinned():
             "--out",
             "--precision",
             "--quiet",
+            "--router-lr",
             "--seeds",
             "--smoke",
             "--steps",

@@ -148,3 +148,22 @@ def test_smar_analyze_reads_the_runs_with_their_bias(tmp_path, monkeypatch):
     assert code == 0
     results = json.loads((page / "routing.json").read_text())
     assert len(results["runs"]) == 2
+
+
+def test_router_lr_puts_routers_and_biases_in_their_own_group(tmp_path):
+    """`router_lr`: the routers and the modality bias train at their own learning rate, the
+    rest at `lr`, for an arm with a bias."""
+    from smar.testbed.real.data import qa_chat
+    from smar.testbed.real.model import CHAT_TEMPLATE, VisionSpec, build_vlm
+    from smar.testbed.real.train import instruct
+
+    lm, tok = _tiny_base()
+    spec = VisionSpec(hidden_size=32, layers=1, heads=2)
+    model, _, proc = build_vlm(lm, tok, vision=spec, chat_template=CHAT_TEMPLATE)
+    trainer = instruct(model, proc, qa_chat(4, 0, "train"), str(tmp_path / "r"), arm="smar",
+                       steps=1, batch=2, lr=1e-4, router_lr=1e-2)  # fmt: skip
+    groups = trainer.optimizer.param_groups
+    assert [g["initial_lr"] for g in groups] == [1e-4, 1e-2]
+    bias = trainer.smar.bias_parameters()[0]
+    assert any(p is bias for p in groups[1]["params"])
+    assert not any(p is bias for p in groups[0]["params"])

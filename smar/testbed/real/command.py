@@ -35,6 +35,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     real.add_argument("--seeds", help="run: comma-separated seeds (default 0,1,2)")
     real.add_argument("--steps", type=int, help="run: stage-3 optimizer steps per run")
     real.add_argument("--lr", type=float, help="run: stage-3 learning rate")
+    real.add_argument("--router-lr", type=float, help="run: the routers' and modality biases' "
+                      "own stage-3 learning rate (default: --lr)")  # fmt: skip
     real.add_argument("--quiet", action="store_true", help="run: no progress bars")
     return real
 
@@ -60,11 +62,11 @@ def _config(args: argparse.Namespace, precision: str):
                              f"choose among {','.join(ARMS)}")  # fmt: skip
     if args.seeds:
         kw["seeds"] = _ints(args.seeds, "--seeds")
-    for name in ("steps", "lr"):
+    for name in ("steps", "lr", "router_lr"):
         value = getattr(args, name)
         if value is not None:
             if not value > 0:
-                raise UsageError(f"--{name} must be positive; got {value}")
+                raise UsageError(f"--{name.replace('_', '-')} must be positive; got {value}")
             kw[name] = value
     return RealConfig.smoke(**kw) if args.smoke else RealConfig(**kw)
 

@@ -146,7 +146,8 @@ def _markdown(cfg, stage1: dict, agg: dict, meta: dict) -> str:
         lines.append(f"| {arm} | " + " | ".join(f"{v:.3f}" for v in agg[arm]["mrd"].values())
                      + " |")  # fmt: skip
     t = meta["timing"]
-    lines += ["", f"Time: {t['total'] / 60:.1f} min (base answers {t['base_answers']:.0f} s, "
+    lines += ["", f"This invocation: {t['total'] / 60:.1f} min, finished runs reused (base "
+              f"answers {t['base_answers']:.0f} s, "
               f"stages 0-1 {t['vision_align']:.0f} s); peak memory "
               f"{meta['peak_memory_gib']:.1f} GiB."]  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -57,6 +57,7 @@ class RealConfig:
     steps: int = 24  # stage 3 optimizer steps per run
     batch: int = 8
     lr: float = 2e-4
+    router_lr: float | None = None  # the routers' and biases' own learning rate (None: lr)
     text_ratio: float = 0.025  # pure-text share of stage 3 (the paper's 2.5%)
     descriptions: float = 0.25  # share of the image samples that ask for a description
     layers: str = "alternate"
@@ -271,7 +272,8 @@ def run(cfg: RealConfig, out: str | Path, *, base=None, model_id: str | None = N
         t = time.perf_counter()
         trainer = instruct(model, proc, train_samples(cfg, seed, answers), str(folder), arm=arm,
                            steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, seed=seed,
-                           precision=cfg.precision, progress=progress)  # fmt: skip
+                           precision=cfg.precision, progress=progress,
+                           router_lr=cfg.router_lr)  # fmt: skip
         trained = time.perf_counter() - t
         res = score(model, proc, cfg, answers, images)
         res.update(arm=arm, seed=seed, train_seconds=trained,

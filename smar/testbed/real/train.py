@@ -72,6 +72,24 @@ def _fix_hard(trainer) -> None:
         bias.requires_grad_(False)
 
 
+class _RouterLR:
+    """A Trainer mixin: the parameters under a ``.router.`` (router weights, modality biases) in
+    their own AdamW group at ``router_lr``; the scheduler scales both groups alike."""
+
+    router_lr: float
+
+    def create_optimizer(self, *args, **kwargs):
+        if self.optimizer is None:
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            rest = [p for n, p in named if ".router." not in n]
+            routers = [p for n, p in named if ".router." in n]
+            self.optimizer = torch.optim.AdamW(
+                [{"params": rest, "lr": self.args.learning_rate},
+                 {"params": routers, "lr": self.router_lr}], weight_decay=0.0,
+            )  # fmt: skip
+        return super().create_optimizer(*args, **kwargs)
+
+
 class _StopTrainer(smar.hf.SMARTrainer):
     """``SMARTrainer`` whose forwards stop the image tokens' weight gradients."""
 
@@ -129,9 +147,13 @@ def trainable_for_instruct(model) -> list[str]:
 
 def instruct(model, processor, samples: list[dict], out_dir: str, *, arm: str, steps: int,
              batch: int = 8, lr: float = 2e-5, seed: int = 0, precision: str = "fp32",
-             lb_weight: float = 0.01, progress: bool = False):  # fmt: skip
+             lb_weight: float = 0.01, progress: bool = False,
+             router_lr: float | None = None):  # fmt: skip
     """Stage 3 of one arm with :class:`smar.hf.SMARTrainer`; saves the model and its bias into
-    ``out_dir`` and returns the trainer (its ``state.log_history`` holds the ``smar/*`` terms)."""
+    ``out_dir`` and returns the trainer (its ``state.log_history`` holds the ``smar/*`` terms).
+
+    ``router_lr``: the routers' (and modality biases') own peak learning rate (the same schedule),
+    for every arm; None: ``lr``."""
     import transformers
 
     trainable_for_instruct(model)
@@ -145,6 +167,8 @@ def instruct(model, processor, samples: list[dict], out_dir: str, *, arm: str, s
     if arm == "noimage":
         samples = drop_images(samples)
     cls = _StopTrainer if arm == "stop" else smar.hf.SMARTrainer
+    if router_lr is not None:
+        cls = type(cls.__name__, (_RouterLR, cls), {"router_lr": router_lr})
     trainer = cls(
         model=model, args=args, train_dataset=samples,
         data_collator=lambda rows: collate(processor, rows), smar_config=arm_config(arm, lb_weight),
