@@ -48,38 +48,38 @@ def _nll_sums(model, ids: list[list[int]], starts: list[int], batch: int, cast) 
     return out
 
 
+def _bpb(model, tok, rows: list[tuple[list[int], int]], batch: int, cast) -> float:
+    """Bits per byte of each row's tokens from its start on (``(ids, start)`` rows), pooled."""
+    ids, starts = [r for r, _ in rows], [s for _, s in rows]
+    nbytes = sum(len(tok.decode(r[s:]).encode()) for r, s in rows)
+    nll = sum(_nll_sums(model, ids, starts, batch, cast or contextlib.nullcontext()))
+    return nll / math.log(2) / max(nbytes, 1)
+
+
 def text_bpb(model, proc, pairs: list[tuple[str, str]], *, batch: int = 4, max_tokens: int = 384,
              cast=None) -> float:  # fmt: skip
     """Bits per byte of each ``target`` after its ``context`` (pairs), pooled over the pairs.
 
     Sequences are cut at ``max_tokens`` (the target's bytes are counted up to the cut)."""
     tok = _tokenizer(proc)
-    ids, starts, nbytes = [], [], 0
+    rows = []
     for context, target in pairs:
         c = tok(context, add_special_tokens=False)["input_ids"] if context else []
         t = tok(target, add_special_tokens=False)["input_ids"]
-        row = (c + t)[:max_tokens]
-        ids.append(row)
-        starts.append(len(c))
-        nbytes += len(tok.decode(row[len(c) :]).encode())
-    nll = sum(_nll_sums(model, ids, starts, batch, cast or contextlib.nullcontext()))
-    return nll / math.log(2) / max(nbytes, 1)
+        rows.append(((c + t)[:max_tokens], len(c)))
+    return _bpb(model, tok, rows, batch, cast)
 
 
 def answer_bpb(model, proc, chats: list[list[dict]], *, batch: int = 4, cast=None) -> float:
     """Bits per byte of the last (assistant) turn of each chat, given the turns before it."""
     tok = _tokenizer(proc)
-    ids, starts, nbytes = [], [], 0
+    rows = []
     for chat in chats:
         head = proc.apply_chat_template(chat[:-1], tokenize=False, add_generation_prompt=True)
         full = proc.apply_chat_template(chat, tokenize=False)
         h = tok(head, add_special_tokens=False)["input_ids"]
-        f = tok(full, add_special_tokens=False)["input_ids"]
-        ids.append(f)
-        starts.append(len(h))
-        nbytes += len(tok.decode(f[len(h) :]).encode())
-    nll = sum(_nll_sums(model, ids, starts, batch, cast or contextlib.nullcontext()))
-    return nll / math.log(2) / max(nbytes, 1)
+        rows.append((tok(full, add_special_tokens=False)["input_ids"], len(h)))
+    return _bpb(model, tok, rows, batch, cast)
 
 
 @torch.no_grad()

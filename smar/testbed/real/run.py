@@ -283,8 +283,7 @@ def run(cfg: RealConfig, out: str | Path, *, base=None, model_id: str | None = N
         write_json(folder / "scores.json", res)
         runs[name] = res
     timing["total"] = time.perf_counter() - t0
-    meta = {"vision": seen, "timing": timing, "peak_memory_gib": _peak_gib(), "model": model_id,
-            "knowledge_scored": stage1["knowledge_asked"]}  # fmt: skip
+    meta = {"vision": seen, "timing": timing, "peak_memory_gib": _peak_gib(), "model": model_id}
     return report.write(out, cfg, stage1, runs, meta)
 
 

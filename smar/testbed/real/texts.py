@@ -19,6 +19,7 @@ import io
 import itertools
 import json
 import random
+import re
 import zipfile
 
 from smar.testbed.errors import UsageError
@@ -107,8 +108,6 @@ def knowledge_questions() -> list[tuple[str, str]]:
 
 def is_right(answer: str, gold: str) -> bool:
     """Whether a generated ``answer`` contains ``gold`` as a word (case-insensitive)."""
-    import re
-
     return re.search(rf"\b{re.escape(gold.lower())}\b", answer.lower()) is not None
 
 
