@@ -81,6 +81,11 @@ def main() -> None:
         load_bias_into(reg, os.path.join(a.out, "model"))
         bias = {k: v.detach() for k, v in reg.bias_state_dict().items()}
         torch.save(bias, os.path.join(a.out, "reload.pt"))
+    # every rank leaves the process group together: a rank exiting with gloo's threads still
+    # running can abort ("terminate called without an active exception") after a finished run
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
