@@ -66,7 +66,7 @@ def test_smoke_run_every_arm_then_cached(tmp_path):
     cfg = RealConfig.smoke(arms=("none", "smar", "hard", "stop", "noimage"))
     base = _tiny_base()
     res = run(cfg, tmp_path / "out", base=base, model_id="tiny", stages=tmp_path / "stages",
-              progress=False)  # fmt: skip
+              progress=False, workers=1)  # fmt: skip
     arms = res["arms"]
     assert set(arms) == {"none", "smar", "hard", "stop", "noimage"}
     assert {"share", "vs_none"} <= set(arms["stop"]) and "share" in arms["noimage"]
@@ -87,7 +87,7 @@ def test_smoke_run_every_arm_then_cached(tmp_path):
     (tmp_path / "out" / "runs" / "none-seed1" / "scores.json").unlink()
     before = json.loads((tmp_path / "out" / "runs" / "none-seed0" / "scores.json").read_text())
     again = run(cfg, tmp_path / "out", base=base, model_id="tiny", stages=tmp_path / "stages",
-                progress=False)  # fmt: skip
+                progress=False, workers=1)  # fmt: skip
     assert again["timing"]["vision_align"] < 5
     assert again["stage1"] == res["stage1"]
     after = json.loads((tmp_path / "out" / "runs" / "none-seed0" / "scores.json").read_text())
@@ -107,12 +107,44 @@ def test_command_runs_the_smoke_experiment(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(real_run, "cache_dir", lambda: tmp_path / "cache")
     out = tmp_path / "out"
     code = main(["real", "run", "--smoke", "--arms", "none,stop", "--seeds", "0", "--quiet",
-                 "--precision", "fp32", "--out", str(out)])  # fmt: skip
+                 "--precision", "fp32", "--workers", "2", "--out", str(out)])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
     assert "## Language retention" in printed and "| stop |" in printed
     assert json.loads((out / "results.json").read_text())["arms"]["stop"]["seeds"] == [0]
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["none-seed0", "stop-seed0"]
+    assert "in 2 process(es) side by side" in printed
+
+
+def test_runs_side_by_side_give_the_runs_of_one_process(tmp_path, monkeypatch):
+    """`workers=2`: each run in its own process from the stage-1 weights gives the scores, the
+    training log and the saved model of the same run in this process (one thread in both)."""
+    from safetensors.torch import load_file
+
+    from smar.testbed.real.run import RealConfig, run
+
+    base = _tiny_base()
+    cfg = RealConfig.smoke(arms=("none", "smar"), seeds=(0,))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the workers get one thread each, this process one below
+    try:
+        two = run(cfg, tmp_path / "two", base=base, model_id="tiny", stages=tmp_path / "stages",
+                  progress=False, workers=2)  # fmt: skip
+        torch.set_num_threads(1)
+        one = run(cfg, tmp_path / "one", base=base, model_id="tiny", stages=tmp_path / "stages",
+                  progress=False, workers=1)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert two["timing"]["workers"] == 2 and one["timing"]["workers"] == 1
+    for name in ("none-seed0", "smar-seed0"):
+        a, b = two["runs"][name], one["runs"][name]
+        assert a["language"] == b["language"] and a["multimodal"] == b["multimodal"], name
+        wa = load_file(tmp_path / "two" / "runs" / name / "model.safetensors")
+        wb = load_file(tmp_path / "one" / "runs" / name / "model.safetensors")
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=0, msg=key)
+    assert two["arms"]["smar"]["mrd"] == one["arms"]["smar"]["mrd"]
 
 
 @pytest.mark.slow
@@ -138,7 +170,7 @@ def test_smar_analyze_reads_the_runs_with_their_bias(tmp_path, monkeypatch):
 
     cfg = RealConfig.smoke(arms=("none", "smar"), seeds=(0,))
     run(cfg, tmp_path / "out", base=_tiny_base(), model_id="tiny", stages=tmp_path / "stages",
-        progress=False)  # fmt: skip
+        progress=False, workers=1)  # fmt: skip
     runs = tmp_path / "out" / "runs"
     data = tmp_path / "out" / "analyze" / "samples.jsonl"
     assert sum(1 for line in data.read_text().splitlines() if '"image"' in line) == 10

@@ -37,6 +37,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     real.add_argument("--lr", type=float, help="run: stage-3 learning rate")
     real.add_argument("--router-lr", type=float, help="run: the routers' and modality biases' "
                       "own stage-3 learning rate (default: --lr)")  # fmt: skip
+    real.add_argument("--workers", type=int, help="run: stage-3 runs side by side, each in its "
+                      "own process with its share of the cores (default: as many as the cores "
+                      "and memory allow)")  # fmt: skip
     real.add_argument("--quiet", action="store_true", help="run: no progress bars")
     return real
 
@@ -91,11 +94,13 @@ def _run(args: argparse.Namespace, precision: str) -> int:
     if problem:
         raise UsageError(f"--out {args.out}: {problem}", "pass a folder smar can write")
     base = load_base(args.cache)
-    res = run(cfg, args.out, base=base, model_id=MODEL_ID,
-              progress=not args.quiet)  # fmt: skip
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be at least 1; got {args.workers}")
+    res = run(cfg, args.out, base=base, model_id=MODEL_ID, progress=not args.quiet,
+              workers=args.workers)  # fmt: skip
     print(open(f"{args.out}/report.md", encoding="utf-8").read())
     print(f"results: {args.out}/results.json; runs (smar analyze reads them): {args.out}/runs/; "
-          f"peak memory {res['peak_memory_gib']:.1f} GiB")  # fmt: skip
+          f"peak memory {res['peak_memory_gib']:.1f} GiB a process")  # fmt: skip
     return 0
 
 

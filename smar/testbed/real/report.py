@@ -148,8 +148,9 @@ def _markdown(cfg, stage1: dict, agg: dict, meta: dict) -> str:
     t = meta["timing"]
     lines += ["", f"This invocation: {t['total'] / 60:.1f} min, finished runs reused (base "
               f"answers {t['base_answers']:.0f} s, "
-              f"stages 0-1 {t['vision_align']:.0f} s); peak memory "
-              f"{meta['peak_memory_gib']:.1f} GiB."]  # fmt: skip
+              f"stages 0-1 {t['vision_align']:.0f} s, stage 3 {t['stage3'] / 60:.1f} min in "
+              f"{t['workers']} process(es) side by side); peak memory "
+              f"{meta['peak_memory_gib']:.1f} GiB a process."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -39,6 +39,7 @@ from smar.testbed.real import evaluate, texts
 from smar.testbed.real.data import description_chat, qa_chat
 from smar.testbed.real.model import CHAT_TEMPLATE, VisionSpec, build_vlm
 from smar.testbed.real.train import ARMS, align, instruct
+from smar.testbed.real.workers import auto_workers, run_parallel
 
 __all__ = ["RealConfig", "run"]
 
@@ -215,13 +216,16 @@ def score(model, proc, cfg: RealConfig, answers: dict, images: list[dict]) -> di
 
 
 def run(cfg: RealConfig, out: str | Path, *, base=None, model_id: str | None = None,
-        stages: str | Path | None = None, progress: bool = True) -> dict:  # fmt: skip
+        stages: str | Path | None = None, progress: bool = True,
+        workers: int | None = None) -> dict:  # fmt: skip
     """Runs every stage not cached yet and writes ``<out>/results.json`` and ``report.md``.
 
     Args:
         base: ``(model, tokenizer)`` of the language model (default: SmolLM2-135M-Instruct,
             :func:`smar.testbed.real.base.load_base`); ``model_id`` then names it in cache keys.
         stages: the stage cache (default ``<smar cache>/real/stages``).
+        workers: stage-3 runs side by side, each in its own process with its share of the cores
+            (:mod:`smar.testbed.real.workers`); None: as many as the cores and memory allow.
     """
     from smar.testbed.real import report
 
@@ -255,36 +259,59 @@ def run(cfg: RealConfig, out: str | Path, *, base=None, model_id: str | None = N
     log.info("scores of the stage-1 model")
     stage1 = _cached_scores(stages / f"stage1-scores-{key}.json",
                             lambda: score(model, proc, cfg, answers, images))  # fmt: skip
-    start = copy.deepcopy(model.state_dict())
-    runs = {}
-    jobs = [(arm, seed) for seed in cfg.seeds for arm in cfg.arms]
-    for i, (arm, seed) in enumerate(jobs):
-        name = f"{arm}-seed{seed}"
-        folder = out / "runs" / name
-        done = read_cached_json(folder / "scores.json")
-        if done is not None:
-            runs[name] = done
-            continue
+    runs, jobs = {}, []
+    for seed in cfg.seeds:
+        for arm in cfg.arms:
+            name = f"{arm}-seed{seed}"
+            folder = out / "runs" / name
+            done = read_cached_json(folder / "scores.json")
+            if done is not None:
+                runs[name] = done
+            else:
+                jobs.append((name, arm, seed, folder))
+    for *_, folder in jobs:
         if folder.exists():
             shutil.rmtree(folder)  # an interrupted run starts again
-        log.info("stage 3: %s (%d/%d)", name, i + 1, len(jobs))
-        model.load_state_dict(start)
-        t = time.perf_counter()
-        trainer = instruct(model, proc, train_samples(cfg, seed, answers), str(folder), arm=arm,
-                           steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, seed=seed,
-                           precision=cfg.precision, progress=progress,
-                           router_lr=cfg.router_lr)  # fmt: skip
-        trained = time.perf_counter() - t
-        res = score(model, proc, cfg, answers, images)
-        res.update(arm=arm, seed=seed, train_seconds=trained,
-                   eval_seconds=time.perf_counter() - t - trained,
-                   log=[r for r in trainer.state.log_history if "loss" in r])  # fmt: skip
-        trainer.smar.detach()
-        write_json(folder / "scores.json", res)
-        runs[name] = res
+    if workers is None:
+        workers = auto_workers(len(jobs), model.num_parameters())
+    workers = max(1, min(workers, len(jobs)))
+    t = time.perf_counter()
+    if workers > 1:
+        log.info("stage 3: %d runs, %d at a time", len(jobs), workers)
+        run_parallel(model, lm.config, tok, cfg, jobs, answers, images, workers,
+                     done=runs.__setitem__, progress=progress)  # fmt: skip
+    else:
+        start = copy.deepcopy(model.state_dict())
+        for i, (name, arm, seed, folder) in enumerate(jobs):
+            log.info("stage 3: %s (%d/%d)", name, i + 1, len(jobs))
+            model.load_state_dict(start)
+            runs[name] = train_and_score(model, proc, cfg, answers, images, arm, seed, folder,
+                                         progress=progress)  # fmt: skip
+    timing["stage3"] = time.perf_counter() - t
+    timing["workers"] = workers
     timing["total"] = time.perf_counter() - t0
-    meta = {"vision": seen, "timing": timing, "peak_memory_gib": _peak_gib(), "model": model_id}
+    peak = max([_peak_gib(), *(r.get("peak_memory_gib", 0.0) for r in runs.values())])
+    meta = {"vision": seen, "timing": timing, "peak_memory_gib": peak, "model": model_id}
     return report.write(out, cfg, stage1, runs, meta)
+
+
+def train_and_score(model, proc, cfg: RealConfig, answers: dict, images: list[dict], arm: str,
+                    seed: int, folder: Path, progress: bool = True) -> dict:  # fmt: skip
+    """Stage 3 of one ``(arm, seed)`` from ``model``'s weights, then its scores; writes the model
+    and ``scores.json`` (last: a folder without it is an unfinished run) into ``folder``."""
+    t = time.perf_counter()
+    trainer = instruct(model, proc, train_samples(cfg, seed, answers), str(folder), arm=arm,
+                       steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, seed=seed,
+                       precision=cfg.precision, progress=progress,
+                       router_lr=cfg.router_lr)  # fmt: skip
+    trained = time.perf_counter() - t
+    res = score(model, proc, cfg, answers, images)
+    res.update(arm=arm, seed=seed, train_seconds=trained,
+               eval_seconds=time.perf_counter() - t - trained, peak_memory_gib=_peak_gib(),
+               log=[r for r in trainer.state.log_history if "loss" in r])  # fmt: skip
+    trainer.smar.detach()
+    write_json(folder / "scores.json", res)
+    return res
 
 
 def write_analyze_data(folder: Path, images: list[dict], answers: dict, per_task: int = 8) -> Path:
