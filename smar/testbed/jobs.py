@@ -35,9 +35,9 @@ from smar.testbed.io import (
     set_aside,
     write_json,
 )
+from smar.testbed.loop import progress
 from smar.testbed.model import TinyModel
 from smar.testbed.overrides import to_dict
-from smar.testbed.stages import progress
 from smar.testbed.tune import Job, tune
 
 _NOT_IN_RUN = (

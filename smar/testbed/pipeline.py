@@ -21,12 +21,20 @@ from smar.testbed.config import RunConfig
 from smar.testbed.data.bundle import Bundle, load_bundle
 from smar.testbed.data.mixing import TextStream, collate, mixed_items
 from smar.testbed.evaluate import eval_sets, evaluate_model
-from smar.testbed.io import file_lock, read_cached_json, write_json
-from smar.testbed.jobs import jobs_for, run_jobs
+from smar.testbed.io import write_json
+from smar.testbed.jobs import run_jobs
 from smar.testbed.overrides import to_dict
 from smar.testbed.report import write_report
 from smar.testbed.scoring import unigram_bits_per_byte
-from smar.testbed.stages import STAGES, final_stage, stage_align, stage_dir, stage_instruct
+from smar.testbed.stages import (
+    final_stage,
+    stage_align,
+    stage_dir,
+    stage_instruct,
+    stage_metrics,
+    stage_names,
+    stage_scores,
+)
 from smar.testbed.validate import validate_config
 
 log = logging.getLogger(__name__)
@@ -61,16 +69,6 @@ def _base_extras(cfg: RunConfig, bundle: Bundle, base_eval: dict) -> dict:
     }
 
 
-def _cached_scores(folder: Path, build) -> dict:
-    """``folder/scores.json``, built (under the folder's lock) by ``build()`` when missing."""
-    with file_lock(folder.with_name(folder.name + ".lock"), f"the scores in {folder}"):
-        scores = read_cached_json(folder / "scores.json")
-        if scores is None:
-            scores = build()
-            write_json(folder / "scores.json", scores)
-    return scores
-
-
 def evaluate_base(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> dict:
     """Scores of the stage-2 model (the stage-1 LM with its aligned projector: the reference of
     retention), cached beside it in ``scores.json``: every benchmark, the unigram baseline, the
@@ -87,8 +85,8 @@ def evaluate_base(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> dict:
             "scores": scores,
             **extra,
             "unigram_bpb": uni,
-            "pretrain": read_cached_json(stage_dir(cfg, "pretrain") / "metrics.json") or {},
-            "vision": read_cached_json(stage_dir(cfg, "vision") / "metrics.json") or {},
+            "pretrain": stage_metrics(cfg, "pretrain"),
+            "vision": stage_metrics(cfg, "vision"),
         }
         out.update(_base_extras(cfg, bundle, out))
         return out
@@ -98,12 +96,9 @@ def evaluate_base(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> dict:
         scores, extra = evaluate_model(model, cfg, bundle, eval_sets(cfg, bundle))
         return {"scores": scores, **extra}
 
-    base_eval = _cached_scores(stage_dir(cfg, "align"), base_scores)
-    if cfg.instruct.steps > 0:
-        base_eval = {
-            **base_eval,
-            "instruct": _cached_scores(stage_dir(cfg, "instruct"), instruct_scores),
-        }
+    base_eval = stage_scores(cfg, "align", base_scores)
+    if final_stage(cfg) == "instruct":
+        base_eval = {**base_eval, "instruct": stage_scores(cfg, "instruct", instruct_scores)}
     return base_eval
 
 
@@ -113,7 +108,7 @@ def run_pipeline(cfg: RunConfig, *, quiet: bool = False) -> dict:
     Returns the results dictionary that ``results.json`` holds (``"shares"``: the controls' shares
     of the forgetting, see :func:`smar.testbed.compare.control_shares`).
     """
-    validate_config(cfg)  # every check before any work
+    jobs = validate_config(cfg)  # every check before any work; the stage-3 runs
     t_start = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,14 +118,11 @@ def run_pipeline(cfg: RunConfig, *, quiet: bool = False) -> dict:
     stage_instruct(cfg, bundle, quiet)  # stages 0-2 (and stage II), cached
     timings["stages_0_2_s"] = time.time() - t_start - timings["data_s"]
     timings["stage_build_s"] = {  # when each stage was built (this run or an earlier one)
-        name: (read_cached_json(stage_dir(cfg, name) / "metrics.json") or {}).get("seconds")
-        for name in STAGES
-        if name != "instruct" or cfg.instruct.steps > 0
+        name: stage_metrics(cfg, name).get("seconds") for name in stage_names(cfg)
     }
     t_base = time.time()
     base_eval = evaluate_base(cfg, bundle, quiet)
     timings["base_eval_s"] = time.time() - t_base
-    jobs = jobs_for(cfg)
     base_dir = stage_dir(cfg, final_stage(cfg))
     t3 = time.time()
     results = run_jobs(cfg, jobs, base_dir, quiet=quiet)

@@ -1,7 +1,7 @@
-"""Stages 0-2 of the testbed (SPEC section 5), each cached under a hash of what it depends on
-(the content of the data files included): vision pretraining (stage 0), language pretraining
-(stage 1), alignment (stage 2); and the training-loop helpers the stages share with stage 3
-(learning-rate schedule, optimizer, progress, the divergence check).
+"""Stages 0-2 of the testbed (docs/method.md#experiment), each cached under a hash of what it
+depends on (the content of the data files included): vision pretraining (stage 0), language
+pretraining (stage 1), alignment (stage 2) and instruction tuning (stage 2b), each trained by
+:func:`smar.testbed.loop.train`; and the one place that knows the stage cache's layout.
 
 A stage is built under a lock (two commands on one cache build it once), checked on load (a
 corrupt file is set aside and the stage built again), and never cached when its loss or weights
@@ -14,46 +14,29 @@ never mixed.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from smar.errors import CorruptFile, Diverged
+from smar.errors import CorruptFile
 from smar.losses import load_balancing_loss
 from smar.testbed.config import STAGE_VERSION, RunConfig
 from smar.testbed.data import images, questions
 from smar.testbed.data.bundle import Bundle, data_key
 from smar.testbed.data.mixing import TextStream, collate, mixed_items, qa_batch
-from smar.testbed.io import cache_dir, file_lock, read_json, set_aside, write_json
+from smar.testbed.io import (
+    cache_dir,
+    file_lock,
+    read_cached_json,
+    read_json,
+    set_aside,
+    write_json,
+)
+from smar.testbed.loop import check_weights, make_optimizer, progress, train  # noqa: F401 re-exports
 from smar.testbed.model import TinyConfig, TinyModel
 from smar.testbed.overrides import config_hash
-
-
-def progress(iterable=None, **kw):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, disable=kw.pop("disable", None), mininterval=1.0, **kw)
-
-
-def lr_at(step: int, steps: int, warmup: int, lr: float) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    rest = [p for p in params if p.ndim < 2]
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-        lr=lr,
-        betas=(0.9, 0.95),
-        fused=True,  # one kernel per parameter group: 4x faster than foreach on this CPU
-    )
 
 
 def model_config(cfg: RunConfig, tok) -> TinyConfig:
@@ -102,62 +85,55 @@ def stage_dir(cfg: RunConfig, name: str) -> Path:
     return cache_dir() / "stages" / f"{name}-{config_hash(STAGE_VERSION, *parts)}"
 
 
-def check_finite(
-    loss: torch.Tensor,
-    stage: str,
-    step: int,
-    steps: int,
-    lr: float,
-    field: str,
-    *,
-    router_logits=(),
-    fix: str | None = None,
-):
-    """Raises :class:`Diverged` when ``loss`` or a router logit is NaN or +inf (checked before
-    any routing loss reads them), naming the stage, step and rate; ``fix`` replaces the default
-    fix (lower ``field`` or raise its warmup)."""
-    value = loss.item()
-    what = f"the loss is {value}"
-    if math.isfinite(value):
-        bad = [i for i, z in enumerate(router_logits) if _nan_or_posinf(z)]
-        if not bad:
-            return
-        what = f"the router logits of MoE layer {bad[0]} are NaN or +inf"
-    raise Diverged(
-        f"{stage} diverged: {what} at step {step + 1} of {steps} (learning rate {lr:.3g} at "
-        "that step); nothing of it was cached",
-        fix or f"lower {field} or raise its warmup",
-    )
+# The stage cache, known here alone: stage_dir() holds the stage's model (TinyModel.save),
+# metrics.json (written last: the stage is complete) and, for the models the pipeline scores,
+# scores.json; "<folder>.lock" beside it is held while any of them is written.
+METRICS = "metrics.json"
+SCORES = "scores.json"
 
 
-def _nan_or_posinf(z: torch.Tensor) -> bool:
-    """-inf is a masked expert (hard routing); NaN and +inf are overflow."""
-    z = z.detach()
-    return bool(torch.isnan(z).any() or torch.isposinf(z).any())
+def _lock(folder: Path) -> Path:
+    return folder.with_name(folder.name + ".lock")
 
 
-def check_weights(model: torch.nn.Module, stage: str, fix: str) -> None:
-    """Raises :class:`Diverged` naming the first weight of ``model`` that is not finite."""
-    bad = [n for n, p in model.state_dict().items() if not torch.isfinite(p).all()]
-    if bad:
-        raise Diverged(
-            f"{stage} diverged: weight {bad[0]} is not finite after training; nothing of it "
-            "was cached",
-            fix,
-        )
+def final_stage(cfg: RunConfig) -> str:
+    """The stage whose model stage 3 starts from: ``"instruct"`` when stage II runs."""
+    return "instruct" if cfg.instruct.steps > 0 else "align"
+
+
+def stage_names(cfg: RunConfig) -> tuple[str, ...]:
+    """The stages ``cfg`` builds, in order (stage II only with ``instruct.steps``)."""
+    return STAGES[: STAGES.index(final_stage(cfg)) + 1]
+
+
+def stage_metrics(cfg: RunConfig, name: str) -> dict:
+    """What stage ``name`` recorded when it was built (``seconds`` included); {} before."""
+    return read_cached_json(stage_dir(cfg, name) / METRICS) or {}
+
+
+def stage_scores(cfg: RunConfig, name: str, build: Callable[[], dict]) -> dict:
+    """The scores of stage ``name``'s model, cached beside it: ``build()`` under the stage's lock
+    when missing (or corrupt)."""
+    folder = stage_dir(cfg, name)
+    with file_lock(_lock(folder), f"the scores in {folder}"):
+        scores = read_cached_json(folder / SCORES)
+        if scores is None:
+            scores = build()
+            write_json(folder / SCORES, scores)
+    return scores
 
 
 def _cached(path: Path) -> TinyModel | None:
     """The stage's model when the stage is complete and its files pass their checks; a corrupt
     file is set aside (with the completion marker, so the stage is built again)."""
-    if not (path / "metrics.json").exists():
+    if not (path / METRICS).exists():
         return None
     try:
-        read_json(path / "metrics.json")
+        read_json(path / METRICS)
         return TinyModel.load(path)
     except (CorruptFile, FileNotFoundError) as e:
         set_aside(getattr(e, "path", path / "model.safetensors"), getattr(e, "why", str(e)))
-        set_aside(path / "metrics.json", "its stage is built again")
+        set_aside(path / METRICS, "its stage is built again")
         return None
 
 
@@ -170,7 +146,7 @@ def _stage(cfg: RunConfig, name: str, build, bundle: Bundle, quiet: bool, after=
     model = _cached(out)
     if model is not None:
         return model
-    with file_lock(out.with_name(out.name + ".lock"), f"stage {name} ({out})"):
+    with file_lock(_lock(out), f"stage {name} ({out})"):
         model = _cached(out)
         if model is None:
             start = after(cfg, bundle, quiet) if after is not None else None
@@ -179,7 +155,7 @@ def _stage(cfg: RunConfig, name: str, build, bundle: Bundle, quiet: bool, after=
             metrics["seconds"] = time.time() - t0
             check_weights(model, f"stage {name}", f"lower {name}.lr or raise its warmup")
             model.save(out)
-            write_json(out / "metrics.json", metrics)  # last: the stage is complete
+            write_json(out / METRICS, metrics)  # last: the stage is complete
     return model
 
 
@@ -196,20 +172,18 @@ def _vision(_: None, cfg: RunConfig, bundle: Bundle, quiet: bool):
     x = torch.stack([s.pixels for s in samples])
     y = torch.stack([s.target() for s in samples])
     model.set_trainable("vision")
-    opt = make_optimizer(model, cfg.vision.lr)
     g = torch.Generator().manual_seed(cfg.data.seed)
-    for step in progress(range(cfg.vision.steps), desc="stage 0: vision", disable=quiet):
-        lr = lr_at(step, cfg.vision.steps, cfg.vision.warmup, cfg.vision.lr)
-        for grp in opt.param_groups:
-            grp["lr"] = lr
+
+    def forward(step: int) -> torch.Tensor:
         idx = torch.randint(0, len(x), (cfg.vision.batch_size,), generator=g)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+        return torch.nn.functional.binary_cross_entropy_with_logits(
             model.vision.classify(x[idx]), y[idx]
         )
-        check_finite(loss, "stage 0 (vision)", step, cfg.vision.steps, lr, "vision.lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+
+    c = cfg.vision
+    loss = train(model, forward, steps=c.steps, warmup=c.warmup, lr=c.lr,
+                 stage="stage 0 (vision)", field="vision.lr", desc="stage 0: vision",
+                 quiet=quiet)  # fmt: skip
     with torch.no_grad():
         pred = model.vision.classify(x[:500]) > 0
         acc = (pred == (y[:500] > 0.5)).all(-1).float().mean().item()
@@ -245,32 +219,25 @@ def _pretrain(model: TinyModel, cfg: RunConfig, bundle: Bundle, quiet: bool):
         gen = torch.Generator().manual_seed(cfg.data.seed + 1)
         model.make_moe_(layers=cfg.tune.layers, generator=gen)
     model.set_trainable("lm")
-    opt = make_optimizer(model, cfg.pretrain.lr)
+    c = cfg.pretrain
     stream = TextStream(bundle.train_ids, cfg.data.seed)
     S = cfg.model.max_seq_len
+
+    def forward(step: int):
+        x, y = stream.batch(c.batch_size, S)
+        return model(x, labels=y, logits="none")
+
+    def balance(out) -> tuple[torch.Tensor, dict]:  # the native MoE LM keeps its experts in use
+        lb = load_balancing_loss(out.router_logits, top_k=cfg.tune.top_k)
+        return cfg.tune.lb_weight * lb, {}
+
     t0 = time.time()
-    bar = progress(range(cfg.pretrain.steps), desc="stage 1: language", disable=quiet)
-    for step in bar:
-        lr = lr_at(step, cfg.pretrain.steps, cfg.pretrain.warmup, cfg.pretrain.lr)
-        for grp in opt.param_groups:
-            grp["lr"] = lr
-        x, y = stream.batch(cfg.pretrain.batch_size, S)
-        out_ = model(x, labels=y, logits="none")
-        loss = out_.loss
-        check_finite(loss, "stage 1 (language)", step, cfg.pretrain.steps, lr, "pretrain.lr",
-                     router_logits=out_.router_logits)  # fmt: skip
-        if native:
-            lb = load_balancing_loss(out_.router_logits, top_k=cfg.tune.top_k)
-            loss = loss + cfg.tune.lb_weight * lb
-            check_finite(loss, "stage 1 (language)", step, cfg.pretrain.steps, lr, "pretrain.lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0 and hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    loss = train(model, forward, steps=c.steps, warmup=c.warmup, lr=c.lr,
+                 stage="stage 1 (language)", field="pretrain.lr",
+                 routing_loss=balance if native else None, clip=True,
+                 desc="stage 1: language", quiet=quiet)  # fmt: skip
     secs = time.time() - t0
-    tokens = cfg.pretrain.steps * cfg.pretrain.batch_size * S
+    tokens = c.steps * c.batch_size * S
     return model, {"loss": loss.item(), "tokens_per_s": tokens / secs}
 
 
@@ -282,32 +249,25 @@ def stage_align(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyMode
 def _align(model: TinyModel, cfg: RunConfig, bundle: Bundle, quiet: bool):
     torch.manual_seed(cfg.data.seed + 2)
     model.set_trainable("projector")
-    opt = make_optimizer(model, cfg.align.lr)
-    caps = images.caption_samples(
-        cfg.align.steps * cfg.align.batch_size, cfg.data.seed, cfg.data.image_size
-    )
+    c = cfg.align
+    caps = images.caption_samples(c.steps * c.batch_size, cfg.data.seed, cfg.data.image_size)
     tok = bundle.tok
-    for step in progress(range(cfg.align.steps), desc="stage 2: alignment", disable=quiet):
-        lr = lr_at(step, cfg.align.steps, cfg.align.warmup, cfg.align.lr)
-        for grp in opt.param_groups:
-            grp["lr"] = lr
-        chunk = caps[step * cfg.align.batch_size : (step + 1) * cfg.align.batch_size]
+
+    def forward(step: int) -> torch.Tensor:
+        chunk = caps[step * c.batch_size : (step + 1) * c.batch_size]
         b = collate(
-            [([], tok.encode(c), im) for im, c in chunk], tok, image_tokens=cfg.model.image_tokens
+            [([], tok.encode(cap), im) for im, cap in chunk],
+            tok,
+            image_tokens=cfg.model.image_tokens,
         )
-        loss = model(
+        return model(
             b.input_ids, b.pixel_values, b.labels, attention_mask=b.attention_mask, logits="none"
         ).loss
-        check_finite(loss, "stage 2 (alignment)", step, cfg.align.steps, lr, "align.lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+
+    loss = train(model, forward, steps=c.steps, warmup=c.warmup, lr=c.lr,
+                 stage="stage 2 (alignment)", field="align.lr", desc="stage 2: alignment",
+                 quiet=quiet)  # fmt: skip
     return model, {"caption_loss": loss.item()}
-
-
-def final_stage(cfg: RunConfig) -> str:
-    """The stage whose model stage 3 starts from: ``"instruct"`` when stage II runs."""
-    return "instruct" if cfg.instruct.steps > 0 else "align"
 
 
 def stage_instruct(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyModel:
@@ -325,7 +285,6 @@ def _instruct(model: TinyModel, cfg: RunConfig, bundle: Bundle, quiet: bool):
     for p in model.vision.parameters():
         p.requires_grad_(False)
     c = cfg.instruct
-    opt = make_optimizer(model, c.lr)
     items = mixed_items(
         c.steps * c.batch_size,
         tok=bundle.tok,
@@ -335,22 +294,19 @@ def _instruct(model: TinyModel, cfg: RunConfig, bundle: Bundle, quiet: bool):
         text_len=cfg.tune.text_len,
         image_size=cfg.data.image_size,
     )
-    for step in progress(range(c.steps), desc="stage 2b: instruction", disable=quiet):
-        lr = lr_at(step, c.steps, c.warmup, c.lr)
-        for grp in opt.param_groups:
-            grp["lr"] = lr
+
+    def forward(step: int) -> torch.Tensor:
         b = qa_batch(
             items[step * c.batch_size : (step + 1) * c.batch_size],
             bundle.tok,
             image_tokens=cfg.model.image_tokens,
             label_prompt=cfg.tune.label_prompt,
         )
-        loss = model(
+        return model(
             b.input_ids, b.pixel_values, b.labels, attention_mask=b.attention_mask, logits="none"
         ).loss
-        check_finite(loss, "stage 2b (instruction)", step, c.steps, lr, "instruct.lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+
+    loss = train(model, forward, steps=c.steps, warmup=c.warmup, lr=c.lr,
+                 stage="stage 2b (instruction)", field="instruct.lr", clip=True,
+                 desc="stage 2b: instruction", quiet=quiet)  # fmt: skip
     return model, {"loss": loss.item()}

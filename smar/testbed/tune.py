@@ -13,8 +13,8 @@ from smar.testbed.arms import Arm, make_arm
 from smar.testbed.config import RunConfig
 from smar.testbed.data.bundle import Bundle
 from smar.testbed.data.mixing import TextStream, mixed_items, qa_batch
+from smar.testbed.loop import check_weights, train
 from smar.testbed.model import TinyModel
-from smar.testbed.stages import check_finite, check_weights, lr_at, make_optimizer
 
 
 @dataclass
@@ -75,7 +75,6 @@ def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool 
     torch.manual_seed(1000 + job.seed)
     model = prepare(base, cfg, arm, torch.Generator().manual_seed(1000 + job.seed))
     model.train()
-    opt = make_optimizer(model, lr)
     stream = TextStream(bundle.train_ids, 500 + job.seed)
     items = mixed_items(
         t.steps * t.batch_size,
@@ -88,16 +87,8 @@ def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool 
         drop_images=job.drop_images,
         shuffle_images=job.shuffle_images,
     )
-    history = []
-    field = "tune.lr" if job.lr is None else "lrs"
-    fix = f"lower {field} or raise tune.warmup"
-    if t.noise > 0 and t.base == "upcycle":
-        fix += f" (or lower tune.noise={t.noise:g}: the experts' noise, relative to their weights)"
-    stage = f"stage 3 (run {job.name})"
-    for step in range(t.steps):
-        lr_now = lr_at(step, t.steps, t.warmup, lr)
-        for grp in opt.param_groups:
-            grp["lr"] = lr_now
+
+    def forward(step: int):
         b = qa_batch(
             items[step * t.batch_size : (step + 1) * t.batch_size],
             bundle.tok,
@@ -107,7 +98,7 @@ def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool 
         )
         stop = b.input_ids == bundle.tok.image_id if job.stop_image_gradients else None  # (B, S)
         with weight_gradient_stop(model, stop):
-            out = model(
+            return model(
                 b.input_ids,
                 b.pixel_values,
                 b.labels,
@@ -115,16 +106,10 @@ def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool 
                 modality_ids=b.modality_ids,
                 logits="none",
             )
-        # the routing losses read the router logits: a NaN there is a divergence, said as one
-        check_finite(out.loss, stage, step, t.steps, lr_now, field,
-                     router_logits=out.router_logits, fix=fix)  # fmt: skip
-        aux, terms = arm_objective(out, cfg, arm)
-        loss = out.loss + aux
-        check_finite(loss, stage, step, t.steps, lr_now, field, fix=fix)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+
+    history = []
+
+    def record(step: int, out, aux: torch.Tensor, terms: dict) -> None:
         if step % 25 == 0 or step == t.steps - 1:
             mrd = terms.get("mrd")
             history.append(
@@ -135,5 +120,14 @@ def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool 
                     "mrd": [] if mrd is None else mrd.tolist(),
                 }
             )
+
+    field = "tune.lr" if job.lr is None else "lrs"
+    fix = f"lower {field} or raise tune.warmup"
+    if t.noise > 0 and t.base == "upcycle":
+        fix += f" (or lower tune.noise={t.noise:g}: the experts' noise, relative to their weights)"
+    stage = f"stage 3 (run {job.name})"
+    train(model, forward, steps=t.steps, warmup=t.warmup, lr=lr, stage=stage, field=field,
+          fix=fix, routing_loss=lambda out: arm_objective(out, cfg, arm), clip=True,
+          on_step=record)  # fmt: skip
     check_weights(model, stage, fix)
     return model, arm, history

@@ -11,9 +11,13 @@ import dataclasses
 import difflib
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from smar.errors import UsageError
 from smar.testbed.config import BASES, RunConfig
+
+if TYPE_CHECKING:  # the job system (and torch) load only when the jobs are computed
+    from smar.testbed.tune import Job
 
 __all__ = ["validate_config", "check_text_files", "MIN_TEXT_CHARS"]
 
@@ -136,8 +140,10 @@ def _model(cfg: RunConfig) -> None:
         ) from None
 
 
-def validate_config(cfg: RunConfig, *, check_files: bool = True) -> None:
-    """Raises :class:`UsageError` on the first field of ``cfg`` that cannot run, before any work."""
+def validate_config(cfg: RunConfig, *, check_files: bool = True) -> list[Job]:
+    """Raises :class:`UsageError` on the first field of ``cfg`` that cannot run, before any work.
+    Returns the stage-3 runs ``cfg`` asks for (:func:`smar.testbed.jobs.jobs_for`, computed here
+    once the arms are known to exist; each of its own name)."""
     d = cfg.data
     for name in ("skill_examples", "descriptions"):
         _at_least(f"data.{name}", getattr(d, name), 0)
@@ -189,22 +195,25 @@ def validate_config(cfg: RunConfig, *, check_files: bool = True) -> None:
     for lr in cfg.lrs:
         _positive("lrs", lr)
     _unique("lrs", cfg.lrs, lambda r: f"{r:g}")
-    _jobs(cfg)
+    jobs = _jobs(cfg)
     _writable(cfg)
     if check_files and d.text_files:
         check_text_files(d.text_files)
+    return jobs
 
 
-def _jobs(cfg: RunConfig) -> None:
-    """Two runs of one name would write one folder: refused."""
+def _jobs(cfg: RunConfig) -> list[Job]:
+    """The stage-3 runs; two of one name would write one folder: refused."""
     from smar.testbed.jobs import jobs_for
 
-    names = [j.name for j in jobs_for(cfg)]
+    jobs = jobs_for(cfg)
+    names = [j.name for j in jobs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise UsageError(
             f"two runs would both write {cfg.out}/{dup[0]}", "give each value of the lists once"
         )
+    return jobs
 
 
 def _resolve(f) -> Path:

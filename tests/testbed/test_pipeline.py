@@ -10,8 +10,15 @@ from smar.testbed.config import RunConfig, TuneConfig, config_from_dict, smoke_c
 from smar.testbed.jobs import _NOT_IN_RUN, _job_record, jobs_for
 from smar.testbed.model import TinyModel
 from smar.testbed.overrides import to_dict
-from smar.testbed.stages import stage_dir
+from smar.testbed.stages import (
+    final_stage,
+    stage_dir,
+    stage_metrics,
+    stage_names,
+    stage_scores,
+)
 from smar.testbed.tune import Job
+from smar.testbed.validate import validate_config
 
 
 def test_smoke_demo_end_to_end(tmp_path, monkeypatch, capsys):
@@ -105,6 +112,33 @@ def test_jobs_cover_arms_seeds_and_controls():
     assert [j.name for j in jobs_for(shuffled) if j.shuffle_images] == [
         "control_shuffled_seed0", "control_shuffled_seed1"
     ]  # fmt: skip
+
+
+def test_validation_gives_the_jobs(tmp_path, monkeypatch):
+    """The pipeline computes its stage-3 runs once: validation returns them."""
+    monkeypatch.setenv("SMAR_CACHE", str(tmp_path / "cache"))
+    cfg = smoke_config()
+    cfg.out = str(tmp_path / "out")
+    assert validate_config(cfg) == jobs_for(cfg)
+
+
+def test_the_stage_cache_layout(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMAR_CACHE", str(tmp_path / "cache"))
+    cfg = smoke_config()
+    assert stage_names(cfg) == ("vision", "pretrain", "align", "instruct")
+    assert final_stage(cfg) == "instruct"
+    assert stage_metrics(cfg, "vision") == {}  # not built: nothing recorded
+    folder = stage_dir(cfg, "align")
+    assert folder.parent == tmp_path / "cache" / "stages" and folder.name.startswith("align-")
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text('{"seconds": 2.0}')
+    assert stage_metrics(cfg, "align") == {"seconds": 2.0}
+    # scores are built once, beside the stage's model, then read back
+    assert stage_scores(cfg, "align", lambda: {"score": 1}) == {"score": 1}
+    assert json.loads((folder / "scores.json").read_text()) == {"score": 1}
+    assert stage_scores(cfg, "align", lambda: pytest.fail("built twice")) == {"score": 1}
+    cfg.instruct.steps = 0  # no stage II: stage 3 starts from stage 2
+    assert stage_names(cfg) == ("vision", "pretrain", "align") and final_stage(cfg) == "align"
 
 
 def test_config_round_trips_through_json():

@@ -24,9 +24,10 @@ from smar.testbed.config import smoke_config
 from smar.testbed.data import bundle as tbundle
 from smar.testbed.data import corpus
 from smar.testbed.data.tokenizer import Tokenizer
+from smar.testbed.loop import check_finite
 from smar.testbed.model import TinyConfig, TinyModel
 from smar.testbed.overrides import apply_overrides
-from smar.testbed.stages import check_finite, stage_dir
+from smar.testbed.stages import stage_dir
 
 # a whole pipeline in seconds: one run, tiny stages and evaluations
 TINY = [
