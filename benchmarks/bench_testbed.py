@@ -35,8 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from smar.testbed.arms import make_arm
 from smar.testbed.config import RunConfig
+from smar.testbed.loop import make_optimizer
 from smar.testbed.model import TinyModel
-from smar.testbed.stages import make_optimizer
 from smar.testbed.stages import model_config as stage_model_config
 from smar.testbed.tune import arm_objective, prepare
 

@@ -6,6 +6,7 @@
 use.
 """
 
+from smar.errors import SmarError, UsageError
 from smar.losses import (
     Routing,
     limoe_loss,
@@ -27,6 +28,8 @@ __all__ = [
     "Routing",
     "RoutingStats",
     "SMARConfig",
+    "SmarError",
+    "UsageError",
     "attach",
     "limoe_loss",
     "load_balancing_loss",

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from smar.errors import UsageError
+
 __all__ = [
     "Adapter",
     "RouterSite",
@@ -79,11 +81,11 @@ class Adapter:
 
     def __post_init__(self):
         if self.router not in ("softmax", "sigmoid"):
-            raise ValueError(f"router must be 'softmax' or 'sigmoid'; got {self.router!r}")
+            raise UsageError(f"router must be 'softmax' or 'sigmoid'; got {self.router!r}")
         if not self.classes:
-            raise ValueError("an Adapter needs at least one router class (name or type)")
+            raise UsageError("an Adapter needs at least one router class (name or type)")
         if self.index is not None and self.index < 0:
-            raise ValueError(f"index must be >= 0 or None; got {self.index}")
+            raise UsageError(f"index must be >= 0 or None; got {self.index}")
 
     def matches(self, module: nn.Module) -> bool:
         cls = type(module)
@@ -99,7 +101,7 @@ class Adapter:
             z = z.reshape(-1, z.shape[-1])  # (B, S, E) -> (T, E), row-major as the ids
         if not isinstance(z, Tensor) or z.dim() != 2:
             shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
-            raise ValueError(
+            raise UsageError(
                 f"adapter {self.name!r}: output[{self.index}] of the router is {shape}, not "
                 "(T, E) logits; fix the adapter's index"
             )
@@ -120,7 +122,7 @@ class Adapter:
         fixed = re.search(r"Top(\d+)", type(module).__name__)  # NllbMoeTop2Router, ...Top1Router
         if fixed:
             return int(fixed.group(1))
-        raise ValueError(
+        raise UsageError(
             f"adapter {self.name!r}: cannot tell top-k of {type(module).__name__}; give the "
             "Adapter a top_k function"
         )
@@ -319,7 +321,7 @@ def find_routers(
         adapters = [adapters]
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     if not set(kinds) <= {"mlp", "attention"} or not kinds:
-        raise ValueError(f"kinds must be 'mlp', 'attention' or both; got {kinds!r}")
+        raise UsageError(f"kinds must be 'mlp', 'attention' or both; got {kinds!r}")
     given = [_resolve(a) for a in adapters or ()]
     builtin = [_resolve(a) for a in ADAPTERS]
     declared = _declared(model)

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from smar.errors import UsageError
 from smar.metrics import MODALITY_NAMES, RoutingStats
 from smar.source import Routed, Source
 
@@ -74,7 +75,7 @@ def stream_stats(
     for logits, ids in tqdm(batches, total=total, desc=desc, disable=not progress, unit="batch"):
         stats.update(logits, ids, top_k=top_k)
     if stats.prob_sum is None:
-        raise ValueError(f"{desc}: no batch was analysed (is the data empty?)")
+        raise UsageError(f"{desc}: no batch was analysed (is the data empty?)")
     return stats
 
 

@@ -25,6 +25,7 @@ from smar.distributions import (
     modality_onehot,
     prepare_routing,
 )
+from smar.errors import UsageError
 
 __all__ = ["load_balancing_loss", "z_loss", "limoe_loss"]
 
@@ -69,7 +70,7 @@ def load_balancing_loss(
 
 def check_lb_variant(variant: str) -> None:
     if variant not in _LB_VARIANTS:
-        raise ValueError(f"variant must be one of {_LB_VARIANTS}; got {variant!r}")
+        raise UsageError(f"variant must be one of {_LB_VARIANTS}; got {variant!r}")
 
 
 def lb_sums(
@@ -94,7 +95,7 @@ def lb_sums(
     if chosen is None:
         chosen = r.top_k(top_k)  # (L, T, K)
     elif tuple(chosen.shape) != (L, T, top_k):
-        raise ValueError(
+        raise UsageError(
             f"chosen must have shape (L, T, K) = {(L, T, top_k)}; got {tuple(chosen.shape)}"
         )
     else:
@@ -122,7 +123,7 @@ def lb_from_sums(
     counts, prob_sum, n_tok = parts["lb_counts"], parts["lb_probs"], parts["lb_tokens"]
     L, E = counts.shape
     if check and n_tok <= 0:
-        raise ValueError("mask selects no token: the load-balancing loss is undefined")
+        raise UsageError("mask selects no token: the load-balancing loss is undefined")
     n_tok = n_tok.clamp_min(1e-12)
     if variant == "hf":
         f = counts.sum(dim=0) / (L * n_tok)  # (E,) sums to K
@@ -153,7 +154,7 @@ def z_loss(
     w = w.to(lse2.dtype)
     check = not isinstance(router_logits, Routing) or router_logits.check
     if check and w.sum() <= 0:
-        raise ValueError("mask selects no token: the z-loss is undefined")
+        raise UsageError("mask selects no token: the z-loss is undefined")
     return (lse2 * w[None, :]).sum() / (w.sum().clamp_min(1.0) * z.shape[0])
 
 
@@ -190,7 +191,7 @@ def limoe_loss(
     ids = modality_ids_flat(modality_ids, r.shape[1])
     E = r.shape[-1]
     if not (isinstance(tau, (int, float)) and 0 <= tau <= math.log(E) + 1e-6):
-        raise ValueError(f"tau must be a number in [0, log(E)={math.log(E):.3f}]; got {tau!r}")
+        raise UsageError(f"tau must be a number in [0, log(E)={math.log(E):.3f}]; got {tau!r}")
     probs = r.probs  # (L, T, E)
     onehot = modality_onehot(ids, mods, probs.dtype)  # (M, T)
     counts = onehot.sum(dim=1)  # (M,)

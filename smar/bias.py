@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from smar.adapters import Adapter
+from smar.errors import UsageError
 
 __all__ = ["ModalityBiasRouter", "RouterLinear", "logit_weight", "builtin_linear"]
 
@@ -42,7 +43,7 @@ def logit_weight(router: nn.Module) -> Tensor:
     linears = [m.weight for m in router.modules() if isinstance(m, nn.Linear)]
     candidates = linears or [p for p in router.parameters() if p.dim() == 2]
     if len(candidates) != 1:
-        raise ValueError(
+        raise UsageError(
             f"cannot tell which linear layer of {type(router).__name__} computes its logits "
             f"({len(candidates)} candidates): pass adapter=smar.adapters.Adapter(..., reroute=...) "
             "or use SMARConfig(modality_bias=False)"
@@ -109,7 +110,7 @@ class RouterLinear(TorchFunctionMode):
 def check_modality_id(top: int, num_modalities: int) -> None:
     """Raises if a modality id has no row in the bias."""
     if top >= num_modalities:
-        raise ValueError(
+        raise UsageError(
             f"modality id {top} >= num_modalities={num_modalities}; raise "
             "SMARConfig.num_modalities, or group modalities (SMARConfig.groups)"
         )
@@ -141,7 +142,7 @@ class ModalityBiasRouter(nn.Module):
     ):
         super().__init__()
         if not adapter.bias:
-            raise ValueError(
+            raise UsageError(
                 f"cannot add a modality bias to {type(router).__name__} ({adapter.note}); use "
                 "SMARConfig(modality_bias=False)"
             )
@@ -152,7 +153,7 @@ class ModalityBiasRouter(nn.Module):
         if adapter.reroute is None:
             w = logit_weight(router)
             if w.shape[0] != num_experts:
-                raise ValueError(
+                raise UsageError(
                     f"the linear layer of {type(router).__name__} has {w.shape[0]} outputs but the "
                     f"router has {num_experts} experts: cannot add a modality bias to it; use "
                     "SMARConfig(modality_bias=False)"
@@ -200,7 +201,7 @@ class ModalityBiasRouter(nn.Module):
         if self.adapter.from_linear:  # the biased logits, for routers that do not return them
             self.last_logits = mode.logits
         if not mode.done:
-            raise ValueError(
+            raise UsageError(
                 f"{type(self.router).__name__} did not compute its logits with F.linear on its "
                 f"{self.weight_shape} weight: cannot add a modality bias to it; pass "
                 "adapter=smar.adapters.Adapter(..., reroute=...) or use "

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from smar.adapters import Adapter, RouterSite, find_routers, no_router_error
 from smar.bias import ModalityBiasRouter, RouterLinear, logit_weight
+from smar.errors import UsageError
 from smar.modality import (
     LEVELS,
     ModalityState,
@@ -56,13 +57,13 @@ def unwrap(model, who: str, *, new_parameters: bool = False) -> nn.Module:
         )
     while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         if isinstance(model, nn.DataParallel) and len(model.device_ids or []) > 1:
-            raise ValueError(
+            raise UsageError(
                 f"{who}: nn.DataParallel over devices {model.device_ids} runs one replica per "
                 "device in threads, which smar cannot tell apart; fix: use "
                 "DistributedDataParallel (one process per device), or attach to model.module"
             )
         if new_parameters and isinstance(model, nn.parallel.DistributedDataParallel):
-            raise ValueError(
+            raise UsageError(
                 f"{who}: the model is already wrapped in DistributedDataParallel, which would not "
                 "synchronise the modality bias smar adds; fix: attach before wrapping "
                 "(reg = smar.attach(model); model = DDP(model)), or SMARConfig(modality_bias=False)"
@@ -122,19 +123,19 @@ class RouterCapture:
     ):
         model = unwrap(model, "record")
         if modality not in LEVELS:
-            raise ValueError(f"modality must be one of {LEVELS}; got {modality!r}")
+            raise UsageError(f"modality must be one of {LEVELS}; got {modality!r}")
         self.groups = resolve_groups(groups)
         sites = find_routers(model, adapter, kinds=kinds)
         if not sites:
             if kinds != "mlp" or not find_routers(model, adapter, kinds="attention"):
                 raise no_router_error(model)
-            raise ValueError(
+            raise UsageError(
                 f"{type(model).__name__} has attention routers only (kinds='attention'): "
                 "pass SMARConfig(routers='attention') or record(model, kinds='attention')"
             )
         routers = {s.adapter.router for s in sites}
         if len(routers) > 1:
-            raise ValueError(f"mixed softmax and sigmoid routers in one model: {routers}")
+            raise UsageError(f"mixed softmax and sigmoid routers in one model: {routers}")
         self.model = model
         self.sites: list[RouterSite] = sites
         self.layers = [s.layer for s in sites]
@@ -216,7 +217,7 @@ class RouterCapture:
                 state.fitted = True
                 return None  # the caller's ids are this forward's: nothing to derive
             if not state.fitted:  # ids that fit no forward would be ignored
-                raise ValueError(
+                raise UsageError(
                     f"set_modality ids of shape {tuple(state.explicit.shape)} do not fit this "
                     f"forward's inputs {shape}; fix: set_modality(ids of shape {shape}), or "
                     "set_modality(None) to derive them from the inputs (ids apply to the "
@@ -275,18 +276,18 @@ class RouterCapture:
                     f"ignore); got {got}; fix: e.g. ids.long()"
                 )
             if ids.dim() not in (1, 2) or ids.numel() == 0:
-                raise ValueError(
+                raise UsageError(
                     f"set_modality(ids): ids must have shape (T,) or (B, S) with tokens; got "
                     f"{tuple(ids.shape)}"
                 )
             lo, hi = (int(v) for v in torch.aminmax(ids))
             if lo < -1:
-                raise ValueError(
+                raise UsageError(
                     f"set_modality(ids): ids hold {lo}; fix: modality ids are >= 0 (0 text, 1 "
                     "image), and -1 marks a token to ignore"
                 )
             if hi < 0:
-                raise ValueError(
+                raise UsageError(
                     "set_modality(ids): every id is -1: no valid token for the band loss, the "
                     "MRD or load balancing; fix: mark text tokens 0 and image tokens 1 (-1 only "
                     "for padding)"
@@ -307,7 +308,7 @@ class RouterCapture:
             ValueError: if no router ran since the last forward started.
         """
         if not self._logits:
-            raise ValueError(
+            raise UsageError(
                 "no router logits captured: run a forward pass of the model after attach/record "
                 "(and before detach)"
             )
@@ -331,7 +332,7 @@ class RouterCapture:
     def top_k(self) -> int:
         ks = {s.top_k for s in self.sites}
         if len(ks) > 1:
-            raise ValueError(f"routers disagree on top-k: {sorted(ks)}")
+            raise UsageError(f"routers disagree on top-k: {sorted(ks)}")
         return ks.pop()
 
     def detach(self) -> None:

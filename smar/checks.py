@@ -14,19 +14,21 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from smar.errors import UsageError
+
 _ROUTERS = ("softmax", "sigmoid")
 
 
 def _layer_list(router_logits: Sequence[Tensor], name: str) -> list[Tensor]:
     """Checks a sequence of per-layer logits: L tensors (T, E) of one shape."""
     if len(router_logits) == 0:
-        raise ValueError(f"{name} is empty: no MoE layer was captured")
+        raise UsageError(f"{name} is empty: no MoE layer was captured")
     for i, layer in enumerate(router_logits):
         if not isinstance(layer, Tensor) or layer.dim() != 2:
             shape = tuple(layer.shape) if isinstance(layer, Tensor) else type(layer).__name__
-            raise ValueError(f"{name}[{i}] must be a (T, E) tensor; got {shape}")
+            raise UsageError(f"{name}[{i}] must be a (T, E) tensor; got {shape}")
         if layer.shape != router_logits[0].shape:
-            raise ValueError(
+            raise UsageError(
                 f"{name}[{i}] has shape {tuple(layer.shape)} but {name}[0] has "
                 f"{tuple(router_logits[0].shape)}: every layer must route the same tokens"
             )
@@ -35,9 +37,9 @@ def _layer_list(router_logits: Sequence[Tensor], name: str) -> list[Tensor]:
 
 def _check_dtype_and_shape(dtype: torch.dtype, shape: tuple[int, ...], name: str) -> None:
     if not dtype.is_floating_point:
-        raise ValueError(f"{name} must be floating point (raw router logits); got {dtype}")
+        raise UsageError(f"{name} must be floating point (raw router logits); got {dtype}")
     if shape[1] == 0 or shape[2] == 0:
-        raise ValueError(f"{name} has no tokens or no experts: shape (L, T, E) = {shape}")
+        raise UsageError(f"{name} has no tokens or no experts: shape (L, T, E) = {shape}")
 
 
 def _check_values(layers: Sequence[Tensor], name: str) -> None:
@@ -47,9 +49,9 @@ def _check_values(layers: Sequence[Tensor], name: str) -> None:
     extremes = torch.stack([torch.stack(torch.aminmax(z.detach())) for z in layers])  # (L, 2)
     lo, hi = extremes[:, 0].min(), extremes[:, 1].max()
     if torch.isnan(hi) or torch.isnan(lo) or torch.isposinf(hi):
-        raise ValueError(f"{name} contains NaN or +inf: check the model's forward for overflow")
+        raise UsageError(f"{name} contains NaN or +inf: check the model's forward for overflow")
     if torch.isneginf(lo) and any(torch.isneginf(z.detach().amax(dim=-1)).any() for z in layers):
-        raise ValueError(f"{name} has a token whose experts are all -inf: it cannot be routed")
+        raise UsageError(f"{name} has a token whose experts are all -inf: it cannot be routed")
 
 
 def _upcast(z: Tensor) -> Tensor:
@@ -61,7 +63,7 @@ def checked(router_logits: Tensor | Sequence[Tensor], name: str, check: bool) ->
     """The logits validated: one (L, T, E) tensor as given, or the list of L layers (T, E)."""
     if isinstance(router_logits, Tensor):
         if router_logits.dim() != 3:
-            raise ValueError(
+            raise UsageError(
                 f"{name} must be a sequence of (T, E) tensors or one (L, T, E) tensor; got a "
                 f"tensor of shape {tuple(router_logits.shape)}. For a single layer pass [logits]."
             )
@@ -71,7 +73,7 @@ def checked(router_logits: Tensor | Sequence[Tensor], name: str, check: bool) ->
             _check_values([z], name)
         return z
     if not isinstance(router_logits, (list, tuple)):
-        raise ValueError(
+        raise UsageError(
             f"{name} must be a sequence of (T, E) tensors or one (L, T, E) tensor; "
             f"got {type(router_logits).__name__}"
         )
@@ -101,24 +103,24 @@ def as_logits(
 
 def _flat_ids(ids: Tensor, num_tokens: int, name: str, *, allow_bool: bool) -> Tensor:
     if not isinstance(ids, Tensor):
-        raise ValueError(f"{name} must be a tensor; got {type(ids).__name__}")
+        raise UsageError(f"{name} must be a tensor; got {type(ids).__name__}")
     if ids.dtype == torch.bool:
         if not allow_bool:
-            raise ValueError(
+            raise UsageError(
                 f"{name} must be an integer tensor (0 text, 1 image, -1 ignore); got bool"
             )
     elif ids.is_floating_point() or ids.is_complex():
         if not allow_bool:
-            raise ValueError(
+            raise UsageError(
                 f"{name} must be an integer tensor (0 text, 1 image, -1 ignore); got {ids.dtype}"
             )
         if not torch.isin(ids, ids.new_tensor([0.0, 1.0])).all():
-            raise ValueError(f"{name} must hold only 0 and 1 (or be bool)")
+            raise UsageError(f"{name} must hold only 0 and 1 (or be bool)")
     if ids.dim() not in (1, 2):
-        raise ValueError(f"{name} must have shape (T,) or (B, S); got {tuple(ids.shape)}")
+        raise UsageError(f"{name} must have shape (T,) or (B, S); got {tuple(ids.shape)}")
     flat = ids.reshape(-1)  # (T,) row-major, matching the logits' rows
     if flat.numel() != num_tokens:
-        raise ValueError(
+        raise UsageError(
             f"{name} has {flat.numel()} tokens (shape {tuple(ids.shape)}) but the router logits "
             f"have T={num_tokens} rows"
         )
@@ -139,7 +141,7 @@ def check_mask(mask: Tensor | None) -> None:
         return
     bad = mask[(mask != 0) & (mask != 1)]
     if bad.numel():
-        raise ValueError(
+        raise UsageError(
             f"mask holds {sorted(set(bad.unique()[:4].tolist()))}: a mask is bool (or 0 and 1), "
             "true for the tokens that count; fix: pass a bool mask, e.g. mask=ids >= 0 for "
             "modality ids"
@@ -156,16 +158,16 @@ def mask_flat(mask: Tensor | None, num_tokens: int) -> Tensor | None:
 
 def check_router(router: str) -> None:
     if router not in _ROUTERS:
-        raise ValueError(f"router must be one of {_ROUTERS}; got {router!r}")
+        raise UsageError(f"router must be one of {_ROUTERS}; got {router!r}")
 
 
 def check_top_k(top_k: int, num_experts: int) -> None:
     if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be an integer in [1, E={num_experts}]; got {top_k!r}")
+        raise UsageError(f"top_k must be an integer in [1, E={num_experts}]; got {top_k!r}")
 
 
 def check_modalities(modalities: Sequence[int], name: str = "modalities") -> tuple[int, ...]:
     mods = tuple(int(m) for m in modalities)
     if not mods or any(m < 0 for m in mods) or len(set(mods)) != len(mods):
-        raise ValueError(f"{name} must be distinct non-negative ids; got {tuple(modalities)}")
+        raise UsageError(f"{name} must be distinct non-negative ids; got {tuple(modalities)}")
     return mods

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from smar.errors import UsageError
+
 __all__ = ["default_group", "all_reduce_sums", "StepSums"]
 
 STATS = ("global", "local")
@@ -40,7 +42,7 @@ def default_group(stats: str = "global", group=None):
         The group, or None when there is nothing to reduce over.
     """
     if stats not in STATS:
-        raise ValueError(f"stats must be one of {STATS}; got {stats!r}")
+        raise UsageError(f"stats must be one of {STATS}; got {stats!r}")
     if stats == "local":
         return None
     import torch.distributed as dist
@@ -106,7 +108,7 @@ class StepSums:
                 one dimension indexes (None for a scalar count).
         """
         if self._sums and set(self._sums) != set(parts):
-            raise ValueError(
+            raise UsageError(
                 f"the routing statistics changed within an optimizer step ({sorted(self._sums)} "
                 f"then {sorted(parts)}): call reset() after optimizer.step()"
             )

@@ -8,7 +8,8 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from smar.collective import STATS
-from smar.losses import check_weight
+from smar.errors import UsageError
+from smar.losses import _check_band, check_weight
 from smar.modality import LEVELS, resolve_groups
 
 __all__ = ["SMARConfig"]
@@ -78,31 +79,35 @@ class SMARConfig:
         if not isinstance(self.modality_bias, bool):  # a string such as "no" would be truthy
             raise TypeError(f"modality_bias must be True or False; got {self.modality_bias!r}")
         if self.hinge not in ("linear", "squared"):
-            raise ValueError(f"hinge must be 'linear' or 'squared'; got {self.hinge!r}")
+            raise UsageError(f"hinge must be 'linear' or 'squared'; got {self.hinge!r}")
         if self.lb_variant not in ("switch", "hf"):
-            raise ValueError(f"lb_variant must be 'switch' or 'hf'; got {self.lb_variant!r}")
+            raise UsageError(f"lb_variant must be 'switch' or 'hf'; got {self.lb_variant!r}")
         if self.modality not in LEVELS:
-            raise ValueError(f"modality must be one of {LEVELS}; got {self.modality!r}")
+            raise UsageError(f"modality must be one of {LEVELS}; got {self.modality!r}")
         if not isinstance(self.num_modalities, int) or self.num_modalities < 2:
-            raise ValueError(f"num_modalities must be an integer >= 2; got {self.num_modalities}")
+            raise UsageError(f"num_modalities must be an integer >= 2; got {self.num_modalities}")
         if not 0 <= self.image < self.num_modalities or not 0 <= self.text < self.num_modalities:
-            raise ValueError(
+            raise UsageError(
                 f"text={self.text} and image={self.image} must be < num_modalities="
                 f"{self.num_modalities}"
             )
         if self.routers not in ("mlp", "attention", "all"):
-            raise ValueError(f"routers must be 'mlp', 'attention' or 'all'; got {self.routers!r}")
+            raise UsageError(f"routers must be 'mlp', 'attention' or 'all'; got {self.routers!r}")
         if self.stats not in STATS:
-            raise ValueError(f"stats must be one of {STATS}; got {self.stats!r}")
+            raise UsageError(f"stats must be one of {STATS}; got {self.stats!r}")
         if self.check not in ("first", "always"):
-            raise ValueError(f"check must be 'first' or 'always'; got {self.check!r}")
+            raise UsageError(f"check must be 'first' or 'always'; got {self.check!r}")
         if not isinstance(self.accumulate, bool):
-            raise ValueError(f"accumulate must be True or False; got {self.accumulate!r}")
+            raise UsageError(f"accumulate must be True or False; got {self.accumulate!r}")
         groups = resolve_groups(self.groups, keep=(self.text, self.image))
         if self.groups is not None and not isinstance(self.groups, str):
             self.groups = groups  # ids as integers: JSON keys are strings
         if isinstance(self.band, list) and self.band and isinstance(self.band[0], (int, float)):
             self.band = tuple(self.band)  # a pair read from JSON or YAML
+        # the values now (the number of layers is checked when the model is known)
+        pair = isinstance(self.band, tuple) and len(self.band) == 2
+        pair = pair and all(isinstance(x, (int, float)) for x in self.band)
+        _check_band(self.band, 1 if pair else len(self.band))
 
     def to_dict(self) -> dict:
         """The options as plain data (``group``, a live process group, is left out)."""

@@ -41,6 +41,7 @@ from smar.checks import (  # noqa: F401  (re-exported: the losses and metrics im
 )
 from smar.checks import checked as _checked
 from smar.collective import all_reduce_sums
+from smar.errors import UsageError
 
 __all__ = [
     "EPS",
@@ -173,7 +174,7 @@ def prepare_routing(
     check_router(router)
     if isinstance(router_logits, Routing):
         if router_logits.router != router:
-            raise ValueError(
+            raise UsageError(
                 f"router={router!r} but the Routing was prepared with {router_logits.router!r}"
             )
         return router_logits

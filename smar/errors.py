@@ -2,10 +2,12 @@
 message names the problem and the fix in one line. ``smar`` prints that line and exits with code 2
 (``--debug`` shows the traceback); anything else is a bug and keeps its traceback.
 
-``UsageError`` (a bad option, override or input file, found before any work), ``CorruptFile``
+``UsageError`` (a bad argument, option, override or input file: the library's checks of what it
+is given, the commands' of their options; found before the work on it starts), ``CorruptFile``
 (a file that fails its check on load), ``Diverged`` (a non-finite loss) and ``Interrupted``
-(Ctrl-C or SIGTERM; exit code 130) are its kinds. ``UsageError`` is also a ``ValueError`` so
-that code catching the old ``ValueError`` keeps working. ``smar.testbed.errors`` re-exports them.
+(Ctrl-C or SIGTERM; exit code 130) are its kinds. ``UsageError`` is also a ``ValueError``, as
+Python's convention for a bad argument wants, so that ``except ValueError`` keeps working. Both
+are exported as ``smar.SmarError`` and ``smar.UsageError``. ``smar.testbed.errors`` re-exports them.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class SmarError(Exception):
 
 
 class UsageError(SmarError, ValueError):
-    """A bad option, override or input file, found before any work starts."""
+    """A bad argument, option, override or input file, found before the work on it starts."""
 
 
 class AnalyzeError(UsageError):

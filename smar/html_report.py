@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smar.atomic import publish
+from smar.errors import UsageError
 
 __all__ = ["Section", "Table", "write_html", "render_html", "write_report", "SECTIONS"]
 
@@ -79,7 +80,7 @@ class Section:
 
     def __post_init__(self):
         if not self.id or not all(c.isalnum() or c in "-_" for c in self.id):
-            raise ValueError(f"section id {self.id!r} must be letters, digits, '-' or '_'")
+            raise UsageError(f"section id {self.id!r} must be letters, digits, '-' or '_'")
 
 
 def _cell(value, fmt: str) -> str:
@@ -114,7 +115,7 @@ def render_html(title: str, sections: Sequence[Section], *, intro: Sequence[str]
     """The page as a string (see :func:`write_html`)."""
     ids = [s.id for s in sections]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"section ids must be unique; got {ids}")
+        raise UsageError(f"section ids must be unique; got {ids}")
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',

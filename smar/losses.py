@@ -53,6 +53,7 @@ from smar.distributions import (
     prepare_routing,
     routing_probs,
 )
+from smar.errors import UsageError
 
 __all__ = [
     "EPS",
@@ -77,7 +78,7 @@ def check_weight(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number >= 0; got {value!r}")
     if not math.isfinite(value) or value < 0:
-        raise ValueError(
+        raise UsageError(
             f"{name}={value!r} must be a finite number >= 0; fix: {name}=0.0 turns the term off"
         )
 
@@ -90,12 +91,12 @@ def check_logits(router_logits) -> None:
     if not isinstance(first, Tensor):
         return  # a Routing, or an error the canonical checks word
     if first.is_meta:
-        raise ValueError(
+        raise UsageError(
             "router_logits are on the meta device (shapes without values, e.g. a model built "
             "under init_empty_weights); fix: load the model's weights before its forward"
         )
     if first.dim() >= 2 and first.shape[-2] == 0:
-        raise ValueError(
+        raise UsageError(
             f"router_logits have no token (T=0, shape {tuple(first.shape)}); fix: route at "
             "least one token"
         )
@@ -189,17 +190,17 @@ def _check_band(band, num_layers: int) -> Tensor:
         try:
             rows = [[float(x) for x in band]] * num_layers  # one pair for every layer
         except (TypeError, ValueError) as e:
-            raise ValueError(fix) from e
+            raise UsageError(fix) from e
     except ValueError as e:
-        raise ValueError(fix) from e
+        raise UsageError(fix) from e
     if len(rows) != num_layers or any(len(r) != 2 for r in rows):
-        raise ValueError(fix)
+        raise UsageError(fix)
     if not all(math.isfinite(x) for r in rows for x in r):
-        raise ValueError(f"band must be finite; got {band!r}")
+        raise UsageError(f"band must be finite; got {band!r}")
     if any(x < 0 for r in rows for x in r):
-        raise ValueError(f"band must be non-negative (D is a divergence, D >= 0); got {band!r}")
+        raise UsageError(f"band must be non-negative (D is a divergence, D >= 0); got {band!r}")
     if any(lo > hi for lo, hi in rows):
-        raise ValueError(f"band must have low <= high; got {band!r}")
+        raise UsageError(f"band must have low <= high; got {band!r}")
     return torch.tensor(rows, dtype=torch.float64)
 
 
@@ -231,7 +232,7 @@ def smar_loss(
         A scalar. It is 0, still connected to the graph, when no layer has both modalities.
     """
     if hinge not in _HINGES:
-        raise ValueError(f"hinge must be one of {_HINGES}; got {hinge!r}")
+        raise UsageError(f"hinge must be one of {_HINGES}; got {hinge!r}")
     check_logits(router_logits)
     r = prepare_routing(router_logits, router=router)
     ids = modality_ids_flat(modality_ids, r.shape[1])
@@ -310,12 +311,12 @@ def routing_objective(
     if from_ids:
         mask = modality_ids >= 0
     if (smar_weight or limoe_weight) and modality_ids is None:
-        raise ValueError("modality_ids are required when smar_weight or limoe_weight is set")
+        raise UsageError("modality_ids are required when smar_weight or limoe_weight is set")
     if lb_weight:
         check_lb_variant(lb_variant)
     if smar_weight:
         if hinge not in _HINGES:
-            raise ValueError(f"hinge must be one of {_HINGES}; got {hinge!r}")
+            raise UsageError(f"hinge must be one of {_HINGES}; got {hinge!r}")
         b = _check_band(band, r.shape[0]).to(device=r.device, dtype=r.dtype)
     check_top_k(top_k, r.shape[-1])
     # The sums of this forward, made global and pooled over the step: one all-reduce in all.
@@ -351,7 +352,7 @@ def routing_objective(
     terms: dict[str, Tensor] = {}
     total = torch.zeros((), dtype=r.dtype, device=r.device)
     if lb_weight and from_ids and r.check and bool(parts["lb_tokens"] <= 0):
-        raise ValueError(
+        raise UsageError(
             "modality_ids have no valid token (every id is -1, padding or ignored): no routing "
             "to balance; fix: give at least one token an id >= 0 (0 text, 1 image)"
         )

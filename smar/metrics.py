@@ -27,6 +27,7 @@ from smar.distributions import (
     modality_onehot,
     probabilities,
 )
+from smar.errors import UsageError
 from smar.losses import check_logits
 
 __all__ = ["RoutingStats", "MODALITY_NAMES"]
@@ -87,7 +88,7 @@ class RoutingStats:
         tracked = torch.isin(ids, ids.new_tensor(self.modalities))  # (T,)
         if not bool(tracked.any()) and bool((ids >= 0).any()):
             seen = sorted(set(ids[ids >= 0].unique()[:4].tolist()))
-            raise ValueError(
+            raise UsageError(
                 f"modality_ids hold ids {seen} but none of the tracked modalities "
                 f"{self.modalities}: the batch would add nothing; fix: RoutingStats(modalities="
                 f"{tuple(sorted(set(self.modalities) | set(seen)))}), or count them as one with "
@@ -101,7 +102,7 @@ class RoutingStats:
             self.entropy_sum = torch.zeros(L, M, dtype=torch.float64)
             self.tokens = torch.zeros(M, dtype=torch.float64)
         elif (L, E) != (self.num_layers, self.num_experts) or top_k != self.top_k:
-            raise ValueError(
+            raise UsageError(
                 f"batch has L={L}, E={E}, top_k={top_k} but the accumulator holds "
                 f"L={self.num_layers}, E={self.num_experts}, top_k={self.top_k}"
             )
@@ -121,7 +122,7 @@ class RoutingStats:
         if other.prob_sum is None:
             return self
         if other.modalities != self.modalities or other.router != self.router:
-            raise ValueError("cannot merge RoutingStats with different modalities or router")
+            raise UsageError("cannot merge RoutingStats with different modalities or router")
         if self.prob_sum is None:
             self.top_k = other.top_k
             self.prob_sum = other.prob_sum.clone()
@@ -130,7 +131,7 @@ class RoutingStats:
             self.tokens = other.tokens.clone()
             return self
         if other.prob_sum.shape != self.prob_sum.shape or other.top_k != self.top_k:
-            raise ValueError(
+            raise UsageError(
                 f"cannot merge RoutingStats of shape {tuple(other.prob_sum.shape)}, top_k="
                 f"{other.top_k} into {tuple(self.prob_sum.shape)}, top_k={self.top_k}"
             )
@@ -145,7 +146,7 @@ class RoutingStats:
         import torch.distributed as dist
 
         if self.prob_sum is None:
-            raise ValueError("RoutingStats.all_reduce: no batch was added on this rank")
+            raise UsageError("RoutingStats.all_reduce: no batch was added on this rank")
         for t in (self.prob_sum, self.select_count, self.entropy_sum, self.tokens):
             dist.all_reduce(t, group=group)
         return self
@@ -168,7 +169,7 @@ class RoutingStats:
 
     def _require_data(self) -> None:
         if self.prob_sum is None:
-            raise ValueError("RoutingStats is empty: call update() with at least one batch first")
+            raise UsageError("RoutingStats is empty: call update() with at least one batch first")
 
     def summary(self) -> dict[str, float]:
         """A flat dict of floats with slash names, per layer ``routing/layerNN/...``:

@@ -26,6 +26,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from smar.errors import UsageError
+
 __all__ = [
     "TEXT",
     "IMAGE",
@@ -106,7 +108,7 @@ def modality_ids(
             given, on shape mismatches, or an unknown ``level``.
     """
     if level not in LEVELS:
-        raise ValueError(f"level must be one of {LEVELS}; got {level!r}")
+        raise UsageError(f"level must be one of {LEVELS}; got {level!r}")
     if mm_token_type_ids is not None:
         ids = mm_token_type_ids.long()  # (B, S)
     elif input_ids is not None and token_ids:
@@ -116,14 +118,14 @@ def modality_ids(
             hit = torch.isin(input_ids, input_ids.new_tensor(toks))  # (B, S)
             ids = ids.masked_fill(hit, int(mod))
     else:
-        raise ValueError(
+        raise UsageError(
             "cannot tell modalities apart: pass mm_token_type_ids (from the processor), or "
             "input_ids together with token_ids={1: image_token_id}, or explicit modality ids"
         )
     if ids.dim() == 1:
         ids = ids[None, :]  # (1, S)
     if ids.dim() != 2:
-        raise ValueError(f"modality ids must be (B, S); got shape {tuple(ids.shape)}")
+        raise UsageError(f"modality ids must be (B, S); got shape {tuple(ids.shape)}")
     if level == "sample":
         nontext = torch.where(ids > 0, ids, torch.full_like(ids, 1 << 30))  # (B, S)
         sample_mod = nontext.amin(dim=1, keepdim=True)  # (B, 1)
@@ -143,7 +145,7 @@ def _attends(mask: Tensor) -> Tensor:
     if not mask.is_floating_point():
         return mask != 0
     if bool((mask > 0).any()):  # a 0/1 "keep" mask would be read as biases by the model
-        raise ValueError(
+        raise UsageError(
             f"attention_mask ({mask.dtype}, {mask.dim()}-D) holds positive values: a float 4-D "
             "mask is additive (0 attends, -inf masks); fix: pass a bool mask (True attends) or "
             "the additive form, e.g. (1 - keep) * torch.finfo(dtype).min"
@@ -170,7 +172,7 @@ def token_mask(attention_mask: Tensor, shape: tuple[int, int]) -> Tensor:
         return attention_mask != 0
     m = attention_mask[:, None] if attention_mask.dim() == 3 else attention_mask
     if m.dim() != 4 or m.shape[0] not in (1, B) or m.shape[2] != S or m.shape[3] < S:
-        raise ValueError(
+        raise UsageError(
             f"attention_mask must be (B, S) = {(B, S)} or 4-D (B, heads, S, keys >= S); got "
             f"{tuple(attention_mask.shape)}; fix: pass modality ids explicitly (-1 for padding)"
         )
@@ -200,7 +202,7 @@ def _group_id(x, groups) -> int:
         return int(x)
     if isinstance(x, int) and not isinstance(x, bool):
         if x < 0:
-            raise ValueError(f"groups={groups!r}: {x} is not a modality id (ids are >= 0)")
+            raise UsageError(f"groups={groups!r}: {x} is not a modality id (ids are >= 0)")
         return x
     raise TypeError(
         f"groups={groups!r}: {x!r} is not a modality id; fix: map integer ids, e.g. "
@@ -226,7 +228,7 @@ def resolve_groups(
         return {}
     if isinstance(groups, str):
         if groups not in GROUPS:
-            raise ValueError(f"unknown modality grouping {groups!r}; known: {sorted(GROUPS)}")
+            raise UsageError(f"unknown modality grouping {groups!r}; known: {sorted(GROUPS)}")
         out = dict(GROUPS[groups])
     elif isinstance(groups, Mapping):
         out = {_group_id(a, groups): _group_id(b, groups) for a, b in groups.items()}
@@ -237,7 +239,7 @@ def resolve_groups(
         )
     for a, b in out.items():
         if a in keep and b != a:
-            raise ValueError(
+            raise UsageError(
                 f"groups={groups!r} counts modality {a} as {b}, but the MRD compares "
                 f"modalities {tuple(keep)}: that side would be empty on every forward (band 0, "
                 "MRD NaN); fix: group the other modalities onto them, e.g. groups={2: 1}"
@@ -295,14 +297,14 @@ class ModalityState:
     def flat(self, num_tokens: int, who: str) -> Tensor:
         ids = self.current()
         if ids is None:
-            raise ValueError(
+            raise UsageError(
                 f"{who} needs the modality ids of this forward but none are known: call the "
                 "model with input_ids (and a config with image_token_id) or mm_token_type_ids, "
                 "or call regularizer.set_modality(ids) before the forward"
             )
         flat = ids.reshape(-1)  # (T,)
         if flat.numel() != num_tokens:
-            raise ValueError(
+            raise UsageError(
                 f"{who} routed {num_tokens} tokens but the modality ids have {flat.numel()} "
                 f"(shape {tuple(ids.shape)}); set explicit ids with regularizer.set_modality(ids)"
             )

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smar.errors import UsageError
 from smar.experts import GroupedExperts
 
 __all__ = [
@@ -45,7 +46,7 @@ def default_partition(num_experts: int, num_modalities: int = 2) -> list[list[in
     With 4 experts and 2 modalities: text gets experts ``[0, 1]``, image ``[2, 3]``.
     """
     if num_experts < num_modalities:
-        raise ValueError(
+        raise UsageError(
             f"hard routing needs at least one expert per modality: num_experts={num_experts} < "
             f"num_modalities={num_modalities}"
         )
@@ -62,7 +63,8 @@ class Router(nn.Module):
         num_modalities: ``M``, the number of modality ids the bias and the partition know
             (0 text, 1 image, ...).
         modality_bias: add a trainable, zero-initialised bias ``(M, E)`` to each token's logits
-            by its modality (SPEC section 3). Tokens with modality ``-1`` get no bias.
+            by its modality (``docs/method.md#modality-bias``). Tokens with modality ``-1`` get
+            no bias.
         hard: mask every expert outside the token's modality group to ``-inf`` before top-k.
         partition: for ``hard``, the expert indices of each modality (default: contiguous halves).
             Tokens with modality ``-1`` are not masked.
@@ -85,7 +87,7 @@ class Router(nn.Module):
     ):
         super().__init__()
         if num_experts < 1:
-            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+            raise UsageError(f"num_experts must be >= 1, got {num_experts}")
         self.num_experts = num_experts
         self.num_modalities = num_modalities
         self.hard = hard
@@ -99,14 +101,14 @@ class Router(nn.Module):
                 default_partition(num_experts, num_modalities) if partition is None else partition
             )
             if len(groups) != num_modalities:
-                raise ValueError(
+                raise UsageError(
                     f"partition has {len(groups)} groups but num_modalities={num_modalities}: "
                     "give one list of expert indices per modality"
                 )
             allowed = torch.zeros(num_modalities, num_experts, dtype=torch.bool)  # (M, E)
             for m, group in enumerate(groups):
                 if not group or any(not 0 <= e < num_experts for e in group):
-                    raise ValueError(
+                    raise UsageError(
                         f"partition[{m}]={list(group)} must be a non-empty list of expert indices "
                         f"in [0, {num_experts})"
                     )
@@ -130,18 +132,18 @@ class Router(nn.Module):
         if self.bias is None and not self.hard:
             return logits
         if modality_ids is None:
-            raise ValueError(
+            raise UsageError(
                 "this router has a modality bias or hard routing and needs modality_ids (T,) "
                 "(0 text, 1 image, -1 none)"
             )
         mod = modality_ids.reshape(-1)  # (T,)
         if mod.shape[0] != logits.shape[0]:
-            raise ValueError(
+            raise UsageError(
                 f"modality_ids has {mod.shape[0]} entries but the router saw "
                 f"{logits.shape[0]} tokens"
             )
         if mod.numel() and int(mod.max()) >= self.num_modalities:
-            raise ValueError(
+            raise UsageError(
                 f"modality_ids contains {int(mod.max())} but the router knows num_modalities="
                 f"{self.num_modalities}"
             )
@@ -200,12 +202,12 @@ def weight_gradient_stop(module: nn.Module, stop: torch.Tensor | None) -> Iterat
     blocks = [m for m in module.modules() if isinstance(m, MoEBlock)]
     if stop is not None:
         if not blocks:
-            raise ValueError(
+            raise UsageError(
                 f"{type(module).__name__} holds no smar.moe.MoEBlock: weight_gradient_stop acts on "
                 "those only (upcycle the model with smar.upcycle_hf or smar.moe.upcycle)"
             )
         if stop.dtype != torch.bool:
-            raise ValueError(f"stop must be a bool tensor (True: stop), got {stop.dtype}")
+            raise UsageError(f"stop must be a bool tensor (True: stop), got {stop.dtype}")
         stop = stop.reshape(-1)  # (T,)
     before = [b.grad_stop for b in blocks]
     try:
@@ -254,7 +256,7 @@ class MoEBlock(nn.Module):
     def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int, **router_kwargs):
         super().__init__()
         if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+            raise UsageError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         self.num_experts = num_experts
         self.top_k = top_k
         self.router = Router(dim, num_experts, **router_kwargs)
@@ -287,7 +289,7 @@ class MoEBlock(nn.Module):
         stop = self.grad_stop
         if stop is not None:
             if stop.shape[0] != x.shape[0]:
-                raise ValueError(
+                raise UsageError(
                     f"weight_gradient_stop: stop has {stop.shape[0]} entries but this MoEBlock saw "
                     f"{x.shape[0]} tokens (hidden states {tuple(shape)}); give stop the shape of "
                     "the hidden states without their last dimension, e.g. (B, S) for (B, S, D)"

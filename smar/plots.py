@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from smar.errors import UsageError
 from smar.figures import integer_ticks as _integer_ticks
 from smar.figures import mrd_scale as _mrd_scale
 from smar.figures import pyplot as _pyplot
@@ -287,7 +288,7 @@ def plot_mrd_history(
     """
     rows = [h for h in history if h.get("mrd")]
     if not rows:
-        raise ValueError("plot_mrd_history: no record holds per-layer MRD values")
+        raise UsageError("plot_mrd_history: no record holds per-layer MRD values")
     return _save(_mrd_history_figure(rows, band=band, title=title), path)
 
 

@@ -21,6 +21,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from smar.errors import UsageError
+
 __all__ = [
     "make_task_manager",
     "check_tasks",
@@ -52,13 +54,13 @@ def make_task_manager(include_path=None, *, local_only: bool = False):
 def check_tasks(tasks: Sequence[str], task_manager) -> None:
     """Raises ``ValueError`` naming each task lm-eval does not know, with close names."""
     if not tasks:
-        raise ValueError("no task given; fix: name lm-eval tasks, e.g. --tasks mmlu,gsm8k")
+        raise UsageError("no task given; fix: name lm-eval tasks, e.g. --tasks mmlu,gsm8k")
     known = set(task_manager.all_tasks)
     for t in tasks:
         if t not in known:
             close = difflib.get_close_matches(t, sorted(known), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ValueError(
+            raise UsageError(
                 f"unknown lm-eval task {t!r}{hint}; fix: check the name (`lm-eval ls tasks`) or "
                 "pass --include-path with the folder of its YAML"
             )
@@ -73,18 +75,18 @@ def _check_model(model) -> None:
         return
     d = Path(model)
     if not d.is_dir():
-        raise ValueError(f"model folder {d} does not exist; fix: pass a local model folder")
+        raise UsageError(f"model folder {d} does not exist; fix: pass a local model folder")
     if (d / "adapter_config.json").is_file() and not (d / "config.json").is_file():
         return  # a PEFT adapter folder: its base model is checked when it loads
     try:
         cfg = json.loads((d / "config.json").read_text())
     except (OSError, ValueError):
-        raise ValueError(
+        raise UsageError(
             f"{d} has no readable config.json: not a model folder; fix: pass a Hugging Face "
             "model folder (config.json + weights), e.g. one written by save_pretrained"
         ) from None
     if not isinstance(cfg, dict) or not ("model_type" in cfg or "architectures" in cfg):
-        raise ValueError(
+        raise UsageError(
             f"{d}/config.json names no model_type: not a Hugging Face model folder; fix: pass "
             "one, or for a testbed run or stage folder use `smar retention` (it serves the "
             "testbed model) or smar.testbed.lm_eval_tasks.TestbedLM"
@@ -172,7 +174,7 @@ def _metric(row: Mapping, wanted: str | None, task: str) -> str | None:
                 return k
     if wanted:
         have = sorted({k.split(",")[0] for k in keys})
-        raise ValueError(f"task {task!r} reports no metric {wanted!r}; it reports {have}")
+        raise UsageError(f"task {task!r} reports no metric {wanted!r}; it reports {have}")
     return keys[0] if keys else None
 
 
@@ -204,7 +206,7 @@ def task_scores(
                 t for t, c in configs.items() if name in _as_list(c.get("tag"))
             ]
             if not members:
-                raise ValueError(f"lm-eval returned no score for task {name!r}")
+                raise UsageError(f"lm-eval returned no score for task {name!r}")
             for m in members:
                 add(m, metrics.get(name))
             return
@@ -212,7 +214,7 @@ def task_scores(
         higher = hib.get(name, {}).get(base, base not in LOWER_IS_BETTER)
         value = float(row[key])
         if not higher and not value > 0:
-            raise ValueError(f"task {name!r}: {key} is {value}, cannot invert it into a score")
+            raise UsageError(f"task {name!r}: {key} is {value}, cannot invert it into a score")
         score = value if higher else 1.0 / value
         out[name] = {"metric": key, "value": value, "higher_is_better": higher, "score": score}
 
@@ -230,12 +232,12 @@ def summarize(base: Mapping[str, dict], tuned: Mapping[str, dict]) -> dict:
     that moved most (largest ``|retention - 1|``) and that task, as a JSON-ready dict."""
     missing = sorted(set(base) ^ set(tuned))
     if missing:
-        raise ValueError(f"tasks scored for one model only: {missing}")
+        raise UsageError(f"tasks scored for one model only: {missing}")
     tasks = {}
     for name, b in base.items():
         t = tuned[name]
         if not b["score"] > 0:
-            raise ValueError(
+            raise UsageError(
                 f"the base model scores {b['value']} on {name!r}: retention needs a score > 0"
             )
         tasks[name] = {

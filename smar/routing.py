@@ -33,6 +33,7 @@ from smar.capture import RouterCapture, record, unwrap
 from smar.collective import StepSums, default_group
 from smar.config import SMARConfig
 from smar.distributions import prepare_routing
+from smar.errors import UsageError
 from smar.losses import routing_objective
 from smar.upstream import upstream_defect
 
@@ -97,7 +98,7 @@ class Regularizer(RouterCapture):
         if (previous is not None and previous() is not None) or any(
             isinstance(m, ModalityBiasRouter) for m in model.modules()
         ):
-            raise ValueError(
+            raise UsageError(
                 f"SMAR is already attached to this {type(model).__name__}: call detach() on the "
                 "regularizer attach() returned before attaching again (SMARTrainer attaches "
                 "itself: pass it the bare model)"
@@ -123,7 +124,7 @@ class Regularizer(RouterCapture):
             for site in self.sites:
                 E = site.num_experts
                 if E is None:
-                    raise ValueError(f"cannot tell the number of experts of {site.name}")
+                    raise UsageError(f"cannot tell the number of experts of {site.name}")
                 parent, attr, inner = self._slot(site)
                 wrapper = ModalityBiasRouter(
                     inner, site.adapter, self.config.num_modalities, E, self._state
@@ -167,7 +168,7 @@ class Regularizer(RouterCapture):
         logits = self.logits()  # (T, E) per layer; raises before any forward
         ids = self.modality_ids
         if ids is None and c.smar_weight:
-            raise ValueError(
+            raise UsageError(
                 "the band loss needs modality ids: call the model with input_ids or "
                 "mm_token_type_ids, or regularizer.set_modality(ids) before the forward"
             )
@@ -203,7 +204,7 @@ class Regularizer(RouterCapture):
 
     def _raise_if_bad(self, bad: Tensor) -> None:
         if bool(bad):
-            raise ValueError(
+            raise UsageError(
                 "SMAR's routing loss is not finite: router logits with NaN or +inf (the model "
                 "diverged, or overflowed in low precision), or a token whose experts are all "
                 "masked; check the learning rate and the model's dtype"
@@ -271,13 +272,13 @@ class Regularizer(RouterCapture):
         """
         mine = self.bias_state_dict()
         if set(mine) != set(state):
-            raise ValueError(
+            raise UsageError(
                 "the saved modality bias does not fit this model: missing "
                 f"{sorted(set(mine) - set(state))}, unexpected {sorted(set(state) - set(mine))}"
             )
         for key, param in mine.items():
             if param.shape != state[key].shape:
-                raise ValueError(
+                raise UsageError(
                     f"{key}: saved bias {tuple(state[key].shape)} but the router's is "
                     f"{tuple(param.shape)} (num_modalities, experts)"
                 )

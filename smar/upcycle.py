@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smar.errors import UsageError
 from smar.moe import MoEBlock
 
 __all__ = ["upcycle"]
@@ -22,7 +23,7 @@ def _dense_weights(dense_mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, to
     if all(hasattr(dense_mlp, n) for n in names):
         for n in names:
             if getattr(getattr(dense_mlp, n), "bias", None) is not None:
-                raise ValueError(
+                raise UsageError(
                     f"{type(dense_mlp).__name__}.{n} has a bias; upcycle supports bias-free SwiGLU "
                     "MLPs (Llama, Qwen, Mistral, Phi-3 style)"
                 )
@@ -30,7 +31,7 @@ def _dense_weights(dense_mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, to
     if hasattr(dense_mlp, "gate_up_proj") and hasattr(dense_mlp, "down_proj"):
         gate, up = dense_mlp.gate_up_proj.weight.chunk(2, dim=0)  # Phi-3: fused (2F, D)
         return gate, up, dense_mlp.down_proj.weight
-    raise ValueError(
+    raise UsageError(
         f"cannot upcycle {type(dense_mlp).__name__}: expected a SwiGLU MLP with gate_proj, up_proj "
         "and down_proj linear layers (or a fused gate_up_proj)"
     )
@@ -42,7 +43,7 @@ def _check_silu(dense_mlp: nn.Module) -> None:
         return
     probe = torch.linspace(-3, 3, 13, device="cpu")  # explicit: works under a meta context
     if not torch.allclose(act(probe), F.silu(probe), atol=1e-6):
-        raise ValueError(
+        raise UsageError(
             f"{type(dense_mlp).__name__}.act_fn is not SiLU; the MoE experts are SwiGLU and would "
             "not reproduce this MLP"
         )
@@ -74,7 +75,7 @@ def upcycle(
         router_kwargs: passed to :class:`smar.moe.Router`.
     """
     if noise < 0:
-        raise ValueError(f"noise must be >= 0, got {noise}")
+        raise UsageError(f"noise must be >= 0, got {noise}")
     _check_silu(dense_mlp)
     gate, up, down = _dense_weights(dense_mlp)  # (F, D), (F, D), (D, F)
     hidden, dim = gate.shape

@@ -13,6 +13,8 @@ def test_public_api_is_pinned():
             "Routing",
             "RoutingStats",
             "SMARConfig",
+            "SmarError",
+            "UsageError",
             "attach",
             "limoe_loss",
             "load_balancing_loss",

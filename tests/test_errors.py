@@ -44,3 +44,18 @@ def test_usage_errors_are_value_errors_and_exit_codes_are_set():
 def test_the_testbed_module_re_exports_the_same_classes():
     for name in testbed_errors.__all__:
         assert getattr(testbed_errors, name) is getattr(errors, name)
+
+
+def test_the_library_s_checks_of_its_arguments_raise_usage_errors():
+    """A bad argument to the library is a `smar.UsageError` (still a `ValueError`), said in one
+    line: the same kind the commands print without a traceback."""
+    import torch
+
+    import smar
+
+    with pytest.raises(smar.UsageError, match="band"):
+        smar.SMARConfig(band=(2.0, 1.0))
+    logits = [torch.randn(4, 3), torch.randn(5, 3)]
+    with pytest.raises(smar.UsageError, match="every layer must route the same tokens"):
+        smar.smar_loss(logits, torch.tensor([0, 1, 0, 1]))
+    assert smar.SmarError is errors.SmarError and smar.UsageError is errors.UsageError

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from smar.atomic import write_text
+from smar.errors import UsageError
 from smar.retention import measure_retention
 
 __all__ = ["add_parser", "main"]
@@ -72,10 +73,10 @@ def main(args: argparse.Namespace, *, open_models: OpenModels | None = None) -> 
         for m in args.metric:
             task, sep, metric = m.partition("=")
             if not sep or not task or not metric:
-                raise ValueError(f"--metric {m!r} is not TASK=METRIC")
+                raise UsageError(f"--metric {m!r} is not TASK=METRIC")
             metrics[task] = metric
         if args.batch_size is not None and args.batch_size < 1:
-            raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
+            raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
         limit = _limit(args.limit)
         _check_paths(args)
         with tempfile.TemporaryDirectory(prefix="smar-tasks-") as tmp:
@@ -83,7 +84,7 @@ def main(args: argparse.Namespace, *, open_models: OpenModels | None = None) -> 
             if open_models is not None:
                 for f in (base, tuned):
                     if not Path(f).is_dir():
-                        raise ValueError(f"model folder {f} does not exist; fix: pass its path")
+                        raise UsageError(f"model folder {f} does not exist; fix: pass its path")
                 bs = args.batch_size or 256
                 opened = open_models(base, tuned, args.tasks_dir or tmp, batch_size=bs)
                 if opened is not None:
@@ -118,12 +119,12 @@ def _limit(limit: float | None) -> int | float | None:
     if limit is None:
         return None
     if not (math.isfinite(limit) and limit > 0):
-        raise ValueError(
+        raise UsageError(
             f"--limit {limit:g}: must be above 0; fix: give a number of documents per task "
             "(e.g. --limit 100) or a fraction below 1 (e.g. --limit 0.1)"
         )
     if limit >= 1 and limit != int(limit):
-        raise ValueError(f"--limit {limit:g}: from 1 on it counts documents; fix: give a whole "
+        raise UsageError(f"--limit {limit:g}: from 1 on it counts documents; fix: give a whole "
                          f"number, e.g. --limit {int(limit)}")  # fmt: skip
     return int(limit) if limit >= 1 else limit
 
@@ -136,7 +137,7 @@ def _check_paths(args: argparse.Namespace) -> None:
     for p in args.include_path or ():
         if not Path(p).is_dir():
             what = "is not a folder" if Path(p).exists() else "does not exist"
-            raise ValueError(f"--include-path {p} {what}; fix: pass the folder of the task YAMLs")
+            raise UsageError(f"--include-path {p} {what}; fix: pass the folder of the task YAMLs")
     for flag, path, fix in (
         ("--out", args.out, "a FILE.json this user can write (without it the JSON is printed)"),
         ("--tasks-dir", args.tasks_dir, "a folder this user can write (without it: a temp dir)"),
@@ -144,4 +145,4 @@ def _check_paths(args: argparse.Namespace) -> None:
         why = path is not None and (output_problem(path, folder=flag != "--out")
                                     if path.strip() else "is empty")  # fmt: skip
         if why:
-            raise ValueError(f"{flag} {path or repr(path)} {why}; fix: pass {fix}")
+            raise UsageError(f"{flag} {path or repr(path)} {why}; fix: pass {fix}")

@@ -12,6 +12,8 @@ import os
 
 import transformers
 
+from smar.errors import UsageError
+
 __all__ = ["config_model_class", "upcycle_spec"]
 
 log = logging.getLogger("smar.hf.inspect")
@@ -35,7 +37,7 @@ def _config(path):
         if isinstance(e, OSError) and not os.path.isdir(p):
             raise  # a model-hub id: transformers' own message says what to do
         first = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
-        raise ValueError(
+        raise UsageError(
             f"{_where(path)}: {first}; fix: save the model with save_pretrained from a "
             "transformers release that knows its model_type"
         ) from None
@@ -72,7 +74,7 @@ def config_model_class(config, path: str = "the model") -> type:
                 _where(path), names, config.model_type, cls.__name__,
             )  # fmt: skip
         return cls
-    raise ValueError(
+    raise UsageError(
         f"{_where(path)}: no transformers model class builds model_type "
         f"{getattr(config, 'model_type', None)!r} (architectures {names}); fix: set "
         '"architectures" to the model\'s class name, e.g. ["Qwen3MoeForCausalLM"]'
@@ -128,13 +130,13 @@ def upcycle_spec(config, path: str = "the model") -> dict | None:
         return isinstance(v, int) and not isinstance(v, bool)
 
     if not isinstance(spec, dict):
-        raise ValueError(
+        raise UsageError(
             f"{where} must be a dict of {list(_UPCYCLE_KEYS)}; got {spec!r}; {_UPCYCLE_FIX}"
         )
     missing = [k for k in _UPCYCLE_KEYS if k not in spec]
     unknown = sorted(set(spec) - {*_UPCYCLE_KEYS, "noise", "seed"})
     if missing or unknown:
-        raise ValueError(f"{where}: missing {missing}, unknown {unknown}; {_UPCYCLE_FIX}")
+        raise UsageError(f"{where}: missing {missing}, unknown {unknown}; {_UPCYCLE_FIX}")
     n, k, layers = spec["num_experts"], spec["top_k"], spec["layers"]
     if not integer(n) or n < 1:
         problem = f"num_experts must be an integer >= 1; got {n!r}"
@@ -149,7 +151,7 @@ def upcycle_spec(config, path: str = "the model") -> dict | None:
         problem = f"seed must be an integer; got {spec['seed']!r}"
     else:
         return spec
-    raise ValueError(f"{where}: {problem}; {_UPCYCLE_FIX}")
+    raise UsageError(f"{where}: {problem}; {_UPCYCLE_FIX}")
 
 
 def _check_local(path) -> None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from smar.adapters import Adapter, find_routers
+from smar.errors import UsageError
 from smar.hf.config import (
     _UPCYCLE_FIX,
     _check_local,
@@ -56,7 +57,7 @@ def load_model_dir(path: str, *, weights: bool = True, **kwargs) -> nn.Module:
             # new blocks follow the dense weights onto the meta device.
             return upcycle_hf(model, **{k: spec[k] for k in ("num_experts", "top_k", "layers")})
         except ValueError as e:  # e.g. layers out of range, or the model is already MoE
-            raise ValueError(f"{_where(path)} smar_upcycle: {e}; {_UPCYCLE_FIX}") from None
+            raise UsageError(f"{_where(path)} smar_upcycle: {e}; {_UPCYCLE_FIX}") from None
     if weights:
         return cls.from_pretrained(path, **kwargs)
     with torch.device("meta"):
@@ -70,11 +71,11 @@ def load_adapter(spec: str) -> Adapter:
 
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"--adapter must be 'package.module:NAME'; got {spec!r}")
+        raise UsageError(f"--adapter must be 'package.module:NAME'; got {spec!r}")
     value = getattr(importlib.import_module(module_name), attr)
     adapters = list(value) if isinstance(value, (list, tuple)) else [value]
     if not all(isinstance(a, Adapter) for a in adapters):
-        raise ValueError(f"{spec} is not a smar.adapters.Adapter (or a list of them)")
+        raise UsageError(f"{spec} is not a smar.adapters.Adapter (or a list of them)")
     return adapters
 
 

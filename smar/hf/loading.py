@@ -27,6 +27,7 @@ from pathlib import Path
 from torch import nn
 
 from smar.adapters import find_routers
+from smar.errors import UsageError
 from smar.hf.config import _check_local
 from smar.hf.inspect import load_model_dir
 from smar.hf.saving import BIAS_FILE, load_bias
@@ -73,7 +74,7 @@ def _load_adapter_folder(path: Path) -> nn.Module:
         if not isinstance(base, str) or not base:  # null when the base was built, not loaded
             raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
-        raise ValueError(
+        raise UsageError(
             f"{path / ADAPTER_CONFIG} names no base_model_name_or_path; fix: write it with PEFT's "
             "save_pretrained, or merge the adapter into its base model and save that"
         ) from None
@@ -81,7 +82,7 @@ def _load_adapter_folder(path: Path) -> nn.Module:
     if not base_dir.is_dir():
         base_dir = Path(base)
     if not base_dir.is_dir():
-        raise ValueError(
+        raise UsageError(
             f"{path} is a PEFT adapter of {base!r}, which is not a local folder; fix: save the "
             "base model locally and set base_model_name_or_path in adapter_config.json to it"
         )
@@ -130,7 +131,7 @@ def load_model_folder(
     if weights:
         _check_finite(model, folder)
     if routers and not find_routers(model, adapter):
-        raise ValueError(
+        raise UsageError(
             f"{folder}: no MoE router smar knows in {type(model).__name__} (a dense model?); "
             "fix: upcycle it with smar.hf.upcycle_hf and save_pretrained, or pass adapter= "
             "(smar.adapters.Adapter) for a MoE architecture smar does not know"
@@ -143,7 +144,7 @@ def load_model_folder(
         except ValueError as e:  # attach's errors name the model class, not the folder
             if str(folder) in str(e):
                 raise
-            raise ValueError(f"{folder / BIAS_FILE}: {e}") from None
+            raise UsageError(f"{folder / BIAS_FILE}: {e}") from None
         note = f"modality bias loaded ({BIAS_FILE}, {len(reg.sites)} routers)"
     elif has_bias:
         note = f"{BIAS_FILE} not loaded (--no-bias): the model without its trained bias"
@@ -165,7 +166,7 @@ def _load(folder: Path, weights: bool = True) -> nn.Module:
         raise
     except (OSError, RuntimeError, SafetensorError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise ValueError(f"{folder}: the model does not load ({first}); {_RESAVE}") from None
+        raise UsageError(f"{folder}: the model does not load ({first}); {_RESAVE}") from None
 
 
 def check_weights(folder: Path) -> None:
@@ -177,7 +178,7 @@ def check_weights(folder: Path) -> None:
         try:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise ValueError(
+            raise UsageError(
                 f"{index} is not a safetensors index (no weight_map); {_RESAVE}"
             ) from None
         missing = [f for f in files if not (folder / f).is_file()]
@@ -206,7 +207,7 @@ def _no_safetensors(folder: Path, expected: str, how: str) -> None:
         p.name for p in folder.glob("*.pt*") if p.is_file()
     )
     if pickles:
-        raise ValueError(
+        raise UsageError(
             f"{folder} holds its weights as pickles ({', '.join(pickles[:3])}), which smar "
             "never loads (unpickling runs code); fix: load it in a trusted session and save "
             f"with safetensors ({how} writes {expected})"
@@ -225,7 +226,7 @@ def _check_safetensors(file: Path) -> None:
             f.keys()
     except Exception as e:  # noqa: BLE001 (SafetensorError, OSError: any unreadable file)
         first = (str(e).splitlines() or [type(e).__name__])[0][:160]
-        raise ValueError(
+        raise UsageError(
             f"{file} is not a readable safetensors file ({first}: truncated or corrupted); "
             "fix: copy it again from where it was saved, or save the model again"
         ) from None
@@ -236,7 +237,7 @@ def _check_finite(model: nn.Module, folder: Path) -> None:
     weight would make every output NaN, so they are refused here, naming the weight."""
     for name, p in model.named_parameters():
         if p.is_floating_point() and p.device.type != "meta" and not bool(p.isfinite().all()):
-            raise ValueError(
+            raise UsageError(
                 f"{folder}: weight {name} holds NaN or inf (a corrupted file or a diverged "
                 "training); fix: copy the weights again, or load an earlier checkpoint"
             )

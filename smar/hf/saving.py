@@ -32,6 +32,7 @@ from dataclasses import fields
 import torch
 from torch import Tensor, nn
 
+from smar.errors import UsageError
 from smar.routing import Regularizer, SMARConfig, attach
 
 __all__ = ["BIAS_FILE", "FORMAT", "save_bias", "load_bias", "load_bias_into", "original_state_dict"]
@@ -123,32 +124,32 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # noqa: BLE001 (SafetensorError, OSError: any unreadable file)
         first = (str(e).splitlines() or [type(e).__name__])[0][:160]
-        raise ValueError(f"{file} is not a readable safetensors file ({first}); {fix}") from None
+        raise UsageError(f"{file} is not a readable safetensors file ({first}); {fix}") from None
     if meta.get("format") != FORMAT:
-        raise ValueError(
+        raise UsageError(
             f"{file} is not a smar bias file (format {meta.get('format')!r}, expected "
             f"{FORMAT!r}); {fix}"
         )
     saved = _saved_config(file, meta, fix)
     if not tensors:
-        raise ValueError(f"{file} holds no bias tensor; {fix}")
+        raise UsageError(f"{file} holds no bias tensor; {fix}")
     other = sorted(k for k in tensors if not k.endswith(_SUFFIX))
     bad = sorted(k for k, t in tensors.items() if t.dim() != 2 or not t.is_floating_point())
     if other:
-        raise ValueError(f"{file} holds tensors not named '<router>{_SUFFIX}': {other[:5]}; {fix}")
+        raise UsageError(f"{file} holds tensors not named '<router>{_SUFFIX}': {other[:5]}; {fix}")
     if bad:
-        raise ValueError(
+        raise UsageError(
             f"{file} holds tensors that are not floating-point (num_modalities, experts) "
             f"matrices: {bad[:5]}; {fix}"
         )
     if "checksum" in meta and meta["checksum"] != checksum(tensors):
-        raise ValueError(
+        raise UsageError(
             f"{file}: checksum mismatch, the file was changed or corrupted after it was saved; "
             f"{fix}"
         )
     nonfinite = sorted(k for k, t in tensors.items() if not bool(torch.isfinite(t).all()))
     if nonfinite:
-        raise ValueError(
+        raise UsageError(
             f"{file} holds NaN or inf in {nonfinite[:3]} (the training diverged): every output "
             "would be NaN; fix: load an earlier checkpoint's bias, lower the learning rate and "
             "train again, or pass bias=False / --no-bias to use the model without it"
@@ -159,29 +160,29 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
 def _saved_config(file: str, meta: dict, fix: str) -> dict:
     """The ``smar_config`` metadata as a dict that :class:`SMARConfig` accepts."""
     if "smar_config" not in meta:
-        raise ValueError(f"{file} has no smar_config in its metadata; {fix}")
+        raise UsageError(f"{file} has no smar_config in its metadata; {fix}")
     try:
         saved = json.loads(meta["smar_config"])
     except ValueError as e:
-        raise ValueError(f"{file}: its smar_config metadata is not JSON ({e}); {fix}") from None
+        raise UsageError(f"{file}: its smar_config metadata is not JSON ({e}); {fix}") from None
     if not isinstance(saved, dict):
-        raise ValueError(
+        raise UsageError(
             f"{file}: its smar_config metadata must be a JSON object of SMARConfig options; got "
             f"{type(saved).__name__}; {fix}"
         )
     known = {f.name for f in fields(SMARConfig)} - {"group"}
     unknown = sorted(set(saved) - known)
     if unknown:
-        raise ValueError(
+        raise UsageError(
             f"{file}: its smar_config has unknown options {unknown} (a newer smar, or an edited "
             f"file); {fix}, or upgrade smar"
         )
     try:
         config = SMARConfig(**saved)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{file}: its smar_config is invalid ({e}); {fix}") from None
+        raise UsageError(f"{file}: its smar_config is invalid ({e}); {fix}") from None
     if not config.modality_bias:
-        raise ValueError(f"{file}: its smar_config has modality_bias=false; {fix}")
+        raise UsageError(f"{file}: its smar_config has modality_bias=false; {fix}")
     return saved
 
 
@@ -192,7 +193,7 @@ def load_bias_into(reg: Regularizer, path: str | os.PathLike) -> None:
     try:
         reg.load_bias_state_dict({mine.get(k, k): v for k, v in tensors.items()})
     except ValueError as e:
-        raise ValueError(
+        raise UsageError(
             f"{os.path.join(path, BIAS_FILE)}: {e}; fix: load it into the model it was trained "
             "with (the same routers and num_modalities), or pass bias=False / --no-bias"
         ) from None
@@ -218,7 +219,7 @@ def load_bias(
     if config is None:
         config = SMARConfig(**saved)
     elif not config.modality_bias:
-        raise ValueError(
+        raise UsageError(
             f"load_bias({os.fspath(path)!r}, config=...): config.modality_bias must stay True to "
             f"hold the saved bias; fix: pass a config with modality_bias=True"
         )

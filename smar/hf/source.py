@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from smar.errors import UsageError
 from smar.modality import modality_ids, special_token_ids
 from smar.source import Routed, Source
 
@@ -42,7 +43,7 @@ def read_jsonl(
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{where} is not UTF-8 text (byte {e.start} of the line); fix: "
+                raise UsageError(f"{where} is not UTF-8 text (byte {e.start} of the line); fix: "
                                  "save the file as UTF-8") from None  # fmt: skip
             if not line.strip():
                 continue
@@ -51,13 +52,13 @@ def read_jsonl(
             try:
                 sample = json.loads(line)
             except ValueError as e:
-                raise ValueError(f"{where} is not JSON ({e}); fix: one JSON object a line"
+                raise UsageError(f"{where} is not JSON ({e}); fix: one JSON object a line"
                                  ) from None  # fmt: skip
             check_sample(sample, where)
             sample["images"] = [str((path.parent / p).resolve()) for p in _image_paths(sample)]
             bad = _unreadable(sample["images"])
             if bad and skipped is None:
-                raise ValueError(f"{where}: {bad}; fix: correct the path or pass --skip-bad-images")
+                raise UsageError(f"{where}: {bad}; fix: correct the path or pass --skip-bad-images")
             if bad:
                 skipped.append(where)
                 continue
@@ -75,35 +76,35 @@ def check_sample(sample, where: str) -> None:
     ``text`` string), has image paths that are not strings, or has not one ``<image>`` mark per
     image."""
     if not isinstance(sample, dict):
-        raise ValueError(f"{where} is a JSON {type(sample).__name__}, not an object; {_FORMAT}")
+        raise UsageError(f"{where} is a JSON {type(sample).__name__}, not an object; {_FORMAT}")
     if "conversations" in sample:
         turns = sample["conversations"]
         if not isinstance(turns, list) or not turns:
-            raise ValueError(
+            raise UsageError(
                 f"{where}: 'conversations' must be a non-empty list of turns; {_FORMAT}"
             )
         for k, turn in enumerate(turns):
             if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
-                raise ValueError(f"{where}: turn {k} of 'conversations' has no string 'value'; "
+                raise UsageError(f"{where}: turn {k} of 'conversations' has no string 'value'; "
                                  f"{_FORMAT}")  # fmt: skip
         texts = [t["value"] for t in turns]
     elif "text" in sample:
         texts = [sample["text"]]
         if not isinstance(sample["text"], str):
-            raise ValueError(f"{where}: 'text' must be a string; {_FORMAT}")
+            raise UsageError(f"{where}: 'text' must be a string; {_FORMAT}")
     else:
-        raise ValueError(f"{where}: a sample needs 'conversations' (LLaVA format) or 'text'; "
+        raise UsageError(f"{where}: a sample needs 'conversations' (LLaVA format) or 'text'; "
                          f"{_FORMAT}")  # fmt: skip
     if not any(t.replace("<image>", "").strip() for t in texts):
-        raise ValueError(f"{where}: the sample holds no text; fix: give it some text")
+        raise UsageError(f"{where}: the sample holds no text; fix: give it some text")
     paths = _image_paths(sample)
     if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
         got = json.dumps(sample.get("image", sample.get("images")))[:40]
-        raise ValueError(f"{where}: 'image' must be a path or a list of paths (got {got}); fix: "
+        raise UsageError(f"{where}: 'image' must be a path or a list of paths (got {got}); fix: "
                          "name the image files relative to the JSONL file")  # fmt: skip
     marks = sum(t.count("<image>") for t in texts)
     if marks != len(paths):
-        raise ValueError(
+        raise UsageError(
             f"{where}: {len(paths)} image(s) but {marks} <image> mark(s) in the text; fix: put "
             "one <image> in the conversation per image"
         )
@@ -203,14 +204,14 @@ class HFEncoder:
         texts = [self.text(s) for s in samples]
         images = [Image.open(p).convert("RGB") for s in samples for p in s["images"]]
         if images and self.image_token is None:
-            raise ValueError("the model config names no image token: cannot place images")
+            raise UsageError("the model config names no image token: cannot place images")
         if self.processor is not None:
             return dict(self.processor(text=texts, images=images or None, padding=True,
                                        return_tensors="pt"))  # fmt: skip
         out = {}
         if images:
             if self.image_processor is None:
-                raise ValueError("samples have images but the model folder has no image processor")
+                raise UsageError("samples have images but the model folder has no image processor")
             out = dict(self.image_processor(images=images, return_tensors="pt"))
             counts = iter(self._tokens_per_image(out, len(images)))
             texts = [self._expand(t, counts) for t in texts]
@@ -226,7 +227,7 @@ class HFEncoder:
             return [int(g.prod()) // merge for g in out["image_grid_thw"]]
         seq = getattr(self.config, "image_seq_length", None)
         if seq is None:
-            raise ValueError("cannot tell how many tokens an image takes: use a model folder "
+            raise UsageError("cannot tell how many tokens an image takes: use a model folder "
                              "whose processor loads with AutoProcessor")  # fmt: skip
         return [int(seq)] * n
 
@@ -260,7 +261,7 @@ def hf_source(
     n = sum(1 for _ in read_jsonl(data, max_samples, skipped=skipped))
     if n == 0:
         why = f"all {len(skipped)} samples were skipped" if skipped else "it is empty or blank"
-        raise ValueError(f"{data} holds no sample to analyse ({why}); fix: one JSON sample a line")
+        raise UsageError(f"{data} holds no sample to analyse ({why}); fix: one JSON sample a line")
     loaded = load_model_folder(model_dir, bias=bias, tokenizer=True, routers=True)
     log.info("%s", loaded.note)
     model = loaded.model

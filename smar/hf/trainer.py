@@ -17,6 +17,7 @@ import transformers
 
 from smar.adapters import Adapter
 from smar.collective import default_group
+from smar.errors import UsageError
 from smar.hf.saving import load_bias_into, original_state_dict, save_bias
 from smar.routing import Regularizer, SMARConfig, attach, balancing_loss_in_model
 
@@ -65,7 +66,7 @@ class SMARTrainerMixin:
     ):
         model = kwargs.get("model", args[0] if args else None)
         if model is None:
-            raise ValueError("SMARTrainer needs the model at construction (model=...)")
+            raise UsageError("SMARTrainer needs the model at construction (model=...)")
         config = SMARConfig() if smar_config is None else smar_config
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # warned below, once, with the trainer's words

@@ -16,6 +16,7 @@ import torch
 import transformers
 from torch import nn
 
+from smar.errors import UsageError
 from smar.moe import MoEBlock
 from smar.upcycle import upcycle
 
@@ -32,7 +33,7 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList) or not all(hasattr(la, "mlp") for la in layers):
-        raise ValueError(
+        raise UsageError(
             f"cannot find the decoder layers of {type(model).__name__}: expected "
             "model.get_decoder().layers[i].mlp (Llama, Qwen2, Qwen3, Mistral, Phi-3 families)"
         )
@@ -62,10 +63,10 @@ def _layer_indices(layers: str | Sequence[int], n: int) -> list[int]:
         or not hasattr(layers, "__iter__")
         or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers)
     ):
-        raise ValueError(fix)
+        raise UsageError(fix)
     idx = sorted({int(i) for i in layers})
     if not idx or idx[0] < 0 or idx[-1] >= n:
-        raise ValueError(fix)
+        raise UsageError(fix)
     return idx
 
 
@@ -73,14 +74,14 @@ def _check_options(num_experts, top_k, noise) -> None:
     """The options of :func:`upcycle_hf`, before any layer changes."""
     for name, value in (("num_experts", num_experts), ("top_k", top_k)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}={value!r} must be an integer >= 1; fix: e.g. {name}=2")
+            raise UsageError(f"{name}={value!r} must be an integer >= 1; fix: e.g. {name}=2")
     if top_k > num_experts:
-        raise ValueError(
+        raise UsageError(
             f"top_k={top_k} must be <= num_experts={num_experts}: each token picks top_k of "
             f"the experts; fix: top_k={num_experts} or num_experts>={top_k}"
         )
     if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not 0 <= noise < math.inf:
-        raise ValueError(f"noise={noise!r} must be a finite number >= 0; fix: e.g. noise=0.0")
+        raise UsageError(f"noise={noise!r} must be a finite number >= 0; fix: e.g. noise=0.0")
 
 
 @torch.no_grad()
@@ -120,7 +121,7 @@ def upcycle_hf(
     for i in idx:
         mlp = decoder_layers[i].mlp
         if isinstance(mlp, MoEBlock):
-            raise ValueError(f"layer {i} is already a MoE block: upcycle a dense model once")
+            raise UsageError(f"layer {i} is already a MoE block: upcycle a dense model once")
         with _gathered(mlp):
             decoder_layers[i].mlp = upcycle(
                 mlp, num_experts=num_experts, top_k=top_k, noise=noise, generator=generator
@@ -182,6 +183,6 @@ def from_pretrained_upcycled(path: str, cls: type | None = None, **kwargs) -> nn
 
     spec = upcycle_spec(config, str(path))
     if spec is None:
-        raise ValueError(f"{path} has no smar_upcycle in its config: load it with from_pretrained")
+        raise UsageError(f"{path} has no smar_upcycle in its config: load it with from_pretrained")
     cls = model_class(config) if cls is None else cls
     return upcycled_class(cls, spec).from_pretrained(path, **kwargs)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from smar.collective import STATS
+from smar.errors import UsageError
 from smar.losses import _check_band, check_weight
 
 __all__ = ["SMARRouterConfig", "BAND_LOSS", "MRD", "TRACK_NAMES"]
@@ -20,7 +21,7 @@ TRACK_NAMES = (BAND_LOSS, MRD)  # add them to the track_names of Megatron's trai
 
 @dataclass
 class SMARRouterConfig:
-    """SMAR's options for :class:`SMARRouter` (SPEC.md section 3 defaults).
+    """SMAR's options for :class:`SMARRouter` (the defaults of ``docs/method.md#objective``).
 
     Args:
         smar_weight: coefficient of the band loss, applied as Megatron applies
@@ -49,20 +50,20 @@ class SMARRouterConfig:
     def __post_init__(self):
         check_weight("smar_weight", self.smar_weight)
         if self.hinge not in ("linear", "squared"):
-            raise ValueError(f"hinge must be 'linear' or 'squared'; got {self.hinge!r}")
+            raise UsageError(f"hinge must be 'linear' or 'squared'; got {self.hinge!r}")
         if not isinstance(self.modality_bias, bool):
             raise TypeError(f"modality_bias must be True or False; got {self.modality_bias!r}")
         if not isinstance(self.num_modalities, int) or self.num_modalities < 2:
-            raise ValueError(f"num_modalities must be an integer >= 2; got {self.num_modalities}")
+            raise UsageError(f"num_modalities must be an integer >= 2; got {self.num_modalities}")
         if not (0 <= self.text < self.num_modalities and 0 <= self.image < self.num_modalities):
-            raise ValueError(
+            raise UsageError(
                 f"text={self.text} and image={self.image} must be < num_modalities="
                 f"{self.num_modalities}"
             )
         if self.text == self.image:
-            raise ValueError(f"text and image must differ; got {self.text} for both")
+            raise UsageError(f"text and image must differ; got {self.text} for both")
         if self.stats not in STATS:
-            raise ValueError(f"stats must be one of {STATS}; got {self.stats!r}")
+            raise UsageError(f"stats must be one of {STATS}; got {self.stats!r}")
         if isinstance(self.band, list) and self.band and isinstance(self.band[0], (int, float)):
             self.band = tuple(self.band)  # a pair read from JSON or YAML
 
@@ -73,5 +74,5 @@ class SMARRouterConfig:
         except ValueError:
             rows = _check_band(self.band, num_layers).tolist()  # one pair per layer
         if layer_number is None:
-            raise ValueError("a band per layer needs the router's layer number (set_layer_number)")
+            raise UsageError("a band per layer needs the router's layer number (set_layer_number)")
         return [rows[layer_number - 1]]

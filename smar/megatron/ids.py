@@ -16,6 +16,8 @@ from collections.abc import Iterator
 
 from torch import Tensor
 
+from smar.errors import UsageError
+
 __all__ = ["modality_ids", "set_modality_ids", "clear_modality_ids", "current"]
 
 _current: Tensor | None = None
@@ -29,7 +31,7 @@ def set_modality_ids(ids: Tensor | None) -> None:
     global _current
     if ids is not None and (not isinstance(ids, Tensor) or ids.dim() != 2):
         shape = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
-        raise ValueError(
+        raise UsageError(
             f"modality ids must be a (B, S) tensor shaped like the model's input_ids; got {shape}"
         )
     _current = ids

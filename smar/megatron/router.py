@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from smar.distributions import prepare_routing
+from smar.errors import UsageError
 from smar.losses import routing_objective
 from smar.megatron import ids as current_ids
 from smar.megatron.config import BAND_LOSS, MRD, SMARRouterConfig
@@ -94,14 +95,14 @@ class SMARRouter(TopKRouter):
             self._replay.append(ids)  # a checkpointed forward (evaluation runs in eval mode)
         elif ids is None and _in_backward():
             if not self._replay:
-                raise ValueError(
+                raise UsageError(
                     f"{where} re-ran in the backward pass (activation recomputation) but its "
                     "first forward had no modality ids; fix: run the model's forward inside "
                     "`with smar.megatron.modality_ids(ids):`"
                 )
             ids = self._replay.popleft()
         if ids is None:
-            raise ValueError(
+            raise UsageError(
                 f"{where} got no modality ids for this forward; fix: run the model inside "
                 "`with smar.megatron.modality_ids(ids):` with ids (B, S) shaped like its "
                 "input_ids (torch.zeros_like(input_ids) for text only)"
@@ -113,13 +114,13 @@ class SMARRouter(TopKRouter):
         ids = self._ids_of_this_forward()
         where = f"SMARRouter (layer {self.layer_number})"
         if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
-            raise ValueError(f"{where}: modality ids must be integers; got {ids.dtype}")
+            raise UsageError(f"{where}: modality ids must be integers; got {ids.dtype}")
         tp = self.tp_group.size() if self.tp_group is not None else 1
         sp = self.config.sequence_parallel and tp > 1
         Bi, Si = ids.shape
         if Bi != B or Si != (S * tp if sp else S):
             split = f" split over tensor-parallel size {tp} (sequence parallel)" if sp else ""
-            raise ValueError(
+            raise UsageError(
                 f"{where} routes S={S} x B={B} tokens but the modality ids have shape "
                 f"{(Bi, Si)}{split}; fix: pass ids shaped like the input_ids of this forward "
                 "(B, S), sliced for context parallelism like the batch (get_batch_on_this_cp_rank)"
@@ -133,7 +134,7 @@ class SMARRouter(TopKRouter):
         if not self._ids_checked:  # once: the check waits for the device
             top = int(ids.max()) if ids.numel() else -1
             if top >= self.smar.num_modalities or (ids.numel() and int(ids.min()) < -1):
-                raise ValueError(
+                raise UsageError(
                     f"{where}: modality ids must lie in -1..{self.smar.num_modalities - 1}; got "
                     f"{int(ids.min())}..{top}; fix: raise SMARRouterConfig.num_modalities or map "
                     "the ids (0 text, 1 image, -1 ignore)"

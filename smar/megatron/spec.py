@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from dataclasses import fields, is_dataclass
 
+from smar.errors import UsageError
 from smar.megatron.config import SMARRouterConfig
 from smar.megatron.router import SMARRouter
 
@@ -64,7 +65,7 @@ def use_smar_router(spec, config: SMARRouterConfig | None = None) -> int:
 
     n = visit(spec)
     if not n:
-        raise ValueError(
+        raise UsageError(
             "no MoE layer in this spec (no MoESubmodules found); fix: build the spec with "
             "num_experts set, e.g. get_gpt_layer_local_spec(num_experts=8)"
         )

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from smar.analyze import Source, analyze, write_analysis
-from smar.errors import AnalyzeError
+from smar.errors import AnalyzeError, UsageError
 from smar.testbed.arms import make_arm
 from smar.testbed.data.bundle import load_bundle
 from smar.testbed.data.mixing import TextStream, collate, mixed_items
@@ -125,7 +125,7 @@ def load_runs(
     if dirs is None:
         return None
     if not dirs:
-        raise ValueError(f"{path}: its results.json names no run folder that is complete")
+        raise UsageError(f"{path}: its results.json names no run folder that is complete")
     return [load_run(d, batch_size=batch_size, max_samples=max_samples) for d in dirs]
 
 

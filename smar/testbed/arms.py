@@ -1,15 +1,18 @@
-"""The arms of the testbed (SPEC section 4): one routing objective each, same model and data.
+"""The arms of the testbed (``docs/method.md#baselines``): one routing objective each, same
+model and data.
 
 Each arm is a small frozen dataclass saying which routing terms are weighted in, whether the
 router carries the modality-aware bias or hard modality routing, and whether modality ids are
-token level or sample level (SPEC section 2). A ``_sample`` suffix on an arm's name selects
-sample level: ``smar_sample``, ``hard_sample``.
+token level or sample level (``docs/method.md#modality-ids``). A ``_sample`` suffix on an arm's
+name selects sample level: ``smar_sample``, ``hard_sample``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
+from smar.errors import UsageError
 
 __all__ = ["Arm", "ARM_NAMES", "make_arm"]
 
@@ -45,9 +48,9 @@ class Arm:
 
     def __post_init__(self):
         if self.modality not in ("token", "sample"):
-            raise ValueError(f"modality must be 'token' or 'sample'; got {self.modality!r}")
+            raise UsageError(f"modality must be 'token' or 'sample'; got {self.modality!r}")
         if self.hard_routing and self.modality_bias:
-            raise ValueError("hard routing and the modality bias are exclusive")
+            raise UsageError("hard routing and the modality bias are exclusive")
 
 
 def make_arm(
@@ -80,7 +83,7 @@ def make_arm(
         "z": {**lb, "z_weight": z_weight},
     }
     if base not in table:
-        raise ValueError(
+        raise UsageError(
             f"unknown arm {name!r}; known: {', '.join(ARM_NAMES)} (add _sample for sample-level "
             "modality ids)"
         )

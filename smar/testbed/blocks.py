@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smar.errors import UsageError
 from smar.moe import MoEBlock, SwiGLU
 
 if TYPE_CHECKING:
@@ -136,7 +137,7 @@ class VisionEncoder(nn.Module):
 
     def classify(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.head is None:
-            raise ValueError("this vision encoder has no head: set TinyConfig.vision_classes > 0")
+            raise UsageError("this vision encoder has no head: set TinyConfig.vision_classes > 0")
         return self.head(self.summary(self(pixels))[:, 0])  # (N, classes)
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from smar.errors import UsageError
+
 STAGE_VERSION = 5  # bump when a stage's code changes what it produces
 
 
@@ -75,22 +77,22 @@ class TinyConfig:
 
     def __post_init__(self):
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
-            raise ValueError(f"dim={self.dim} must split into n_heads={self.n_heads} even heads")
+            raise UsageError(f"dim={self.dim} must split into n_heads={self.n_heads} even heads")
         if self.vision_dim % self.vision_heads:
-            raise ValueError(f"vision_dim={self.vision_dim} must divide by {self.vision_heads}")
+            raise UsageError(f"vision_dim={self.vision_dim} must divide by {self.vision_heads}")
         if self.vision_pool not in ("mean", "max"):
-            raise ValueError(f"vision_pool must be 'mean' or 'max'; got {self.vision_pool!r}")
+            raise UsageError(f"vision_pool must be 'mean' or 'max'; got {self.vision_pool!r}")
         if self.image_size % self.patch_size:
-            raise ValueError(
+            raise UsageError(
                 f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}"
             )
         if not 0 <= self.image_token_id < self.vocab_size:
-            raise ValueError(f"image_token_id={self.image_token_id} outside the vocabulary")
+            raise UsageError(f"image_token_id={self.image_token_id} outside the vocabulary")
         bad = [i for i in self.moe_layers if not 0 <= i < self.n_layers]
         if bad:
-            raise ValueError(f"moe_layers {bad} outside [0, n_layers={self.n_layers})")
+            raise UsageError(f"moe_layers {bad} outside [0, n_layers={self.n_layers})")
         if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+            raise UsageError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
 
     @property
     def image_tokens(self) -> int:
@@ -102,7 +104,7 @@ class TinyConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown TinyConfig fields {unknown}; known: {sorted(known)}")
+            raise UsageError(f"unknown TinyConfig fields {unknown}; known: {sorted(known)}")
         return cls(**d)
 
 
@@ -178,7 +180,7 @@ class TuneConfig:
 
     def __post_init__(self):
         if self.base not in BASES:
-            raise ValueError(f"tune.base must be one of {BASES}; got {self.base!r}")
+            raise UsageError(f"tune.base must be one of {BASES}; got {self.base!r}")
 
 
 @dataclass

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from smar.errors import UsageError
 from smar.metrics import RoutingStats
 from smar.testbed.config import RunConfig
 from smar.testbed.data import questions, skills
@@ -153,7 +154,7 @@ def summarize(
     if include is not None:
         missing = [k for k in include if k not in ret]
         if missing:
-            raise ValueError(f"include names benchmarks without scores: {missing}")
+            raise UsageError(f"include names benchmarks without scores: {missing}")
     out_all = ret
     ret = ret if include is None else {k: ret[k] for k in include}
     wo, worst = mean_without_outlier(ret)

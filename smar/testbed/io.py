@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from smar.atomic import publish
-from smar.errors import CorruptFile
+from smar.errors import CorruptFile, UsageError
 
 __all__ = [
     "atomic_write",
@@ -101,7 +101,7 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
 
 
 def _no_constant(name: str):
-    raise ValueError(f"{name} is not strict JSON")
+    raise UsageError(f"{name} is not strict JSON")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -111,7 +111,7 @@ def read_json(path: str | os.PathLike) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
         if not text.strip():
-            raise ValueError("empty file")
+            raise UsageError("empty file")
         return json.loads(text, parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as e:
         raise CorruptFile(path, str(e).splitlines()[0][:120]) from e
@@ -152,12 +152,12 @@ def load_tensors(path: str | os.PathLike, *, verify: bool = True) -> tuple[dict,
     n = int.from_bytes(blob[:8], "little")
     try:
         if 8 + n > len(blob):
-            raise ValueError(f"header of {n} bytes in a file of {len(blob)}")
+            raise UsageError(f"header of {n} bytes in a file of {len(blob)}")
         header = json.loads(blob[8 : 8 + n])
         meta = header.pop("__metadata__", None) or {}
         end = max((v["data_offsets"][1] for v in header.values()), default=0)
         if 8 + n + end != len(blob):
-            raise ValueError(f"data end at {8 + n + end} but the file has {len(blob)} bytes")
+            raise UsageError(f"data end at {8 + n + end} but the file has {len(blob)} bytes")
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise CorruptFile(path, f"bad safetensors header: {e}") from e
     if verify and "smar_sha256" in meta:

@@ -22,7 +22,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from smar.errors import CorruptFile
+from smar.errors import CorruptFile, UsageError
 from smar.testbed.config import RunConfig
 from smar.testbed.data import skills
 from smar.testbed.data.bundle import load_bundle
@@ -115,10 +115,10 @@ def export_tasks(cfg: RunConfig, out_dir: str | Path, bundle=None) -> Path:
     ids = tok.encode(bundle.held_out[: cfg.data.prose_bytes])
     kept = ids[: len(ids) // seq_len * seq_len]
     if not kept:
-        raise ValueError(f"held-out prose too short for one window of {seq_len} tokens")
+        raise UsageError(f"held-out prose too short for one window of {seq_len} tokens")
     text = tok.decode(kept)
     if tok.encode(text) != kept:  # the cut re-encodes differently: the scores would not match
-        raise ValueError(
+        raise UsageError(
             "the held-out prose cut at a window boundary does not re-encode to the same tokens; "
             "fix: change data.prose_bytes slightly"
         )
@@ -173,7 +173,7 @@ class TestbedLM(LM):
     def __init__(self, model: TinyModel, tok, *, batch_size: int = 256):
         super().__init__()
         if model.cfg.vocab_size != tok.vocab_size:
-            raise ValueError(
+            raise UsageError(
                 f"the model has {model.cfg.vocab_size} token ids but the tokenizer "
                 f"{tok.vocab_size}: pass the tokenizer of the model's data config"
             )
@@ -192,7 +192,7 @@ class TestbedLM(LM):
         """``pretrained=DIR[,batch_size=N]``, as lm-eval's ``--model_args``."""
         args = dict(kv.split("=", 1) for kv in arg_string.split(",") if kv)
         if "pretrained" not in args:
-            raise ValueError("smar-testbed needs model_args pretrained=<run or stage folder>")
+            raise UsageError("smar-testbed needs model_args pretrained=<run or stage folder>")
         bs = int(args.get("batch_size") or (additional_config or {}).get("batch_size") or 256)
         return cls.from_folder(args["pretrained"], batch_size=bs)
 
@@ -218,7 +218,7 @@ class TestbedLM(LM):
                 continue
             longest = max(len(c) for _, c in kept)
             if longest > limit - 1:
-                raise ValueError(
+                raise UsageError(
                     f"a continuation of {longest} tokens does not fit the model's {limit}"
                 )
             prompt = self.tok.encode(context)[-(limit - longest) :] if limit > longest else []
@@ -293,16 +293,16 @@ def load_model(folder: str | Path) -> TinyModel:
     folder is missing or holds no valid testbed model."""
     d = Path(folder)
     if not d.is_dir():
-        raise ValueError(f"model folder {d} does not exist; fix: pass a run or stage folder")
+        raise UsageError(f"model folder {d} does not exist; fix: pass a run or stage folder")
     try:
         return TinyModel.load(d)
     except FileNotFoundError as e:
-        raise ValueError(
+        raise UsageError(
             f"{d} holds no testbed model (config.json + model.safetensors); fix: pass a run "
             "folder (runs/<name>/<run>) or a stage folder of the cache"
         ) from e
     except CorruptFile as e:
-        raise ValueError(f"{e}; fix: make the model again (smar demo reruns it)") from e
+        raise UsageError(f"{e}; fix: make the model again (smar demo reruns it)") from e
 
 
 def _is_testbed_folder(folder: str | Path) -> bool:
@@ -325,7 +325,7 @@ def open_pair(base: str, tuned: str, workdir: str | Path, *, batch_size: int = 2
         return None
     if not all(kinds):
         tb, other = (base, tuned) if kinds[0] else (tuned, base)
-        raise ValueError(
+        raise UsageError(
             f"{tb} is a testbed model but {other} is not (a Hugging Face model folder?); fix: "
             "compare two testbed folders (run or stage) or two Hugging Face model folders"
         )

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smar.errors import UsageError
 from smar.moe import MoEBlock, Router
 from smar.testbed.blocks import (
     DecoderLayer,
@@ -103,7 +104,7 @@ class TinyModel(nn.Module):
         n_slots = int(is_image.sum())
         if pixel_values is None:
             if n_slots:
-                raise ValueError(
+                raise UsageError(
                     f"input_ids hold {n_slots} <image> tokens but no pixel_values were given"
                 )
             return x
@@ -112,7 +113,7 @@ class TinyModel(nn.Module):
             feats = feats + self.vision.summary(feats)  # (N, P, V)
         feats = self.projector(feats)  # (N, P, D)
         if feats.shape[0] * feats.shape[1] != n_slots:
-            raise ValueError(
+            raise UsageError(
                 f"{feats.shape[0]} images x {feats.shape[1]} tokens = "
                 f"{feats.shape[0] * feats.shape[1]} image features, but input_ids hold {n_slots} "
                 f"<image> tokens (id {self.cfg.image_token_id}); put {self.cfg.image_tokens} "
@@ -156,35 +157,35 @@ class TinyModel(nn.Module):
         """
         B, S = input_ids.shape
         if S > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds max_seq_len={self.cfg.max_seq_len}")
+            raise UsageError(f"sequence length {S} exceeds max_seq_len={self.cfg.max_seq_len}")
         if modality_ids is None:
             modality_ids = (input_ids == self.cfg.image_token_id).long()  # (B, S)
             if attention_mask is not None:
                 modality_ids = modality_ids.masked_fill(attention_mask == 0, -1)
         modality_ids = modality_ids.reshape(-1)  # (T,)
         if modality_ids.numel() != B * S:
-            raise ValueError(f"modality_ids has {modality_ids.numel()} entries, expected {B * S}")
+            raise UsageError(f"modality_ids has {modality_ids.numel()} entries, expected {B * S}")
         x = self.embed_inputs(input_ids, pixel_values)
         if position_ids is None:
             rope = torch.complex(self.rope_cos[:S], self.rope_sin[:S])  # (S, hd/2)
         else:
             if position_ids.shape != (B, S) or int(position_ids.max()) >= self.cfg.max_seq_len:
-                raise ValueError(
+                raise UsageError(
                     f"position_ids must be (B, S) = {(B, S)} below max_seq_len="
                     f"{self.cfg.max_seq_len}; got {tuple(position_ids.shape)}"
                 )
             rope = torch.complex(self.rope_cos[position_ids], self.rope_sin[position_ids])
             rope = rope[:, None]  # (B, 1, S, hd/2)
         if attn_mask is not None and attn_mask.shape != (B, S, S):
-            raise ValueError(f"attn_mask must be (B, S, S) = {(B, S, S)} bool")
+            raise UsageError(f"attn_mask must be (B, S, S) = {(B, S, S)} bool")
         masked = isinstance(logits, torch.Tensor)
         if masked and (logits.shape != input_ids.shape or logits.dtype != torch.bool):
-            raise ValueError(
+            raise UsageError(
                 f"logits= takes a bool mask of shape {tuple(input_ids.shape)}; got "
                 f"{logits.dtype} {tuple(logits.shape)}"
             )
         if not masked and logits not in ("all", "none"):
-            raise ValueError(f"logits must be 'all', 'none' or a bool mask; got {logits!r}")
+            raise UsageError(f"logits must be 'all', 'none' or a bool mask; got {logits!r}")
         # no loss: the last layer's FFN and the head run at the positions read alone
         rows = logits if masked and labels is None else None
         router_logits = []
@@ -224,7 +225,7 @@ class TinyModel(nn.Module):
         for i in idx:
             layer = self.layers[i]
             if isinstance(layer.ffn, MoEBlock):
-                raise ValueError(f"layer {i} is already a MoE layer")
+                raise UsageError(f"layer {i} is already a MoE layer")
             layer.ffn = upcycle(
                 layer.ffn,
                 num_experts=self.cfg.num_experts,
@@ -246,7 +247,7 @@ class TinyModel(nn.Module):
         for i in self._layer_indices(layers):
             ffn = self.layers[i].ffn
             if isinstance(ffn, MoEBlock):
-                raise ValueError(f"layer {i} is already a MoE layer")
+                raise UsageError(f"layer {i} is already a MoE layer")
             hidden = ffn.down_proj.weight.shape[1]
             block = MoEBlock(self.cfg.dim, hidden, self.cfg.num_experts, self.cfg.top_k)
             block.router.weight.copy_(
@@ -284,7 +285,7 @@ class TinyModel(nn.Module):
         if layers == "alternate":
             return list(range(1, n, 2))
         if isinstance(layers, str):
-            raise ValueError(f"layers must be 'all', 'alternate' or a list of ints, got {layers!r}")
+            raise UsageError(f"layers must be 'all', 'alternate' or a list of ints, got {layers!r}")
         return sorted(set(int(i) for i in layers))
 
     def set_trainable(self, part: str) -> list[str]:
@@ -295,7 +296,7 @@ class TinyModel(nn.Module):
         without vision encoder and projector; ``"vision"``; ``"none"``.
         """
         if part not in TRAINABLE:
-            raise ValueError(f"trainable must be one of {TRAINABLE}, got {part!r}")
+            raise UsageError(f"trainable must be one of {TRAINABLE}, got {part!r}")
         moe_prefixes = tuple(f"layers.{i}.ffn." for i in self.cfg.moe_layers)
         names = []
         for name, p in self.named_parameters():
@@ -311,7 +312,7 @@ class TinyModel(nn.Module):
             if on:
                 names.append(name)
         if part == "moe" and not self.cfg.moe_layers:
-            raise ValueError("trainable='moe' on a model without MoE layers: upcycle it first")
+            raise UsageError("trainable='moe' on a model without MoE layers: upcycle it first")
         return names
 
     # ------------------------------------------------------------------------------ save / load

@@ -47,7 +47,7 @@ def _parse(value: str, annotation: Any, current: Any) -> Any:
     if origin is tuple and len(args) == 2 and Ellipsis not in args:  # a (low, high) pair
         parts = value.replace(":", ",").split(",")
         if len(parts) != 2:
-            raise ValueError("expected a pair low,high (e.g. 1.5,2)")
+            raise UsageError("expected a pair low,high (e.g. 1.5,2)")
         return tuple(_parse(v, a, None) for v, a in zip(parts, args, strict=True))
     if origin in (list, tuple) or isinstance(current, (list, tuple)):
         inner = args[0] if args else (type(current[0]) if current else str)
@@ -56,7 +56,7 @@ def _parse(value: str, annotation: Any, current: Any) -> Any:
         if typing.get_origin(inner) is tuple:  # a list of pairs: low:high,low:high
             items = [v for v in value.split(",") if v != ""]
             if any(v.count(":") != 1 for v in items):
-                raise ValueError("write pairs as low:high, e.g. 1.5:2,0:0")
+                raise UsageError("write pairs as low:high, e.g. 1.5:2,0:0")
             parsed = [_parse(v, inner, None) for v in items]
         else:
             parsed = [_parse(v, inner, None) for v in value.split(",") if v != ""]
@@ -71,13 +71,13 @@ def _parse(value: str, annotation: Any, current: Any) -> Any:
             return True
         if value.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError("expected true or false")
+        raise UsageError("expected true or false")
     if value.lower() == "none" and current is None and annotation is None:
         return None
     try:
         return kind(value)
     except (TypeError, ValueError):
-        raise ValueError(f"expected {_TYPE_WORDS.get(kind, kind.__name__)}") from None
+        raise UsageError(f"expected {_TYPE_WORDS.get(kind, kind.__name__)}") from None
 
 
 def apply_overrides(cfg, overrides: list[str]):

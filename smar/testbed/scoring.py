@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from smar.errors import UsageError
 from smar.testbed.data.images import ImageSample
 from smar.testbed.data.questions import MMSample
 from smar.testbed.data.skills import Example
@@ -88,7 +89,7 @@ def choice_logprobs(
     for i, it in enumerate(items):
         img = [image_id] * image_tokens if it.image is not None else []
         if any(not c for c in it.choices):
-            raise ValueError(f"item {i} has an empty choice")
+            raise UsageError(f"item {i} has an empty choice")
         prefix = [bos_id] + img + it.prompt
         P = len(prefix)
         stems = sorted({tuple(c[:-1]) for c in it.choices}, key=len, reverse=True)
@@ -172,7 +173,7 @@ def choice_logprobs(
 def choice_correct(logprobs: Sequence[Sequence[float]], answers: Sequence[int]) -> list[bool]:
     """Per item: whether the correct choice has the highest log-likelihood (ties count wrong)."""
     if len(logprobs) != len(answers) or not answers:
-        raise ValueError("need one answer per item and at least one item")
+        raise UsageError("need one answer per item and at least one item")
     out = []
     for lp, a in zip(logprobs, answers, strict=True):
         best = max(range(len(lp)), key=lambda j: lp[j])
@@ -206,7 +207,7 @@ def prose_bits_per_byte(
     ids = torch.tensor([tok.bos_id] + tok.encode(text))
     n = (len(ids) - 1) // seq_len
     if n == 0:
-        raise ValueError(f"held-out text too short for one window of {seq_len} tokens")
+        raise UsageError(f"held-out text too short for one window of {seq_len} tokens")
     nats = 0.0
     windows = [ids[i * seq_len : (i + 1) * seq_len + 1] for i in range(n)]
     for b in range(0, n, batch_size):

@@ -34,7 +34,7 @@ from smar.testbed.io import (
     set_aside,
     write_json,
 )
-from smar.testbed.loop import check_weights, make_optimizer, progress, train  # noqa: F401 re-exports
+from smar.testbed.loop import check_weights, train
 from smar.testbed.model import TinyConfig, TinyModel
 from smar.testbed.overrides import config_hash
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+from smar.errors import UsageError
+
 __all__ = [
     "retention",
     "mean_retention",
@@ -32,7 +34,7 @@ _T975 = [
 def t_quantile_975(df: int) -> float:
     """The 0.975 quantile of Student's t with ``df`` degrees of freedom."""
     if df < 1:
-        raise ValueError(f"df must be >= 1; got {df}")
+        raise UsageError(f"df must be >= 1; got {df}")
     return _T975[df - 1] if df <= len(_T975) else 1.960
 
 
@@ -45,23 +47,23 @@ def retention(scores: Mapping[str, float], base: Mapping[str, float]) -> dict[st
     out = {}
     for name, value in scores.items():
         if name not in base:
-            raise ValueError(f"benchmark {name!r} has no base score: evaluate the base model on it")
+            raise UsageError(f"benchmark {name!r} has no base score: evaluate the base model on it")
         if not base[name] > 0:
-            raise ValueError(f"base score of {name!r} is {base[name]}: retention needs a score > 0")
+            raise UsageError(f"base score of {name!r} is {base[name]}: retention needs a score > 0")
         out[name] = value / base[name]
     return out
 
 
 def mean_retention(ret: Mapping[str, float]) -> float:
     if not ret:
-        raise ValueError("no benchmark to average")
+        raise UsageError("no benchmark to average")
     return sum(ret.values()) / len(ret)
 
 
 def mean_without_outlier(ret: Mapping[str, float]) -> tuple[float, str]:
     """Mean retention without the benchmark that moved most, and that benchmark's name."""
     if len(ret) < 2:
-        raise ValueError("need at least two benchmarks to drop one")
+        raise UsageError("need at least two benchmarks to drop one")
     worst = max(ret, key=lambda k: abs(ret[k] - 1.0))
     rest = [v for k, v in ret.items() if k != worst]
     return sum(rest) / len(rest), worst
@@ -74,7 +76,7 @@ def confidence_interval(values: Sequence[float]) -> tuple[float, float]:
     """
     n = len(values)
     if n == 0:
-        raise ValueError("no values")
+        raise UsageError("no values")
     mean = sum(values) / n
     if n == 1:
         return mean, float("nan")
@@ -141,5 +143,5 @@ def bootstrap_mean_retention(
         r = torch.stack([_score_samples(run[name], idx) / b for run in runs], dim=1)
         total = r if total is None else total + r
     if total is None:
-        raise ValueError("no benchmark to bootstrap")
+        raise UsageError("no benchmark to bootstrap")
     return total / len(include)

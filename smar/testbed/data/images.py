@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from smar.errors import UsageError
+
 COLOURS = {
     "red": (1.0, 0.1, 0.1),
     "green": (0.1, 0.9, 0.1),
@@ -116,7 +118,7 @@ def digit_image(index: int, size: int = 32) -> ImageSample:
 def digit_split(split: str) -> list[int]:
     """Indices of the digits in ``"train"`` (first 1500) or ``"eval"`` (the last 297)."""
     if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        raise UsageError(f"split must be 'train' or 'eval', got {split!r}")
     return list(range(1500)) if split == "train" else list(range(1500, 1797))
 
 

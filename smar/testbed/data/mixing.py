@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from smar.errors import UsageError
 from smar.testbed.data.images import ImageSample
 from smar.testbed.data.questions import QA_TYPES, qa_sample
 from smar.testbed.data.tokenizer import Tokenizer
@@ -49,7 +50,7 @@ def collate(
     from running text get no ``<eos>`` (``eos=False``): the text does not end there.
     """
     if modality not in ("token", "sample"):
-        raise ValueError(f"modality must be 'token' or 'sample', got {modality!r}")
+        raise UsageError(f"modality must be 'token' or 'sample', got {modality!r}")
     seqs, labs, mods, pix = [], [], [], []
     for prompt, target, image, *rest in items:
         end = [tok.eos_id] if (rest[0] if rest else True) else []
@@ -118,9 +119,9 @@ def mixed_items(
     out again at random (the shuffled-image control: the same image tokens, carrying no answer;
     a sample keeps its own image with chance 1/n)."""
     if not 0.0 <= text_ratio <= 1.0:
-        raise ValueError(f"text_ratio must be in [0, 1], got {text_ratio}")
+        raise UsageError(f"text_ratio must be in [0, 1], got {text_ratio}")
     if drop_images and shuffle_images:
-        raise ValueError("drop_images and shuffle_images exclude each other")
+        raise UsageError("drop_images and shuffle_images exclude each other")
     rng = random.Random(f"mix-{seed}")
     items = []
     for _ in range(n):

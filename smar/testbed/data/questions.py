@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from smar.errors import UsageError
 from smar.testbed.data.images import (
     COLOURS,
     COUNT_WORDS,
@@ -116,7 +117,7 @@ def qa_sample(qa_type: str, rng: random.Random, split: str, size: int = 32) -> M
 def qa_samples(qa_type: str, n: int, seed: int, split: str, size: int = 32) -> list[MMSample]:
     """``n`` question/answer samples of one type, deterministic given ``seed`` and ``split``."""
     if qa_type not in QA_TYPES:
-        raise ValueError(f"unknown question type {qa_type!r}; known: {QA_TYPES}")
+        raise UsageError(f"unknown question type {qa_type!r}; known: {QA_TYPES}")
     rng = random.Random(f"{qa_type}-{split}-{seed}")
     return [qa_sample(qa_type, rng, split, size) for _ in range(n)]
 

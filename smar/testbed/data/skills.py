@@ -9,6 +9,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from smar.errors import UsageError
+
 
 @dataclass(frozen=True)
 class Example:
@@ -173,7 +175,7 @@ SKILLS = {
 def skill_examples(task: str, n: int, seed: int) -> list[Example]:
     """``n`` examples of a skill task, deterministic given ``seed``."""
     if task not in SKILLS:
-        raise ValueError(f"unknown skill task {task!r}; known: {sorted(SKILLS)}")
+        raise UsageError(f"unknown skill task {task!r}; known: {sorted(SKILLS)}")
     rng = random.Random(f"{task}-{seed}")
     return [SKILLS[task](rng) for _ in range(n)]
 

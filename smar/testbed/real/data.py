@@ -13,6 +13,7 @@ import random
 
 import torch
 
+from smar.errors import UsageError
 from smar.testbed.data.images import caption_samples
 from smar.testbed.data.questions import QA_TYPES, qa_samples
 
@@ -63,7 +64,7 @@ def collate(processor, samples: list[dict]) -> dict:
     """Model inputs of ``samples`` (left to right, right-padded) with ``labels`` on the
     assistant's turn only: the prompt (up to the generation prompt) and padding are -100."""
     if processor.tokenizer.padding_side != "right":
-        raise ValueError("collate needs right padding (processor.tokenizer.padding_side)")
+        raise UsageError("collate needs right padding (processor.tokenizer.padding_side)")
     full = [processor.apply_chat_template(s["messages"], tokenize=False) for s in samples]
     prompts = [processor.apply_chat_template(s["messages"][:-1], tokenize=False,  # context
                                              add_generation_prompt=True)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from smar.errors import UsageError
 from smar.testbed.io import cache_dir, load_tensors, read_cached_json, save_tensors, write_json
 from smar.testbed.real import evaluate, texts
 from smar.testbed.real.data import description_chat, qa_chat
@@ -76,9 +77,9 @@ class RealConfig:
     def __post_init__(self):
         bad = [a for a in self.arms if a not in ARMS]
         if bad:
-            raise ValueError(f"unknown arm(s) {bad}; known: {', '.join(ARMS)}")
+            raise UsageError(f"unknown arm(s) {bad}; known: {', '.join(ARMS)}")
         if not self.seeds or self.steps < 1 or self.batch < 1:
-            raise ValueError("need at least one seed, steps >= 1 and batch >= 1")
+            raise UsageError("need at least one seed, steps >= 1 and batch >= 1")
 
     @classmethod
     def smoke(cls, **kw) -> RealConfig:

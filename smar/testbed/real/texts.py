@@ -136,7 +136,7 @@ _TOPICS = (
 def instructions(split: str) -> list[str]:
     """Chat instructions: ``"train"`` and ``"eval"`` use disjoint topics (alternate ones)."""
     if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval'; got {split!r}")
+        raise UsageError(f"split must be 'train' or 'eval'; got {split!r}")
     topics = _TOPICS[0::2] if split == "train" else _TOPICS[1::2]
     pairs = list(itertools.product(_TEMPLATES, topics))
     random.Random(f"instructions-{split}").shuffle(pairs)

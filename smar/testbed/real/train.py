@@ -31,6 +31,7 @@ import torch
 
 import smar
 import smar.hf
+from smar.errors import UsageError
 from smar.testbed.real.data import collate
 
 __all__ = ["ARMS", "HARD_BIAS", "arm_config", "align", "instruct", "drop_images"]
@@ -47,7 +48,7 @@ def arm_config(arm: str, lb_weight: float = 0.01) -> smar.SMARConfig:
         return smar.SMARConfig(lb_weight=lb_weight)
     if arm == "hard":
         return smar.SMARConfig(smar_weight=0.0, lb_weight=lb_weight, modality_bias=True)
-    raise ValueError(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
+    raise UsageError(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
 
 
 def drop_images(samples: list[dict]) -> list[dict]:

@@ -74,7 +74,7 @@ def run_parallel(model, lm_config, tok, cfg, jobs, answers, images, workers: int
     import multiprocessing as mp
 
     from smar.testbed.jobs import _stop_workers
-    from smar.testbed.stages import progress as bar
+    from smar.testbed.loop import progress as bar
 
     threads = max(1, torch.get_num_threads() // workers)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
