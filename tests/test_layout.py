@@ -1,5 +1,6 @@
 """The layout is pinned: the library (``smar/``) never imports the testbed (``smar/testbed/``),
-``import smar`` needs only torch, every module says what it owns and stays small."""
+``import smar`` needs only torch, no two modules import each other at module level (no import
+circle), every module says what it owns and stays small."""
 
 import ast
 import subprocess
@@ -41,6 +42,55 @@ def test_the_boundary_check_sees_function_level_imports(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from smar.testbed.model import TinyModel\n")
     assert "smar.testbed.model" in _imports(probe)
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _top_level_imports(path: Path, known: set[str]) -> set[str]:
+    """The smar modules a file imports when it is imported (statements at module level);
+    ``from package import module`` is an edge to the module, not to the package."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                names.add(sub if sub in known else node.module)
+    return {n for n in names if n in known}
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every import circle, once each (depth-first search for back edges)."""
+    found, state = [], {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                found.append(path[path.index(nxt) :] + [nxt])
+            elif nxt not in state:
+                visit(nxt, [*path, nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_no_import_circle():
+    known = {_module(p) for p in EVERY}
+    graph = {_module(p): _top_level_imports(p, known) - {_module(p)} for p in EVERY}
+    assert not _circles(graph), _circles(graph)
+
+
+def test_the_circle_check_finds_a_circle():
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert _circles({"a": {"b"}, "b": set()}) == []
 
 
 @pytest.mark.parametrize("path", EVERY, ids=lambda p: str(p.relative_to(ROOT)))
