@@ -107,13 +107,17 @@ def test_command_runs_the_smoke_experiment(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(real_run, "cache_dir", lambda: tmp_path / "cache")
     out = tmp_path / "out"
     code = main(["real", "run", "--smoke", "--arms", "none,stop", "--seeds", "0", "--quiet",
-                 "--precision", "fp32", "--workers", "2", "--out", str(out)])  # fmt: skip
+                 "--precision", "fp32", "--workers", "2", "--align-steps", "3",
+                 "--out", str(out)])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
     assert "## Language retention" in printed and "| stop |" in printed
     assert json.loads((out / "results.json").read_text())["arms"]["stop"]["seeds"] == [0]
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["none-seed0", "stop-seed0"]
     assert "in 2 process(es) side by side" in printed
+    assert json.loads((out / "config.json").read_text())["align_steps"] == 3
+    assert main(["real", "run", "--smoke", "--align-steps", "0", "--out", str(out)]) == 2
+    assert "--align-steps must be positive" in capsys.readouterr().err
 
 
 def test_runs_side_by_side_give_the_runs_of_one_process(tmp_path, monkeypatch):

@@ -37,6 +37,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     real.add_argument("--lr", type=float, help="run: stage-3 learning rate")
     real.add_argument("--router-lr", type=float, help="run: the routers' and modality biases' "
                       "own stage-3 learning rate (default: --lr)")  # fmt: skip
+    real.add_argument("--align-steps", type=int, help="run: stage-1 (projector alignment) "
+                      "optimizer steps (cached per value)")  # fmt: skip
+    real.add_argument("--align-lr", type=float, help="run: stage-1 learning rate")
     real.add_argument("--workers", type=int, help="run: stage-3 runs side by side, each in its "
                       "own process with its share of the cores (default: as many as the cores "
                       "and memory allow)")  # fmt: skip
@@ -65,7 +68,7 @@ def _config(args: argparse.Namespace, precision: str):
                              f"choose among {','.join(ARMS)}")  # fmt: skip
     if args.seeds:
         kw["seeds"] = _ints(args.seeds, "--seeds")
-    for name in ("steps", "lr", "router_lr"):
+    for name in ("steps", "lr", "router_lr", "align_steps", "align_lr"):
         value = getattr(args, name)
         if value is not None:
             if not value > 0:
