@@ -35,14 +35,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     real.add_argument("--seeds", help="run: comma-separated seeds (default 0,1,2)")
     real.add_argument("--steps", type=int, help="run: stage-3 optimizer steps per run")
     real.add_argument("--lr", type=float, help="run: stage-3 learning rate")
-    real.add_argument("--router-lr", type=float, help="run: the routers' and modality biases' "
-                      "own stage-3 learning rate (default: --lr)")  # fmt: skip
+    real.add_argument("--router-lr", type=float, help="run: the routers' and modality "
+                      "biases' own stage-3 learning rate (default 2e-2; give --lr's value "
+                      "for one rate)")  # fmt: skip
     real.add_argument("--align-steps", type=int, help="run: stage-1 (projector alignment) "
                       "optimizer steps (cached per value)")  # fmt: skip
     real.add_argument("--align-lr", type=float, help="run: stage-1 learning rate")
-    real.add_argument("--workers", type=int, help="run: stage-3 runs side by side, each in its "
-                      "own process with its share of the cores (default: as many as the cores "
-                      "and memory allow)")  # fmt: skip
+    real.add_argument("--workers", type=int, default=1, help="run: stage-3 runs side by side, "
+                      "each in its own process with a share of the cores (default 1)")  # fmt: skip
     real.add_argument("--quiet", action="store_true", help="run: no progress bars")
     return real
 
@@ -97,7 +97,7 @@ def _run(args: argparse.Namespace, precision: str) -> int:
     if problem:
         raise UsageError(f"--out {args.out}: {problem}", "pass a folder smar can write")
     base = load_base(args.cache)
-    if args.workers is not None and args.workers < 1:
+    if args.workers < 1:
         raise UsageError(f"--workers must be at least 1; got {args.workers}")
     res = run(cfg, args.out, base=base, model_id=MODEL_ID, progress=not args.quiet,
               workers=args.workers)  # fmt: skip

@@ -40,7 +40,7 @@ from smar.testbed.real import evaluate, texts
 from smar.testbed.real.data import description_chat, qa_chat
 from smar.testbed.real.model import CHAT_TEMPLATE, VisionSpec, build_vlm
 from smar.testbed.real.train import ARMS, align, instruct
-from smar.testbed.real.workers import auto_workers, run_parallel
+from smar.testbed.real.workers import run_parallel
 
 __all__ = ["RealConfig", "run"]
 
@@ -59,7 +59,9 @@ class RealConfig:
     steps: int = 24  # stage 3 optimizer steps per run
     batch: int = 8
     lr: float = 2e-4
-    router_lr: float | None = None  # the routers' and biases' own learning rate (None: lr)
+    # the routers' and biases' own learning rate (None: lr); at lr alone 24 steps move them too
+    # little for SMAR's band to be reached (docs/real.md#results)
+    router_lr: float | None = 2e-2
     text_ratio: float = 0.025  # pure-text share of stage 3 (the paper's 2.5%)
     descriptions: float = 0.25  # share of the image samples that ask for a description
     layers: str = "alternate"
@@ -218,7 +220,7 @@ def score(model, proc, cfg: RealConfig, answers: dict, images: list[dict]) -> di
 
 def run(cfg: RealConfig, out: str | Path, *, base=None, model_id: str | None = None,
         stages: str | Path | None = None, progress: bool = True,
-        workers: int | None = None) -> dict:  # fmt: skip
+        workers: int = 1) -> dict:  # fmt: skip
     """Runs every stage not cached yet and writes ``<out>/results.json`` and ``report.md``.
 
     Args:
@@ -226,7 +228,8 @@ def run(cfg: RealConfig, out: str | Path, *, base=None, model_id: str | None = N
             :func:`smar.testbed.real.base.load_base`); ``model_id`` then names it in cache keys.
         stages: the stage cache (default ``<smar cache>/real/stages``).
         workers: stage-3 runs side by side, each in its own process with its share of the cores
-            (:mod:`smar.testbed.real.workers`); None: as many as the cores and memory allow.
+            (:mod:`smar.testbed.real.workers`). Workers are spawned: a script that calls this
+            with ``workers > 1`` needs Python's ``if __name__ == "__main__":`` guard.
     """
     from smar.testbed.real import report
 
@@ -273,8 +276,6 @@ def run(cfg: RealConfig, out: str | Path, *, base=None, model_id: str | None = N
     for *_, folder in jobs:
         if folder.exists():
             shutil.rmtree(folder)  # an interrupted run starts again
-    if workers is None:
-        workers = auto_workers(len(jobs), model.num_parameters())
     workers = max(1, min(workers, len(jobs)))
     t = time.perf_counter()
     if workers > 1:

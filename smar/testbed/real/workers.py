@@ -1,44 +1,23 @@
 """Stage 3 of ``smar real run`` in parallel: each ``(arm, seed)`` run in one of ``workers``
-spawned processes, the cores shared out among them.
+spawned processes, the cores shared out among them (``smar real run --workers N``).
 
-On a CPU a 135M-parameter model's training step does not use many cores well (its matrices are
-small and the MoE layers' experts are many small products), and torch's OpenMP threads spin while
-they wait: two runs of one thread each finish sooner than two runs one after the other on two
-threads. Each worker receives the stage-1 model once (its weights, the language model's config
-and the processor) and rebuilds it; every run starts from those weights, as in one process.
+For machines whose cores one run cannot keep busy (many cores, or a GPU-less node shared by
+several runs); on a 2-core CPU two runs side by side took as long as the two one after the other
+at two threads (docs/real.md). Each worker receives the stage-1 model once (its weights, the
+language model's config and the tokenizer) and rebuilds it; every run starts from those weights,
+as in one process, and gives the same scores and weights at the same thread count.
 """
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import torch
 
-__all__ = ["auto_workers", "run_parallel"]
+__all__ = ["run_parallel"]
 
 _STATE: dict = {}
-
-
-def auto_workers(jobs: int, parameters: int) -> int:
-    """How many runs fit side by side: at most one per core and as many as the memory available
-    holds (a run of the float32 model with AdamW takes about 34 bytes a parameter, measured with
-    SmolLM2's LLaVA: 8.6 GiB for 255M parameters), at least 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    need = 34 * parameters + 2**30
-    return max(1, min(jobs, cores or 1, _available_bytes() // need))
-
-
-def _available_bytes() -> int:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 2**62  # unknown: the cores decide
 
 
 def _init(config, lm_config, tok, start, threads: int) -> None:
