@@ -63,6 +63,8 @@ def test_cli_options_are_pinned():
         "inspect": ["--adapter", "--help", "-h", "model_dir"],
         "sweep": ["--help", "-h", "overrides"],
         "real": [
+            "--align-lr",
+            "--align-steps",
             "--arms",
             "--cache",
             "--help",
@@ -74,6 +76,7 @@ def test_cli_options_are_pinned():
             "--seeds",
             "--smoke",
             "--steps",
+            "--workers",
             "-h",
             "stage",
         ],
