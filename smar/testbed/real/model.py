@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["VisionSpec", "IMAGE_TOKEN", "CHAT_TEMPLATE", "build_vlm", "text_gap"]
+__all__ = ["VisionSpec", "IMAGE_TOKEN", "CHAT_TEMPLATE", "build_vlm", "build_run_vlm", "text_gap"]
 
 IMAGE_TOKEN = "<image>"
 
@@ -104,6 +104,16 @@ def build_vlm(base, tokenizer, *, vision: VisionSpec = VisionSpec(), num_experts
         chat_template=chat_template or getattr(tok, "chat_template", None),
     )  # fmt: skip
     return model.eval(), tok, processor
+
+
+def build_run_vlm(base, tokenizer, vision: VisionSpec, layers):
+    """``(model, processor)`` as ``smar real run`` trains them: :func:`build_vlm` with SmolLM2's
+    chat template and right padding (training batches), its random parts from seed 0."""
+    torch.manual_seed(0)
+    model, _, proc = build_vlm(base, tokenizer, vision=vision, layers=layers,
+                               chat_template=CHAT_TEMPLATE)  # fmt: skip
+    proc.tokenizer.padding_side = "right"
+    return model, proc
 
 
 def text_gap(base, model, *, tokens: int = 64, seed: int = 0) -> float:

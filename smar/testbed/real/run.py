@@ -38,7 +38,7 @@ from smar.errors import UsageError
 from smar.testbed.io import cache_dir, load_tensors, read_cached_json, save_tensors, write_json
 from smar.testbed.real import evaluate, texts
 from smar.testbed.real.data import description_chat, qa_chat
-from smar.testbed.real.model import CHAT_TEMPLATE, VisionSpec, build_vlm
+from smar.testbed.real.model import VisionSpec, build_run_vlm
 from smar.testbed.real.train import ARMS, align, instruct
 from smar.testbed.real.workers import run_parallel
 
@@ -249,10 +249,7 @@ def run(cfg: RealConfig, out: str | Path, *, base=None, model_id: str | None = N
     t = time.perf_counter()
     answers = base_answers(lm, tok, cfg, stages, model_id)
     timing["base_answers"] = time.perf_counter() - t
-    torch.manual_seed(0)
-    model, _, proc = build_vlm(lm, tok, vision=cfg.vision, layers=cfg.layers,
-                               chat_template=CHAT_TEMPLATE)  # fmt: skip
-    proc.tokenizer.padding_side = "right"
+    model, proc = build_run_vlm(lm, tok, cfg.vision, cfg.layers)
     t = time.perf_counter()
     seen = see(model, proc, cfg, stages, model_id)
     timing["vision_align"] = time.perf_counter() - t

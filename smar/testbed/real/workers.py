@@ -23,15 +23,13 @@ _STATE: dict = {}
 def _init(config, lm_config, tok, start, threads: int) -> None:
     import transformers
 
-    from smar.testbed.real.model import CHAT_TEMPLATE, build_vlm
+    from smar.testbed.real.model import build_run_vlm
 
     torch.set_num_threads(threads)
     lm = transformers.AutoModelForCausalLM.from_config(lm_config)
-    model, _, proc = build_vlm(lm, tok, vision=config.vision, layers=config.layers,
-                               chat_template=CHAT_TEMPLATE)  # fmt: skip
+    model, proc = build_run_vlm(lm, tok, config.vision, config.layers)
     del lm
     model.load_state_dict(start)
-    proc.tokenizer.padding_side = "right"
     _STATE.update(model=model, proc=proc, start=start, config=config)
 
 
@@ -47,7 +45,7 @@ def _job(arm: str, seed: int, folder: str, answers: dict, images: list[dict]) ->
 def run_parallel(model, lm_config, tok, cfg, jobs, answers, images, workers: int, done,
                  progress: bool = True) -> None:  # fmt: skip
     """Runs ``jobs`` (``(name, arm, seed, folder)``) in ``workers`` processes from ``model``'s
-    weights (``model`` built by :func:`~smar.testbed.real.model.build_vlm` from a language model
+    weights (``model`` built by :func:`~smar.testbed.real.model.build_run_vlm` from a language model
     of config ``lm_config`` and tokenizer ``tok``); ``done(name, result)`` is called here as each
     finishes. Ctrl-C or an error stops every worker at once (finished runs are on disk)."""
     import multiprocessing as mp
