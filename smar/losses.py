@@ -44,7 +44,6 @@ from smar.distributions import (
     check_mask,
     check_modalities,
     check_top_k,
-    jeffreys,
     mask_flat,
     modality_distributions,
     modality_ids_flat,
@@ -54,6 +53,9 @@ from smar.distributions import (
     routing_probs,
 )
 from smar.errors import UsageError
+from smar.pairs import Pair, pair_band_loss, pair_divergences, resolve_pairs
+from smar.pairs import _band_rows as _check_band  # noqa: F401  (re-exported: smar.config)
+from smar.pairs import pair_bands as _band_table
 
 __all__ = [
     "EPS",
@@ -62,6 +64,7 @@ __all__ = [
     "routing_probs",
     "modality_distributions",
     "mrd",
+    "mrd_matrix",
     "smar_loss",
     "load_balancing_loss",
     "z_loss",
@@ -121,22 +124,21 @@ z_loss = _checks_inputs(baselines.z_loss)
 limoe_loss = _checks_inputs(baselines.limoe_loss)
 
 
-def _mrd_and_presence(
-    r: Routing, ids: Tensor, text: int, images: tuple[int, ...], group
-) -> tuple[Tensor, Tensor]:
-    """D ``(L, N)`` for each non-text modality, and whether both modalities are present ``(N,)``."""
+def _pairs_of(text: int, image, pairs) -> tuple[tuple[Pair, ...], tuple[int, ...]]:
+    """The pairs held in a band and the modalities they involve, in order (text first)."""
+    images = (image,) if isinstance(image, int) else tuple(image)
     mods = check_modalities((text, *images), "text and image")
-    sums, counts = modality_sums(r, ids, mods, group)
-    return _mrd_from_sums(sums, counts)
+    if pairs is None:
+        return tuple((text, m) for m in images), mods
+    chosen = resolve_pairs(pairs, text=text, modalities=mods)
+    order = list(dict.fromkeys(m for p in chosen for m in p))  # (M,) in order of first use
+    return chosen, tuple(order)
 
 
-def _mrd_from_sums(sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-    """D ``(L, N)`` and presence ``(N,)`` from per-modality sums ``(L, 1+N, E)`` and counts
-    ``(1+N,)``, text first."""
-    P = sums / counts.clamp_min(1.0)[None, :, None]  # (L, 1+N, E); finite even when absent
-    D = jeffreys(P[:, :1, :], P[:, 1:, :])  # (L, N)
-    present = (counts[0] > 0) & (counts[1:] > 0)  # (N,)
-    return D, present
+def _pair_mrd(r: Routing, ids: Tensor, pairs, mods, group) -> tuple[Tensor, Tensor]:
+    """D ``(P, L)`` and presence ``(P,)`` of each pair, from one product and one all-reduce."""
+    sums, counts = modality_sums(r, ids, mods, group)  # (L, M, E), (M,)
+    return pair_divergences(sums, counts, mods, pairs)
 
 
 def mrd(
@@ -163,45 +165,57 @@ def mrd(
 
     Returns:
         ``(L,)`` for one ``image`` id, ``(L, N)`` for N ids. NaN where a modality has no valid
-        token (the divergence is undefined there).
+        token (the divergence is undefined there). Every pair of modalities: :func:`mrd_matrix`.
     """
     check_logits(router_logits)
     r = prepare_routing(router_logits, router=router)
     ids = modality_ids_flat(modality_ids, r.shape[1])
-    images = (image,) if isinstance(image, int) else tuple(image)
-    D, present = _mrd_and_presence(r, ids, text, images, group)
-    D = torch.where(present[None, :], D, torch.full_like(D, float("nan")))
+    pairs, mods = _pairs_of(text, image, None)
+    D, present = _pair_mrd(r, ids, pairs, mods, group)  # (N, L), (N,)
+    D = torch.where(present[:, None], D, torch.full_like(D, float("nan"))).T  # (L, N)
     return D[:, 0] if isinstance(image, int) else D
 
 
-def _check_band(band, num_layers: int) -> Tensor:
-    """Validates ``band`` and returns it as a float tensor ``(L, 2)`` of (low, high).
+def mrd_matrix(
+    router_logits: Tensor | Sequence[Tensor] | Routing,
+    modality_ids: Tensor,
+    *,
+    modalities: Sequence[int] = (0, 1, 2, 3),
+    router: str = "softmax",
+    group=None,
+) -> Tensor:
+    """The MRD of every pair of modalities, per layer: ``D[l, i, j]``, symmetric.
 
-    The values are checked in Python (a band tensor is read back once), never on the device.
+    ``D[l, i, j]`` is the symmetric KL divergence of the routing distributions of
+    ``modalities[i]`` and ``modalities[j]`` at layer ``l`` (``D[:, 0, m]`` equals
+    ``mrd(..., image=modalities[m])`` with text ``modalities[0]``); the diagonal is 0.
+
+    Args:
+        router_logits: L tensors (T, E) or one (L, T, E) tensor of raw logits.
+        modality_ids: (T,) or (B, S) integer ids; -1 tokens are ignored.
+        modalities: the ids of the rows and columns, in order (default text, image, video,
+            audio).
+        router, group: as in :func:`mrd`.
+
+    Shapes:
+        Returns ``(L, M, M)``; NaN in the rows and columns of a modality with no valid token.
     """
-    fix = f"band must be a (low, high) pair or a list of L={num_layers} pairs; got {band!r}"
-    if isinstance(band, Tensor):
-        band = band.tolist()
-    try:
-        rows = [[float(x) for x in pair] for pair in band]  # L pairs
-        if len(band) == 2 and all(not isinstance(x, (list, tuple)) for x in band):
-            raise TypeError  # a single pair
-    except TypeError:
-        try:
-            rows = [[float(x) for x in band]] * num_layers  # one pair for every layer
-        except (TypeError, ValueError) as e:
-            raise UsageError(fix) from e
-    except ValueError as e:
-        raise UsageError(fix) from e
-    if len(rows) != num_layers or any(len(r) != 2 for r in rows):
-        raise UsageError(fix)
-    if not all(math.isfinite(x) for r in rows for x in r):
-        raise UsageError(f"band must be finite; got {band!r}")
-    if any(x < 0 for r in rows for x in r):
-        raise UsageError(f"band must be non-negative (D is a divergence, D >= 0); got {band!r}")
-    if any(lo > hi for lo, hi in rows):
-        raise UsageError(f"band must have low <= high; got {band!r}")
-    return torch.tensor(rows, dtype=torch.float64)
+    check_logits(router_logits)
+    mods = check_modalities(modalities)
+    r = prepare_routing(router_logits, router=router)
+    ids = modality_ids_flat(modality_ids, r.shape[1])
+    pairs = [(i, j) for a, i in enumerate(mods) for j in mods[a + 1 :]]
+    sums, counts = modality_sums(r, ids, mods, group)  # (L, M, E), (M,)
+    L, M = sums.shape[0], len(mods)
+    out = torch.zeros(L, M, M, dtype=sums.dtype, device=sums.device)  # (L, M, M)
+    if pairs:
+        D, _ = pair_divergences(sums, counts, mods, pairs)  # (P, L)
+        rows, cols = zip(*[(mods.index(i), mods.index(j)) for i, j in pairs], strict=True)
+        out[:, list(rows), list(cols)] = D.T
+        out[:, list(cols), list(rows)] = D.T
+    absent = counts <= 0  # (M,)
+    nan = absent[:, None] | absent[None, :]  # (M, M)
+    return torch.where(nan[None], torch.full_like(out, float("nan")), out)
 
 
 def smar_loss(
@@ -212,13 +226,15 @@ def smar_loss(
     hinge: str = "linear",
     text: int = 0,
     image: int | Sequence[int] = 1,
+    pairs: str | Sequence[Sequence[int]] | None = None,
+    pair_bands=None,
     router: str = "softmax",
     group=None,
 ) -> Tensor:
     """SMAR's tolerance-band loss on the per-layer MRD.
 
     ``h^l = max(0, low - D^l) + max(0, D^l - high)`` (squared terms with ``hinge="squared"``),
-    averaged over the layers (and non-text modalities) where both modalities are present.
+    averaged over the layers (and pairs of modalities) where both modalities are present.
 
     Args:
         router_logits: L tensors (T, E) or one (L, T, E) tensor of raw logits.
@@ -227,6 +243,11 @@ def smar_loss(
             ``(d, d)`` is the single-target variant, ``(0, 0)`` pushes the modalities together.
         hinge: ``"linear"`` (default) or ``"squared"``.
         text, image, router, group: as in :func:`mrd`.
+        pairs: which pairs of modalities are held in a band (docs/method.md#more-than-two-
+            modalities): None, text against each ``image`` id; ``"text"``, the same; ``"all"``,
+            every pair of ``(text, *image)``; or a list of ``(i, j)``.
+        pair_bands: ``{(i, j): band}``, a band (a pair, or L pairs) for some pairs; the others
+            use ``band``. E.g. ``{(1, 2): (0.0, 0.5)}`` keeps image and video alike.
 
     Returns:
         A scalar. It is 0, still connected to the graph, when no layer has both modalities.
@@ -236,21 +257,10 @@ def smar_loss(
     check_logits(router_logits)
     r = prepare_routing(router_logits, router=router)
     ids = modality_ids_flat(modality_ids, r.shape[1])
-    b = _check_band(band, r.shape[0]).to(device=r.device, dtype=r.dtype)  # (L, 2)
-    images = (image,) if isinstance(image, int) else tuple(image)
-    D, present = _mrd_and_presence(r, ids, text, images, group)  # (L, N), (N,)
-    return _band_loss(D, present, b, hinge)
-
-
-def _band_loss(D: Tensor, present: Tensor, b: Tensor, hinge: str) -> Tensor:
-    """The tolerance-band loss from D ``(L, N)``, presence ``(N,)`` and the band ``(L, 2)``."""
-    below = (b[:, :1] - D).clamp_min(0)  # (L, N)
-    above = (D - b[:, 1:]).clamp_min(0)  # (L, N)
-    h = below + above if hinge == "linear" else below.square() + above.square()  # (L, N)
-    weight = present.to(h.dtype).expand_as(h)  # (L, N)
-    n = weight.sum()
-    # Layers without both modalities are skipped; with none at all the loss is a graph-connected 0.
-    return (h * weight).sum() / n.clamp_min(1.0)
+    chosen, mods = _pairs_of(text, image, pairs)
+    b = _band_table(chosen, band, pair_bands, r.shape[0]).to(r.device, r.dtype)  # (P, L, 2)
+    D, present = _pair_mrd(r, ids, chosen, mods, group)  # (P, L), (P,)
+    return pair_band_loss(D, present, b, hinge)
 
 
 def routing_objective(
@@ -268,7 +278,9 @@ def routing_objective(
     limoe_weight: float = 0.0,
     limoe_tau: float | None = None,
     text: int = 0,
-    image: int = 1,
+    image: int | Sequence[int] = 1,
+    pairs: str | Sequence[Sequence[int]] | None = None,
+    pair_bands=None,
     router: str = "softmax",
     group=None,
     step_sums: StepSums | None = None,
@@ -292,14 +304,18 @@ def routing_objective(
             the global batch (z-loss and LIMoE stay per token, local).
         step_sums: a :class:`smar.collective.StepSums`: the band loss, MRD and load balancing
             over the micro-batches of the optimizer step so far.
+        image, pairs, pair_bands: the pairs of modalities held in a band and their bands, as in
+            :func:`smar_loss`.
         chosen: the experts the routers chose, ``(T, K)`` per layer or ``(L, T, K)`` (e.g.
             :meth:`smar.RouterCapture.chosen`): load balancing counts them instead of a top-k.
         Others: as in :func:`smar_loss`, :func:`load_balancing_loss`.
 
     Returns:
         ``(total, terms)``: ``terms`` maps ``"band"``, ``"lb"``, ``"z"``, ``"limoe"`` (those
-        computed) to unweighted scalars, and ``"mrd"`` to the detached per-layer MRD ``(L,)``
-        when modality ids are given (NaN where a modality is absent).
+        computed) to unweighted scalars, and ``"mrd"`` to the detached per-layer MRD when
+        modality ids are given (NaN where a modality is absent): ``(L,)`` for one ``image`` id
+        and no ``pairs``, else ``(L, P)``, one column per pair in the order of
+        :func:`smar.pairs.resolve_pairs`.
     """
     for name, value in (("smar_weight", smar_weight), ("lb_weight", lb_weight),
                         ("z_weight", z_weight), ("limoe_weight", limoe_weight)):  # fmt: skip
@@ -317,7 +333,10 @@ def routing_objective(
     if smar_weight:
         if hinge not in _HINGES:
             raise UsageError(f"hinge must be one of {_HINGES}; got {hinge!r}")
-        b = _check_band(band, r.shape[0]).to(device=r.device, dtype=r.dtype)
+    if modality_ids is not None:
+        held, mods = _pairs_of(text, image, pairs)
+        if smar_weight:
+            b = _band_table(held, band, pair_bands, r.shape[0]).to(r.device, r.dtype)  # (P, L, 2)
     check_top_k(top_k, r.shape[-1])
     # The sums of this forward, made global and pooled over the step: one all-reduce in all.
     # The per-modality and the balancing probability sums come out of one product of a token
@@ -326,7 +345,6 @@ def routing_objective(
     rows = []  # (R, T) token weights
     if modality_ids is not None:
         ids = modality_ids_flat(modality_ids, T)
-        mods = check_modalities((text, image), "text and image")
         onehot = modality_onehot(ids, mods, r.dtype)  # (M, T)
         rows.append(onehot)
     if lb_weight:
@@ -360,19 +378,17 @@ def routing_objective(
         terms["lb"] = lb_from_sums(parts, top_k=top_k, variant=lb_variant, check=r.check)
         total = total + lb_weight * terms["lb"]
     if modality_ids is not None:
-        D, present = _mrd_from_sums(parts["mod_sums"], parts["mod_counts"])  # (L, 1), (1,)
-        if smar_weight:
-            terms["band"] = _band_loss(D, present, b, hinge)
+        D, present = pair_divergences(parts["mod_sums"], parts["mod_counts"], mods, held)
+        if smar_weight:  # D (P, L), present (P,)
+            terms["band"] = pair_band_loss(D, present, b, hinge)
             total = total + smar_weight * terms["band"]
-        D = D.detach()[:, 0]  # (L,)
-        terms["mrd"] = torch.where(present, D, torch.full_like(D, float("nan")))
+        D = torch.where(present[:, None], D.detach(), torch.full_like(D, float("nan"))).T
+        terms["mrd"] = D[:, 0] if pairs is None and isinstance(image, int) else D  # (L,) | (L, P)
     if z_weight:
         terms["z"] = z_loss(r, mask=mask)
         total = total + z_weight * terms["z"]
     if limoe_weight:
         tau = math.log(r.shape[-1]) / 2 if limoe_tau is None else limoe_tau
-        terms["limoe"] = limoe_loss(
-            r, modality_ids, tau=tau, modalities=(text, image), router=router
-        )
+        terms["limoe"] = limoe_loss(r, modality_ids, tau=tau, modalities=mods, router=router)
         total = total + limoe_weight * terms["limoe"]
     return total, terms

@@ -20,6 +20,7 @@ def test_public_api_is_pinned():
             "load_balancing_loss",
             "modality_distributions",
             "mrd",
+            "mrd_matrix",
             "prepare_routing",
             "record",
             "routing_objective",
