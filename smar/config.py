@@ -11,6 +11,7 @@ from smar.collective import STATS
 from smar.errors import UsageError
 from smar.losses import _check_band, check_weight
 from smar.modality import LEVELS, resolve_groups
+from smar.pairs import check_pair_bands, resolve_pairs
 
 __all__ = ["SMARConfig"]
 
@@ -32,7 +33,15 @@ class SMARConfig:
             token of a multimodal sample is 1).
         num_modalities: ``M``, rows of the modality bias (0 text, 1 image, 2 video, 3 audio).
         text: the anchor modality id of the MRD.
-        image: the other modality id of the MRD.
+        image: the other modality id of the MRD, or several (e.g. ``(1, 2, 3)``: image, video and
+            audio); None (default): every id below ``num_modalities`` but ``text``, which with
+            the default ``num_modalities=2`` is image (1) alone.
+        pairs: which pairs of modalities are held in a band: ``"text"`` (default: text against
+            each modality of ``image``), ``"all"`` (every pair), or a list of ``(i, j)``
+            (docs/method.md#more-than-two-modalities).
+        pair_bands: a band of its own for some pairs, ``{(i, j): (low, high)}`` (or a list of
+            per-layer pairs), e.g. ``{(1, 2): (0.0, 0.5)}`` keeps image and video alike; the
+            other pairs use ``band``.
         groups: modality ids counted as one before anything else: ``"visual"`` (video tokens
             count as image tokens), ``"nontext"`` (video and audio count as image), or a dict
             ``{from_id: to_id}``; None keeps every id.
@@ -65,7 +74,9 @@ class SMARConfig:
     modality: str = "token"
     num_modalities: int = 2
     text: int = 0
-    image: int = 1
+    image: int | tuple[int, ...] | None = None
+    pairs: str | Sequence[tuple[int, int]] = "text"
+    pair_bands: dict[tuple[int, int], Any] | None = None
     groups: dict[int, int] | str | None = None
     routers: str = "mlp"
     stats: str = "global"
@@ -86,11 +97,7 @@ class SMARConfig:
             raise UsageError(f"modality must be one of {LEVELS}; got {self.modality!r}")
         if not isinstance(self.num_modalities, int) or self.num_modalities < 2:
             raise UsageError(f"num_modalities must be an integer >= 2; got {self.num_modalities}")
-        if not 0 <= self.image < self.num_modalities or not 0 <= self.text < self.num_modalities:
-            raise UsageError(
-                f"text={self.text} and image={self.image} must be < num_modalities="
-                f"{self.num_modalities}"
-            )
+        self._check_modalities()
         if self.routers not in ("mlp", "attention", "all"):
             raise UsageError(f"routers must be 'mlp', 'attention' or 'all'; got {self.routers!r}")
         if self.stats not in STATS:
@@ -99,7 +106,7 @@ class SMARConfig:
             raise UsageError(f"check must be 'first' or 'always'; got {self.check!r}")
         if not isinstance(self.accumulate, bool):
             raise UsageError(f"accumulate must be True or False; got {self.accumulate!r}")
-        groups = resolve_groups(self.groups, keep=(self.text, self.image))
+        groups = resolve_groups(self.groups, keep=self.modalities)
         if self.groups is not None and not isinstance(self.groups, str):
             self.groups = groups  # ids as integers: JSON keys are strings
         if isinstance(self.band, list) and self.band and isinstance(self.band[0], (int, float)):
@@ -109,9 +116,57 @@ class SMARConfig:
         pair = pair and all(isinstance(x, (int, float)) for x in self.band)
         _check_band(self.band, 1 if pair else len(self.band))
 
+    def _check_modalities(self) -> None:
+        if isinstance(self.image, list):
+            self.image = tuple(self.image)  # read from JSON or YAML
+        ids = (self.text, *(self.image if isinstance(self.image, tuple) else (self.image,)))
+        ids = ids if self.image is not None else (self.text,)
+        if any(isinstance(m, bool) or not isinstance(m, int) for m in ids):
+            raise UsageError(
+                f"text and image must be integer modality ids (0 text, 1 image, 2 video, 3 "
+                f"audio), image also a tuple of them; got text={self.text!r}, image={self.image!r}"
+            )
+        if not all(0 <= m < self.num_modalities for m in ids):
+            raise UsageError(
+                f"text={self.text} and image={self.image} must be < num_modalities="
+                f"{self.num_modalities}; fix: num_modalities={max(ids) + 1}"
+            )
+        if len(set(ids)) != len(ids) or len(self.modalities) < 2:
+            raise UsageError(
+                f"text={self.text} and image={self.image} must be distinct ids, at least one "
+                "besides text"
+            )
+        if isinstance(self.pairs, list) and self.pairs and isinstance(self.pairs[0], list):
+            self.pairs = [tuple(p) for p in self.pairs]  # read from JSON or YAML
+        self.held_pairs  # noqa: B018  (checks the pairs)
+        if self.pair_bands is not None:
+            self.pair_bands = check_pair_bands(self.pair_bands)
+            unknown = set(self.pair_bands) - {tuple(sorted(p)) for p in self.held_pairs}
+            if unknown:
+                raise UsageError(
+                    f"pair_bands names {sorted(unknown)}, not among the pairs held in a band "
+                    f"{list(self.held_pairs)}; fix: add it to pairs= (or pairs='all')"
+                )
+
+    @property
+    def modalities(self) -> tuple[int, ...]:
+        """The ids SMAR compares, text first: ``(text, *image)``."""
+        if self.image is None:
+            return (self.text, *(m for m in range(self.num_modalities) if m != self.text))
+        return (self.text, *(self.image if isinstance(self.image, tuple) else (self.image,)))
+
+    @property
+    def held_pairs(self) -> tuple[tuple[int, int], ...]:
+        """The pairs of modalities held in a band, in the order their MRD is logged."""
+        return resolve_pairs(self.pairs, text=self.text, modalities=self.modalities)
+
     def to_dict(self) -> dict:
-        """The options as plain data (``group``, a live process group, is left out)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "group"}
+        """The options as plain data (``group``, a live process group, is left out; the pairs of
+        ``pair_bands`` as ``"i,j"`` keys, as JSON keeps them)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "group"}
+        if self.pair_bands:
+            out["pair_bands"] = {f"{i},{j}": band for (i, j), band in self.pair_bands.items()}
+        return out
 
     @property
     def kinds(self) -> tuple[str, ...]:

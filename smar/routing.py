@@ -35,6 +35,7 @@ from smar.config import SMARConfig
 from smar.distributions import prepare_routing
 from smar.errors import UsageError
 from smar.losses import routing_objective
+from smar.pairs import pair_name
 from smar.upstream import upstream_defect
 
 __all__ = [
@@ -185,7 +186,9 @@ class Regularizer(RouterCapture):
             lb_variant=c.lb_variant,
             z_weight=c.z_weight,
             text=c.text,
-            image=c.image,
+            image=c.modalities[1] if len(c.modalities) == 2 else c.modalities[1:],
+            pairs=None if c.pairs == "text" else c.pairs,
+            pair_bands=c.pair_bands,
             router=self.router,
             group=default_group(c.stats, c.group),
             step_sums=self._step_sums if training else None,
@@ -239,17 +242,25 @@ class Regularizer(RouterCapture):
         out = {"smar/total": t["total"]}
         out.update({f"smar/{k}": v for k, v in t.items() if k not in ("total", "mrd")})
         if "mrd" in t:
-            d = t["mrd"]  # (L,)
-            out["smar/mrd"] = torch.nanmean(d)  # NaN when no layer has both modalities
-            for layer, v in zip(self.captured_layers, d.unbind(), strict=True):
-                out[f"smar/layer{layer:02d}/mrd"] = v
+            d = t["mrd"]  # (L,) or (L, P)
+            names = [""] if d.dim() == 1 else [f"/{pair_name(p)}" for p in self.config.held_pairs]
+            d = d[:, None] if d.dim() == 1 else d  # (L, P)
+            # the first pair (text-image) also unnamed, as with two modalities
+            out["smar/mrd"] = torch.nanmean(d[:, 0])  # NaN when no layer has both modalities
+            for p, name in enumerate(names):
+                if name:
+                    out[f"smar/mrd{name}"] = torch.nanmean(d[:, p])
+                for layer, v in zip(self.captured_layers, d[:, p].unbind(), strict=True):
+                    out[f"smar/layer{layer:02d}/mrd{name}"] = v
         return out
 
     def terms(self) -> dict[str, float]:
         """The unweighted terms of the last forward as a flat dict: ``smar/band``, ``smar/lb``,
         ``smar/z`` (those configured), ``smar/total``, ``smar/mrd`` (mean over layers) and
-        ``smar/layerNN/mrd`` (NaN where a modality is absent). Waits for the device (see
-        :meth:`term_tensors`)."""
+        ``smar/layerNN/mrd`` (NaN where a modality is absent). With more than one pair of
+        modalities held in a band, also each pair's, named as in ``smar/mrd/text-video`` and
+        ``smar/layer03/mrd/text-video`` (``smar/mrd`` stays the first pair's, text-image).
+        Waits for the device (see :meth:`term_tensors`)."""
         tensors = self.term_tensors()
         values = torch.stack(list(tensors.values())).tolist()
         return dict(zip(tensors, values, strict=True))
