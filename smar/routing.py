@@ -76,6 +76,19 @@ def balancing_loss_in_model(model: nn.Module) -> str | None:
     return None
 
 
+def _refuse_omni_wrapper(model: nn.Module) -> None:
+    """An omni model's top class (Qwen3-Omni: a thinker and a talker) only generates: its config
+    holds no modality token ids, and its talker routes speech-codec tokens. SMAR belongs on the
+    thinker, which routes text, image, video and audio and has a forward to train."""
+    thinker = getattr(model, "thinker", None)
+    if isinstance(thinker, nn.Module):
+        raise UsageError(
+            f"{type(model).__name__} is an omni model's generation wrapper: its thinker routes "
+            "text, image, video and audio (its talker, speech-codec tokens); fix: "
+            "smar.attach(model.thinker, config) and train the thinker"
+        )
+
+
 class Regularizer(RouterCapture):
     """SMAR's routing objective on the routers of a model; returned by :func:`attach`.
 
@@ -94,6 +107,7 @@ class Regularizer(RouterCapture):
     ):
         self.config = config = SMARConfig() if config is None else config
         model = unwrap(model, "attach", new_parameters=config.modality_bias)
+        _refuse_omni_wrapper(model)
         self.wrappers: list[ModalityBiasRouter] = []
         previous = getattr(model, "_smar_regularizer", None)
         if (previous is not None and previous() is not None) or any(

@@ -1,0 +1,181 @@
+"""SMAR with more than two modalities on a model: the regularizer reduces exactly to the
+two-modality one, and a tiny Qwen3-Omni-MoE thinker with text, image, video and audio in every
+batch is held in its bands (docs/method.md#more-than-two-modalities)."""
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import smar
+
+transformers = pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).parent / "helpers"))
+import families  # noqa: E402
+
+IMG, VID, AUD, VSTART, ASTART, END = 100, 101, 102, 103, 104, 105
+TEXT_PAIRS = ("text-image", "text-video", "text-audio")
+
+
+def omni_thinker(seed=0):
+    """A tiny Qwen3-Omni-MoE thinker (2 layers, hidden 32, 4 experts, top-2) whose modality
+    tokens lie in its 128-token vocabulary."""
+    torch.manual_seed(seed)
+    model = families.build("qwen3_omni_moe")
+    c = model.config
+    c.image_token_id, c.video_token_id, c.audio_token_id = IMG, VID, AUD
+    c.vision_start_token_id, c.audio_start_token_id = VSTART, ASTART
+    return model
+
+
+def omni_batch(model, g):
+    """One sample with text, an image (4 tokens), a video (8) and audio (5), as its processor
+    lays them out; pixels, frames and mel features random."""
+    vc = model.config.vision_config
+    patch = 3 * vc.temporal_patch_size * vc.patch_size**2
+
+    def text(n):
+        return torch.randint(0, 90, (n,), generator=g).tolist()
+
+    seq = text(3) + [VSTART] + [IMG] * 4 + [END] + text(2) + [VSTART] + [VID] * 8 + [END]
+    seq += text(2) + [ASTART] + [AUD] * 5 + [END] + text(4)
+    ids = torch.tensor([seq])
+    return dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        labels=ids,
+        pixel_values=torch.randn(16, patch, generator=g),  # grid (1, 4, 4): 4 merged tokens
+        image_grid_thw=torch.tensor([[1, 4, 4]]),
+        pixel_values_videos=torch.randn(32, patch, generator=g),  # grid (2, 4, 4): 8 tokens
+        video_grid_thw=torch.tensor([[2, 4, 4]]),
+        video_second_per_grid=torch.tensor([1.0]),
+        input_features=torch.randn(1, 128, 40, generator=g),  # 40 mel frames: 5 audio tokens
+        feature_attention_mask=torch.ones(1, 40, dtype=torch.long),
+    )
+
+
+def expected_ids(batch):
+    ids = batch["input_ids"][0]
+    out = torch.zeros_like(ids)
+    for token, m in ((IMG, 1), (VID, 2), (AUD, 3)):
+        out[ids == token] = m
+    return out
+
+
+def test_with_text_and_image_only_the_n_modality_regularizer_trains_bit_identically():
+    """Four modalities configured, ids in {0, 1}: loss, every gradient and the trained bias
+    (its text and image rows; the others stay 0) equal the two-modality regularizer's."""
+    base = families.build("qwen3_moe")
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, 100, (2, 12), generator=g)
+    ids = torch.randint(0, 2, (2, 12), generator=g)
+    runs = {}
+    for config in (smar.SMARConfig(), smar.SMARConfig(num_modalities=4, pairs="all")):
+        model = copy.deepcopy(base)
+        reg = smar.attach(model, config)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        losses, grads = [], []
+        for _ in range(4):
+            reg.set_modality(ids)
+            out = model(input_ids=input_ids, labels=input_ids)
+            loss = out.loss + reg.loss()
+            opt.zero_grad()
+            loss.backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+            opt.step()
+            losses.append(loss.detach())
+        runs[config.num_modalities] = (losses, grads, reg.bias_parameters())
+    (l2, g2, b2), (l4, g4, b4) = runs[2], runs[4]
+    assert all(torch.equal(a, b) for a, b in zip(l2, l4, strict=True))
+    for a, b in zip(g2, g4, strict=True):
+        for name, grad in a.items():
+            assert torch.equal(grad, b[name][:2] if "modality_bias" in name else b[name]), name
+    for a, b in zip(b2, b4, strict=True):
+        assert torch.equal(a, b[:2]) and torch.equal(b[2:], torch.zeros_like(b[2:]))
+        assert a.abs().sum() > 0  # the bias did train
+
+
+def test_omni_thinker_ids_zero_bias_and_every_present_bias_row_moves():
+    model = omni_thinker()
+    g = torch.Generator().manual_seed(0)
+    batch = omni_batch(model, g)
+    with torch.no_grad():
+        plain = model(**batch).logits
+    reg = smar.attach(model, smar.SMARConfig(num_modalities=4))
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, plain)  # a zero bias changes nothing
+    model(**batch)  # with gradients: the band loss below
+    assert torch.equal(reg.modality_ids.flatten(), expected_ids(batch))
+    before = [b.detach().clone() for b in reg.bias_parameters()]
+    opt = torch.optim.SGD([b for b in reg.bias_parameters()], lr=1.0)
+    reg.loss().backward()
+    opt.step()
+    for old, new in zip(before, reg.bias_parameters(), strict=True):
+        moved = (new.detach() - old).abs().sum(dim=1)  # (M,)
+        assert (moved > 0).all(), moved  # text, image, video and audio rows all moved
+
+
+def test_omni_thinker_trained_holds_every_text_pair_in_its_band():
+    """40 steps, text, image, video and audio in every batch: each text pair's MRD moves from 0
+    into its band (1.5, 2.0), and image-video stays in its own (0, 0.5). The linear hinge has no
+    pull inside the band, so a layer ends on its edge give or take a step: 0.1 of slack."""
+    model = omni_thinker()
+    config = smar.SMARConfig(num_modalities=4, pairs="all", pair_bands={(1, 2): (0.0, 0.5)})
+    reg = smar.attach(model, config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    history = []
+    for _ in range(40):
+        out = model(**omni_batch(model, g))
+        loss = out.loss + reg.loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(reg.terms())
+    first, last = history[0], history[-1]
+    for pair in TEXT_PAIRS:
+        assert first[f"smar/mrd/{pair}"] < 0.1, pair  # all routers alike at the start
+        for layer in (0, 1):
+            assert 1.4 <= last[f"smar/layer{layer:02d}/mrd/{pair}"] <= 2.1, (pair, layer, last)
+    assert last["smar/mrd/image-video"] <= 0.5
+    assert last["smar/band"] < first["smar/band"] / 20
+
+
+def test_attach_to_the_omni_generation_wrapper_names_the_thinker():
+    thinker = omni_thinker()
+    cfg = transformers.Qwen3OmniMoeConfig(
+        thinker_config=thinker.config.to_dict(), enable_audio_output=False
+    )
+    top = transformers.Qwen3OmniMoeForConditionalGeneration(cfg)
+    with pytest.raises(smar.UsageError, match=r"fix: smar.attach\(model.thinker, config\)") as e:
+        smar.attach(top, smar.SMARConfig(num_modalities=4))
+    assert "\n" not in str(e.value)
+    assert not any("Bias" in type(m).__name__ for m in top.modules())
+
+
+def test_config_round_trips_through_json_with_pairs_and_pair_bands():
+    config = smar.SMARConfig(num_modalities=4, image=(1, 2, 3), pairs=[(2, 1), (0, 3)],
+                             pair_bands={(2, 1): (0.0, 0.5)})  # fmt: skip
+    again = smar.SMARConfig(**json.loads(json.dumps(config.to_dict())))
+    assert again.held_pairs == config.held_pairs == ((0, 3), (1, 2))
+    assert again.pair_bands == config.pair_bands == {(1, 2): (0.0, 0.5)}
+    assert again.image == (1, 2, 3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(image=(1, 2, 3)), "must be < num_modalities=2; fix: num_modalities=4"),
+        (dict(num_modalities=4, image=(1, 1)), "must be distinct ids"),
+        (dict(num_modalities=4, image="video"), "must be integer modality ids"),
+        (dict(num_modalities=3, pair_bands={(1, 2): (0, 0.5)}), r"pair_bands names \[\(1, 2\)\]"),
+        (dict(num_modalities=3, pairs=[(0, 0)]), "two distinct ids"),
+    ],
+)
+def test_config_refuses_bad_modalities_in_one_line(kwargs, message):
+    with pytest.raises(smar.UsageError, match=message) as e:
+        smar.SMARConfig(**kwargs)
+    assert "\n" not in str(e.value)
