@@ -120,3 +120,59 @@ def test_load_balancing_and_objective_over_the_global_batch(tmp_path):
         z[:, T0], ids[T0], top_k=2, smar_weight=1.0, band=(2.0, 3.0), lb_weight=0.5
     )
     assert abs(float(local.detach()) - float(total)) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# more than two modalities: audio on one rank only
+
+
+def omni_batch(L=3, T=24, E=6):
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(L, WORLD * T, E, generator=g, dtype=torch.float64)
+    ids = torch.randint(-1, 3, (WORLD * T,), generator=g)  # text, image, video on both ranks
+    ids[2:6] = 3  # audio: rank 0 only
+    return z, ids
+
+
+def omni_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        z, ids = omni_batch()
+        T = z.shape[1] // WORLD
+        local = z[:, rank * T : (rank + 1) * T].clone().requires_grad_(True)
+        total, terms = smar.routing_objective(
+            local, ids[rank * T : (rank + 1) * T], top_k=2, smar_weight=1.0, band=(2.0, 3.0),
+            image=(1, 2, 3), pairs="all", pair_bands={(1, 2): (0.0, 0.5)}, lb_weight=0.5,
+            group=dist.group.WORLD,
+        )  # fmt: skip
+        (g,) = torch.autograd.grad(total, local)
+        torch.save((total.detach(), g, terms["mrd"]), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_omni_pairs_with_audio_on_one_rank_equal_one_process(tmp_path):
+    """Presence is decided from the all-reduced counts: rank 1, which holds no audio, still
+    holds the audio pairs in their bands, as one process on the global batch does."""
+    mp.spawn(omni_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
+    z, ids = omni_batch()
+    T = z.shape[1] // WORLD
+    assert not (ids[T:] == 3).any() and (ids[:T] == 3).any()
+    zz = z.clone().requires_grad_(True)
+    total, terms = smar.routing_objective(
+        zz, ids, top_k=2, smar_weight=1.0, band=(2.0, 3.0), image=(1, 2, 3), pairs="all",
+        pair_bands={(1, 2): (0.0, 0.5)}, lb_weight=0.5,
+    )  # fmt: skip
+    (g,) = torch.autograd.grad(total, zz)
+    assert terms["mrd"].shape == (3, 6) and torch.isfinite(terms["mrd"]).all()
+    for rank in range(WORLD):
+        loss, grad, mrd = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(loss, total.detach())
+        torch.testing.assert_close(grad / WORLD, g[:, rank * T : (rank + 1) * T])
+        torch.testing.assert_close(mrd, terms["mrd"])
+    # rank 1 alone would leave the audio pairs out: the comparison above can fail
+    alone, _ = smar.routing_objective(
+        z[:, T:], ids[T:], top_k=2, smar_weight=1.0, band=(2.0, 3.0), image=(1, 2, 3),
+        pairs="all", pair_bands={(1, 2): (0.0, 0.5)}, lb_weight=0.5,
+    )  # fmt: skip
+    assert abs(float(alone) - float(total)) > 1e-3
