@@ -111,8 +111,9 @@ def check_modality_id(top: int, num_modalities: int) -> None:
     """Raises if a modality id has no row in the bias."""
     if top >= num_modalities:
         raise UsageError(
-            f"modality id {top} >= num_modalities={num_modalities}; raise "
-            "SMARConfig.num_modalities, or group modalities (SMARConfig.groups)"
+            f"modality id {top} >= num_modalities={num_modalities} (0 text, 1 image, 2 video, 3 "
+            f"audio): its tokens would leave every statistic; fix: SMARConfig(num_modalities="
+            f"{top + 1}), or count them as image with SMARConfig(groups='nontext')"
         )
 
 

@@ -188,6 +188,12 @@ class Regularizer(RouterCapture):
                 "mm_token_type_ids, or regularizer.set_modality(ids) before the forward"
             )
         check = c.check == "always" or not self._checked
+        if ids is not None and not c.modality_bias and ids.numel():  # no bias wrapper checks them
+            if check:
+                check_modality_id(int(ids.max()), c.num_modalities)
+            else:
+                top, prev = ids.max(), self._state.max_id
+                self._state.max_id = top if prev is None else torch.maximum(prev, top)
         training = self.model.training and torch.is_grad_enabled()
         total, terms = routing_objective(
             prepare_routing(logits, router=self.router, check=check),

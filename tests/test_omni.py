@@ -179,3 +179,18 @@ def test_config_refuses_bad_modalities_in_one_line(kwargs, message):
     with pytest.raises(smar.UsageError, match=message) as e:
         smar.SMARConfig(**kwargs)
     assert "\n" not in str(e.value)
+
+
+def test_video_and_audio_tokens_never_leave_the_statistics_silently():
+    """Without a modality bias, ids beyond num_modalities were left out of the MRD unseen."""
+    model = omni_thinker()
+    batch = omni_batch(model, torch.Generator().manual_seed(0))
+    reg = smar.attach(model, smar.SMARConfig(modality_bias=False))
+    model(**batch)
+    with pytest.raises(smar.UsageError, match=r"modality id 3 >= num_modalities=2 .*fix: "
+                       r"SMARConfig\(num_modalities=4\)"):  # fmt: skip
+        reg.loss()
+    reg.detach()
+    reg = smar.attach(model, smar.SMARConfig(modality_bias=False, groups="nontext"))
+    model(**batch)
+    assert torch.isfinite(reg.loss())
