@@ -32,6 +32,7 @@ from torch import Tensor
 
 from smar.errors import UsageError
 from smar.metrics import MODALITY_NAMES, RoutingStats
+from smar.pairs import pair_name
 from smar.source import Routed, Source
 
 __all__ = [
@@ -80,7 +81,7 @@ def stream_stats(
 
 
 def analyze(source: Source, *, progress: bool = True) -> Analysis:
-    """Runs one source through :func:`stream_stats` (text and image tokens)."""
+    """Runs one source through :func:`stream_stats` (the modalities it names)."""
     stats = stream_stats(
         source.batches(),
         top_k=source.top_k,
@@ -88,6 +89,7 @@ def analyze(source: Source, *, progress: bool = True) -> Analysis:
         total=source.total,
         desc=source.name,
         progress=progress,
+        modalities=source.modalities,
     )
     return Analysis(source, stats)
 
@@ -155,7 +157,32 @@ def routing_record(a: Analysis, threshold: float = 0.9) -> dict:
         "exclusive": exclusive_experts(st, threshold),
         "history": src.history,
         "sums": {k: _floats(getattr(st, k)) for k in sums},
+        **pair_record(st, src),
     }
+
+
+def held_pairs(src: Source, modalities) -> dict[tuple[int, int], tuple[float, float] | None]:
+    """The pairs a source holds in a band and their bands (None: no band to draw)."""
+    if src.pairs is not None:
+        return {tuple(p): tuple(b) if b is not None else None for p, b in src.pairs.items()}
+    band = tuple(src.band) if src.band else None
+    return {(0, m): band for m in modalities if m != 0} if 0 in modalities else {}
+
+
+def pair_record(st: RoutingStats, src: Source) -> dict:
+    """``mrd_matrix`` (per layer, M x M, None where a modality was not seen) and ``pairs``
+    (each held pair's name, ids, band and MRD per layer), for more than two modalities."""
+    if len(st.modalities) < 3:
+        return {}
+    D = st.mrd_matrix()  # (L, M, M)
+    index = {m: k for k, m in enumerate(st.modalities)}
+    pairs = [
+        {"pair": pair_name(p), "ids": list(p), "band": list(b) if b else None,
+         "mrd": _floats(D[:, index[p[0]], index[p[1]]])}
+        for p, b in held_pairs(src, st.modalities).items()
+        if p[0] in index and p[1] in index
+    ]  # fmt: skip
+    return {"modality_ids": list(st.modalities), "mrd_matrix": _floats(D), "pairs": pairs}
 
 
 def write_analysis(analyses: list[Analysis], out_dir, *, title=None, threshold=0.9) -> dict:

@@ -225,6 +225,8 @@ def write_report(
             [Table(["run"] + [f"layer {i}" for i in range(L)], rows)]))  # fmt: skip
     else:
         secs.append(Section("mrd", "MRD per MoE layer", ["No run saw both text and image tokens."]))
+    if any(r.get("pairs") for r in records):
+        secs.append(_pairs(records, out, paths))
     usage, comp, flagged_rows, unused = [], [], [], 0
     for a, r in zip(analyses, records, strict=True):
         slug, mods = _slug(r["name"]), r["modalities"]
@@ -335,3 +337,39 @@ def _history(records, out: Path, paths: dict, plots) -> Section:
         "Per-layer MRD on the training batches, recorded while the run trained."], images,
         [Table(["run", "last step"] + [f"layer {i}" for i in range(L)], rows,
                caption="MRD at the last recorded step")])  # fmt: skip
+
+
+def _pairs(records, out: Path, paths: dict) -> Section:
+    """More than two modalities: each run's MRD matrix per layer and its held pairs by layer."""
+    from smar import pair_plots
+
+    images, rows = [], []
+    for r in records:
+        if not r.get("pairs"):
+            continue
+        slug, ids = _slug(r["name"]), r["modality_ids"]
+        pos = {m: k for k, m in enumerate(ids)}
+        bands = {tuple(sorted((pos[p["ids"][0]], pos[p["ids"][1]]))): p["band"] for p in r["pairs"]}
+        paths[f"matrix_{slug}"] = pair_plots.plot_mrd_matrix(
+            r["mrd_matrix"], r["modalities"], out / f"matrix_{slug}.png", bands=bands,
+            title=f"MRD of every pair of modalities, per MoE layer: {r['name']}")  # fmt: skip
+        paths[f"pairs_{slug}"] = pair_plots.plot_pair_mrd(
+            {p["pair"]: p["mrd"] for p in r["pairs"]}, out / f"pairs_{slug}.png",
+            bands={p["pair"]: p["band"] for p in r["pairs"]},
+            title=f"MRD of each held pair by MoE layer: {r['name']}")  # fmt: skip
+        images += [(paths[f"matrix_{slug}"], f"{r['name']}: MRD matrix per layer"),
+                   (paths[f"pairs_{slug}"], f"{r['name']}: held pairs by layer")]  # fmt: skip
+        for p in r["pairs"]:
+            vals, band = [_nan(v) for v in p["mrd"]], p["band"]
+            out_of = sum(1 for v in vals if band and v == v and not band[0] <= v <= band[1])
+            rows.append([r["name"], p["pair"], str(tuple(band)) if band else "-",
+                         out_of] + vals)  # fmt: skip
+    L = max(len(row) - 4 for row in rows)
+    flagged = [k for k, row in enumerate(rows) if row[3]]
+    return Section("pairs", "Pairs of modalities", [
+        "Each pair's MRD (symmetric KL between the two modalities' mean routing distributions) "
+        "per MoE layer. In the matrices, grey hatched: a modality absent from the data; a green "
+        "frame: a pair held in its band and inside it; a red frame and '!': outside it."],
+        images, [Table(["run", "pair", "band", "layers outside"] + [f"layer {i}" for i in
+                                                                   range(L)], rows,
+                       flagged=flagged)])  # fmt: skip

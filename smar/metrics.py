@@ -162,6 +162,15 @@ class RoutingStats:
         i, j = self.modalities.index(text), self.modalities.index(image)
         return jeffreys(P[:, i], P[:, j])  # (L,); NaN propagates from an unseen modality
 
+    def mrd_matrix(self) -> Tensor:
+        """The MRD of every pair of tracked modalities ``(L, M, M)``, over everything seen:
+        symmetric, 0 on the diagonal, NaN in the rows and columns of a modality never seen."""
+        P = self.distributions()  # (L, M, E)
+        D = jeffreys(P[:, :, None, :], P[:, None, :, :])  # (L, M, M)
+        seen = self.tokens > 0  # (M,)
+        both = seen[:, None] & seen[None, :]  # (M, M)
+        return torch.where(both[None], D, torch.full_like(D, float("nan")))
+
     def load(self) -> Tensor:
         """Expert load per modality ``(L, M, E)``: share of each modality's top-k slots."""
         self._require_data()

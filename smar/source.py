@@ -3,7 +3,7 @@ batch, the raw router logits of each MoE layer and the modality ids of the batch
 (:mod:`smar.analyze`, which re-exports it) and the sources (:mod:`smar.hf.source`,
 :mod:`smar.testbed.analyze_run`) import it from here.
 
-Shapes legend: L MoE layers, T tokens, E experts.
+Shapes legend: L MoE layers, T tokens, E experts, M modalities.
 """
 
 from __future__ import annotations
@@ -30,6 +30,10 @@ class Source:
         total: the number of batches, for the progress bar (None: unknown).
         layers: the decoder layer index of each MoE layer (labels only).
         band: the MRD band to shade, or None.
+        modalities: the modality ids to track (default text and image; ``(0, 1, 2, 3)`` adds
+            video and audio).
+        pairs: the pairs of modalities held in a band and each one's band,
+            ``{(i, j): (low, high)}``; None: text against each other modality, in ``band``.
         history: training records ``{"step", "mrd": [per layer]}`` (testbed runs), or None.
         info: lines about the model and the data, shown in the report.
     """
@@ -41,5 +45,7 @@ class Source:
     total: int | None = None
     layers: list[int] | None = None
     band: tuple[float, float] | None = (1.5, 2.0)
+    modalities: tuple[int, ...] = (0, 1)
+    pairs: dict[tuple[int, int], tuple[float, float]] | None = None
     history: list[dict] | None = None
     info: dict[str, str] = field(default_factory=dict)
