@@ -194,3 +194,22 @@ def test_video_and_audio_tokens_never_leave_the_statistics_silently():
     reg = smar.attach(model, smar.SMARConfig(modality_bias=False, groups="nontext"))
     model(**batch)
     assert torch.isfinite(reg.loss())
+
+
+def test_a_bias_file_with_another_number_of_modalities_is_refused_in_one_line(tmp_path):
+    from smar.hf.saving import load_bias_into, save_bias
+
+    model = omni_thinker()
+    reg = smar.attach(model, smar.SMARConfig(num_modalities=4))
+    with torch.no_grad():
+        for b in reg.bias_parameters():
+            b.normal_()
+    save_bias(reg, tmp_path)
+    reg.detach()
+    two = smar.attach(model, smar.SMARConfig(groups="nontext"))  # 2 rows: text, everything else
+    before = [b.detach().clone() for b in two.bias_parameters()]
+    with pytest.raises(smar.UsageError, match=r"saved bias \(4, 4\) but the router's is \(2, 4\) "
+                       r"\(num_modalities, experts\).*fix: .*num_modalities") as e:  # fmt: skip
+        load_bias_into(two, tmp_path)
+    assert "\n" not in str(e.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, two.bias_parameters(), strict=True))
