@@ -243,9 +243,10 @@ def smar_loss(
             ``(d, d)`` is the single-target variant, ``(0, 0)`` pushes the modalities together.
         hinge: ``"linear"`` (default) or ``"squared"``.
         text, image, router, group: as in :func:`mrd`.
-        pairs: which pairs of modalities are held in a band (docs/method.md#more-than-two-
-            modalities): None, text against each ``image`` id; ``"text"``, the same; ``"all"``,
-            every pair of ``(text, *image)``; or a list of ``(i, j)``.
+        pairs: which pairs of modalities are held in a band
+            (docs/method.md#more-than-two-modalities): None, text against each ``image`` id;
+            ``"text"``, the same; ``"all"``, every pair of ``(text, *image)``; or a list of
+            ``(i, j)``.
         pair_bands: ``{(i, j): band}``, a band (a pair, or L pairs) for some pairs; the others
             use ``band``. E.g. ``{(1, 2): (0.0, 0.5)}`` keeps image and video alike.
 
