@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import smar
+import smar.hf
 
 transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
@@ -213,3 +214,32 @@ def test_a_bias_file_with_another_number_of_modalities_is_refused_in_one_line(tm
         load_bias_into(two, tmp_path)
     assert "\n" not in str(e.value)
     assert all(torch.equal(a, b) for a, b in zip(before, two.bias_parameters(), strict=True))
+
+
+def test_smar_trainer_logs_each_pair_of_the_omni_thinker(tmp_path):
+    model = omni_thinker()
+    g = torch.Generator().manual_seed(0)
+    data = [omni_batch(model, g) for _ in range(4)]
+
+    class Batches(torch.utils.data.Dataset):  # each item a whole batch of one sample
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            return data[i]
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=1, max_steps=4, logging_steps=2,
+        learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+        remove_unused_columns=False, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = smar.hf.SMARTrainer(
+        model=model, args=args, train_dataset=Batches(), data_collator=lambda items: items[0],
+        smar_config=smar.SMARConfig(num_modalities=4),
+    )  # fmt: skip
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "smar/band" in h]
+    assert len(logged) == 2
+    for pair in TEXT_PAIRS:
+        assert all(h[f"smar/mrd/{pair}"] >= 0 for h in logged), pair
+        assert f"smar/layer01/mrd/{pair}" in logged[-1]
