@@ -21,14 +21,15 @@ This module does not import transformers: router classes are matched by name.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
+from smar.checks import ROUTERS
 from smar.errors import UsageError
+from smar.gating import gating, recorded_activation
 
 __all__ = [
     "Adapter",
@@ -50,7 +51,8 @@ class Adapter:
     Args:
         name: a short name for messages and ``smar inspect``.
         classes: router module classes, by class name (or the class itself).
-        router: ``"softmax"`` or ``"sigmoid"``: how the router turns logits into scores.
+        router: ``"softmax"``, ``"sigmoid"`` or ``"sqrtsoftplus"``: how the router turns logits
+            into scores (see :func:`smar.routing_probs`).
         index: the position of the raw logits ``(T, E)`` in the router's output tuple; ``None``
             when the output is the logits tensor itself.
         top_k: experts per token, from the router module and its parent module; by default the
@@ -80,8 +82,8 @@ class Adapter:
     from_linear: bool = False
 
     def __post_init__(self):
-        if self.router not in ("softmax", "sigmoid"):
-            raise UsageError(f"router must be 'softmax' or 'sigmoid'; got {self.router!r}")
+        if self.router not in ROUTERS:
+            raise UsageError(f"router must be one of {ROUTERS}; got {self.router!r}")
         if not self.classes:
             raise UsageError("an Adapter needs at least one router class (name or type)")
         if self.index is not None and self.index < 0:
@@ -227,15 +229,6 @@ def _layer_index(name: str) -> int | None:
     return int(hits[-1]) if hits else None
 
 
-def _gating(cls: type) -> str:
-    """``"sigmoid"`` if the router's forward applies a sigmoid (DeepSeek-V3, Llama 4 style)."""
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return "softmax"
-    return "sigmoid" if "sigmoid" in source else "softmax"
-
-
 def _recorders(module: nn.Module) -> list | None:
     """The ``router_logits`` recorders a transformers model class declares, or None.
 
@@ -278,9 +271,15 @@ def _declared(model: nn.Module) -> dict[str, Adapter]:
             if layer_name is not None and f".{layer_name.strip('.')}." not in f".{name}.":
                 continue
             cls = type(module)
+            probs = recorded_activation(cls, index)
+            # A router that records its probabilities: the logits are read where they are made,
+            # from its linear layer, so that the softmax does not run twice.
             found[name] = Adapter(
-                cls.__name__, (cls,), router=_gating(cls), index=index,
-                note="declared by transformers (_can_record_outputs)",
+                cls.__name__, (cls,), router=probs or gating(module), index=index,
+                from_linear=probs is not None,
+                note="declared by transformers (_can_record_outputs)" + (
+                    f"; records {probs} probabilities: logits read from its linear layer"
+                    if probs else ""),
             )  # fmt: skip
             break
         for child_name, child in module.named_children():

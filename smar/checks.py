@@ -16,7 +16,8 @@ from torch import Tensor
 
 from smar.errors import UsageError
 
-_ROUTERS = ("softmax", "sigmoid")
+ROUTERS = ("softmax", "sigmoid", "sqrtsoftplus")  # how a router scores experts
+_ROUTERS = ROUTERS
 
 
 def _layer_list(router_logits: Sequence[Tensor], name: str) -> list[Tensor]:

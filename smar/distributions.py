@@ -187,7 +187,8 @@ def routing_probs(router_logits: Tensor | Sequence[Tensor], *, router: str = "so
     Args:
         router_logits: L tensors (T, E) or one (L, T, E) tensor of raw logits.
         router: ``"softmax"``, or ``"sigmoid"`` for routers that score experts independently:
-            ``sigmoid(z) / sum(sigmoid(z))``.
+            ``sigmoid(z) / sum(sigmoid(z))``; ``"sqrtsoftplus"`` (DeepSeek-V4):
+            ``sqrt(softplus(z)) / sum(sqrt(softplus(z)))``.
 
     Returns:
         Probabilities ``(L, T, E)``, float32 or wider, rows summing to 1.
@@ -198,6 +199,10 @@ def routing_probs(router_logits: Tensor | Sequence[Tensor], *, router: str = "so
 def probabilities(z: Tensor, router: str) -> Tensor:
     if router == "softmax":
         return torch.softmax(z, dim=-1)  # (L, T, E)
+    if router == "sqrtsoftplus":  # DeepSeek-V4: sqrt(softplus(z)), normalised in log space
+        tiny = torch.finfo(z.dtype).tiny
+        log_score = 0.5 * torch.nn.functional.softplus(z).clamp_min(tiny).log()  # (L, T, E)
+        return torch.softmax(log_score, dim=-1)  # (L, T, E)
     # sigmoid(z) / sum(sigmoid(z)) normalised in log space: sigmoid underflows to 0 for logits
     # below about -104 (float32), and a token whose every logit does would give 0 / 0.
     return torch.softmax(torch.nn.functional.logsigmoid(z), dim=-1)  # (L, T, E)

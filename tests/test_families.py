@@ -21,6 +21,8 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,6 +36,9 @@ from smar.upstream import upstream_defect  # noqa: E402
 
 FAMILIES = families.families()
 ALL = ("mlp", "attention")
+# Families whose router records softmax probabilities as its router_logits output (read by smar
+# from the router's linear layer): a family added here or missing is a test failure.
+PROBABILITY_RECORDERS = {"gemma4", "diffusion_gemma"}
 _BUILT: dict = {}
 
 
@@ -125,12 +130,77 @@ def test_routers_found_and_captured_as_the_model_records_them(family):
             model(**batch)
             mine = rec.logits()
     assert len(mine) == len(own)
+    # Routers that record probabilities (Gemma 4) are read as the logits they soft-max: what the
+    # model records is then their softmax, never smar's logits themselves (a second softmax
+    # would flatten the routing).
+    probs = {s.adapter.from_linear for s in sites} == {True}
+    assert probs == (family in PROBABILITY_RECORDERS), family
     # Each recorded tensor is one captured tensor (JetMoE's module order puts the MLP router
     # before the attention router that runs first).
     unmatched = list(mine)
     for theirs in own:
-        hit = next(i for i, a in enumerate(unmatched) if torch.equal(a, theirs.reshape(a.shape)))
+        theirs = theirs.reshape(unmatched[0].shape)
+        if probs:
+            hit = next(i for i, a in enumerate(unmatched)
+                       if torch.allclose(torch.softmax(a.float(), -1), theirs.float(), atol=1e-6))  # fmt: skip
+            assert not torch.allclose(unmatched[hit].sum(-1), torch.ones(theirs.shape[0]))
+        else:
+            hit = next(i for i, a in enumerate(unmatched) if torch.equal(a, theirs))
         unmatched.pop(hit)
+
+
+class _Activations(TorchFunctionMode):
+    """Records which expert-scoring activations run on ``(T, E)`` routing tensors."""
+
+    _NAMES = {torch.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+              torch.softmax: "softmax", torch.Tensor.softmax: "softmax", F.softmax: "softmax",
+              F.softplus: "sqrtsoftplus"}  # fmt: skip
+
+    def __init__(self, tokens: int, experts: int):
+        super().__init__()
+        self.tokens, self.experts = tokens, experts
+        self.seen, self.seen_top = set(), set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        x = args[0] if args else None
+        if func in self._NAMES and isinstance(x, torch.Tensor) and x.dim() >= 2:
+            rows, width = x.numel() // x.shape[-1], x.shape[-1]
+            if rows == self.tokens and width >= self.experts:  # all experts (and shared ones)
+                self.seen.add(self._NAMES[func])
+            elif rows == self.tokens and width > 1:  # the top-k chosen
+                self.seen_top.add(self._NAMES[func])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gating_read_as_the_router_scores_its_experts(family):
+    """The activation smar scores experts with is the one the MoE block applies to the router's
+    logits (a sigmoid through an activation module read as a softmax was MuseSpark's defect,
+    DeepSeek-V4's sqrt(softplus) another)."""
+    model, batch = tiny(family)
+    sites = [s for s in find_routers(model, kinds=ALL) if s.num_experts]
+    T = batch["input_ids"].numel()
+    for site in sites:
+        block = site.parent if site.parent is not None else site.module
+        mode = _Activations(T, site.num_experts)
+
+        def enter(*_, m=mode):
+            m.__enter__()  # a hook that returns something would replace the inputs or outputs
+
+        def leave(*_, m=mode):
+            m.__exit__(None, None, None)
+
+        handles = [block.register_forward_pre_hook(enter), block.register_forward_hook(leave)]
+        try:
+            with torch.no_grad():
+                model(**batch)
+        finally:
+            for h in handles:
+                h.remove()
+        # an activation on all E scores of each token is the gating; else the one on the top-k
+        # chosen (Mixtral: a softmax over the top-k logits; Kolibri: a sigmoid)
+        seen = mode.seen or mode.seen_top or {"softmax"}
+        assert site.adapter.router in seen, (site.name, mode.seen, mode.seen_top)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -101,3 +101,15 @@ def test_per_layer_logits_give_what_stacked_logits_give(router, T, E):
     assert torch.allclose(m1, m2, atol=1e-6, equal_nan=True)
     for a, b in zip(g1, g2, strict=True):
         assert torch.allclose(a, b, atol=1e-7)
+
+
+def test_sqrtsoftplus_probabilities_equal_the_normalised_scores_of_deepseek_v4():
+    z = torch.randn(3, 50, 8, dtype=torch.float64) * 5
+    z[0, 0] = -200.0  # softplus underflows: still a distribution, no NaN
+    score = torch.nn.functional.softplus(z).sqrt()
+    want = score / score.sum(-1, keepdim=True)
+    got = smar.routing_probs(z, router="sqrtsoftplus")
+    torch.testing.assert_close(got[:, 1:], want[:, 1:])
+    assert torch.isfinite(got).all() and torch.allclose(
+        got.sum(-1), torch.ones(3, 50, dtype=z.dtype)
+    )
