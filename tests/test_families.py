@@ -91,8 +91,12 @@ def image_ids(batch: dict) -> torch.Tensor:
 
 def own_router_logits(model, batch) -> list[torch.Tensor]:
     """What the model records itself with ``output_router_logits=True``, each tensor once
-    (JetMoE records its attention routers' logits twice: from the gating and from the block)."""
+    (JetMoE records its attention routers' logits twice: from the gating and from the block).
+    A multimodal wrapper that drops its language model's router logits (Nemotron-H Omni) is
+    answered by its language model, which runs the same computation on text inputs."""
     out = model(**batch, output_router_logits=True)
+    if getattr(out, "router_logits", None) is None and hasattr(model, "language_model"):
+        out = model.language_model(**batch, output_router_logits=True)
     found = []
     for key in ("encoder_router_logits", "router_logits", "decoder_router_logits"):
         value = getattr(out, key, None)

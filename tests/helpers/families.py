@@ -112,7 +112,7 @@ FULL = frozenset(
     solar_open step3p7 switch_transformers dots1 mistral4 flint deepseek_ocr2 unlimited_ocr
     muse_spark dots3_note gemma4 diffusion_gemma glm4v_moe glm5_next inkling2 minimax_m3_vl
     bailing_hybrid kimi_linear jamba nemotron_h granitemoehybrid lfm2_moe qwen4_exp
-    qwen3_omni_moe dbrx hy_v4_vl lara_mini ergo minicpm5_moe kolibri1_1""".split()
+    qwen3_omni_moe dbrx hy_v4_vl lara_mini ergo minicpm5_moe kolibri1_1 nemotron_h_omni""".split()
 )
 CAPTURE_ONLY = {
     "zaya": "ZayaRouter computes its logits through several linear layers (a small MLP): no "
@@ -143,13 +143,20 @@ def status(family: str) -> str:
     return "not yet checked"
 
 
+# Multimodal wrappers around a MoE language model of another family, whose own modeling code
+# declares no router_logits recorder (so the scan below does not find them).
+WRAPPERS = ("nemotron_h_omni",)
+
+
 def families() -> list[str]:
-    """Model folders whose modeling code records ``router_logits``: the MoE families."""
-    return sorted(
+    """Model folders whose modeling code records ``router_logits`` (the MoE families), and the
+    installed :data:`WRAPPERS`."""
+    found = {
         p.parent.name
         for p in MODELS.glob("*/modeling_*.py")
         if '"router_logits"' in p.read_text() and "_can_record_outputs" in p.read_text()
-    )
+    }
+    return sorted(found | {w for w in WRAPPERS if (MODELS / w).is_dir()})
 
 
 def model_class(family: str) -> type:
@@ -252,9 +259,11 @@ def build(family: str) -> torch.nn.Module:
     """The family's top model class (or its recipe's) on its shrunk default config and its recipe
     (tests/helpers/family_recipes.py), in eval mode, seed 0."""
     recipe = RECIPES.get(family, {})
-    cls = model_class(family)
     if "@class" in recipe:
-        cls = getattr(importlib.import_module(cls.__module__), recipe["@class"])
+        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        cls = getattr(module, recipe["@class"])
+    else:
+        cls = model_class(family)
     cfg = cls.config_class()
     _shrink(cfg)
     apply_recipe(cfg, recipe)

@@ -168,6 +168,13 @@ RECIPES: dict[str, dict] = {
     },
     # Its layers are blocks (Mamba, MoE, attention, MLP): the shrinking keeps Mamba and MoE only.
     "nemotron_h": {"layers_block_type": ["full_attention", "moe"]},
+    "nemotron_h_omni": {
+        # a RADIO vision tower and a Parakeet audio encoder around a Nemotron-H (hybrid Mamba and
+        # MoE) language model; its class name ends in none of the usual suffixes
+        "@class": "NemotronH_Omni_Reasoning_V3",
+        "text_config.layers_block_type": ["full_attention", "moe"],
+        "projector_hidden_size": 64,  # 4096: the vision projector alone would be 22M parameters
+    },
     "qwen3_omni_moe": {
         # The top class only generates (no forward); the thinker is the model that routes text.
         "@class": "Qwen3OmniMoeThinkerForConditionalGeneration",
