@@ -202,7 +202,10 @@ def file_lock(path: str | os.PathLike, what: str = ""):
 def set_aside(path: str | os.PathLike, why: str = "") -> Path:
     """Renames a corrupt file to ``<name>.corrupt-<time>`` beside it and logs both names."""
     path = Path(path)
-    dest = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+    stem = f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    dest, n = path.with_name(stem), 1
+    while dest.exists():  # a second one in the same second: never over the first
+        dest, n = path.with_name(f"{stem}-{n}"), n + 1
     with contextlib.suppress(FileNotFoundError):
         os.replace(path, dest)
         log.warning("warning: %s is corrupt (%s); moved to %s and rebuilding", path, why, dest.name)

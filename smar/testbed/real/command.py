@@ -4,6 +4,8 @@ changing) and ``run`` (the experiment, :func:`smar.testbed.real.run.run`)."""
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import resource
 import time
 
@@ -44,15 +46,40 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     real.add_argument("--workers", type=int, default=1, help="run: stage-3 runs side by side, "
                       "each in its own process with a share of the cores (default 1)")  # fmt: skip
     real.add_argument("--quiet", action="store_true", help="run: no progress bars")
+    real.add_argument("--force", action="store_true", help="run: set aside finished runs in "
+                      "--out trained with other settings and train them again")  # fmt: skip
     return real
 
 
+MAX_SEED = 2**32 - 1  # numpy's and the Trainer's seeds
+# A stage-3 step takes about 15 s on 2 cores and holds its batch of samples in memory; 5000
+# steps are some 20 hours a run.
+MAX_STEPS = 5000
+
+
+def _items(text: str, flag: str, example: str) -> list[str]:
+    """A comma-separated list: not empty, no item twice."""
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    if not items:
+        raise UsageError(f"{flag} {text!r} is empty", f"e.g. {flag} {example}")
+    twice = sorted({s for s in items if items.count(s) > 1})
+    if twice:
+        raise UsageError(f"{flag} {text!r} names {', '.join(twice)} twice",
+                         "give each once (a run would be trained twice)")  # fmt: skip
+    return items
+
+
 def _ints(text: str, flag: str) -> tuple[int, ...]:
+    items = _items(text, flag, "0,1,2")
     try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
+        values = tuple(int(s) for s in items)
     except ValueError:
         raise UsageError(f"{flag} {text!r} is not a comma-separated list of integers",
                          f"e.g. {flag} 0,1,2") from None  # fmt: skip
+    bad = [v for v in values if not 0 <= v <= MAX_SEED]
+    if bad:
+        raise UsageError(f"{flag} {bad[0]} is out of range", f"seeds are 0 to {MAX_SEED}")
+    return values
 
 
 def _config(args: argparse.Namespace, precision: str):
@@ -60,20 +87,30 @@ def _config(args: argparse.Namespace, precision: str):
     from smar.testbed.real.train import ARMS
 
     kw: dict = {"precision": precision}
-    if args.arms:
-        kw["arms"] = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+    if args.arms is not None:
+        kw["arms"] = tuple(_items(args.arms, "--arms", "none,smar,stop"))
         bad = [a for a in kw["arms"] if a not in ARMS]
-        if bad or not kw["arms"]:
+        if bad:
             raise UsageError(f"--arms {args.arms!r}: unknown arm(s) {bad}",
                              f"choose among {','.join(ARMS)}")  # fmt: skip
-    if args.seeds:
+    if args.seeds is not None:
         kw["seeds"] = _ints(args.seeds, "--seeds")
     for name in ("steps", "lr", "router_lr", "align_steps", "align_lr"):
         value = getattr(args, name)
         if value is not None:
-            if not value > 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive; got {value}")
+            flag = f"--{name.replace('_', '-')}"
+            if not value > 0 or not math.isfinite(value):
+                raise UsageError(f"{flag} must be positive; got {value}")
+            if name.endswith("steps") and value > MAX_STEPS:
+                raise UsageError(
+                    f"{flag} {value} is more than {MAX_STEPS} (a step takes about 15 s on 2 "
+                    f"cores: {value * 15 / 3600:.0f} hours a run)",
+                    f"{flag} {MAX_STEPS} or fewer",
+                )
             kw[name] = value
+    if not 1 <= args.workers <= (os.cpu_count() or 1):
+        raise UsageError(f"--workers must be 1 to {os.cpu_count() or 1} (the cores here); got "
+                         f"{args.workers}")  # fmt: skip
     return RealConfig.smoke(**kw) if args.smoke else RealConfig(**kw)
 
 
@@ -88,19 +125,16 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, precision: str) -> int:
-    from smar.atomic import output_problem
-    from smar.testbed.real.base import MODEL_ID, load_base
+    from smar.testbed.real import outdir
+    from smar.testbed.real.base import MODEL_ID, check_cache, load_base
     from smar.testbed.real.run import run
 
     cfg = _config(args, precision)
-    problem = output_problem(args.out)
-    if problem:
-        raise UsageError(f"--out {args.out}: {problem}", "pass a folder smar can write")
+    check_cache(args.cache)
+    out = outdir.claim(args.out)  # before the model loads: a folder it may not write is refused
     base = load_base(args.cache)
-    if args.workers < 1:
-        raise UsageError(f"--workers must be at least 1; got {args.workers}")
-    res = run(cfg, args.out, base=base, model_id=MODEL_ID, progress=not args.quiet,
-              workers=args.workers)  # fmt: skip
+    res = run(cfg, out, base=base, model_id=MODEL_ID, progress=not args.quiet,
+              workers=args.workers, force=args.force)  # fmt: skip
     print(open(f"{args.out}/report.md", encoding="utf-8").read())
     print(f"results: {args.out}/results.json; runs (smar analyze reads them): {args.out}/runs/; "
           f"peak memory {res['peak_memory_gib']:.1f} GiB a process")  # fmt: skip

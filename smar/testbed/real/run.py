@@ -34,9 +34,17 @@ from pathlib import Path
 
 import torch
 
-from smar.errors import UsageError
-from smar.testbed.io import cache_dir, load_tensors, read_cached_json, save_tensors, write_json
-from smar.testbed.real import evaluate, texts
+from smar.errors import CorruptFile, UsageError
+from smar.testbed.io import (
+    cache_dir,
+    load_tensors,
+    read_cached_json,
+    save_tensors,
+    set_aside,
+    sha256_file,
+    write_json,
+)
+from smar.testbed.real import evaluate, outdir, texts
 from smar.testbed.real.data import description_chat, qa_chat
 from smar.testbed.real.model import VisionSpec, build_run_vlm
 from smar.testbed.real.train import ARMS, align, instruct
@@ -120,7 +128,7 @@ def base_answers(lm, tok, cfg: RealConfig, stages: Path, model_id: str) -> dict:
     questions = questions[: cfg.eval_knowledge]
     key = _key(model_id, chat_eval, chat_train, questions, CHAT_TOKENS, KNOWLEDGE_TOKENS)
     path = stages / f"base-answers-{key}.json"
-    cached = read_cached_json(path)
+    cached = _checked_json(path, ("chat_eval", "chat_train", "knowledge"))
     if cached is not None:
         return cached
     log.info("base answers: %d instructions, %d questions", len(chat_eval) + n_text,
@@ -151,10 +159,17 @@ def see(model, proc, cfg: RealConfig, stages: Path, model_id: str) -> dict:
     keep = {name: getattr(cfg, name) for name in names}
     path = stages / f"vision-{_key(model_id, keep)}.safetensors"
     if path.exists():
-        tensors, meta = load_tensors(path)
-        model.model.load_state_dict(tensors, strict=False)
-        model.model.vision_tower.requires_grad_(False)
-        return json.loads(meta["info"])
+        try:
+            tensors, meta = load_tensors(path)
+            info = json.loads(meta["info"])
+            if set(tensors) != set(_vision_parts(model)):
+                raise CorruptFile(path, "its tensors are not the tower's and projector's")
+        except (CorruptFile, KeyError, ValueError) as e:
+            set_aside(path, getattr(e, "why", str(e)))  # rebuilt below, as docs/errors.md says
+        else:
+            model.model.load_state_dict(tensors, strict=False)
+            model.model.vision_tower.requires_grad_(False)
+            return info
     log.info("stage 0: the vision tower learns the images (%d steps)", cfg.vision_steps)
     t = time.perf_counter()
     tower = pretrain_tower(model, proc, steps=cfg.vision_steps, seed=0)
@@ -220,7 +235,7 @@ def score(model, proc, cfg: RealConfig, answers: dict, images: list[dict]) -> di
 
 def run(cfg: RealConfig, out: str | Path, *, base=None, model_id: str | None = None,
         stages: str | Path | None = None, progress: bool = True,
-        workers: int = 1) -> dict:  # fmt: skip
+        workers: int = 1, force: bool = False) -> dict:  # fmt: skip
     """Runs every stage not cached yet and writes ``<out>/results.json`` and ``report.md``.
 
     Args:
@@ -230,14 +245,34 @@ def run(cfg: RealConfig, out: str | Path, *, base=None, model_id: str | None = N
         workers: stage-3 runs side by side, each in its own process with its share of the cores
             (:mod:`smar.testbed.real.workers`). Workers are spawned: a script that calls this
             with ``workers > 1`` needs Python's ``if __name__ == "__main__":`` guard.
+        force: set aside finished runs of other settings and train them again (without it they
+            are refused: :mod:`smar.testbed.real.outdir`).
     """
+    out = outdir.claim(out)
+    with outdir.hold(out):
+        return _run(cfg, out, base, model_id, stages, progress, workers, force)
+
+
+def _run(cfg, out: Path, base, model_id, stages, progress, workers, force) -> dict:
     from smar.testbed.real import report
 
     t0 = time.perf_counter()
-    out = Path(out)
     stages = Path(stages) if stages is not None else cache_dir() / "real" / "stages"
     stages.mkdir(parents=True, exist_ok=True)
     (out / "runs").mkdir(parents=True, exist_ok=True)
+    folder_config = read_cached_json(out / "config.json")  # the runs' settings before this
+    settings = outdir.run_settings(cfg)
+    runs, jobs = {}, []
+    for seed in cfg.seeds:  # which runs are finished (checked before any model work)
+        for arm in cfg.arms:
+            name = f"{arm}-seed{seed}"
+            folder = out / "runs" / name
+            done = outdir.reusable(folder, arm, seed, settings, force=force,
+                                   folder_config=folder_config)  # fmt: skip
+            if done is not None:
+                runs[name] = done
+            else:
+                jobs.append((name, arm, seed, folder))
     write_json(out / "config.json", dataclasses.asdict(cfg))
     if base is None:
         from smar.testbed.real.base import MODEL_ID, load_base
@@ -260,16 +295,6 @@ def run(cfg: RealConfig, out: str | Path, *, base=None, model_id: str | None = N
     log.info("scores of the stage-1 model")
     stage1 = _cached_scores(stages / f"stage1-scores-{key}.json",
                             lambda: score(model, proc, cfg, answers, images))  # fmt: skip
-    runs, jobs = {}, []
-    for seed in cfg.seeds:
-        for arm in cfg.arms:
-            name = f"{arm}-seed{seed}"
-            folder = out / "runs" / name
-            done = read_cached_json(folder / "scores.json")
-            if done is not None:
-                runs[name] = done
-            else:
-                jobs.append((name, arm, seed, folder))
     for *_, folder in jobs:
         if folder.exists():
             shutil.rmtree(folder)  # an interrupted run starts again
@@ -309,6 +334,9 @@ def train_and_score(model, proc, cfg: RealConfig, answers: dict, images: list[di
                eval_seconds=time.perf_counter() - t - trained, peak_memory_gib=_peak_gib(),
                log=[r for r in trainer.state.log_history if "loss" in r])  # fmt: skip
     trainer.smar.detach()
+    model_file = folder / outdir.MODEL_FILE
+    res.update(settings=outdir.run_settings(cfg),
+               model_sha256=sha256_file(model_file) if model_file.is_file() else None)  # fmt: skip
     write_json(folder / "scores.json", res)
     return res
 
@@ -337,8 +365,18 @@ def write_analyze_data(folder: Path, images: list[dict], answers: dict, per_task
     return path
 
 
-def _cached_scores(path: Path, compute) -> dict:
+def _checked_json(path: Path, keys: tuple[str, ...]):
+    """A cached JSON file's content when it parses and holds ``keys`` (else set aside: None)."""
     cached = read_cached_json(path)
+    if cached is not None and not (isinstance(cached, dict) and all(k in cached for k in keys)):
+        set_aside(path, f"it lacks {', '.join(k for k in keys if k not in cached) or 'a dict'}"
+                  if isinstance(cached, dict) else "not a JSON object")  # fmt: skip
+        return None
+    return cached
+
+
+def _cached_scores(path: Path, compute) -> dict:
+    cached = _checked_json(path, ("language", "multimodal", "knowledge_asked"))
     if cached is None:
         cached = compute()
         write_json(path, cached)

