@@ -15,6 +15,7 @@ from __future__ import annotations
 __all__ = [
     "SmarError",
     "UsageError",
+    "MissingFile",
     "AnalyzeError",
     "CorruptFile",
     "Diverged",
@@ -37,6 +38,10 @@ class SmarError(Exception):
 
 class UsageError(SmarError, ValueError):
     """A bad argument, option, override or input file, found before the work on it starts."""
+
+
+class MissingFile(UsageError, FileNotFoundError):
+    """A file or folder the input needs is not there (also a ``FileNotFoundError``, as before)."""
 
 
 class AnalyzeError(UsageError):

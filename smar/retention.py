@@ -57,6 +57,14 @@ def check_tasks(tasks: Sequence[str], task_manager) -> None:
         raise UsageError("no task given; fix: name lm-eval tasks, e.g. --tasks mmlu,gsm8k")
     known = set(task_manager.all_tasks)
     for t in tasks:
+        testbed_known = any(k.startswith("testbed_") for k in known)
+        if t not in known and t.startswith("testbed_") and not testbed_known:
+            raise UsageError(
+                f"{t!r} is a task of the testbed's own models (smar demo run folders), which "
+                "these Hugging Face folders are not",
+                "name lm-eval tasks for them, e.g. --tasks arc_easy,hellaswag (with "
+                "--include-path for local YAML tasks)",
+            )
         if t not in known:
             close = difflib.get_close_matches(t, sorted(known), n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""

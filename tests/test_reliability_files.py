@@ -22,7 +22,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 import smar  # noqa: E402
 import smar.hf  # noqa: E402
-from smar.errors import UsageError  # noqa: E402
+from smar.errors import MissingFile, UsageError  # noqa: E402
 from smar.hf.loading import load_model_folder  # noqa: E402
 from smar.hf.saving import BIAS_FILE, FORMAT, checksum  # noqa: E402
 
@@ -247,9 +247,9 @@ CASES = [
      r"no MoE router smar knows in Qwen3ForCausalLM.*fix: upcycle it"),
     ("dense_model_with_a_bias_file", _folder(_copy_bias, "dense"), UsageError,
      r"smar_bias\.safetensors: no router found in Qwen3ForCausalLM.*upcycle_hf"),
-    ("no_config", _folder(_rm("config.json")), FileNotFoundError,
+    ("no_config", _folder(_rm("config.json")), MissingFile,
      r"has no config\.json; fix: pass a folder written by save_pretrained"),
-    ("config_without_weights", _folder(_rm("model.safetensors")), FileNotFoundError,
+    ("config_without_weights", _folder(_rm("model.safetensors")), MissingFile,
      r"has no weights \(model\.safetensors\); fix: write them with save_pretrained"),
     ("weights_truncated", _folder(_truncate), UsageError,
      r"model\.safetensors is " + UNREADABLE + r"truncated or corrupted\); fix: copy it again"),
@@ -257,13 +257,13 @@ CASES = [
      r"model\.safetensors is " + UNREADABLE + "fix: copy it again"),
     ("weights_inf", _folder(_inf_weight), UsageError,
      r"weight model\.norm\.weight holds NaN or inf .*fix: copy the weights again"),
-    ("weights_missing_shard", _folder(_missing_shard), FileNotFoundError,
+    ("weights_missing_shard", _folder(_missing_shard), MissingFile,
      r"names shards that are not there: \['model-00002.*fix: copy every shard"),
     ("weights_pickled", _folder(_pickled), UsageError,
      r"pickles \(pytorch_model\.bin\), which smar never loads.*fix: .*save with safetensors"),
     ("adapter_pickled", _folder(_pickled_adapter), UsageError,
      r"pickles \(adapter_model\.bin\).*fix: .*save with safetensors"),
-    ("no_tokenizer", _folder(_nothing, tokenizer=True), FileNotFoundError,
+    ("no_tokenizer", _folder(_nothing, tokenizer=True), MissingFile,
      r"has no tokenizer .*fix: save it into the folder"),
 ]  # fmt: skip
 

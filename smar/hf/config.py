@@ -12,7 +12,7 @@ import os
 
 import transformers
 
-from smar.errors import UsageError
+from smar.errors import MissingFile, UsageError
 
 __all__ = ["config_model_class", "upcycle_spec"]
 
@@ -28,9 +28,9 @@ def _config(path):
     (a model-hub id is left to transformers)."""
     p = os.path.expanduser(os.fspath(path))
     if os.path.isdir(p) and not os.path.isfile(os.path.join(p, "config.json")):
-        raise FileNotFoundError(
-            f"{p} has no config.json; fix: pass a folder written by save_pretrained"
-        )
+        what = "a folder where config.json should be" if os.path.isdir(
+            os.path.join(p, "config.json")) else "no config.json"  # fmt: skip
+        raise MissingFile(f"{p} has {what}", "pass a folder written by save_pretrained")
     try:
         return transformers.AutoConfig.from_pretrained(path)
     except (ValueError, KeyError, TypeError, OSError) as e:
@@ -161,4 +161,4 @@ def _check_local(path) -> None:
     local = os.path.isabs(p) or p.startswith((".", "~")) or p.count("/") > 1 or os.path.exists(p)
     if local and not os.path.isdir(os.path.expanduser(p)):
         what = "is a file, not a folder" if os.path.exists(p) else "no such directory"
-        raise FileNotFoundError(f"{p}: {what} (pass a folder written by save_pretrained)")
+        raise MissingFile(f"{p}: {what}", "pass a folder written by save_pretrained")

@@ -20,6 +20,7 @@ weight, no tokenizer (``tokenizer=True``), no MoE router (``routers=True``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ from pathlib import Path
 from torch import nn
 
 from smar.adapters import find_routers
-from smar.errors import UsageError
+from smar.errors import MissingFile, UsageError
 from smar.hf.config import _check_local
 from smar.hf.inspect import load_model_dir
 from smar.hf.saving import BIAS_FILE, load_bias
@@ -159,14 +160,47 @@ def _load(folder: Path, weights: bool = True) -> nn.Module:
     folder (transformers' own may name neither the file nor a fix)."""
     from safetensors import SafetensorError
 
-    kwargs = {"use_safetensors": True} if weights else {}  # never a pickle, whatever is there
+    # never a pickle, whatever is there; the loading report tells a config edited against its
+    # weights (missing, unexpected or reshaped weights) from a whole model
+    kwargs = {"use_safetensors": True, "output_loading_info": True} if weights else {}
     try:
-        return load_model_dir(str(folder), weights=weights, **kwargs)
+        with _quiet_transformers():
+            out = load_model_dir(str(folder), weights=weights, **kwargs)
     except FileNotFoundError:
         raise
     except (OSError, RuntimeError, SafetensorError) as e:
+        if "mismatched_sizes" in str(e) or "size mismatch" in str(e):
+            raise UsageError(f"{folder}: config.json does not match its weights (shapes differ)",
+                             _CONFIG_FIX) from None  # fmt: skip
         first = (str(e).splitlines() or [type(e).__name__])[0][:200]
         raise UsageError(f"{folder}: the model does not load ({first}); {_RESAVE}") from None
+    if not weights:
+        return out
+    model, info = out
+    wrong = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys",
+                                                      "mismatched_keys")}  # fmt: skip
+    if any(wrong.values()):
+        what = "; ".join(f"{len(v)} {k.replace('_keys', '')}, e.g. {str(v[0])[:80]}"
+                         for k, v in wrong.items() if v)  # fmt: skip
+        raise UsageError(f"{folder}: config.json does not match its weights ({what})", _CONFIG_FIX)
+    return model
+
+
+_CONFIG_FIX = ("restore the config.json saved with these weights (an edited width, number of "
+               "layers or experts changes which weights the model has)")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers prints a loading report before it raises; the one line here replaces it."""
+    import transformers
+
+    before = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(before)
 
 
 def check_weights(folder: Path) -> None:
@@ -183,9 +217,9 @@ def check_weights(folder: Path) -> None:
             ) from None
         missing = [f for f in files if not (folder / f).is_file()]
         if missing:
-            raise FileNotFoundError(
-                f"{folder}: {index.name} names shards that are not there: {missing[:3]}; "
-                "fix: copy every shard into the folder, or save the model again"
+            raise MissingFile(
+                f"{folder}: {index.name} names shards that are not there: {missing[:3]}",
+                "copy every shard into the folder, or save the model again",
             )
     elif (folder / "model.safetensors").is_file():
         files = ["model.safetensors"]
@@ -212,9 +246,9 @@ def _no_safetensors(folder: Path, expected: str, how: str) -> None:
             "never loads (unpickling runs code); fix: load it in a trusted session and save "
             f"with safetensors ({how} writes {expected})"
         )
-    raise FileNotFoundError(
-        f"{folder} has no weights ({expected}); fix: write them with {how}, or copy the "
-        "weight files into the folder"
+    raise MissingFile(
+        f"{folder} has no weights ({expected})",
+        f"write them with {how}, or copy the weight files into the folder",
     )
 
 
@@ -257,9 +291,10 @@ def tokenizer_folder(folder: Path, base: Path | None = None) -> Path:
     for where in (folder, base):
         if where is not None and any((Path(where) / f).is_file() for f in TOKENIZER_FILES):
             return Path(where)
-    raise FileNotFoundError(
-        f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...); fix: save "
-        f"it into the folder: AutoTokenizer.from_pretrained(BASE_MODEL).save_pretrained('{folder}')"
+    raise MissingFile(
+        f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...)",
+        f"save it into the folder: AutoTokenizer.from_pretrained(BASE_MODEL).save_pretrained("
+        f"'{folder}')",
     )
 
 

@@ -6,8 +6,12 @@ adapter's directory):
 * one float32 tensor ``(M, E)`` per biased router, named ``<router module name>.modality_bias``,
   where the router module name is the router's name in the model *without* smar or PEFT around
   it (e.g. ``model.layers.0.mlp.gate``; a PEFT ``base_model.model.`` prefix is removed);
-* metadata ``format = "smar-bias/1"``, ``smar_config`` = the :class:`smar.SMARConfig` as JSON and
-  ``checksum = "sha256:<hex>"`` over the tensors' names, shapes and float32 bytes.
+* metadata ``format = "smar-bias/1"``, ``smar_config`` = the :class:`smar.SMARConfig` as JSON,
+  ``checksum = "sha256:<hex>"`` over the tensors' names, shapes and float32 bytes, and
+  ``routers`` = four random projections of each router weight it was trained with (older files
+  have none): loaded into a model with other router weights, it is warned about.
+
+:func:`save_bias` overwrites an existing file, as ``save_pretrained`` does, atomically.
 
 :func:`load_bias` refuses, in one line naming the file and the fix, a file that is not
 safetensors, lacks or garbles its metadata, holds other tensors, fails its checksum (a file from
@@ -26,13 +30,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import tempfile
+import warnings
 from dataclasses import fields
 
 import torch
 from torch import Tensor, nn
 
-from smar.errors import UsageError
+from smar.atomic import publish
+from smar.errors import MissingFile, UsageError
 from smar.routing import Regularizer, SMARConfig, attach
 
 __all__ = ["BIAS_FILE", "FORMAT", "save_bias", "load_bias", "load_bias_into", "original_state_dict"]
@@ -40,6 +48,7 @@ __all__ = ["BIAS_FILE", "FORMAT", "save_bias", "load_bias", "load_bias_into", "o
 BIAS_FILE = "smar_bias.safetensors"
 FORMAT = "smar-bias/1"
 _PEFT_PREFIX = "base_model.model."
+log = logging.getLogger(__name__)
 _SUFFIX = ".modality_bias"
 
 
@@ -87,9 +96,38 @@ def save_bias(reg: Regularizer, path: str | os.PathLike) -> str | None:
         "format": FORMAT,
         "smar_config": json.dumps(reg.config.to_dict()),
         "checksum": checksum(tensors),
+        "routers": json.dumps(router_fingerprint(reg)),
     }
-    save_file(tensors, file, metadata=meta)
+    if os.path.exists(file):  # as save_pretrained does; atomically, so never half a file
+        log.info("overwriting %s", file)
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{BIAS_FILE}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        publish(tmp, file)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return file
+
+
+def router_fingerprint(reg: Regularizer) -> list[float]:
+    """Four random projections of each router's weight the bias sits on (in name order): which
+    model the bias was trained with. They survive a change of dtype (bf16 loads agree to 1%)
+    where a hash would not, and differ entirely between two models."""
+    from smar.bias import logit_weight
+
+    out: list[float] = []
+    for site in sorted(reg.sites, key=lambda s: _plain(s.name)):
+        w = logit_weight(site.module).detach().float().cpu().flatten()  # (E * D,)
+        g = torch.Generator().manual_seed(w.numel())
+        out += (w @ torch.randn(w.numel(), 4, generator=g) / w.numel() ** 0.5).tolist()
+    return out
+
+
+def _same_routers(recorded: list[float], mine: list[float]) -> bool:
+    a, b = torch.tensor(recorded), torch.tensor(mine)
+    return a.shape == b.shape and bool((a - b).norm() <= 0.01 * a.norm() + 1e-6)
 
 
 def checksum(tensors: dict[str, Tensor]) -> str:
@@ -110,9 +148,10 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
 
     file = os.path.join(path, BIAS_FILE)
     if not os.path.isfile(file):
-        raise FileNotFoundError(
-            f"no {BIAS_FILE} in {path}: save it with smar.hf.save_bias(reg, path) (SMARTrainer's "
-            "checkpoints and save_model() write it)"
+        raise MissingFile(
+            f"no {BIAS_FILE} in {path}",
+            "save it with smar.hf.save_bias(reg, path) (SMARTrainer's "
+            "checkpoints and save_model() write it)",
         )
     fix = (
         f"fix: save it again with smar.hf.save_bias(reg, {os.fspath(path)!r}), or delete it (or "
@@ -187,16 +226,29 @@ def _saved_config(file: str, meta: dict, fix: str) -> dict:
 
 
 def load_bias_into(reg: Regularizer, path: str | os.PathLike) -> None:
-    """Copies the bias saved in ``path`` into an attached regularizer (same routers)."""
+    """Copies the bias saved in ``path`` into an attached regularizer (same routers). A file that
+    records other router weights than this model's (another model or checkpoint with the same
+    router names) is loaded with a warning: its bias was trained for those routers."""
+    from safetensors import safe_open
+
     tensors, _ = _read(path)
+    file = os.path.join(path, BIAS_FILE)
     mine = {_plain(k): k for k in reg.bias_state_dict()}
     try:
         reg.load_bias_state_dict({mine.get(k, k): v for k, v in tensors.items()})
     except ValueError as e:
         raise UsageError(
-            f"{os.path.join(path, BIAS_FILE)}: {e}; fix: load it into the model it was trained "
+            f"{file}: {e}; fix: load it into the model it was trained "
             "with (the same routers and num_modalities), or pass bias=False / --no-bias"
         ) from None
+    with safe_open(file, framework="pt") as f:
+        recorded = (f.metadata() or {}).get("routers")
+    if recorded is not None and not _same_routers(json.loads(recorded), router_fingerprint(reg)):
+        warnings.warn(
+            f"{file} was trained with other router weights than this model's (another model or "
+            "checkpoint): its bias may not route as it did in training; load it into the model "
+            "saved beside it", stacklevel=2,
+        )  # fmt: skip
 
 
 def load_bias(

@@ -154,6 +154,27 @@ def _messages(sample: dict) -> list[dict]:
     return out
 
 
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "video_preprocessor_config.json")  # fmt: skip
+
+
+def check_json_files(model_dir) -> None:
+    """The processor's and tokenizer's JSON files of a folder parse (a corrupt one is named in one
+    line, where transformers' fallback would report it as missing)."""
+    for name in PROCESSOR_FILES:
+        path = Path(model_dir) / name
+        if not path.exists():
+            continue
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            first = (str(e).splitlines() or [type(e).__name__])[0][:100]
+            raise UsageError(
+                f"{path} is not readable JSON ({first})",
+                "restore it: save the processor again with save_pretrained",
+            ) from None
+
+
 class HFEncoder:
     """Samples to model inputs with the model folder's own processor; when ``AutoProcessor``
     cannot be built (e.g. a video processor that needs torchvision), its tokenizer and image
@@ -164,6 +185,7 @@ class HFEncoder:
 
         self.config, self.mm_token_types = config, mm_token_types
         self.processor = None
+        check_json_files(model_dir)  # a garbled one would read as missing below
         try:
             proc = transformers.AutoProcessor.from_pretrained(model_dir)
             if isinstance(proc, transformers.ProcessorMixin):
