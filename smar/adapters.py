@@ -356,14 +356,14 @@ def find_routers(
     return sorted(sites, key=lambda s: s.layer)
 
 
-def no_router_error(model: nn.Module) -> ValueError:
+def no_router_error(model: nn.Module) -> UsageError:
     """The error for a model without any recognised router, naming the fix."""
     known = ", ".join(f"{a.name} ({', '.join(map(str, a.classes))})" for a in ADAPTERS)
-    return ValueError(
+    return UsageError(
         f"no router found in {type(model).__name__}: no module is declared as recording "
         f"router_logits (transformers' _can_record_outputs) and no adapter matches (built-in: "
-        f"{known}). For another MoE "
-        "architecture pass adapter=smar.adapters.Adapter(name, classes=('YourRouterClass',), "
-        "index=<position of the logits in its output>, router='softmax' or 'sigmoid'); for a "
-        "dense model, see smar.hf.upcycle_hf"
+        f"{known})",
+        "for a dense model, upcycle it with smar.hf.upcycle_hf; for another MoE architecture "
+        "pass adapter=smar.adapters.Adapter(name, classes=('YourRouterClass',), index=<position "
+        "of the logits in its output>, router='softmax' or 'sigmoid')",
     )

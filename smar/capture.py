@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from smar.adapters import Adapter, RouterSite, find_routers, no_router_error
 from smar.bias import ModalityBiasRouter, RouterLinear, logit_weight
-from smar.errors import UsageError
+from smar.errors import UsageError, WrongType
 from smar.modality import (
     LEVELS,
     ModalityState,
@@ -35,41 +35,10 @@ from smar.modality import (
     special_token_ids,
     token_mask,
 )
+from smar.wrapping import check_adapters as _check_adapters
+from smar.wrapping import unwrap
 
 __all__ = ["RouterCapture", "record", "unwrap"]
-
-
-def unwrap(model, who: str, *, new_parameters: bool = False) -> nn.Module:
-    """The model smar acts on: ``model``, or the module inside ``nn.DataParallel`` or
-    ``DistributedDataParallel`` (their forward calls it with the inputs, so its hooks see them,
-    and its config names the placeholder tokens; hooked on the wrapper, every token read as
-    text).
-
-    Raises:
-        TypeError: if ``model`` is not a module.
-        ValueError: for DataParallel over several devices (replicas in threads would mix their
-            captures), or DDP when smar adds parameters DDP would not synchronise.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"{who}(model={model!r:.40}): model must be a torch.nn.Module, the MoE model itself; "
-            f"got a {type(model).__name__}"
-        )
-    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        if isinstance(model, nn.DataParallel) and len(model.device_ids or []) > 1:
-            raise UsageError(
-                f"{who}: nn.DataParallel over devices {model.device_ids} runs one replica per "
-                "device in threads, which smar cannot tell apart; fix: use "
-                "DistributedDataParallel (one process per device), or attach to model.module"
-            )
-        if new_parameters and isinstance(model, nn.parallel.DistributedDataParallel):
-            raise UsageError(
-                f"{who}: the model is already wrapped in DistributedDataParallel, which would not "
-                "synchronise the modality bias smar adds; fix: attach before wrapping "
-                "(reg = smar.attach(model); model = DDP(model)), or SMARConfig(modality_bias=False)"
-            )
-        model = model.module
-    return model
 
 
 def _top_k(site: RouterSite) -> int | None:
@@ -124,15 +93,26 @@ class RouterCapture:
         model = unwrap(model, "record")
         if modality not in LEVELS:
             raise UsageError(f"modality must be one of {LEVELS}; got {modality!r}")
+        adapter = _check_adapters(adapter)
         self.groups = resolve_groups(groups)
         sites = find_routers(model, adapter, kinds=kinds)
         if not sites:
-            if kinds != "mlp" or not find_routers(model, adapter, kinds="attention"):
+            asked = {kinds} if isinstance(kinds, str) else set(kinds)
+            other = "attention" if asked == {"mlp"} else "mlp"
+            if asked == {"mlp", "attention"} or not find_routers(model, adapter, kinds=other):
                 raise no_router_error(model)
             raise UsageError(
-                f"{type(model).__name__} has attention routers only (kinds='attention'): "
-                "pass SMARConfig(routers='attention') or record(model, kinds='attention')"
-            )
+                f"{type(model).__name__} has {other} routers only, not the {asked.pop()} routers "
+                f"asked for", f"pass SMARConfig(routers='{other}') (or record(model, "
+                f"kinds='{other}'))",
+            )  # fmt: skip
+        for s in sites:
+            k, E = _top_k(s), s.num_experts
+            if k is not None and E is not None and k > E:
+                raise UsageError(
+                    f"{s.name} chooses top_k={k} of its {E} experts (num_experts_per_tok in the "
+                    "model's config?)", f"set it to at most {E}",
+                )  # fmt: skip
         routers = {s.adapter.router for s in sites}
         if len(routers) > 1:
             raise UsageError(f"mixed softmax and sigmoid routers in one model: {routers}")
@@ -271,7 +251,7 @@ class RouterCapture:
         if ids is not None:
             if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.dtype == torch.bool:
                 got = ids.dtype if isinstance(ids, Tensor) else type(ids).__name__
-                raise TypeError(
+                raise WrongType(
                     f"set_modality(ids): ids must be an integer tensor (0 text, 1 image, -1 "
                     f"ignore); got {got}; fix: e.g. ids.long()"
                 )

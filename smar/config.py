@@ -8,12 +8,12 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from smar.collective import STATS
-from smar.errors import UsageError
+from smar.errors import UsageError, WrongType
 from smar.losses import _check_band, check_weight
 from smar.modality import LEVELS, resolve_groups
 from smar.pairs import check_pair_bands, resolve_pairs
 
-__all__ = ["SMARConfig"]
+__all__ = ["SMARConfig", "check_config"]
 
 
 @dataclass
@@ -88,7 +88,7 @@ class SMARConfig:
         for name in ("smar_weight", "lb_weight", "z_weight"):
             check_weight(name, getattr(self, name))
         if not isinstance(self.modality_bias, bool):  # a string such as "no" would be truthy
-            raise TypeError(f"modality_bias must be True or False; got {self.modality_bias!r}")
+            raise WrongType(f"modality_bias must be True or False; got {self.modality_bias!r}")
         if self.hinge not in ("linear", "squared"):
             raise UsageError(f"hinge must be 'linear' or 'squared'; got {self.hinge!r}")
         if self.lb_variant not in ("switch", "hf"):
@@ -171,3 +171,18 @@ class SMARConfig:
     @property
     def kinds(self) -> tuple[str, ...]:
         return ("mlp", "attention") if self.routers == "all" else (self.routers,)
+
+
+def check_config(config, who: str) -> SMARConfig:
+    """``config`` as a :class:`SMARConfig` (None: the defaults), or one line naming the fix."""
+    if config is None:
+        return SMARConfig()
+    if isinstance(config, SMARConfig):
+        return config
+    if isinstance(config, type) and issubclass(config, SMARConfig):
+        raise WrongType(f"{who}: got the class SMARConfig, not a config",
+                        "pass an instance: smar.SMARConfig() (or with options)")  # fmt: skip
+    if isinstance(config, dict):
+        raise WrongType(f"{who}: got a dict, not a SMARConfig", "pass smar.SMARConfig(**options)")
+    raise WrongType(f"{who}: the config must be a smar.SMARConfig; got a {type(config).__name__} "
+                    f"({config!r:.40})", "pass smar.SMARConfig(...)")  # fmt: skip

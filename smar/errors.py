@@ -16,6 +16,7 @@ __all__ = [
     "SmarError",
     "UsageError",
     "MissingFile",
+    "WrongType",
     "AnalyzeError",
     "CorruptFile",
     "Diverged",
@@ -38,6 +39,10 @@ class SmarError(Exception):
 
 class UsageError(SmarError, ValueError):
     """A bad argument, option, override or input file, found before the work on it starts."""
+
+
+class WrongType(UsageError, TypeError):
+    """An argument of the wrong type (also a ``TypeError``, as before)."""
 
 
 class MissingFile(UsageError, FileNotFoundError):

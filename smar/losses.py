@@ -52,7 +52,7 @@ from smar.distributions import (
     prepare_routing,
     routing_probs,
 )
-from smar.errors import UsageError
+from smar.errors import UsageError, WrongType
 from smar.pairs import Pair, pair_band_loss, pair_divergences, resolve_pairs
 from smar.pairs import _band_rows as _check_band  # noqa: F401  (re-exported: smar.config)
 from smar.pairs import pair_bands as _band_table
@@ -79,7 +79,7 @@ def check_weight(name: str, value) -> None:
     """A loss weight must be a finite number >= 0 (NaN would make the total NaN, a negative
     weight rewards the term it weighs)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number >= 0; got {value!r}")
+        raise WrongType(f"{name} must be a number >= 0; got {value!r}")
     if not math.isfinite(value) or value < 0:
         raise UsageError(
             f"{name}={value!r} must be a finite number >= 0; fix: {name}=0.0 turns the term off"

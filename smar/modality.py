@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from smar.errors import UsageError
+from smar.errors import UsageError, WrongType
 
 __all__ = [
     "TEXT",
@@ -204,7 +204,7 @@ def _group_id(x, groups) -> int:
         if x < 0:
             raise UsageError(f"groups={groups!r}: {x} is not a modality id (ids are >= 0)")
         return x
-    raise TypeError(
+    raise WrongType(
         f"groups={groups!r}: {x!r} is not a modality id; fix: map integer ids, e.g. "
         "groups={2: 1} (video counts as image)"
     )
@@ -233,7 +233,7 @@ def resolve_groups(
     elif isinstance(groups, Mapping):
         out = {_group_id(a, groups): _group_id(b, groups) for a, b in groups.items()}
     else:
-        raise TypeError(
+        raise WrongType(
             f"groups must be a name of {sorted(GROUPS)}, a dict {{from_id: to_id}} or None; "
             f"got {type(groups).__name__}"
         )

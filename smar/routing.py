@@ -31,7 +31,7 @@ from smar.adapters import Adapter
 from smar.bias import ModalityBiasRouter, check_modality_id
 from smar.capture import RouterCapture, record, unwrap
 from smar.collective import StepSums, default_group
-from smar.config import SMARConfig
+from smar.config import SMARConfig, check_config
 from smar.distributions import prepare_routing
 from smar.errors import UsageError
 from smar.losses import routing_objective
@@ -76,6 +76,24 @@ def balancing_loss_in_model(model: nn.Module) -> str | None:
     return None
 
 
+_NOT_CONNECTED = (
+    "SMAR's routing loss is not connected to the graph, so it trains nothing: reentrant gradient "
+    "checkpointing recomputes the routers outside it (or every router weight and bias is "
+    "frozen); fix: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+    "{'use_reentrant': False})"
+)
+
+
+def _reentrant_checkpointing(model: nn.Module) -> bool:
+    """transformers' gradient checkpointing with ``use_reentrant=True`` (its layers hold the
+    checkpoint function with its keywords)."""
+    for m in model.modules():
+        fn = getattr(m, "_gradient_checkpointing_func", None)
+        if getattr(m, "gradient_checkpointing", False) and fn is not None:
+            return bool(getattr(fn, "keywords", {}).get("use_reentrant", False))
+    return False
+
+
 def _refuse_omni_wrapper(model: nn.Module) -> None:
     """An omni model's top class (Qwen3-Omni: a thinker and a talker) only generates: its config
     holds no modality token ids, and its talker routes speech-codec tokens. SMAR belongs on the
@@ -105,7 +123,7 @@ class Regularizer(RouterCapture):
         *,
         adapter: Adapter | Sequence[Adapter] | None = None,
     ):
-        self.config = config = SMARConfig() if config is None else config
+        self.config = config = check_config(config, "attach(model, config)")
         model = unwrap(model, "attach", new_parameters=config.modality_bias)
         _refuse_omni_wrapper(model)
         self.wrappers: list[ModalityBiasRouter] = []
@@ -133,6 +151,9 @@ class Regularizer(RouterCapture):
         warning = balancing_loss_in_model(model)
         if warning and config.lb_weight > 0:
             warnings.warn(f"load balancing would count twice: {warning}", stacklevel=3)
+        if _reentrant_checkpointing(model):
+            warnings.warn(_NOT_CONNECTED, stacklevel=3)
+        self._warned_graph = False
 
     def _hook_routers(self) -> None:
         if self.config.modality_bias:
@@ -214,6 +235,9 @@ class Regularizer(RouterCapture):
             step_sums=self._step_sums if training else None,
             chosen=self.chosen() if c.lb_weight else None,
         )
+        if training and not total.requires_grad and not self._warned_graph:
+            self._warned_graph = True  # once: the loss would train nothing
+            warnings.warn(_NOT_CONNECTED, stacklevel=2)
         self._terms = {k: v.detach() for k, v in terms.items()}
         self._terms["total"] = total.detach()
         bad = ~torch.isfinite(total.detach())

@@ -17,6 +17,7 @@ import transformers
 
 from smar.adapters import Adapter
 from smar.collective import default_group
+from smar.config import check_config
 from smar.errors import UsageError
 from smar.hf.saving import load_bias_into, original_state_dict, save_bias
 from smar.routing import Regularizer, SMARConfig, attach, balancing_loss_in_model
@@ -67,7 +68,7 @@ class SMARTrainerMixin:
         model = kwargs.get("model", args[0] if args else None)
         if model is None:
             raise UsageError("SMARTrainer needs the model at construction (model=...)")
-        config = SMARConfig() if smar_config is None else smar_config
+        config = check_config(smar_config, "SMARTrainer(smar_config=...)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # warned below, once, with the trainer's words
             self.smar: Regularizer = attach(model, config, adapter=smar_adapter)
@@ -147,12 +148,6 @@ class SMARTrainerMixin:
             ) or getattr(self, "compute_loss_func", None) is not None
         if scaled and model.training:
             reg = reg / getattr(self, "current_gradient_accumulation_steps", 1)
-        if model.training and torch.is_grad_enabled() and not reg.requires_grad:
-            warnings.warn(
-                "SMAR's routing loss is not connected to the graph (reentrant gradient "
-                "checkpointing?): use gradient_checkpointing_kwargs={'use_reentrant': False}",
-                stacklevel=2,
-            )
         if model.training:
             self._smar_sums = _add_terms(self._smar_sums, self.smar.term_tensors())
         else:
