@@ -46,6 +46,12 @@ def _edit_config(**text):
     return edit
 
 
+def _edit_top(d, **top):
+    c = json.loads((d / "config.json").read_text())
+    c.update(top)
+    (d / "config.json").write_text(json.dumps(c))
+
+
 def _shard(d):
     model = transformers.LlavaForConditionalGeneration.from_pretrained(d)
     os.remove(d / "model.safetensors")
@@ -72,6 +78,9 @@ CASES = [
      r"the config\.json saved with these weights"),
     ("config_other_width", _edit_config(moe_intermediate_size=48),
      r"config\.json does not match its weights \(shapes differ\); fix: restore"),
+    ("image_token_on_a_text_token", lambda d: _edit_top(d, image_token_index=3),
+     r"config\.json's image token id 3 is not the processor's image token '<image>' \(id 2\).*"
+     r"fix: set image_token_index \(image_token_id\) to 2"),
     ("processor_config_garbled", lambda d: (d / "processor_config.json").write_text("{not json"),
      r"processor_config\.json is not readable JSON \(.*\); fix: restore it"),
 ]  # fmt: skip

@@ -204,6 +204,15 @@ class HFEncoder:
         self.image_token = getattr(self.processor, "image_token", None) or (
             self.tokenizer.convert_ids_to_tokens(image_id) if image_id is not None else None
         )
+        placeholder = self.tokenizer.convert_tokens_to_ids(self.image_token) if (
+            self.image_token is not None and image_id is not None) else image_id  # fmt: skip
+        if placeholder != image_id:  # the model would look for images where no text puts them
+            raise UsageError(
+                f"{model_dir}: config.json's image token id {image_id} is not the processor's "
+                f"image token {self.image_token!r} (id {placeholder}): the images would have no "
+                "placeholders", f"set image_token_index (image_token_id) to {placeholder} in "
+                "config.json, as the model was saved",
+            )  # fmt: skip
         self.template = getattr(self.processor, "chat_template", None) or getattr(
             self.tokenizer, "chat_template", None
         )
