@@ -1,6 +1,6 @@
 """SMAR on an omni MoE model: text, image, video and audio through one set of experts.
 
-A tiny, randomly initialised Qwen3-Omni-MoE thinker (2 MoE layers, 4 experts, top-2) trains 40
+A tiny, randomly initialised Qwen3-Omni-MoE thinker (2 MoE layers, 4 experts, top-2) trains 60
 steps with text, an image, a video and audio in every batch. SMAR holds text apart from each
 other modality (band 1.5-2.0) and keeps image and video alike (band 0-0.5); then ``smar
 analyze``'s page shows the MRD matrix of each layer and each pair by layer.
@@ -63,7 +63,7 @@ def batch(model, g: torch.Generator) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="folder for the analyze page (default: a temporary one)")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
     torch.manual_seed(0)
     model = tiny_thinker()

@@ -17,45 +17,18 @@ transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent / "helpers"))
 import families  # noqa: E402
 
-IMG, VID, AUD, VSTART, ASTART, END = 100, 101, 102, 103, 104, 105
+sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
+from omni_thinker import AUD, IMG, VID, tiny_thinker  # noqa: E402
+from omni_thinker import batch as omni_batch  # noqa: E402
+
 TEXT_PAIRS = ("text-image", "text-video", "text-audio")
 
 
 def omni_thinker(seed=0):
-    """A tiny Qwen3-Omni-MoE thinker (2 layers, hidden 32, 4 experts, top-2) whose modality
-    tokens lie in its 128-token vocabulary."""
+    """The example's tiny Qwen3-Omni-MoE thinker (2 layers, hidden 32, 4 experts, top-2) whose
+    modality tokens lie in its 128-token vocabulary."""
     torch.manual_seed(seed)
-    model = families.build("qwen3_omni_moe")
-    c = model.config
-    c.image_token_id, c.video_token_id, c.audio_token_id = IMG, VID, AUD
-    c.vision_start_token_id, c.audio_start_token_id = VSTART, ASTART
-    return model
-
-
-def omni_batch(model, g):
-    """One sample with text, an image (4 tokens), a video (8) and audio (5), as its processor
-    lays them out; pixels, frames and mel features random."""
-    vc = model.config.vision_config
-    patch = 3 * vc.temporal_patch_size * vc.patch_size**2
-
-    def text(n):
-        return torch.randint(0, 90, (n,), generator=g).tolist()
-
-    seq = text(3) + [VSTART] + [IMG] * 4 + [END] + text(2) + [VSTART] + [VID] * 8 + [END]
-    seq += text(2) + [ASTART] + [AUD] * 5 + [END] + text(4)
-    ids = torch.tensor([seq])
-    return dict(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        labels=ids,
-        pixel_values=torch.randn(16, patch, generator=g),  # grid (1, 4, 4): 4 merged tokens
-        image_grid_thw=torch.tensor([[1, 4, 4]]),
-        pixel_values_videos=torch.randn(32, patch, generator=g),  # grid (2, 4, 4): 8 tokens
-        video_grid_thw=torch.tensor([[2, 4, 4]]),
-        video_second_per_grid=torch.tensor([1.0]),
-        input_features=torch.randn(1, 128, 40, generator=g),  # 40 mel frames: 5 audio tokens
-        feature_attention_mask=torch.ones(1, 40, dtype=torch.long),
-    )
+    return tiny_thinker()
 
 
 def expected_ids(batch):
@@ -120,29 +93,33 @@ def test_omni_thinker_ids_zero_bias_and_every_present_bias_row_moves():
 
 
 def test_omni_thinker_trained_holds_every_text_pair_in_its_band():
-    """40 steps, text, image, video and audio in every batch: each text pair's MRD moves from 0
-    into its band (1.5, 2.0), and image-video stays in its own (0, 0.5). The linear hinge has no
-    pull inside the band, so a layer ends on its edge give or take a step: 0.1 of slack."""
+    """60 steps, text, image, video and audio in every batch: each text pair's MRD moves from 0
+    into its band (1.5, 2.0), and image-video stays in its own (0, 0.5). The linear hinge pulls
+    only from outside the band, so a layer's MRD swings about its edges from step to step: the
+    last 10 steps' mean is what is held in the band."""
     model = omni_thinker()
     config = smar.SMARConfig(num_modalities=4, pairs="all", pair_bands={(1, 2): (0.0, 0.5)})
     reg = smar.attach(model, config)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
     history = []
-    for _ in range(40):
+    for _ in range(60):
         out = model(**omni_batch(model, g))
         loss = out.loss + reg.loss()
         opt.zero_grad()
         loss.backward()
         opt.step()
         history.append(reg.terms())
-    first, last = history[0], history[-1]
+    first, last = history[0], history[-10:]
+
+    def mean(key):
+        return sum(h[key] for h in last) / len(last)
+
     for pair in TEXT_PAIRS:
         assert first[f"smar/mrd/{pair}"] < 0.1, pair  # all routers alike at the start
-        for layer in (0, 1):
-            assert 1.4 <= last[f"smar/layer{layer:02d}/mrd/{pair}"] <= 2.1, (pair, layer, last)
-    assert last["smar/mrd/image-video"] <= 0.5
-    assert last["smar/band"] < first["smar/band"] / 20
+        assert 1.5 <= mean(f"smar/mrd/{pair}") <= 2.0, (pair, mean(f"smar/mrd/{pair}"))
+    assert mean("smar/mrd/image-video") <= 0.5
+    assert mean("smar/band") < first["smar/band"] / 20
 
 
 def test_attach_to_the_omni_generation_wrapper_names_the_thinker():
