@@ -53,3 +53,11 @@ def test_special_token_ids_read_top_level_and_text_config():
     )
     assert special_token_ids(cfg) == {1: [32000], 3: [7]}
     assert special_token_ids(None) == {}
+
+
+def test_sample_level_with_several_modalities_takes_the_smallest_non_text_id():
+    """docs/method.md#more-than-two-modalities: a sample with video and audio counts as video,
+    one with an image and audio as image; a pure-text sample stays text."""
+    ids = torch.tensor([[5, 7, 8, 4], [5, 8, 9, 5], [5, 6, 6, 5]])  # 9 image, 7 video, 8 audio
+    got = modality_ids(ids, token_ids={1: 9, 2: 7, 3: 8}, level="sample")
+    assert got.tolist() == [[2, 2, 2, 2], [1, 1, 1, 1], [0, 0, 0, 0]]
