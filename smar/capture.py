@@ -41,6 +41,17 @@ from smar.wrapping import unwrap
 __all__ = ["RouterCapture", "record", "unwrap"]
 
 
+def _continues_cache(kwargs: dict) -> bool:
+    """The forward continues a cached sequence (a decode step of ``generate()``): its KV cache
+    already holds tokens."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    length = getattr(cache, "get_seq_length", None)
+    try:
+        return bool(length is not None and length() > 0)
+    except (TypeError, ValueError, AttributeError):  # a cache that cannot say
+        return False
+
+
 def _top_k(site: RouterSite) -> int | None:
     """The router's top-k, looked up once (None when it cannot be told)."""
     if "top_k" not in site.extra:
@@ -192,9 +203,12 @@ class RouterCapture:
         )
         state = self._state
         state.shape = shape
+        continues = _continues_cache(kwargs)
         if state.explicit is not None and shape is not None:
             if state.fits(state.explicit, shape):
                 state.fitted = True
+                if self.level == "sample":  # the rows' ids, for generate()'s decode steps
+                    state.sample_rows = state.explicit.reshape(shape).amax(dim=1).clamp_min(0)
                 return None  # the caller's ids are this forward's: nothing to derive
             if not state.fitted:  # ids that fit no forward would be ignored
                 raise UsageError(
@@ -232,8 +246,22 @@ class RouterCapture:
                 attention_mask=mask,
                 level=self.level,
             )
+        if self.level == "sample":
+            ids = self._sample_rows(ids, continues)
         state.ids = group_modalities(ids, self.groups)  # (B, S)
         return None
+
+    def _sample_rows(self, ids: Tensor, continues: bool) -> Tensor:
+        """Sample-level ids across ``generate()``: a decode step's new tokens hold no image, yet
+        belong to their row's sample; they keep the id the row's prompt had (its forward saved
+        it), so that generating routes as the teacher-forced sequence does."""
+        state = self._state
+        rows = state.sample_rows  # (B,) or None
+        if continues and rows is not None and rows.shape[0] == ids.shape[0]:
+            keep = rows.to(ids.device)[:, None].expand_as(ids)  # (B, S)
+            return torch.where(ids >= 0, torch.maximum(ids, keep), ids)
+        state.sample_rows = ids.amax(dim=1).clamp_min(0)  # (B,): a new sequence starts
+        return ids
 
     def set_modality(self, ids: Tensor | None) -> None:
         """Sets explicit modality ids ``(B, S)`` or ``(T,)`` for the next forwards (``None``:

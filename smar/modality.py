@@ -278,6 +278,8 @@ class ModalityState:
         # the largest id seen (max_id, on the device) for a later check (Regularizer.check)
         self.check_ids = True
         self.max_id: Tensor | None = None
+        # sample level: each row's id in the sequence being generated (B,), for decode steps
+        self.sample_rows: Tensor | None = None
 
     def current(self) -> Tensor | None:
         """Explicit ids if they fit the current forward, else the derived ones: the decode steps
