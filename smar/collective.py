@@ -24,7 +24,7 @@ from torch import Tensor
 
 from smar.errors import UsageError
 
-__all__ = ["default_group", "all_reduce_sums", "StepSums"]
+__all__ = ["default_group", "all_reduce_sums", "StepSums", "CarriedSums"]
 
 STATS = ("global", "local")
 
@@ -128,3 +128,37 @@ class StepSums:
             out[n] = pooled[n] + scale * (x - x.detach())
         self._sums = pooled
         return out
+
+
+class CarriedSums:
+    """A reference for a modality absent from the batch: its routing the last time it was seen.
+
+    With sample-level ids (``SMARConfig(modality="sample")``) and a small pure-text share, most
+    batches hold no text sample, so text-image has no MRD and the band loss nothing to act on
+    there. ``fill(sums, counts)`` keeps, per modality, the (detached) probability sums and token
+    counts of the last forward in which it was present, and puts them in for a modality the
+    current forward lacks: the pair is then held in its band against that reference, with the
+    gradient through the present modality alone. The decision is made on the device from the
+    counts given (the global ones under ``stats="global"``, so that every rank decides alike),
+    without waiting for it.
+
+    Shapes:
+        sums: ``(L, M, E)``.  counts: ``(M,)``.
+    """
+
+    def __init__(self) -> None:
+        self._sums: Tensor | None = None  # (L, M, E), detached
+        self._counts: Tensor | None = None  # (M,)
+
+    def reset(self) -> None:
+        self._sums = self._counts = None
+
+    def fill(self, sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+        if self._sums is None or self._sums.shape != sums.shape:
+            self._sums, self._counts = torch.zeros_like(sums.detach()), torch.zeros_like(counts)
+        present = counts > 0  # (M,)
+        out_sums = torch.where(present[None, :, None], sums, self._sums.to(sums.dtype))
+        out_counts = torch.where(present, counts, self._counts.to(counts.dtype))
+        self._sums = torch.where(present[None, :, None], sums.detach(), self._sums)
+        self._counts = torch.where(present, counts.detach(), self._counts)
+        return out_sums, out_counts

@@ -55,6 +55,9 @@ class SMARConfig:
             data-parallel group of DDP, FSDP and DeepSpeed ZeRO. With tensor, context or expert
             parallelism, pass the group of ranks that hold different tokens (see
             docs/distributed.md). Not saved with the config.
+        carry: in training, a modality absent from the batch is represented by its routing the
+            last time it was present (detached): the text reference of sample-level ids, where
+            few batches hold a pure-text sample (docs/method.md#modality-ids).
         accumulate: under gradient accumulation, the statistics pool the micro-batches of the
             optimizer step so far (earlier ones detached; see :class:`smar.collective.StepSums`);
             the trainer (or your loop, with :meth:`Regularizer.step`) marks where steps end.
@@ -82,6 +85,7 @@ class SMARConfig:
     stats: str = "global"
     group: Any = None
     accumulate: bool = False
+    carry: bool = False
     check: str = "first"
 
     def __post_init__(self):
@@ -104,8 +108,9 @@ class SMARConfig:
             raise UsageError(f"stats must be one of {STATS}; got {self.stats!r}")
         if self.check not in ("first", "always"):
             raise UsageError(f"check must be 'first' or 'always'; got {self.check!r}")
-        if not isinstance(self.accumulate, bool):
-            raise UsageError(f"accumulate must be True or False; got {self.accumulate!r}")
+        for name in ("accumulate", "carry"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{name} must be True or False; got {getattr(self, name)!r}")
         groups = resolve_groups(self.groups, keep=self.modalities)
         if self.groups is not None and not isinstance(self.groups, str):
             self.groups = groups  # ids as integers: JSON keys are strings

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from smar import baselines
 from smar.baselines import check_lb_variant, lb_from_sums, lb_sums
-from smar.collective import StepSums, all_reduce_sums
+from smar.collective import CarriedSums, StepSums, all_reduce_sums
 from smar.distributions import (
     EPS,
     Routing,
@@ -99,10 +99,8 @@ def check_logits(router_logits) -> None:
             "under init_empty_weights); fix: load the model's weights before its forward"
         )
     if first.dim() >= 2 and first.shape[-2] == 0:
-        raise UsageError(
-            f"router_logits have no token (T=0, shape {tuple(first.shape)}); fix: route at "
-            "least one token"
-        )
+        shape = tuple(first.shape)
+        raise UsageError(f"router_logits have no token (T=0, shape {shape})", "route a token")
 
 
 def _checks_inputs(fn):
@@ -131,8 +129,7 @@ def _pairs_of(text: int, image, pairs) -> tuple[tuple[Pair, ...], tuple[int, ...
     if pairs is None:
         return tuple((text, m) for m in images), mods
     chosen = resolve_pairs(pairs, text=text, modalities=mods)
-    order = list(dict.fromkeys(m for p in chosen for m in p))  # (M,) in order of first use
-    return chosen, tuple(order)
+    return chosen, tuple(dict.fromkeys(m for p in chosen for m in p))  # (M,): order of first use
 
 
 def _pair_mrd(r: Routing, ids: Tensor, pairs, mods, group) -> tuple[Tensor, Tensor]:
@@ -285,6 +282,7 @@ def routing_objective(
     router: str = "softmax",
     group=None,
     step_sums: StepSums | None = None,
+    carry: CarriedSums | None = None,
     chosen: Tensor | Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The routing part of SMAR's objective, and its unweighted terms, from one forward.
@@ -307,6 +305,8 @@ def routing_objective(
             over the micro-batches of the optimizer step so far.
         image, pairs, pair_bands: the pairs of modalities held in a band and their bands, as in
             :func:`smar_loss`.
+        carry: a :class:`smar.collective.CarriedSums`: a modality absent from these sums is
+            represented by its routing the last time it was present (detached).
         chosen: the experts the routers chose, ``(T, K)`` per layer or ``(L, T, K)`` (e.g.
             :meth:`smar.RouterCapture.chosen`): load balancing counts them instead of a top-k.
         Others: as in :func:`smar_loss`, :func:`load_balancing_loss`.
@@ -379,7 +379,10 @@ def routing_objective(
         terms["lb"] = lb_from_sums(parts, top_k=top_k, variant=lb_variant, check=r.check)
         total = total + lb_weight * terms["lb"]
     if modality_ids is not None:
-        D, present = pair_divergences(parts["mod_sums"], parts["mod_counts"], mods, held)
+        mod_sums, mod_counts = parts["mod_sums"], parts["mod_counts"]
+        if carry is not None:
+            mod_sums, mod_counts = carry.fill(mod_sums, mod_counts)
+        D, present = pair_divergences(mod_sums, mod_counts, mods, held)
         if smar_weight:  # D (P, L), present (P,)
             terms["band"] = pair_band_loss(D, present, b, hinge)
             total = total + smar_weight * terms["band"]

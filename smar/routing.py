@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from smar.adapters import Adapter
 from smar.bias import ModalityBiasRouter, check_modality_id
 from smar.capture import RouterCapture, record, unwrap
-from smar.collective import StepSums, default_group
+from smar.collective import CarriedSums, StepSums, default_group
 from smar.config import SMARConfig, check_config
 from smar.distributions import prepare_routing
 from smar.errors import UsageError
@@ -143,6 +143,7 @@ class Regularizer(RouterCapture):
         model._smar_regularizer = weakref.ref(self)
         self._terms: dict[str, Tensor] | None = None
         self._step_sums = StepSums() if config.accumulate else None
+        self._carry = CarriedSums() if config.carry else None
         self._checked = False  # the first forward is checked at once
         self._bad: Tensor | None = None  # non-finite loss seen since the last check()
         defect = upstream_defect(model)
@@ -233,6 +234,7 @@ class Regularizer(RouterCapture):
             router=self.router,
             group=default_group(c.stats, c.group),
             step_sums=self._step_sums if training else None,
+            carry=self._carry if training else None,
             chosen=self.chosen() if c.lb_weight else None,
         )
         if training and not total.requires_grad and not self._warned_graph:

@@ -220,3 +220,22 @@ def test_smar_trainer_logs_each_pair_of_the_omni_thinker(tmp_path):
     for pair in TEXT_PAIRS:
         assert all(h[f"smar/mrd/{pair}"] >= 0 for h in logged), pair
         assert f"smar/layer01/mrd/{pair}" in logged[-1]
+
+
+def test_carry_gives_sample_level_text_a_reference_in_training_only():
+    """SMARConfig(carry=True): in training, a batch without a pure-text sample is held against
+    the text routing of the last batch that had one; in evaluation nothing is carried."""
+    model = families.build("qwen3_moe").train()
+    reg = smar.attach(model, smar.SMARConfig(carry=True, band=(5.0, 6.0), lb_weight=0.0))
+    x = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    mixed, images = torch.tensor([[0] * 12, [1] * 12]), torch.ones(2, 12, dtype=torch.long)
+    reg.set_modality(mixed)
+    model(input_ids=x)
+    reg.loss()  # the text routing of this batch is kept
+    reg.set_modality(images)
+    model(input_ids=x)
+    carried = reg.loss()
+    assert carried.item() > 0 and carried.requires_grad
+    model.eval()
+    model(input_ids=x)
+    assert reg.loss().item() == 0.0  # no text in the batch and none carried: the pair is absent

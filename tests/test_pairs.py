@@ -130,3 +130,32 @@ def test_pair_bands_must_name_held_pairs():
         smar_loss(logits, ids, image=(1, 2), pair_bands={(1, 2): (0, 0.5)})
     with pytest.raises(smar.UsageError, match="low <= high"):
         smar_loss(logits, ids, image=(1, 2), pairs="all", pair_bands={(1, 2): (1.0, 0.5)})
+
+
+def test_carried_sums_hold_an_absent_modality_at_its_last_routing():
+    """Sample-level ids at a small text share: batch 2 has no text. With carry, text-image is
+    held against batch 1's text routing (detached), the gradient through the image tokens only;
+    without it the pair is absent and the loss 0."""
+    from smar.collective import CarriedSums
+
+    g = torch.Generator().manual_seed(4)
+    z1 = torch.randn(L, T, E, generator=g)
+    ids1 = torch.randint(0, 2, (T,), generator=g)  # text and image
+    z2 = torch.randn(L, T, E, generator=g, requires_grad=True)
+    ids2 = torch.ones(T, dtype=torch.long)  # image only
+    kw = dict(top_k=2, smar_weight=1.0, band=(5.0, 6.0), lb_weight=0.0)
+    carry = CarriedSums()
+    routing_objective(z1, ids1, carry=carry, **kw)
+    total, terms = routing_objective(z2, ids2, carry=carry, **kw)
+    plain, _ = routing_objective(z2, ids2, **kw)
+    assert plain.item() == 0.0 and total.item() > 0
+    # by hand: batch 1's mean text routing against batch 2's mean image routing
+    P_text = torch.softmax(z1, -1)[:, ids1 == 0].mean(1)  # (L, E)
+    P_img = torch.softmax(z2, -1).mean(1)  # (L, E)
+    D = ((P_text - P_img) * (P_text.clamp_min(1e-9).log() - P_img.clamp_min(1e-9).log())).sum(-1)
+    want = (5.0 - D).clamp_min(0).mean()
+    torch.testing.assert_close(total, want)
+    torch.testing.assert_close(terms["mrd"], D.detach())
+    total.backward()
+    (g_hand,) = torch.autograd.grad(want, z2)
+    torch.testing.assert_close(z2.grad, g_hand)
