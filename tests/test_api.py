@@ -69,6 +69,7 @@ def test_cli_options_are_pinned():
             "--arms",
             "--cache",
             "--force",
+            "--freeze-dense",
             "--help",
             "--lr",
             "--out",

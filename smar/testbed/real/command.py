@@ -32,8 +32,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     real.add_argument("--out", default="smar-real", help="run: output folder (smar-real)")
     real.add_argument("--smoke", action="store_true",
                       help="run: tiny sizes, every stage and arm, a few minutes")  # fmt: skip
-    real.add_argument("--arms", help="run: comma-separated, of none,smar,hard,stop,noimage "
-                      "(default none,smar,stop)")  # fmt: skip
+    real.add_argument("--arms", help="run: comma-separated, of none,smar,hard,stop,noimage,"
+                      "stop_sample,smar_sample,hard_sample (default none,smar,stop)")  # fmt: skip
+    real.add_argument("--freeze-dense", action="store_true", help="run: the dense MLPs between "
+                      "the MoE layers frozen in stage 3 (any arm)")  # fmt: skip
     real.add_argument("--seeds", help="run: comma-separated seeds (default 0,1,2)")
     real.add_argument("--steps", type=int, help="run: stage-3 optimizer steps per run")
     real.add_argument("--lr", type=float, help="run: stage-3 learning rate")
@@ -86,7 +88,7 @@ def _config(args: argparse.Namespace, precision: str):
     from smar.testbed.real.run import RealConfig
     from smar.testbed.real.train import ARMS
 
-    kw: dict = {"precision": precision}
+    kw: dict = {"precision": precision, "freeze_dense": args.freeze_dense}
     if args.arms is not None:
         kw["arms"] = tuple(_items(args.arms, "--arms", "none,smar,stop"))
         bad = [a for a in kw["arms"] if a not in ARMS]

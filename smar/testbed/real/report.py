@@ -14,6 +14,7 @@ from pathlib import Path
 
 from smar.atomic import write_text
 from smar.testbed.io import write_json
+from smar.testbed.real.train import ARMS
 from smar.testbed.stats import confidence_interval, image_driven_share
 
 __all__ = ["retention", "aggregate", "write"]
@@ -25,7 +26,8 @@ BENCHMARKS = {
     "prose_bpb": "prose (Shakespeare, bpb)",
     "knowledge": "knowledge (exact)",
 }
-CONTROLS = {"stop": "image-gradient stop", "noimage": "no images"}
+CONTROLS = {"stop": "image-gradient stop", "noimage": "no images",
+            "stop_sample": "image-sample gradient stop"}  # fmt: skip
 
 
 def retention(language: dict, base: dict) -> dict[str, float]:
@@ -96,7 +98,7 @@ def _f(x: list[float] | float, digits: int = 3) -> str:
 
 
 def _markdown(cfg, stage1: dict, agg: dict, meta: dict) -> str:
-    arms = [a for a in ("none", "smar", "hard", "stop", "noimage") if a in agg]
+    arms = [a for a in ARMS if a in agg]
     lines = ["# smar real: SMAR on SmolLM2-135M-Instruct", "",
              f"Model: {meta['model']}; seeds {list(cfg.seeds)}; stage 3: {cfg.steps} steps of "
              f"{cfg.batch} samples, lr {cfg.lr}, {cfg.text_ratio:.1%} pure text; precision "

@@ -83,6 +83,7 @@ class RealConfig:
     eval_knowledge: int = 120  # questions asked (those the base answers right are scored)
     eval_images: int = 16  # image questions per type
     precision: str = "fp32"
+    freeze_dense: bool = False  # the dense MLPs between the MoE layers frozen in stage 3
 
     def __post_init__(self):
         bad = [a for a in self.arms if a not in ARMS]
@@ -327,7 +328,7 @@ def train_and_score(model, proc, cfg: RealConfig, answers: dict, images: list[di
     trainer = instruct(model, proc, train_samples(cfg, seed, answers), str(folder), arm=arm,
                        steps=cfg.steps, batch=cfg.batch, lr=cfg.lr, seed=seed,
                        precision=cfg.precision, progress=progress,
-                       router_lr=cfg.router_lr)  # fmt: skip
+                       router_lr=cfg.router_lr, freeze_dense=cfg.freeze_dense)  # fmt: skip
     trained = time.perf_counter() - t
     res = score(model, proc, cfg, answers, images)
     res.update(arm=arm, seed=seed, train_seconds=trained,

@@ -16,7 +16,16 @@
     experts' and routers' weight gradients removed (:func:`smar.moe.weight_gradient_stop`); the
     projector still learns through them. What it keeps over ``none`` is the forgetting that
     routing by modality can act on;
-  - ``noimage``: the no-image control, ``none`` on the same samples with their images removed.
+  - ``noimage``: the no-image control, ``none`` on the same samples with their images removed;
+  - ``stop_sample``: ``stop`` at sample level: every token of a row that holds an image (its
+    question and answer too) gives nothing to the experts' and routers' weight gradients. What it
+    keeps over ``none`` is the most any routing over the MoE layers by sample type can keep;
+  - ``smar_sample``, ``hard_sample``: ``smar`` and ``hard`` with sample-level ids
+    (``SMARConfig(modality="sample")``; every token of a multimodal sample is 1), ``smar_sample``
+    with the text reference carried across batches (``carry=True``, docs/method.md#modality-ids).
+
+``freeze_dense``: the dense MLPs between the MoE layers stay frozen too (any arm), to see where
+the forgetting sits.
 
 Both run in float32, or in bf16 autocast (``precision="bf16"``: float32 master weights and
 optimizer state; smar's losses compute in float32 from the bf16 logits).
@@ -36,18 +45,22 @@ from smar.testbed.real.data import collate
 
 __all__ = ["ARMS", "HARD_BIAS", "arm_config", "align", "instruct", "drop_images"]
 
-ARMS = ("none", "smar", "hard", "stop", "noimage")
+ARMS = ("none", "smar", "hard", "stop", "noimage", "stop_sample", "smar_sample", "hard_sample")
 HARD_BIAS = -30.0
 
 
 def arm_config(arm: str, lb_weight: float = 0.01) -> smar.SMARConfig:
     """The routing objective of an arm: the same load balancing for every arm."""
-    if arm in ("none", "stop", "noimage"):
+    if arm in ("none", "stop", "noimage", "stop_sample"):
         return smar.SMARConfig(smar_weight=0.0, lb_weight=lb_weight, modality_bias=False)
     if arm == "smar":
         return smar.SMARConfig(lb_weight=lb_weight)
-    if arm == "hard":
-        return smar.SMARConfig(smar_weight=0.0, lb_weight=lb_weight, modality_bias=True)
+    if arm == "smar_sample":
+        return smar.SMARConfig(lb_weight=lb_weight, modality="sample", carry=True)
+    if arm in ("hard", "hard_sample"):
+        level = "sample" if arm == "hard_sample" else "token"
+        return smar.SMARConfig(smar_weight=0.0, lb_weight=lb_weight, modality_bias=True,
+                               modality=level)  # fmt: skip
     raise UsageError(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
 
 
@@ -91,15 +104,29 @@ class _RouterLR:
         return super().create_optimizer(*args, **kwargs)
 
 
+def stop_mask(input_ids: torch.Tensor, image_token: int, level: str) -> torch.Tensor:
+    """``(B, S)`` bool: the tokens whose weight gradients the stop controls remove: the image
+    tokens (``"token"``), or every token of a row that holds one (``"sample"``)."""
+    image = input_ids == image_token  # (B, S)
+    return image if level == "token" else image.any(dim=1, keepdim=True).expand_as(image)
+
+
 class _StopTrainer(smar.hf.SMARTrainer):
-    """``SMARTrainer`` whose forwards stop the image tokens' weight gradients."""
+    """``SMARTrainer`` whose forwards stop the image tokens' (or image samples') weight
+    gradients."""
+
+    stop_level = "token"
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         from smar.moe import weight_gradient_stop
 
-        image = inputs["input_ids"] == model.config.image_token_index  # (B, S)
-        with weight_gradient_stop(model, image):
+        stop = stop_mask(inputs["input_ids"], model.config.image_token_index, self.stop_level)
+        with weight_gradient_stop(model, stop):
             return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+class _StopSampleTrainer(_StopTrainer):
+    stop_level = "sample"
 
 
 def _cast(precision: str):
@@ -134,13 +161,18 @@ def align(model, processor, samples: list[dict], *, steps: int, batch: int = 8,
     return losses
 
 
-def trainable_for_instruct(model) -> list[str]:
-    """Sets stage 3's trainable parameters (MoE layers' MLPs and routers, the projector) and
-    returns their names."""
+def trainable_for_instruct(model, freeze_dense: bool = False) -> list[str]:
+    """Sets stage 3's trainable parameters (the MLPs, MoE layers' experts and routers, the
+    projector; with ``freeze_dense`` not the dense MLPs between the MoE layers) and returns their
+    names."""
+    from smar.moe import MoEBlock
+
     model.requires_grad_(False)
+    moe = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, MoEBlock))
     names = []
     for name, p in model.named_parameters():
-        if ".mlp." in name or "multi_modal_projector" in name:
+        mlp = ".mlp." in name and (not freeze_dense or name.startswith(moe))
+        if mlp or "multi_modal_projector" in name:
             p.requires_grad_(True)
             names.append(name)
     return names
@@ -149,7 +181,7 @@ def trainable_for_instruct(model) -> list[str]:
 def instruct(model, processor, samples: list[dict], out_dir: str, *, arm: str, steps: int,
              batch: int = 8, lr: float = 2e-5, seed: int = 0, precision: str = "fp32",
              lb_weight: float = 0.01, progress: bool = False,
-             router_lr: float | None = None):  # fmt: skip
+             router_lr: float | None = None, freeze_dense: bool = False):  # fmt: skip
     """Stage 3 of one arm with :class:`smar.hf.SMARTrainer`; saves the model and its bias into
     ``out_dir`` and returns the trainer (its ``state.log_history`` holds the ``smar/*`` terms).
 
@@ -157,7 +189,7 @@ def instruct(model, processor, samples: list[dict], out_dir: str, *, arm: str, s
     for every arm; None: ``lr``."""
     import transformers
 
-    trainable_for_instruct(model)
+    trainable_for_instruct(model, freeze_dense)
     args = transformers.TrainingArguments(
         output_dir=out_dir, max_steps=steps, per_device_train_batch_size=batch,
         learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10),
@@ -167,14 +199,14 @@ def instruct(model, processor, samples: list[dict], out_dir: str, *, arm: str, s
     )  # fmt: skip
     if arm == "noimage":
         samples = drop_images(samples)
-    cls = _StopTrainer if arm == "stop" else smar.hf.SMARTrainer
+    cls = {"stop": _StopTrainer, "stop_sample": _StopSampleTrainer}.get(arm, smar.hf.SMARTrainer)
     if router_lr is not None:
         cls = type(cls.__name__, (_RouterLR, cls), {"router_lr": router_lr})
     trainer = cls(
         model=model, args=args, train_dataset=samples,
         data_collator=lambda rows: collate(processor, rows), smar_config=arm_config(arm, lb_weight),
     )  # fmt: skip
-    if arm == "hard":
+    if arm in ("hard", "hard_sample"):
         _fix_hard(trainer)
     trainer.train()
     trainer.save_model(out_dir)
