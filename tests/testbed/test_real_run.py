@@ -76,6 +76,10 @@ def test_smoke_run_every_arm_then_cached(tmp_path):
         assert arm["mrd"], "per-layer MRD logged"
     report = (tmp_path / "out" / "report.md").read_text()
     assert "image-gradient stop control's share" in report and "| hard |" in report
+    assert "## Format and fact apart" in report
+    probed = json.loads((tmp_path / "out" / "runs" / "none-seed0" / "scores.json").read_text())
+    assert {"first_token_kl", "code_defines", "code_length"} <= set(probed["probes"])
+    assert probed["probes"]["first_token_kl"] >= 0
     folder = tmp_path / "out" / "runs" / "smar-seed0"
     import smar.hf
 

@@ -58,7 +58,7 @@ def aggregate(stage1: dict, runs: dict) -> dict:
         mrd = {k.split("/")[1]: v for k, v in last.items() if k.startswith("smar/layer")}
         by_arm.setdefault(r["arm"], {})[r["seed"]] = {
             "retention": ret, "R": sum(ret.values()) / len(ret), "mm": mm,
-            "mm_mean": sum(mm.values()) / len(mm), "mrd": mrd,
+            "mm_mean": sum(mm.values()) / len(mm), "mrd": mrd, "probes": r.get("probes", {}),
         }  # fmt: skip
     out = {}
     for arm, seeds in by_arm.items():
@@ -71,6 +71,11 @@ def aggregate(stage1: dict, runs: dict) -> dict:
             "multimodal_mean": _ci(r["mm_mean"] for r in rows),
             "mrd": {k: _mean([r["mrd"].get(k) for r in rows]) for k in rows[0]["mrd"]},
             "R_by_seed": {s: r["R"] for s, r in seeds.items()},
+            "probes": {
+                p: _ci(r["probes"][p] for r in rows)
+                for p in PROBES
+                if all(r["probes"].get(p) is not None for r in rows)
+            },  # fmt: skip
         }
         out[arm] = a
     none = by_arm.get("none", {})
@@ -141,6 +146,7 @@ def _markdown(cfg, stage1: dict, agg: dict, meta: dict) -> str:
                 f"- {CONTROLS[arm]} control's share of none's forgetting, "
                 f"(R_{arm} - R_none) / (1 - R_none): {_f(agg[arm]['share'], 2)}"
             )
+    lines += _probe_lines(stage1, agg, arms)
     lines += ["", "## Per-layer MRD (last logged training step, mean over seeds)", "",
               "| arm | " + " | ".join(next(iter(agg.values()))["mrd"]) + " |",
               "|---" * (len(next(iter(agg.values()))["mrd"]) + 1) + "|"]  # fmt: skip
@@ -156,13 +162,41 @@ def _markdown(cfg, stage1: dict, agg: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+PROBES = {
+    "format_free": "knowledge, format-free (rank 1 of 5)",
+    "format_kept": "base answer frame kept",
+    "first_token_kl": "first-token KL to stage 1 (nats)",
+    "code_defines": "code: defines the function",
+    "code_length": "code: length / base's",
+}
+
+
+def _probe_lines(stage1: dict, agg: dict, arms: list[str]) -> list[str]:
+    """The format and fact probes: absolute values (mean over seeds), stage 1 first."""
+    names = [p for p in PROBES if any(p in agg[a].get("probes", {}) for a in arms)]
+    if not names:
+        return []
+    lines = ["", "## Format and fact apart (absolute; 95% intervals over seeds)", "",
+             "| model | " + " | ".join(PROBES[p] for p in names) + " |",
+             "|---" * (len(names) + 1) + "|"]  # fmt: skip
+    first = stage1.get("probes", {})
+    lines.append("| stage 1 | " + " | ".join(
+        "0.000" if p == "first_token_kl" else _f(first[p]) if first.get(p) is not None else "-"
+        for p in names) + " |")  # fmt: skip
+    for arm in arms:
+        got = agg[arm].get("probes", {})
+        lines.append(f"| {arm} | " + " | ".join(_f(got[p]) if p in got else "-" for p in names)
+                     + " |")  # fmt: skip
+    return lines
+
+
 def write(out: str | Path, cfg, stage1: dict, runs: dict, meta: dict) -> dict:
     """Writes ``results.json`` and ``report.md`` into ``out``; returns the results."""
     out = Path(out)
     agg = aggregate(stage1, runs)
     results = {"stage1": stage1, "arms": agg, **meta,
-               "runs": {k: {x: v[x] for x in ("arm", "seed", "language", "multimodal",
-                                              "train_seconds", "eval_seconds")}
+               "runs": {k: {x: v.get(x) for x in ("arm", "seed", "language", "multimodal",
+                                                  "probes", "train_seconds", "eval_seconds")}
                         for k, v in runs.items()}}  # fmt: skip
     write_json(out / "results.json", results)
     write_text(out / "report.md", _markdown(cfg, stage1, agg, meta))

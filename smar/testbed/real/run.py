@@ -19,7 +19,6 @@ Then :func:`smar.testbed.real.report.write` pairs the runs by seed and writes ``
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -47,15 +46,19 @@ from smar.testbed.io import (
 from smar.testbed.real import evaluate, outdir, texts
 from smar.testbed.real.data import description_chat, qa_chat
 from smar.testbed.real.model import VisionSpec, build_run_vlm
+from smar.testbed.real.scores import (
+    CHAT_TOKENS,
+    CODE_TOKENS,
+    KNOWLEDGE_TOKENS,
+    first_token_reference,
+    score,
+)
 from smar.testbed.real.train import ARMS, align, instruct
 from smar.testbed.real.workers import run_parallel
 
 __all__ = ["RealConfig", "run"]
 
 log = logging.getLogger(__name__)
-
-CHAT_TOKENS = 48  # the base's answers to chat instructions
-KNOWLEDGE_TOKENS = 16  # answers to knowledge questions ("The capital of Kenya is Nairobi.")
 
 
 @dataclass(frozen=True)
@@ -105,12 +108,6 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _cast(precision: str):
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
@@ -127,9 +124,11 @@ def base_answers(lm, tok, cfg: RealConfig, stages: Path, model_id: str) -> dict:
     questions = texts.knowledge_questions()
     random.Random("knowledge").shuffle(questions)
     questions = questions[: cfg.eval_knowledge]
-    key = _key(model_id, chat_eval, chat_train, questions, CHAT_TOKENS, KNOWLEDGE_TOKENS)
+    code = texts.code_instructions()
+    key = _key(model_id, chat_eval, chat_train, questions, code, CHAT_TOKENS, KNOWLEDGE_TOKENS,
+               CODE_TOKENS)  # fmt: skip
     path = stages / f"base-answers-{key}.json"
-    cached = _checked_json(path, ("chat_eval", "chat_train", "knowledge"))
+    cached = _checked_json(path, ("chat_eval", "chat_train", "knowledge", "code"))
     if cached is not None:
         return cached
     log.info("base answers: %d instructions, %d questions", len(chat_eval) + n_text,
@@ -138,7 +137,10 @@ def base_answers(lm, tok, cfg: RealConfig, stages: Path, model_id: str) -> dict:
     said = evaluate.generate(lm, tok, ask, max_new_tokens=CHAT_TOKENS)
     know = evaluate.generate(lm, tok, [[{"role": "user", "content": q}] for q, _ in questions],
                              max_new_tokens=KNOWLEDGE_TOKENS)  # fmt: skip
+    coded = evaluate.generate(lm, tok, [[{"role": "user", "content": q}] for q, _ in code],
+                              max_new_tokens=CODE_TOKENS)  # fmt: skip
     out = {
+        "code": [[q, n, a] for (q, n), a in zip(code, coded, strict=True)],
         "chat_eval": [[q, a] for q, a in zip(chat_eval, said[: len(chat_eval)], strict=True)],
         "chat_train": [[q, a] for q, a in zip(chat_train, said[len(chat_eval) :], strict=True)],
         "knowledge": [[q, g, a] for (q, g), a in zip(questions, know, strict=True)],
@@ -199,35 +201,6 @@ def train_samples(cfg: RealConfig, seed: int, answers: dict) -> list[dict]:
     samples = qa_chat(n_qa, seed, "train") + description_chat(n_desc, seed) + text
     random.Random(seed).shuffle(samples)
     return samples
-
-
-def score(model, proc, cfg: RealConfig, answers: dict, images: list[dict]) -> dict:
-    """Every benchmark of one model: language (bits per byte, knowledge accuracy) and the
-    multimodal accuracy per question type."""
-    cast = _cast(cfg.precision)
-    model.eval()
-    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-             for q, a in answers["chat_eval"]]  # fmt: skip
-    known = [(q, g) for q, g, a in answers["knowledge"] if texts.is_right(a, g)]
-    said = evaluate.generate(model, proc, [[{"role": "user", "content": q}] for q, _ in known],
-                             max_new_tokens=KNOWLEDGE_TOKENS, cast=cast)  # fmt: skip
-    code = texts.humaneval()[: cfg.eval_code]
-    prose = [("", p) for p in texts.prose(cfg.eval_prose)]
-    language = {
-        "chat_bpb": evaluate.answer_bpb(model, proc, chats, cast=cast),
-        "code_bpb": evaluate.text_bpb(model, proc, code, cast=cast),
-        "prose_bpb": evaluate.text_bpb(model, proc, prose, cast=cast),
-    }
-    if known:  # (a model that answers none of them right has no knowledge to retain)
-        language["knowledge"] = sum(
-            texts.is_right(a, g) for a, (_, g) in zip(said, known, strict=True)
-        ) / len(known)
-    return {
-        "language": language,
-        "knowledge_asked": len(known),
-        "knowledge_answers": [[q, a] for (q, _), a in zip(known, said, strict=True)],
-        "multimodal": evaluate.multimodal_accuracy(model, proc, images, cast=cast),
-    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -296,6 +269,8 @@ def _run(cfg, out: Path, base, model_id, stages, progress, workers, force) -> di
     log.info("scores of the stage-1 model")
     stage1 = _cached_scores(stages / f"stage1-scores-{key}.json",
                             lambda: score(model, proc, cfg, answers, images))  # fmt: skip
+    first = stages / f"stage1-first-tokens-{key}.safetensors"
+    reference = first_token_reference(model, proc, cfg.precision, answers, first)
     for *_, folder in jobs:
         if folder.exists():
             shutil.rmtree(folder)  # an interrupted run starts again
@@ -304,14 +279,14 @@ def _run(cfg, out: Path, base, model_id, stages, progress, workers, force) -> di
     if workers > 1:
         log.info("stage 3: %d runs, %d at a time", len(jobs), workers)
         run_parallel(model, lm.config, tok, cfg, jobs, answers, images, workers,
-                     done=runs.__setitem__, progress=progress)  # fmt: skip
+                     done=runs.__setitem__, progress=progress, reference=reference)  # fmt: skip
     else:
         start = copy.deepcopy(model.state_dict())
         for i, (name, arm, seed, folder) in enumerate(jobs):
             log.info("stage 3: %s (%d/%d)", name, i + 1, len(jobs))
             model.load_state_dict(start)
             runs[name] = train_and_score(model, proc, cfg, answers, images, arm, seed, folder,
-                                         progress=progress)  # fmt: skip
+                                         progress=progress, reference=reference)  # fmt: skip
     timing["stage3"] = time.perf_counter() - t
     timing["workers"] = workers
     timing["total"] = time.perf_counter() - t0
@@ -321,7 +296,8 @@ def _run(cfg, out: Path, base, model_id, stages, progress, workers, force) -> di
 
 
 def train_and_score(model, proc, cfg: RealConfig, answers: dict, images: list[dict], arm: str,
-                    seed: int, folder: Path, progress: bool = True) -> dict:  # fmt: skip
+                    seed: int, folder: Path, progress: bool = True,
+                    reference: torch.Tensor | None = None) -> dict:  # fmt: skip
     """Stage 3 of one ``(arm, seed)`` from ``model``'s weights, then its scores; writes the model
     and ``scores.json`` (last: a folder without it is an unfinished run) into ``folder``."""
     t = time.perf_counter()
@@ -330,7 +306,7 @@ def train_and_score(model, proc, cfg: RealConfig, answers: dict, images: list[di
                        precision=cfg.precision, progress=progress,
                        router_lr=cfg.router_lr, freeze_dense=cfg.freeze_dense)  # fmt: skip
     trained = time.perf_counter() - t
-    res = score(model, proc, cfg, answers, images)
+    res = score(model, proc, cfg, answers, images, reference)
     res.update(arm=arm, seed=seed, train_seconds=trained,
                eval_seconds=time.perf_counter() - t - trained, peak_memory_gib=_peak_gib(),
                log=[r for r in trainer.state.log_history if "loss" in r])  # fmt: skip

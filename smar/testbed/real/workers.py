@@ -20,7 +20,7 @@ __all__ = ["run_parallel"]
 _STATE: dict = {}
 
 
-def _init(config, lm_config, tok, start, threads: int) -> None:
+def _init(config, lm_config, tok, start, threads: int, reference=None) -> None:
     import transformers
 
     from smar.testbed.real.model import build_run_vlm
@@ -30,7 +30,7 @@ def _init(config, lm_config, tok, start, threads: int) -> None:
     model, proc = build_run_vlm(lm, tok, config.vision, config.layers)
     del lm
     model.load_state_dict(start)
-    _STATE.update(model=model, proc=proc, start=start, config=config)
+    _STATE.update(model=model, proc=proc, start=start, config=config, reference=reference)
 
 
 def _job(arm: str, seed: int, folder: str, answers: dict, images: list[dict]) -> dict:
@@ -39,11 +39,11 @@ def _job(arm: str, seed: int, folder: str, answers: dict, images: list[dict]) ->
     s = _STATE
     s["model"].load_state_dict(s["start"])
     return train_and_score(s["model"], s["proc"], s["config"], answers, images, arm, seed,
-                           Path(folder), progress=False)  # fmt: skip
+                           Path(folder), progress=False, reference=s["reference"])  # fmt: skip
 
 
 def run_parallel(model, lm_config, tok, cfg, jobs, answers, images, workers: int, done,
-                 progress: bool = True) -> None:  # fmt: skip
+                 progress: bool = True, reference=None) -> None:  # fmt: skip
     """Runs ``jobs`` (``(name, arm, seed, folder)``) in ``workers`` processes from ``model``'s
     weights (``model`` built by :func:`~smar.testbed.real.model.build_run_vlm` from a language model
     of config ``lm_config`` and tokenizer ``tok``); ``done(name, result)`` is called here as each
@@ -57,7 +57,7 @@ def run_parallel(model, lm_config, tok, cfg, jobs, answers, images, workers: int
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     pool = ProcessPoolExecutor(
         workers, mp_context=mp.get_context("spawn"), initializer=_init,
-        initargs=(cfg, lm_config, tok, start, threads),
+        initargs=(cfg, lm_config, tok, start, threads, reference),
     )  # fmt: skip
     try:
         futures = {pool.submit(_job, arm, seed, str(folder), answers, images): name

@@ -1,0 +1,102 @@
+"""The scores of one ``smar real`` model: language (bits per byte, knowledge accuracy), the
+multimodal accuracy per question type, and the probes that see format and fact loss apart
+(:mod:`smar.testbed.real.probes`), with the stage-1 model's first-token log-probabilities cached
+as their reference."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from smar.errors import CorruptFile
+from smar.testbed.io import load_tensors, save_tensors, set_aside
+from smar.testbed.real import evaluate, probes, texts
+
+__all__ = ["score", "first_token_reference"]
+
+CHAT_TOKENS = 48  # the base's answers to chat instructions
+KNOWLEDGE_TOKENS = 16  # answers to knowledge questions ("The capital of Kenya is Nairobi.")
+CODE_TOKENS = 96  # answers to "write a function" instructions
+FIRST_TOKENS = 4  # the first answer tokens of held-out chats compared with the stage-1 model
+
+
+def _cast(precision: str):
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def score(model, proc, cfg, answers: dict, images: list[dict],
+          reference: torch.Tensor | None = None) -> dict:  # fmt: skip
+    """Every benchmark of one model: language (bits per byte, knowledge accuracy), the
+    multimodal accuracy per question type, and the format and fact probes
+    (:mod:`smar.testbed.real.probes`; the first-token KL against ``reference``, the stage-1
+    model's log-probabilities)."""
+    cast = _cast(cfg.precision)
+    model.eval()
+    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+             for q, a in answers["chat_eval"]]  # fmt: skip
+    known = [(q, g) for q, g, a in answers["knowledge"] if texts.is_right(a, g)]
+    said = evaluate.generate(model, proc, [[{"role": "user", "content": q}] for q, _ in known],
+                             max_new_tokens=KNOWLEDGE_TOKENS, cast=cast)  # fmt: skip
+    code = texts.humaneval()[: cfg.eval_code]
+    prose = [("", p) for p in texts.prose(cfg.eval_prose)]
+    language = {
+        "chat_bpb": evaluate.answer_bpb(model, proc, chats, cast=cast),
+        "code_bpb": evaluate.text_bpb(model, proc, code, cast=cast),
+        "prose_bpb": evaluate.text_bpb(model, proc, prose, cast=cast),
+    }
+    if known:  # (a model that answers none of them right has no knowledge to retain)
+        language["knowledge"] = sum(
+            texts.is_right(a, g) for a, (_, g) in zip(said, known, strict=True)
+        ) / len(known)
+    return {
+        "language": language,
+        "probes": _probes(model, proc, answers, known, said, chats, reference, cast),
+        "knowledge_asked": len(known),
+        "knowledge_answers": [[q, a] for (q, _), a in zip(known, said, strict=True)],
+        "multimodal": evaluate.multimodal_accuracy(model, proc, images, cast=cast),
+    }
+
+
+def _probes(model, proc, answers, known, said, chats, reference, cast) -> dict:
+    """Format and fact apart: the format-free knowledge score and the base's answer frame kept
+    (the known questions), code instructions, and the first-token KL to stage 1."""
+    asked = {q for q, _ in known}
+    items = [it for it in texts.knowledge_items() if it["question"] in asked]
+    base = {q: a for q, _, a in answers["knowledge"]}
+    code = answers["code"]
+    coded = evaluate.generate(model, proc, [[{"role": "user", "content": q}] for q, _, _ in code],
+                              max_new_tokens=CODE_TOKENS, cast=cast)  # fmt: skip
+    mine, theirs = probes.code_scores(coded, [n for _, n, _ in code]), probes.code_scores(
+        [a for _, _, a in code], [n for _, n, _ in code])  # fmt: skip
+    out = {
+        "format_free": probes.format_free(model, proc, items, cast=cast) if items else None,
+        "format_kept": probes.format_kept([base[q] for q, _ in known], said, [g for _, g in known])
+        if known
+        else None,  # fmt: skip
+        "code_defines": mine["defines"],
+        "code_length": mine["chars"] / max(theirs["chars"], 1.0),  # relative to the base's
+        "code_answers": [[q, a] for (q, _, _), a in zip(code, coded, strict=True)],
+    }
+    if reference is not None:
+        now = probes.first_token_logprobs(model, proc, chats, k=FIRST_TOKENS, cast=cast)
+        out["first_token_kl"] = probes.first_token_kl(reference, now)
+    return out
+
+
+def first_token_reference(model, proc, precision: str, answers: dict, path: Path):
+    """The stage-1 model's log-probabilities of the first answer tokens of the held-out chats
+    ``(N, K, V)``, cached in the stage folder (a corrupt file is set aside and rebuilt)."""
+    if path.exists():
+        try:
+            return load_tensors(path)[0]["logprobs"]
+        except (CorruptFile, KeyError) as e:
+            set_aside(path, getattr(e, "why", str(e)))
+    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+             for q, a in answers["chat_eval"]]  # fmt: skip
+    ref = probes.first_token_logprobs(model, proc, chats, k=FIRST_TOKENS, cast=_cast(precision))
+    save_tensors(path, {"logprobs": ref.contiguous()})
+    return ref
