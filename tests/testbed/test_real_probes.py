@@ -72,6 +72,10 @@ def test_first_token_logprobs_and_kl_by_hand(tiny):
         with torch.no_grad():
             want = model(input_ids=torch.tensor([ids])).logits[0, h - 1 : h + 2].log_softmax(-1)
         torch.testing.assert_close(lp, want, rtol=1e-5, atol=1e-5)
+    short = [{"role": "user", "content": "tell me a number"}, {"role": "assistant",
+                                                                "content": "one"}]  # fmt: skip
+    with_short = probes.first_token_logprobs(model, tok, [chats[0], short, chats[1]], k=3)
+    torch.testing.assert_close(with_short, got)  # a too-short answer is left out
     assert probes.first_token_kl(got, got) == pytest.approx(0.0, abs=1e-6)
     other = (got + torch.randn_like(got)).log_softmax(-1)
     p = got.exp()
