@@ -237,7 +237,8 @@ class Regularizer(RouterCapture):
             carry=self._carry if training else None,
             chosen=self.chosen() if c.lb_weight else None,
         )
-        if training and not total.requires_grad and not self._warned_graph:
+        weighted = c.smar_weight or c.lb_weight or c.z_weight  # else the loss is 0 by design
+        if training and weighted and not total.requires_grad and not self._warned_graph:
             self._warned_graph = True  # once: the loss would train nothing
             warnings.warn(_NOT_CONNECTED, stacklevel=2)
         self._terms = {k: v.detach() for k, v in terms.items()}

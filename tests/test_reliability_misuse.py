@@ -144,3 +144,14 @@ def test_reentrant_checkpointing_in_your_own_loop_is_warned_at_attach_and_at_the
         reg = smar.attach(model)
         model(input_ids=ids, labels=ids)
         assert reg.loss().requires_grad  # non-reentrant: connected, and no warning
+
+
+def test_a_config_with_every_weight_zero_is_not_warned_about():
+    """Monitoring only (every loss weight 0): a loss of 0 without a graph is what was asked."""
+    model = _moe().train()
+    reg = smar.attach(model, smar.SMARConfig(smar_weight=0.0, lb_weight=0.0))
+    ids = torch.randint(0, 64, (2, 8))
+    model(input_ids=ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert float(reg.loss()) == 0.0
