@@ -356,14 +356,32 @@ def find_routers(
     return sorted(sites, key=lambda s: s.layer)
 
 
-def no_router_error(model: nn.Module) -> UsageError:
-    """The error for a model without any recognised router, naming the fix."""
+_ROUTER_LIKE = re.compile(r"(?:router|gate|gating)$", re.IGNORECASE)
+
+
+def no_router_error(model: nn.Module, adapters: Adapter | Sequence[Adapter] | None = None):
+    """The :class:`UsageError` for a model without any recognised router, its fix for what the
+    model holds: a module named like a router (an ``adapter=`` for its class; a class of its own
+    for a bare ``nn.Linear``), or none (a dense model: upcycle it)."""
     known = ", ".join(f"{a.name} ({', '.join(map(str, a.classes))})" for a in ADAPTERS)
-    return UsageError(
-        f"no router found in {type(model).__name__}: no module is declared as recording "
-        f"router_logits (transformers' _can_record_outputs) and no adapter matches (built-in: "
-        f"{known})",
-        "for a dense model, upcycle it with smar.hf.upcycle_hf; for another MoE architecture "
-        "pass adapter=smar.adapters.Adapter(name, classes=('YourRouterClass',), index=<position "
-        "of the logits in its output>, router='softmax' or 'sigmoid')",
-    )
+    problem = (f"no router found in {type(model).__name__}: no module is declared as recording "
+               "router_logits (transformers' _can_record_outputs) and no adapter matches (built-in"
+               f": {known}")  # fmt: skip
+    given = [adapters] if isinstance(adapters, Adapter) else list(adapters or ())
+    if given:
+        problem += f"; adapter= given for {sorted({str(c) for a in given for c in a.classes})}"
+    like = {type(m): n for n, m in reversed(list(model.named_modules()))
+            if n and (_ROUTER_LIKE.search(n) or _ROUTER_LIKE.search(type(m).__name__))}  # fmt: skip
+    fix = "pass adapter=smar.adapters.Adapter(name, classes=({!r},), index={}, router='softmax')"
+    if not like:
+        return UsageError(f"{problem}); no module is named like a router: a dense model?",
+                          "upcycle it with smar.hf.upcycle_hf (or smar.upcycle), then attach; for "
+                          "another MoE architecture " + fix.format("YourRouterClass", "<position "
+                          "of the logits in its output>"))  # fmt: skip
+    cls, name = next(reversed(like.items()))  # the first in module order
+    problem = f"{problem}); {name} ({cls.__name__}) is named like a router"
+    if cls.__module__.startswith("torch.nn"):  # a bare nn.Linear: every linear layer's class
+        return UsageError(problem, f"give it a class of its own (class MyRouter(nn.{cls.__name__})"
+                                   ": pass) and " + fix.format("MyRouter", "None"))  # fmt: skip
+    return UsageError(problem, fix.format(cls.__name__, "<position of the logits in its output, "
+                                          "None if it returns them alone>"))  # fmt: skip

@@ -29,6 +29,7 @@ from smar.errors import UsageError, WrongType
 from smar.modality import (
     LEVELS,
     ModalityState,
+    check_placeholders,
     group_modalities,
     modality_ids,
     resolve_groups,
@@ -111,7 +112,7 @@ class RouterCapture:
             asked = {kinds} if isinstance(kinds, str) else set(kinds)
             other = "attention" if asked == {"mlp"} else "mlp"
             if asked == {"mlp", "attention"} or not find_routers(model, adapter, kinds=other):
-                raise no_router_error(model)
+                raise no_router_error(model, adapter)
             raise UsageError(
                 f"{type(model).__name__} has {other} routers only, not the {asked.pop()} routers "
                 f"asked for", f"pass SMARConfig(routers='{other}') (or record(model, "
@@ -133,6 +134,7 @@ class RouterCapture:
         self.router = sites[0].adapter.router
         self.level = modality
         self.token_ids = special_token_ids(getattr(model, "config", None))
+        check_placeholders(model, self.token_ids)
         self._state = ModalityState()
         self._logits: dict[int, Tensor] = {}
         self._chosen: dict[int, Tensor] = {}  # the experts each router chose, where it says

@@ -3,6 +3,7 @@ when it is made. :func:`smar.attach` takes it; :mod:`smar.routing` re-exports it
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -91,35 +92,31 @@ class SMARConfig:
     def __post_init__(self):
         for name in ("smar_weight", "lb_weight", "z_weight"):
             check_weight(name, getattr(self, name))
-        if not isinstance(self.modality_bias, bool):  # a string such as "no" would be truthy
-            raise WrongType(f"modality_bias must be True or False; got {self.modality_bias!r}")
-        if self.hinge not in ("linear", "squared"):
-            raise UsageError(f"hinge must be 'linear' or 'squared'; got {self.hinge!r}")
-        if self.lb_variant not in ("switch", "hf"):
-            raise UsageError(f"lb_variant must be 'switch' or 'hf'; got {self.lb_variant!r}")
-        if self.modality not in LEVELS:
-            raise UsageError(f"modality must be one of {LEVELS}; got {self.modality!r}")
-        if not isinstance(self.num_modalities, int) or self.num_modalities < 2:
-            raise UsageError(f"num_modalities must be an integer >= 2; got {self.num_modalities}")
-        self._check_modalities()
-        if self.routers not in ("mlp", "attention", "all"):
-            raise UsageError(f"routers must be 'mlp', 'attention' or 'all'; got {self.routers!r}")
-        if self.stats not in STATS:
-            raise UsageError(f"stats must be one of {STATS}; got {self.stats!r}")
-        if self.check not in ("first", "always"):
-            raise UsageError(f"check must be 'first' or 'always'; got {self.check!r}")
-        for name in ("accumulate", "carry"):
+        for name in ("modality_bias", "accumulate", "carry"):  # a string such as "no" is truthy
             if not isinstance(getattr(self, name), bool):
-                raise UsageError(f"{name} must be True or False; got {getattr(self, name)!r}")
+                raise WrongType(f"{name} must be True or False; got {getattr(self, name)!r}",
+                                f"{name}=True or {name}=False")  # fmt: skip
+        for name, allowed in (("hinge", ("linear", "squared")), ("lb_variant", ("switch", "hf")),
+                              ("modality", LEVELS), ("routers", ("mlp", "attention", "all")),
+                              ("stats", STATS), ("check", ("first", "always"))):  # fmt: skip
+            _one_of(name, getattr(self, name), allowed)
+        n = self.num_modalities
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise UsageError(f"num_modalities must be an integer >= 2; got {n!r}",
+                             "e.g. num_modalities=2 (text and image)")  # fmt: skip
+        self._check_modalities()
         groups = resolve_groups(self.groups, keep=self.modalities)
         if self.groups is not None and not isinstance(self.groups, str):
             self.groups = groups  # ids as integers: JSON keys are strings
-        if isinstance(self.band, list) and self.band and isinstance(self.band[0], (int, float)):
+        if isinstance(self.band, list) and self.band and _number(self.band[0]):
             self.band = tuple(self.band)  # a pair read from JSON or YAML
-        # the values now (the number of layers is checked when the model is known)
-        pair = isinstance(self.band, tuple) and len(self.band) == 2
-        pair = pair and all(isinstance(x, (int, float)) for x in self.band)
-        _check_band(self.band, 1 if pair else len(self.band))
+        # the types, then the values (the number of layers is checked when the model is known)
+        if not (_pair(self.band) or _layer_pairs(self.band)):
+            raise UsageError(
+                f"band must be a (low, high) pair of numbers or a list of one pair per MoE layer; "
+                f"got {self.band!r}", "e.g. band=(1.5, 2.0)"
+            )  # fmt: skip
+        _check_band(self.band, 1 if _pair(self.band) else len(self.band))
 
     def _check_modalities(self) -> None:
         if isinstance(self.image, list):
@@ -129,7 +126,8 @@ class SMARConfig:
         if any(isinstance(m, bool) or not isinstance(m, int) for m in ids):
             raise UsageError(
                 f"text and image must be integer modality ids (0 text, 1 image, 2 video, 3 "
-                f"audio), image also a tuple of them; got text={self.text!r}, image={self.image!r}"
+                f"audio), image also a tuple of them; got text={self.text!r}, image={self.image!r}",
+                "e.g. text=0, image=1 (or image=(1, 2) for image and video)",
             )
         if not all(0 <= m < self.num_modalities for m in ids):
             raise UsageError(
@@ -139,8 +137,8 @@ class SMARConfig:
         if len(set(ids)) != len(ids) or len(self.modalities) < 2:
             raise UsageError(
                 f"text={self.text} and image={self.image} must be distinct ids, at least one "
-                "besides text"
-            )
+                "besides text", "e.g. text=0, image=1"
+            )  # fmt: skip
         if isinstance(self.pairs, list) and self.pairs and isinstance(self.pairs[0], list):
             self.pairs = [tuple(p) for p in self.pairs]  # read from JSON or YAML
         self.held_pairs  # noqa: B018  (checks the pairs)
@@ -176,6 +174,24 @@ class SMARConfig:
     @property
     def kinds(self) -> tuple[str, ...]:
         return ("mlp", "attention") if self.routers == "all" else (self.routers,)
+
+
+def _one_of(name: str, value, allowed: Sequence) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        choices = " or ".join(repr(a) for a in allowed)
+        raise UsageError(f"{name} must be {choices}; got {value!r}", f"e.g. {name}={allowed[0]!r}")
+
+
+def _number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _pair(band) -> bool:
+    return isinstance(band, (tuple, list)) and len(band) == 2 and all(map(_number, band))
+
+
+def _layer_pairs(band) -> bool:
+    return isinstance(band, (tuple, list)) and len(band) > 0 and all(map(_pair, band))
 
 
 def check_config(config, who: str) -> SMARConfig:

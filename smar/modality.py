@@ -21,6 +21,8 @@ This module does not import transformers: a config is read by attribute name onl
 
 from __future__ import annotations
 
+import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -36,6 +38,7 @@ __all__ = [
     "IGNORE",
     "LEVELS",
     "special_token_ids",
+    "check_placeholders",
     "modality_ids",
     "token_mask",
     "GROUPS",
@@ -58,10 +61,14 @@ _TOKEN_ATTRS = {
 def special_token_ids(config) -> dict[int, list[int]]:
     """Placeholder token ids per modality found in a (transformers) config.
 
-    Looks at the top-level config, then at ``text_config``. Only non-negative integer ids count.
+    Looks at the top-level config, then at ``text_config``. Only non-negative integer ids count
+    (None or a negative id: unset).
 
     Returns:
         ``{modality_id: [token ids]}``, e.g. ``{1: [151655], 2: [151656]}``; empty if none found.
+
+    Raises:
+        UsageError: for an id that is not an integer (a string, a float), which would never match.
     """
     found: dict[int, list[int]] = {}
     configs = [config, getattr(config, "text_config", None)]
@@ -71,10 +78,55 @@ def special_token_ids(config) -> dict[int, list[int]]:
                 continue
             for attr in attrs:
                 value = getattr(cfg, attr, None)
-                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                    if value not in found.setdefault(mod, []):
-                        found[mod].append(value)
+                if value is not None and (
+                    isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                ):
+                    raise UsageError(
+                        f"the model config's {attr}={value!r} is not a token id (an integer), so "
+                        "no token would count as that modality",
+                        f"set config.{attr} to the placeholder's id, e.g. "
+                        f"tokenizer.convert_tokens_to_ids('<image>')",
+                    )
+                value = None if value is None else int(value)  # numpy ints too
+                if value is not None and value >= 0 and value not in found.setdefault(mod, []):
+                    found[mod].append(value)
     return {m: ids for m, ids in found.items() if ids}
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def check_placeholders(model, token_ids: dict[int, list[int]]) -> None:
+    """Placeholder ids a text-only model (no ``vision_config`` or ``audio_config``) can never
+    receive are refused: an id past its input embedding would fail in it, and without that id
+    every token counts as text. One that is also its bos or eos token is warned about."""
+    config = getattr(model, "config", None)
+    multimodal = any(hasattr(config, f"{k}_config") for k in ("vision", "audio", "video"))
+    try:
+        rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    except (AttributeError, NotImplementedError):  # not a transformers model, or none to give
+        rows = None
+    names = {IMAGE: "image", VIDEO: "video", AUDIO: "audio"}
+    for mod, toks in token_ids.items():
+        for t in toks:
+            if not multimodal and isinstance(rows, int) and t >= rows:
+                raise UsageError(
+                    f"the {names.get(mod, mod)} token id {t} in {type(model).__name__}'s config "
+                    f"is outside its vocabulary ({rows} embeddings): no input can hold it, so "
+                    "every token would count as text",
+                    f"set it to the id of the placeholder token your data holds (< {rows})",
+                )
+            same = [
+                k for k in ("bos", "eos") if t in _as_list(getattr(config, f"{k}_token_id", None))
+            ]
+            if same:
+                warnings.warn(
+                    f"the {names.get(mod, mod)} token id {t} is also the {same[0]} token of "
+                    f"{type(model).__name__}: every {same[0]} token counts as "
+                    f"{names.get(mod, mod)}; fix: give the placeholder an id of its own",
+                    stacklevel=5,
+                )
 
 
 def modality_ids(
@@ -113,10 +165,9 @@ def modality_ids(
         ids = mm_token_type_ids.long()  # (B, S)
     elif input_ids is not None and token_ids:
         ids = torch.zeros_like(input_ids, dtype=torch.long)  # (B, S)
-        for mod, toks in token_ids.items():
-            toks = [toks] if isinstance(toks, int) else list(toks)
+        for mod, toks in _placeholders(token_ids).items():
             hit = torch.isin(input_ids, input_ids.new_tensor(toks))  # (B, S)
-            ids = ids.masked_fill(hit, int(mod))
+            ids = ids.masked_fill(hit, mod)
     else:
         raise UsageError(
             "cannot tell modalities apart: pass mm_token_type_ids (from the processor), or "
@@ -134,6 +185,30 @@ def modality_ids(
     if attention_mask is not None:
         ids = ids.masked_fill(~token_mask(attention_mask, tuple(ids.shape)), IGNORE)
     return ids
+
+
+def _placeholders(token_ids) -> dict[int, list[int]]:
+    """``token_ids`` as ``{modality id: [token ids]}``, or one line naming the fix."""
+    fix = "e.g. token_ids={1: image_token_id} or {1: [image_id], 2: [video_id]}"
+
+    def integer(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not isinstance(token_ids, Mapping):
+        raise WrongType(f"token_ids must be a dict {{modality id: token id(s)}}; got "
+                        f"{type(token_ids).__name__} {token_ids!r:.40}", fix)  # fmt: skip
+    out = {}
+    for mod, toks in token_ids.items():
+        mod = int(mod) if isinstance(mod, str) and mod.lstrip("-").isdigit() else mod  # JSON
+        toks = toks.tolist() if isinstance(toks, Tensor) else toks
+        toks = [toks] if not isinstance(toks, (Sequence, set)) or isinstance(toks, str) else toks
+        if not integer(mod) or mod < IGNORE or not all(integer(t) and t >= 0 for t in toks):
+            raise UsageError(
+                f"token_ids={token_ids!r:.80}: each key must be a modality id (1 image, 2 video, "
+                "3 audio, -1 ignore) and each value a token id >= 0 or a list of them", fix
+            )  # fmt: skip
+        out[mod] = list(toks)
+    return out
 
 
 def _attends(mask: Tensor) -> Tensor:
@@ -228,15 +303,16 @@ def resolve_groups(
         return {}
     if isinstance(groups, str):
         if groups not in GROUPS:
-            raise UsageError(f"unknown modality grouping {groups!r}; known: {sorted(GROUPS)}")
+            raise UsageError(f"unknown modality grouping {groups!r}; known: {sorted(GROUPS)}",
+                             "groups='visual', groups={2: 1} or groups=None")  # fmt: skip
         out = dict(GROUPS[groups])
     elif isinstance(groups, Mapping):
         out = {_group_id(a, groups): _group_id(b, groups) for a, b in groups.items()}
     else:
         raise WrongType(
             f"groups must be a name of {sorted(GROUPS)}, a dict {{from_id: to_id}} or None; "
-            f"got {type(groups).__name__}"
-        )
+            f"got {type(groups).__name__}", "groups='visual', groups={2: 1} or groups=None"
+        )  # fmt: skip
     for a, b in out.items():
         if a in keep and b != a:
             raise UsageError(

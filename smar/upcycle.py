@@ -7,14 +7,37 @@ Shape legend: D model width, F expert hidden width, E experts.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smar.errors import UsageError
+from smar.errors import UsageError, WrongType
 from smar.moe import MoEBlock
 
-__all__ = ["upcycle"]
+__all__ = ["upcycle", "check_options"]
+
+
+def check_options(num_experts, top_k, noise) -> None:
+    """The options of an upcycling (:func:`upcycle`, :func:`smar.hf.upcycle_hf`), one line each,
+    before any layer changes."""
+    for name, value in (("num_experts", num_experts), ("top_k", top_k)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise WrongType(f"{name}={value!r} must be an integer >= 1", f"e.g. {name}=2")
+        if value < 1:
+            raise UsageError(f"{name}={value!r} must be an integer >= 1", f"e.g. {name}=2")
+    if top_k > num_experts:
+        raise UsageError(
+            f"top_k={top_k} must be <= num_experts={num_experts}: each token picks top_k of "
+            "the experts",
+            f"top_k={num_experts} or num_experts>={top_k}",
+        )
+    if isinstance(noise, bool) or not isinstance(noise, numbers.Real):
+        raise WrongType(f"noise={noise!r} must be a finite number >= 0", "e.g. noise=0.0")
+    if not 0 <= noise < math.inf:
+        raise UsageError(f"noise={noise!r} must be a finite number >= 0", "e.g. noise=0.0")
 
 
 def _dense_weights(dense_mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -74,8 +97,7 @@ def upcycle(
         generator: random generator for the router and the noise.
         router_kwargs: passed to :class:`smar.moe.Router`.
     """
-    if noise < 0:
-        raise UsageError(f"noise must be >= 0, got {noise}")
+    check_options(num_experts, top_k, noise)
     _check_silu(dense_mlp)
     gate, up, down = _dense_weights(dense_mlp)  # (F, D), (F, D), (D, F)
     hidden, dim = gate.shape

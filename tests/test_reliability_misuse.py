@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 import smar  # noqa: E402
 import smar.hf  # noqa: E402
 from smar.errors import WrongType  # noqa: E402
+from smar.modality import modality_ids  # noqa: E402
 
 
 def _moe(**over):
@@ -155,3 +156,118 @@ def test_a_config_with_every_weight_zero_is_not_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert float(reg.loss()) == 0.0
+
+
+# ---------------------------------------------- upcycling: top_k above the experts, wrong types
+@pytest.mark.parametrize(
+    "options, error, pattern",
+    [
+        (dict(num_experts=2, top_k=4), smar.UsageError,
+         r"top_k=4 must be <= num_experts=2.*; fix: top_k=2 or num_experts>=4"),
+        (dict(num_experts="2", top_k=1), WrongType, r"num_experts='2' must be an integer >= 1"),
+        (dict(num_experts=2, top_k=0), smar.UsageError, r"top_k=0 must be an integer >= 1"),
+        (dict(num_experts=2, top_k=1, noise=None), WrongType, r"noise=None must be a finite"),
+        (dict(num_experts=2, top_k=1, noise="x"), WrongType, r"noise='x' must be a finite"),
+    ],
+    ids=["top_k_above", "str_experts", "top_k_0", "noise_none", "noise_str"],
+)  # fmt: skip
+def test_upcycle_options_are_one_line_before_any_change(options, error, pattern):
+    from smar.moe import SwiGLU
+    from smar.upcycle import upcycle
+
+    torch.manual_seed(0)
+    mlp = SwiGLU(8, 16)
+    with pytest.raises(error, match=pattern) as e:
+        upcycle(mlp, **options)
+    assert "\n" not in str(e.value) and "fix:" in str(e.value)
+    dense = _dense()
+    _refused(lambda: smar.hf.upcycle_hf(dense, **options), dense, error, pattern)
+    assert not any("MoE" in type(m).__name__ for m in dense.modules())  # no layer upcycled
+
+
+# ---------------------------------------------- the image token id of the model's config
+@pytest.mark.parametrize("attr", ["image_token_id", "image_token_index"])
+@pytest.mark.parametrize("token", [64, 1000])
+def test_an_image_token_outside_the_vocabulary_is_refused(attr, token):
+    model = _moe()
+    setattr(model.config, attr, token)
+    _refused(lambda: smar.attach(model), model, smar.UsageError,
+             rf"the image token id {token} in Qwen3MoeForCausalLM's config is outside its "
+             r"vocabulary \(64 embeddings\).*; fix: set it to the id of the placeholder token "
+             r"your data holds \(< 64\)")  # fmt: skip
+
+
+@pytest.mark.parametrize("token", ["5", 3.5, True])
+def test_an_image_token_that_is_not_an_integer_is_refused(token):
+    model = _moe()
+    model.config.image_token_id = token
+    _refused(lambda: smar.attach(model), model, smar.UsageError,
+             rf"config's image_token_id={token!r} is not a token id.*fix: set "
+             r"config\.image_token_id to the placeholder's id")  # fmt: skip
+
+
+def test_an_image_token_in_the_vocabulary_still_attaches_and_eos_is_warned_about():
+    model = _moe(eos_token_id=1)
+    model.config.image_token_id = 10  # an ordinary id of the vocabulary: the tests' own setup
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reg = smar.attach(model)
+    ids = torch.tensor([[3, 10, 10, 4]])
+    model(input_ids=ids)
+    assert reg.modality_ids.tolist() == [0, 1, 1, 0]
+    reg.detach()
+    model.config.image_token_id = 1  # the eos token: every end of text would count as image
+    with pytest.warns(UserWarning, match=r"image token id 1 is also the eos token.*fix: give"):
+        smar.attach(model).detach()
+
+
+@pytest.mark.parametrize(
+    "token_ids, error",
+    [({1: "5"}, smar.UsageError), ({1: 3.5}, smar.UsageError), ({1: None}, smar.UsageError),
+     ({1: [5, "a"]}, smar.UsageError), ({1: -1}, smar.UsageError), ([5], WrongType),
+     (5, WrongType)],
+)  # fmt: skip
+def test_modality_ids_with_token_ids_of_the_wrong_kind(token_ids, error):
+    ids = torch.tensor([[3, 5, 5, 4]])
+    with pytest.raises(error, match=r"token_ids.*fix: e\.g\. token_ids=\{1: image_token_id\}") as e:
+        modality_ids(ids, token_ids=token_ids)
+    assert "\n" not in str(e.value)
+    # what was valid stays valid: one id, a list, a tensor, JSON keys, -1 (ignore)
+    for ok in ({1: 5}, {1: [5]}, {1: torch.tensor([5])}, {"1": 5}):
+        assert modality_ids(ids, token_ids=ok).tolist() == [[0, 1, 1, 0]]
+    assert modality_ids(ids, token_ids={-1: 5}).tolist() == [[0, -1, -1, 0]]
+
+
+# ---------------------------------------------- no router: the fix for what the model holds
+def test_no_router_in_a_custom_moe_names_its_router_module():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router = torch.nn.Linear(8, 4)
+            self.experts = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(4))
+
+    model = torch.nn.Sequential(Block(), Block())
+    _refused(lambda: smar.attach(model), model, smar.UsageError,
+             r"no router found in Sequential.*0\.router \(Linear\) is named like a router; fix: "
+             r"give it a class of its own \(class MyRouter\(nn\.Linear\): pass\) and pass "
+             r"adapter=smar\.adapters\.Adapter\(name, classes=\('MyRouter',\), index=None")  # fmt: skip
+
+
+def test_no_router_with_an_adapter_that_matches_nothing_says_so():
+    dense = _dense()
+    adapter = smar.adapters.Adapter("mine", classes=("MyRouter",))
+    _refused(lambda: smar.attach(dense, adapter=adapter), dense, smar.UsageError,
+             r"adapter= given for \['MyRouter'\]\); no module is named like a router: a dense "
+             r"model\?; fix: upcycle it with smar\.hf\.upcycle_hf")  # fmt: skip
+
+
+def test_smar_trainer_refuses_a_wrong_adapter_and_a_meta_model(tmp_path):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    model = _moe()
+    _refused(lambda: smar.hf.SMARTrainer(model=model, args=args, smar_adapter="foo"), model,
+             WrongType, r"adapter= takes smar\.adapters\.Adapter objects")  # fmt: skip
+    with torch.device("meta"):
+        meta = _moe()
+    with pytest.raises(smar.UsageError, match=r"meta device.*model\.to_empty\(device="):
+        smar.hf.SMARTrainer(model=meta, args=args)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in meta.modules())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import numbers
 from collections.abc import Sequence
 
@@ -18,7 +17,7 @@ from torch import nn
 
 from smar.errors import UsageError
 from smar.moe import MoEBlock
-from smar.upcycle import upcycle
+from smar.upcycle import check_options, upcycle
 
 __all__ = ["upcycle_hf", "from_pretrained_upcycled", "upcycled_class", "model_class"]
 
@@ -70,20 +69,6 @@ def _layer_indices(layers: str | Sequence[int], n: int) -> list[int]:
     return idx
 
 
-def _check_options(num_experts, top_k, noise) -> None:
-    """The options of :func:`upcycle_hf`, before any layer changes."""
-    for name, value in (("num_experts", num_experts), ("top_k", top_k)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UsageError(f"{name}={value!r} must be an integer >= 1; fix: e.g. {name}=2")
-    if top_k > num_experts:
-        raise UsageError(
-            f"top_k={top_k} must be <= num_experts={num_experts}: each token picks top_k of "
-            f"the experts; fix: top_k={num_experts} or num_experts>={top_k}"
-        )
-    if isinstance(noise, bool) or not isinstance(noise, numbers.Real) or not 0 <= noise < math.inf:
-        raise UsageError(f"noise={noise!r} must be a finite number >= 0; fix: e.g. noise=0.0")
-
-
 @torch.no_grad()
 def upcycle_hf(
     model: nn.Module,
@@ -114,7 +99,7 @@ def upcycle_hf(
     Returns:
         The same model, upcycled.
     """
-    _check_options(num_experts, top_k, noise)
+    check_options(num_experts, top_k, noise)
     decoder_layers = _decoder_layers(model)
     idx = _layer_indices(layers, len(decoder_layers))
     generator = torch.Generator().manual_seed(seed)
