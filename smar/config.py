@@ -91,6 +91,9 @@ class SMARConfig:
 
     def __post_init__(self):
         for name in ("smar_weight", "lb_weight", "z_weight"):
+            if not _number(getattr(self, name)):  # the type here, with its fix; values below
+                raise WrongType(f"{name} must be a number >= 0; got {getattr(self, name)!r}",
+                                f"e.g. {name}=1.0 ({name}=0.0 turns the term off)")  # fmt: skip
             check_weight(name, getattr(self, name))
         for name in ("modality_bias", "accumulate", "carry"):  # a string such as "no" is truthy
             if not isinstance(getattr(self, name), bool):

@@ -116,6 +116,11 @@ def test_no_router_is_a_usage_error_with_the_right_routers_fix():
         (dict(groups=5), WrongType, r"groups must be a name of"),
         (dict(band="1.5,2"), smar.UsageError, r"band must be a \(low, high\) pair"),
         (dict(band=(1.5,)), smar.UsageError, r"band must be a \(low, high\) pair"),
+        (dict(band=None), smar.UsageError, r"band must be a \(low, high\) pair"),  # crashed
+        (dict(band=5), smar.UsageError, r"band must be a \(low, high\) pair"),  # crashed
+        (dict(band=(1, "2")), smar.UsageError, r"band must be a \(low, high\) pair"),  # accepted
+        (dict(band=[]), smar.UsageError, r"band must be a \(low, high\) pair"),  # accepted
+        (dict(routers=None), smar.UsageError, r"routers must be 'mlp' or 'attention' or 'all'"),
         (dict(text="0"), smar.UsageError, r"text and image must be integer modality ids"),
         (dict(num_modalities=None), smar.UsageError, r"num_modalities must be an integer >= 2"),
         (dict(hinge=None), smar.UsageError, r"hinge must be 'linear' or 'squared'"),
@@ -125,7 +130,7 @@ def test_no_router_is_a_usage_error_with_the_right_routers_fix():
 def test_smar_config_fields_of_the_wrong_type_are_one_line(options, error, pattern):
     with pytest.raises(error, match=pattern) as e:
         smar.SMARConfig(**options)
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and "; fix: " in str(e.value)
 
 
 def test_reentrant_checkpointing_in_your_own_loop_is_warned_at_attach_and_at_the_loss():
