@@ -28,6 +28,7 @@ transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "helpers"))
 import families  # noqa: E402
+from router_scores import router_scores  # noqa: E402
 
 import smar  # noqa: E402
 from smar.adapters import find_routers  # noqa: E402
@@ -205,6 +206,31 @@ def test_gating_read_as_the_router_scores_its_experts(family):
         # chosen (Mixtral: a softmax over the top-k logits; Kolibri: a sigmoid)
         seen = mode.seen or mode.seen_top or {"softmax"}
         assert site.adapter.router in seen, (site.name, mode.seen, mode.seen_top)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_captured_logits_are_the_routers_own_pre_activation_scores(family):
+    """What smar reads from each router is what the router's own activation receives (the input
+    of its softmax, sigmoid or softplus over all experts; else its linear layer's output), and is
+    scored with that activation. Before smar.gating (commit dcfca77) five families failed this:
+    Gemma 4 and diffusion_gemma (probabilities read as logits: rows summing to 1, a second
+    softmax), MuseSpark and inkling2 (a sigmoid through ACT2FN read as a softmax), DeepSeek-V4
+    (sqrt(softplus) read as a softmax); inkling2_loop, not supported, had inkling2's."""
+    model, batch = tiny(family)
+    sites = find_routers(model, kinds=ALL)
+    with torch.no_grad(), smar.record(model, kinds=ALL) as rec:
+        model(**batch)
+        mine = rec.logits()
+    T = batch["input_ids"].numel()
+    theirs = router_scores(model, sites, batch, T, [z.shape[-1] for z in mine])
+    assert len(mine) == len(theirs) == len(sites) > 0
+    for site, z, (activation, scores) in zip(sites, mine, theirs, strict=True):
+        assert scores is not None, f"{site.name}: no activation over its experts, no linear layer"
+        if activation is not None:
+            assert site.adapter.router == activation, site.name
+        # where the linear layer also scores shared experts (Inkling), the routed ones come first
+        torch.testing.assert_close(z.float(), scores[:, : z.shape[-1]].float(), rtol=1e-5,
+                                   atol=1e-6, msg=lambda m, n=site.name: f"{n}: {m}")  # fmt: skip
 
 
 @pytest.mark.parametrize("family", FAMILIES)
