@@ -51,10 +51,8 @@ def _key(pair) -> Pair:
     except (TypeError, ValueError):
         ok = False
     if not ok or i < 0 or j < 0 or i == j:
-        raise UsageError(
-            f"a modality pair must be two distinct ids >= 0, e.g. (0, 2) for text-video; got "
-            f"{pair!r}"
-        )
+        raise UsageError(f"a modality pair must be two distinct ids >= 0; got {pair!r}",
+                         "e.g. (0, 2) for text-video")  # fmt: skip
     return (i, j) if i < j else (j, i)
 
 
@@ -79,19 +77,21 @@ def resolve_pairs(
     mods = tuple(int(m) for m in modalities)
     if pairs is None or pairs == "text":
         if text not in mods:
-            raise UsageError(f"text={text} is not one of the modalities {mods}")
+            raise UsageError(f"text={text} is not one of the modalities {mods}",
+                             "give text one of them, or add it to the modalities")  # fmt: skip
         return tuple((text, m) for m in mods if m != text)
     if pairs == "all":
         keys = [(i, j) for a, i in enumerate(mods) for j in mods[a + 1 :]]
     elif isinstance(pairs, str) or not isinstance(pairs, Sequence) or not pairs:
         raise UsageError(
             f"pairs must be 'text', 'all' or a non-empty list of (i, j) modality pairs; got "
-            f"{pairs!r}"
-        )
+            f"{pairs!r}", "e.g. pairs='all' or pairs=[(0, 1), (1, 2)]",
+        )  # fmt: skip
     else:
         keys = [_key(p) for p in pairs]
         if len(set(keys)) != len(keys):
-            raise UsageError(f"pairs names a pair twice (D_ij = D_ji): {list(pairs)!r}")
+            raise UsageError(f"pairs names a pair twice (D_ij = D_ji): {list(pairs)!r}",
+                             "give each pair once")  # fmt: skip
     # text-anchored pairs text first, so that (0, 1) reads "text-image" whatever was given
     out = [(text, j if i == text else i) if text in (i, j) else _key((i, j)) for i, j in keys]
     return tuple(sorted(out, key=lambda p: (p[0] != text, p)))
@@ -102,7 +102,8 @@ def _band_rows(band, num_layers: int) -> Tensor:
 
     The values are checked in Python (a band tensor is read back once), never on the device.
     """
-    fix = f"band must be a (low, high) pair or a list of L={num_layers} pairs; got {band!r}"
+    fix = (f"band must be a (low, high) pair or a list of L={num_layers} pairs; got {band!r}; "
+           "fix: e.g. band=(1.5, 2.0)")  # fmt: skip
     if isinstance(band, Tensor):
         band = band.tolist()
     try:
@@ -119,11 +120,12 @@ def _band_rows(band, num_layers: int) -> Tensor:
     if len(rows) != num_layers or any(len(r) != 2 for r in rows):
         raise UsageError(fix)
     if not all(math.isfinite(x) for r in rows for x in r):
-        raise UsageError(f"band must be finite; got {band!r}")
+        raise UsageError(f"band must be finite; got {band!r}", "e.g. band=(1.5, 2.0)")
     if any(x < 0 for r in rows for x in r):
-        raise UsageError(f"band must be non-negative (D is a divergence, D >= 0); got {band!r}")
+        raise UsageError(f"band must be non-negative (D is a divergence, D >= 0); got {band!r}",
+                         "e.g. band=(0.0, 0.5) keeps two modalities alike")  # fmt: skip
     if any(lo > hi for lo, hi in rows):
-        raise UsageError(f"band must have low <= high; got {band!r}")
+        raise UsageError(f"band must have low <= high; got {band!r}", "give (low, high)")
     return torch.tensor(rows, dtype=torch.float64)
 
 
@@ -134,8 +136,8 @@ def check_pair_bands(pair_bands: Mapping | None) -> dict[Pair, object]:
         return {}
     if not isinstance(pair_bands, Mapping):
         raise UsageError(
-            f"pair_bands must be a dict {{(i, j): (low, high)}}, e.g. {{(1, 2): (0.0, 0.5)}} "
-            f"keeps image and video alike; got {pair_bands!r}"
+            f"pair_bands must be a dict {{(i, j): (low, high)}}; got {pair_bands!r}",
+            "e.g. {(1, 2): (0.0, 0.5)} keeps image and video alike",
         )
     out: dict[Pair, object] = {}
     for pair, band in pair_bands.items():
@@ -143,7 +145,8 @@ def check_pair_bands(pair_bands: Mapping | None) -> dict[Pair, object]:
             pair = pair.replace("-", ",").split(",")
         key = _key(pair)
         if key in out:
-            raise UsageError(f"pair_bands names the pair {key} twice (D_ij = D_ji)")
+            raise UsageError(f"pair_bands names the pair {key} twice (D_ij = D_ji)",
+                             "give each pair once")  # fmt: skip
         single = isinstance(band, (tuple, list)) and len(band) == 2
         single = single and all(not isinstance(x, (tuple, list)) for x in band)
         _band_rows(band, 1 if single else len(band))
