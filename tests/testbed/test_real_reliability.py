@@ -234,6 +234,10 @@ def test_runs_of_other_settings_are_refused_or_with_force_set_aside(tmp_path):
             outdir.reusable(folder, "none", 0, {**SETTINGS, **changed}, force=False,
                             folder_config=None)  # fmt: skip
         assert "\n" not in str(e.value) and _hashes(tmp_path) == before
+    many = {k: 1 for k in "abcdef"}  # a long list of differences is cut
+    with pytest.raises(smar.UsageError, match=r"\(a, b, c, d and 4 more differ\)"):
+        outdir.reusable(folder, "none", 0, many, force=False, folder_config=None)
+    assert _hashes(tmp_path) == before
     other = {**SETTINGS, "steps": 30}
     assert outdir.reusable(folder, "none", 0, other, force=True, folder_config=None) is None
     kept = [p for p in folder.parent.iterdir() if p.name.startswith("none-seed0.old-")]

@@ -164,9 +164,11 @@ def reusable(folder: Path, arm: str, seed: int, settings: dict, *, force: bool,
     if theirs is not None and theirs != settings:
         changed = sorted(k for k in set(theirs) | set(settings) if theirs.get(k) != settings.get(k))
         if not force:
+            more = f" and {len(changed) - 4} more" if changed[4:] else ""
+            named = ", ".join(changed[:4]) + more
             raise UsageError(
                 f"--out {folder.parent.parent} holds {folder.name} trained with other settings "
-                f"({', '.join(changed)} differ)",
+                f"({named} differ)",
                 "give a new --out, or add --force to set those runs aside and train them again",
             )
         dest = folder.with_name(f"{folder.name}.old-{_stamp()}")
