@@ -112,7 +112,8 @@ FULL = frozenset(
     solar_open step3p7 switch_transformers dots1 mistral4 flint deepseek_ocr2 unlimited_ocr
     muse_spark dots3_note gemma4 diffusion_gemma glm4v_moe glm5_next inkling2 minimax_m3_vl
     bailing_hybrid kimi_linear jamba nemotron_h granitemoehybrid lfm2_moe qwen4_exp
-    qwen3_omni_moe dbrx hy_v4_vl lara_mini ergo minicpm5_moe kolibri1_1 nemotron_h_omni""".split()
+    qwen3_omni_moe dbrx hy_v4_vl lara_mini ergo minicpm5_moe kolibri1_1 nemotron_h_omni
+    kimi_k25""".split()
 )
 CAPTURE_ONLY = {
     "zaya": "ZayaRouter computes its logits through several linear layers (a small MLP): no "
@@ -145,7 +146,7 @@ def status(family: str) -> str:
 
 # Multimodal wrappers around a MoE language model of another family, whose own modeling code
 # declares no router_logits recorder (so the scan below does not find them).
-WRAPPERS = ("nemotron_h_omni",)
+WRAPPERS = ("nemotron_h_omni", "kimi_k25")
 
 
 def families() -> list[str]:
@@ -255,10 +256,12 @@ def apply_recipe(cfg, recipe: dict) -> None:
         recipe["@fix"](cfg)
 
 
-def build(family: str) -> torch.nn.Module:
+def build(family: str, extra: dict | None = None) -> torch.nn.Module:
     """The family's top model class (or its recipe's) on its shrunk default config and its recipe
-    (tests/helpers/family_recipes.py), in eval mode, seed 0."""
-    recipe = RECIPES.get(family, {})
+    (tests/helpers/family_recipes.py), then ``extra`` (a recipe of the same form: the multimodal
+    tests' towers; one that names a ``"@class"`` replaces the recipe), in eval mode, seed 0."""
+    recipe = {} if extra and "@class" in extra else RECIPES.get(family, {})
+    recipe = {**recipe, **{k: v for k, v in (extra or {}).items() if k != "@fix"}}
     if "@class" in recipe:
         module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
         cls = getattr(module, recipe["@class"])
@@ -267,6 +270,8 @@ def build(family: str) -> torch.nn.Module:
     cfg = cls.config_class()
     _shrink(cfg)
     apply_recipe(cfg, recipe)
+    if extra and "@fix" in extra:
+        extra["@fix"](cfg)
     with torch.device("meta"):  # a size some default does not shrink would fill the memory
         n = sum(p.numel() for p in cls(cfg).parameters())
     if n > MAX_PARAMS:

@@ -140,6 +140,9 @@ RECIPES: dict[str, dict] = {
         "linear_num_heads": 2,  # its linear-attention heads (32 x 128)
         "linear_head_dim": 16,
     },
+    # a multimodal wrapper (MoonViT around a DeepSeek-V3 language model): its projector's norm
+    # takes the vision width (1152 by default, not shrunk)
+    "kimi_k25": {"projection_hidden_size": 32},
     "kolibri1_1": {"mlp_only_layers": [0]},  # default: the first two, both of the two layers dense
     "lfm2_moe": {
         "layer_types": ["conv", "full_attention"],  # None by default: does not build
@@ -161,6 +164,7 @@ RECIPES: dict[str, dict] = {
     "muse_spark": {
         "text_config.moe_hidden_size": 32,  # the experts' width (4096)
         "projector_hidden_size": 32,  # 4096: a 16M vision adapter
+        "out_hidden_size": 128,  # the vision tower's merged width: its width x merge_size**2
         # The audio pyramid's per-layer lists, for its 2 layers (4 entries up to width 2048).
         "audio_config.hidden_sizes": [16, 32],
         "audio_config.patch_sizes": [16, 6],
@@ -174,6 +178,7 @@ RECIPES: dict[str, dict] = {
         "@class": "NemotronH_Omni_Reasoning_V3",
         "text_config.layers_block_type": ["full_attention", "moe"],
         "projector_hidden_size": 64,  # 4096: the vision projector alone would be 22M parameters
+        "vision_hidden_size": 32,  # the projector's input width (1280): the tower's
     },
     "qwen3_omni_moe": {
         # The top class only generates (no forward); the thinker is the model that routes text.

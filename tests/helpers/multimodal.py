@@ -1,58 +1,343 @@
 """Each multimodal MoE family's own multimodal forward, on its tiny model (tests/helpers/families.py).
 
-An image goes through the family's own image processor (its PIL one: torchvision is not a
-dependency), as a user's data would; the number of image tokens is what the family's
-``get_image_features`` returns for it, and that many image placeholders (between the vision
-start and end tokens that rotary-index families look for) go into ``input_ids``. The modality
-token ids are moved into the tiny vocabulary. :func:`multimodal_batch` returns the batch and the
-modality ids the config's token ids give, or raises :class:`CannotRun` with the reason.
+Images, video frames and audio features are random tensors of the shapes the family's processor
+returns (read from its modeling code: flattened patches with a ``(t, h, w)`` grid, whole images,
+mel frames), one of each modality its forward takes. The number of placeholder tokens of each is
+what the family's own ``get_image_features`` (``get_video_features``, ``get_audio_features``)
+returns for them, and that many placeholders go into ``input_ids``, between the start and end
+tokens the family's processor writes around them (rotary-index families look for them). The
+config's modality token ids are moved into the tiny vocabulary first. :func:`multimodal_batch`
+returns the batch and the modality ids (0 text, 1 image, 2 video, 3 audio) that the config's token
+ids give, or raises :class:`CannotRun` with the reason.
 """
 
 from __future__ import annotations
 
 import inspect
 
-import numpy as np
+import family_recipes
 import torch
+from torch import nn
 
-IMG, VSTART, VEND = 100, 101, 102
-TOKEN_FIELDS = {"image_token_id": IMG, "image_token_index": IMG, "vision_start_token_id": VSTART,
-                "vision_end_token_id": VEND}  # fmt: skip
+FIRST_ID = 100  # the modality tokens get ids 100, 101, ... of the tiny (128) vocabulary
+NAMES = ("image", "video", "audio")
 
 
 class CannotRun(Exception):
     """The family's multimodal forward cannot run here; the message says why."""
 
 
-# families whose processor uses another family's image processor without registering one
-SHARED_PROCESSOR = {"qwen3_vl_moe": "qwen3_vl", "glm4v_moe": "glm4v"}
-# image sides the processor must be given (Aria's tower only takes 490 or 980 pixel images)
-SIZES = {"aria": 980}  # (the tiny tower, 32-pixel patches, still gives 900 patches)
+def _g(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
 
 
-def _image_processor(family: str, vision):
-    import transformers
-    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+def _tower(model, names=("visual", "vision_tower", "vision_model", "vision_encoder")):
+    for owner in (getattr(model, "model", None), model):
+        for name in names:
+            if getattr(owner, name, None) is not None:
+                return getattr(owner, name)
+    raise CannotRun("its tiny model (its recipe) has no vision tower")
 
-    names = IMAGE_PROCESSOR_MAPPING_NAMES.get(SHARED_PROCESSOR.get(family, family))
-    if not names:
-        raise CannotRun("no image processor registered for it")
-    if "pil" not in names:
-        raise CannotRun(f"its image processor ({names.get('torchvision')}) needs torchvision")
-    processor = getattr(transformers, names["pil"])()
-    # patches as the (tiny) tower cuts them: Qwen2-VL's processor defaults to 14-pixel patches,
-    # Qwen3-VL's tower to 16
-    for mine, theirs in (("patch_size", "patch_size"), ("merge_size", "spatial_merge_size"),
-                         ("temporal_patch_size", "temporal_patch_size")):  # fmt: skip
-        value = getattr(vision, theirs, None)
-        if isinstance(getattr(processor, mine, None), int) and isinstance(value, int):
-            setattr(processor, mine, value)
-    return processor
+
+def _patch_dim(model) -> int:
+    """The width of one flattened patch: what the vision tower's patch embedding takes."""
+    modules = list(_tower(model).modules())
+    convs = [m.weight[0].numel() for m in modules if isinstance(m, (nn.Conv3d, nn.Conv2d))]
+    linears = [m.in_features for m in modules if isinstance(m, nn.Linear)]
+    if not convs + linears:
+        raise CannotRun("no patch embedding found in its vision tower")
+    return (convs + linears)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# per family: what its tiny model (tests/helpers/families.py) needs beside its recipe to take its
+# multimodal inputs: a recipe of the same form
+
+
+def _towers(*names: str, **classes: str):
+    """Adds the named sub-configs (None by default: Gemma 4's vision and audio), shrunk; a
+    sub-config its config declares as any (AutoConfig) by the class named in ``classes``."""
+
+    def fix(cfg) -> None:
+        import families
+        import transformers
+
+        for name in (*names, *classes):
+            kind = getattr(transformers, classes[name]) if name in classes else None
+            sub = (kind or type(cfg).sub_configs[name])()
+            families._shrink(sub)
+            setattr(cfg, name, sub)
+
+    return fix
+
+
+MM_RECIPES: dict[str, dict] = {
+    # a 64-pixel image of 32-pixel patches: 4 patches, pooled into 2 queries (the default keys
+    # are 1225 and 4900 patches: 490 and 980 pixel images)
+    "aria": {"projector_patch_to_query_dict": {4: 2}, "max_value_projector_patch_to_query_dict": 2},
+    "diffusion_gemma": {
+        "@class": "DiffusionGemmaEncoderModel",  # its encoder takes the images (its recipe: text)
+        "text_config.top_k_experts": 2,
+        "@fix": lambda cfg: family_recipes._wide_full_attention(cfg.text_config),
+    },
+    "gemma4": {"@fix": _towers("vision_config", "audio_config")},
+    # the checkpoint's audio encoder (Parakeet; none by default) and its projector's widths
+    "nemotron_h_omni": {
+        "@fix": lambda cfg: (
+            _towers(audio_config="ParakeetEncoderConfig")(cfg),
+            cfg.audio_config.update(dict(projection_hidden_size=64, projection_bias=False)),
+        )
+    },
+    # the multimodal class (the sweep checks the text model): a 56-pixel image of 14-pixel patches,
+    # shuffled by 0.5: 4 tokens; the shuffle MLP takes the width / ratio**2
+    "llama4": {
+        "@class": "Llama4ForConditionalGeneration",
+        "vision_config.image_size": 56,
+        "vision_config.intermediate_size": 128,
+    },  # fmt: skip
+}
+
+
+def build(family: str) -> nn.Module:
+    """The family's tiny model (tests/helpers/families.py) with what its multimodal forward
+    needs (:data:`MM_RECIPES`)."""
+    import families
+
+    return families.build(family, MM_RECIPES.get(family))
+
+
+# ----------------------------------------------------------------------------------------------
+# per family: {modality: forward kwargs} of random tensors, shaped as its processor returns them
+
+
+def _grid(model, video: bool = True, frames: int = 1) -> dict:
+    """Qwen-VL style: flattened patches ``(t*h*w, C*tp*p*p)`` and their ``(t, h, w)`` grid: a
+    4 x 4 patch image (4 tokens after the 2 x 2 merge), a video of ``frames`` such grids (each
+    of ``tp`` frames where the patches are temporal)."""
+    d = _patch_dim(model)
+    grid = torch.tensor([[1, 4, 4]])
+    out = {"image": dict(pixel_values=torch.randn(16, d, generator=_g()), image_grid_thw=grid)}
+    if video:
+        out["video"] = dict(pixel_values_videos=torch.randn(16 * frames, d, generator=_g(1)),
+                            video_grid_thw=torch.tensor([[frames, 4, 4]]))  # fmt: skip
+    return out
+
+
+def _kimi_k25(model) -> dict:
+    """Kimi-K2.5's patches keep their shape: ``(t*h*w, C, p, p)``."""
+    p = model.config.vision_config.patch_size
+    out = _grid(model)
+    for kwargs in out.values():
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in kwargs:
+                kwargs[key] = kwargs[key].reshape(-1, 3, p, p)
+    return out
+
+
+def _ernie(model) -> dict:
+    """Ernie-4.5-VL merges two frames of a video into one token (temporal_merge_size)."""
+    return _grid(model, frames=model.config.vision_config.temporal_merge_size)
+
+
+def _qwen3_omni(model) -> dict:
+    """Beside image and video, audio as log-mel frames ``(1, mels, frames)`` and their mask."""
+    out = _grid(model)
+    mels = model.config.audio_config.num_mel_bins
+    out["audio"] = dict(input_features=torch.randn(1, mels, 100, generator=_g(2)),
+                        feature_attention_mask=torch.ones(1, 100, dtype=torch.long))  # fmt: skip
+    out["forward"] = dict(video_second_per_grid=torch.tensor([1.0]))  # its rope index reads it
+    return out
+
+
+def _dots3_note(model) -> dict:
+    """Beside image and video, one audio chunk of mel frames ``(1, mels, frames)`` and its
+    length in waveform samples (a token per 8 frames)."""
+    out = _grid(model)
+    a = model.config.audio_config
+    out["audio"] = dict(input_features=torch.randn(1, a.feature_size, 64, generator=_g(2)),
+                        chunk_sample_lengths=torch.tensor([64 * a.hop_length]))  # fmt: skip
+    return out
+
+
+def _muse_spark(model) -> dict:
+    """Beside image and video, a waveform ``(1, samples)`` of 8 audio tokens."""
+    out = _grid(model)
+    n = 8 * model.config.audio_config.samples_per_token
+    out["audio"] = dict(input_values=torch.randn(1, n, generator=_g(2)),
+                        input_values_mask=torch.ones(1, n, dtype=torch.long))  # fmt: skip
+    return out
+
+
+def _inkling2(model) -> dict:
+    """One patch of ``(p*m, p*m, C)`` pixels per language token; the grid counts tokens."""
+    v = model.config.vision_config
+    side = v.patch_size * v.spatial_merge_size
+    pix = torch.rand(4, side, side, v.num_channels, generator=_g()) * 2 - 1
+    return {"image": dict(pixel_values=pix, image_grid_thw=torch.tensor([[1, 2, 2]]))}
+
+
+def _inkling(model) -> dict:
+    """One token per patch of ``(tp, p, p, C)`` pixels; audio as dMel bin tokens ``(1, frames,
+    n_mel_bins)``, one token per frame."""
+    v, a = model.config.vision_config, model.config.audio_config
+    pix = torch.rand(4, v.temporal_patch_size, v.patch_size, v.patch_size, v.num_channels,
+                     generator=_g())  # fmt: skip
+    bins = torch.randint(0, a.mel_vocab_size, (1, 8, a.n_mel_bins), generator=_g(2))
+    return {"image": dict(pixel_values=pix),
+            "audio": dict(audio_input_ids=bins, audio_input_ids_mask=torch.ones(1, 8))}  # fmt: skip
+
+
+def _image(model, size: int, **extra) -> dict:
+    """A whole image ``(1, C, size, size)``."""
+    return {"image": dict(pixel_values=torch.randn(1, 3, size, size, generator=_g()), **extra)}
+
+
+def _aria(model) -> dict:
+    return _image(model, 64, pixel_mask=torch.ones(1, 64, 64, dtype=torch.bool))
+
+
+def _mistral_large4(model) -> dict:
+    return _image(model, 64, image_sizes=torch.tensor([[64, 64]]))
+
+
+def _ocr(model) -> dict:
+    """DeepSeek-OCR 2 and Unlimited-OCR: a global view at the SAM encoder's size, no local
+    patches."""
+    side = model.config.vision_config.sam_config.image_size
+    return _image(model, side, num_local_patches=torch.tensor([0]))
+
+
+def _step3p7(model) -> dict:
+    return _image(model, model.config.vision_config.image_size,
+                  num_local_patches=torch.tensor([0]))  # fmt: skip
+
+
+def _positions(side: int, frames: int = 1) -> torch.Tensor:
+    """``(frames, side * side, 2)`` patch coordinates (x, y), as Gemma 4's processor gives them."""
+    y, x = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    return torch.stack([x, y], -1).reshape(1, -1, 2).expand(frames, -1, -1).clone()
+
+
+def _gemma4(model) -> dict:
+    """Patches ``(n, side**2, 3 * p * p)`` with their coordinates: 6 x 6 patches pooled 3 x 3
+    into 4 tokens per image and per frame; audio as mel frames ``(1, frames, 128)``."""
+    v = model.config.vision_config
+    side, width = 2 * v.pooling_kernel_size, 3 * v.patch_size**2
+    return {
+        "image": dict(pixel_values=torch.rand(1, side * side, width, generator=_g()),
+                      image_position_ids=_positions(side)),
+        "video": dict(pixel_values_videos=torch.rand(2, side * side, width, generator=_g(1)),
+                      video_position_ids=_positions(side, 2), num_frames_per_video=torch.tensor([2])),
+        "audio": dict(input_features=torch.randn(1, 64, 128, generator=_g(2)),
+                      input_features_mask=torch.ones(1, 64, dtype=torch.bool)),
+    }  # fmt: skip
+
+
+def _nemotron_h_omni(model) -> dict:
+    """RADIO: flattened patches ``(h*w, C*p*p)`` with their ``(h, w)`` grid (4 tokens after the
+    0.5 pixel shuffle). No video beside it: its frames take the image token, and the model
+    matches every image token with the images' features (a prompt holds images or a video)."""
+    p = model.config.vision_config.patch_size
+    out = {"image": dict(pixel_values=torch.randn(16, 3 * p * p, generator=_g()),
+                         image_grid_hw=torch.tensor([[4, 4]]))}  # fmt: skip
+    if getattr(model.config, "audio_config", None) is not None:
+        mel = model.config.audio_config.num_mel_bins
+        out["audio"] = dict(input_features=torch.randn(1, 64, mel, generator=_g(2)),
+                            input_features_mask=torch.ones(1, 64, dtype=torch.long))  # fmt: skip
+    return out
+
+
+def _llama4(model) -> dict:
+    return _image(model, model.config.vision_config.image_size)
+
+
+BUILDERS = {
+    "aria": _aria,
+    "deepseek_ocr2": _ocr,
+    "dots3_note": _dots3_note,
+    "ernie4_5_vl_moe": _ernie,
+    "diffusion_gemma": lambda model: {"image": _gemma4(model)["image"]},
+    "gemma4": _gemma4,
+    "glm4v_moe": _grid,
+    "glm5_next": _grid,
+    "hy_v4_vl": _grid,
+    "inkling": _inkling,
+    "inkling2": _inkling2,
+    "inkling2_loop": _inkling2,
+    "kimi_k25": _kimi_k25,
+    "llama4": _llama4,
+    "minimax_m3_vl": _grid,
+    "mistral_large4": _mistral_large4,
+    "muse_spark": _muse_spark,
+    "nemotron_h_omni": _nemotron_h_omni,
+    "qwen3_5_moe": _grid,
+    "qwen3_omni_moe": _qwen3_omni,
+    "qwen3_vl_moe": _grid,
+    "qwen4_exp": _grid,
+    "step3p7": _step3p7,
+    "unlimited_ocr": _ocr,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _token_fields(config) -> list[tuple[object, str]]:
+    """``(config, attribute)`` of every modality token id: placeholders, starts and ends."""
+    found = []
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is None:
+            continue
+        for name in sorted(vars(cfg)):
+            if not (name.endswith("_token_id") or name.endswith("_token_index")):
+                continue
+            if name.split("_")[0] in ("pad", "bos", "eos", "user", "assistant", "system"):
+                continue
+            if isinstance(getattr(cfg, name), int) or getattr(cfg, name, 0) is None:
+                found.append((cfg, name))
+    return found
+
+
+def _remap_tokens(config) -> dict[str, int]:
+    """Gives each modality token id of the config an id of the tiny vocabulary; returns them by
+    attribute name (the text config's too)."""
+    ids: dict[str, int] = {}
+    for cfg, name in _token_fields(config):
+        key = name.removesuffix("_index").removesuffix("_id").removesuffix("_token") + "_token_id"
+        if key not in ids:
+            ids[key] = FIRST_ID + len(ids)
+        setattr(cfg, name, ids[key])
+    return ids
+
+
+# families whose processor writes a video's frames with the image token (inside the video's start
+# and end tokens): the model tells them apart by the span or by which pixel input it gets
+VIDEO_AS_IMAGE = {"glm5_next"}
+
+
+def _placeholder(tokens: dict[str, int], modality: str, family: str = "") -> int | None:
+    if modality == "video" and (family in VIDEO_AS_IMAGE or "video_token_id" not in tokens):
+        modality = "image"
+    return tokens.get(f"{modality}_token_id")
+
+
+def _bracket(tokens: dict[str, int], modality: str) -> tuple[list[int], list[int]]:
+    """The start and end tokens a processor writes around a modality's placeholders."""
+    visual = modality in ("image", "video")
+    starts = [f"{modality}_start_token_id", f"{modality}_bos_token_id",
+              *(["vision_start_token_id", "boi_token_id"] if visual else []),
+              *(["boa_token_id"] if modality == "audio" else [])]  # fmt: skip
+    ends = [f"{modality}_end_token_id", f"{modality}_eos_token_id",
+            *(["vision_end_token_id", "eoi_token_id"] if visual else []),
+            *(["eoa_token_id"] if modality == "audio" else [])]  # fmt: skip
+    start = next((tokens[s] for s in starts if s in tokens), None)
+    end = next((tokens[e] for e in ends if e in tokens), None)
+    return [start] if start is not None else [], [end] if end is not None else []
 
 
 def _num_tokens(features, hidden: int) -> int:
-    """Image tokens in what ``get_image_features`` returned (a tensor, a list, an output)."""
-    for attr in ("pooler_output", "last_hidden_state", "image_embeds"):
+    """Placeholder tokens in what ``get_*_features`` returned (a tensor, a list, an output)."""
+    for attr in ("pooler_output", "last_hidden_state", "image_embeds", "audio_embeds"):
         if hasattr(features, attr) and getattr(features, attr) is not None:
             features = getattr(features, attr)
             break
@@ -60,48 +345,70 @@ def _num_tokens(features, hidden: int) -> int:
         return features.numel() // hidden
     if isinstance(features, (list, tuple)):
         return sum(_num_tokens(f, hidden) for f in features if f is not None)
-    raise CannotRun(f"get_image_features returned {type(features).__name__}")
+    raise CannotRun(f"get_*_features returned {type(features).__name__}")
 
 
-def multimodal_batch(family: str, model: torch.nn.Module, size: int = 64):
-    """``(batch, ids)``: a one-sample batch with text and one image, and the modality ids (0 text,
-    1 image) of its tokens from the config's image token id."""
-    from PIL import Image
-
-    config = model.config
-    for name, value in TOKEN_FIELDS.items():
-        if hasattr(config, name):
-            setattr(config, name, value)
-    if not any(hasattr(config, n) for n in ("image_token_id", "image_token_index")):
-        raise CannotRun("its config names no image token id")
-    inner = getattr(model, "model", model)
-    if getattr(inner, "vision_tower", 1) is None or getattr(inner, "visual", 1) is None:
-        raise CannotRun("its tiny model (its recipe) has no vision tower")
-    processor = _image_processor(family, getattr(config, "vision_config", None))
-    size = SIZES.get(family, size)
-    pixels = np.random.RandomState(0).randint(0, 255, (size, size, 3), dtype=np.uint8)
-    try:
-        processed = processor(images=[Image.fromarray(pixels)], return_tensors="pt")
-    except Exception as e:
-        raise CannotRun(f"its image processor failed: {type(e).__name__}: {str(e)[:120]}") from e
-    accepted = set(inspect.signature(model.forward).parameters)
-    pix = {k: v for k, v in processed.items() if k in accepted and isinstance(v, torch.Tensor)}
-    if "pixel_values" not in pix:
-        raise CannotRun(f"its forward takes none of the processor's outputs {sorted(processed)}")
-    get = getattr(model, "get_image_features", None) or model.model.get_image_features
-    wanted = set(inspect.signature(get).parameters)
+def _features(model, modality: str, kwargs: dict):
+    name = f"get_{modality}_features"
+    get = getattr(model, name, None) or getattr(getattr(model, "model", None), name, None)
+    if get is None:
+        raise CannotRun(f"it has no {name}")
+    named = {p.name for p in inspect.signature(get).parameters.values()
+             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}  # fmt: skip
+    args = {k: v for k, v in kwargs.items() if k in named or not named}
     try:
         with torch.no_grad():
-            features = get(**{k: v for k, v in pix.items() if k in wanted})
+            return get(**args)
     except Exception as e:
-        raise CannotRun(f"its vision tower failed: {type(e).__name__}: {str(e)[:160]}") from e
-    n = _num_tokens(features, config.get_text_config().hidden_size)
-    g = torch.Generator().manual_seed(0)
-    text = torch.randint(3, 90, (10,), generator=g).tolist()
-    seq = text[:4] + [VSTART] + [IMG] * n + [VEND] + text[4:]
+        raise CannotRun(f"its {modality} encoder failed: {type(e).__name__}: {str(e)[:160]}") from e
+
+
+def multimodal_batch(family: str, model: torch.nn.Module) -> tuple[dict, torch.Tensor]:
+    """``(batch, ids)``: a one-sample batch with text and one item of each modality the
+    family's builder gives, and the modality ids ``(1, S)`` of its tokens from the config's
+    token ids (0 text, 1 image, 2 video, 3 audio).
+
+    Raises:
+        CannotRun: with the reason.
+    """
+    if family not in BUILDERS:
+        raise CannotRun("no multimodal input builder for it yet")
+    config = model.config
+    tokens = _remap_tokens(config)
+    for owner in (model, getattr(model, "model", None)):  # read from the config at __init__
+        for name, value in tokens.items():
+            if owner is not None and name in vars(owner):
+                setattr(owner, name, value)
+    if _placeholder(tokens, "image") is None:
+        raise CannotRun("its config names no image token id")
+    media = BUILDERS[family](model)
+    accepted = set(inspect.signature(model.forward).parameters)
+    hidden = config.get_text_config().hidden_size
+    text = torch.randint(3, 90, (10,), generator=_g()).tolist()
+    seq, kinds, inputs = text[:4], [0] * 4, {}
+    for modality in NAMES:
+        if modality not in media:
+            continue
+        kwargs = media[modality]
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            raise CannotRun(f"its forward does not take {unknown}")
+        n = _num_tokens(_features(model, modality, kwargs), hidden)
+        token = _placeholder(tokens, modality, family)
+        start, end = _bracket(tokens, modality)
+        seq += start + [token] * n + end
+        kinds += [0] * len(start) + [NAMES.index(modality) + 1] * n + [0] * len(end)
+        inputs.update(kwargs)
+        seq, kinds = seq + text[4:6], kinds + [0, 0]
+    inputs.update(media.get("forward", {}))
+    seq, kinds = seq + text[6:], kinds + [0] * len(text[6:])
     input_ids = torch.tensor([seq])
-    ids = (input_ids == IMG).long()
-    batch = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **pix)
+    ids = torch.zeros_like(input_ids)  # what the config's token ids say
+    for modality, mod_id in (("image", 1), ("video", 2), ("audio", 3)):
+        token = tokens.get(f"{modality}_token_id")
+        if token is not None:
+            ids[input_ids == token] = mod_id
+    batch = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **inputs)
     if "mm_token_type_ids" in accepted:  # what its processor returns beside input_ids
-        batch["mm_token_type_ids"] = ids
+        batch["mm_token_type_ids"] = torch.tensor([kinds])
     return batch, ids
