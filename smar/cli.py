@@ -190,13 +190,19 @@ def _check_model_dir(path: str) -> None:
     if not os.path.isdir(path):
         raise UsageError(f"{path} is a file", "pass the folder written by save_pretrained")
     config = os.path.join(path, "config.json")
+    if os.path.isdir(config):
+        raise UsageError(f"{path} has a folder where config.json should be",
+                         "pass a folder written by save_pretrained")  # fmt: skip
     if not os.path.isfile(config):
         raise UsageError(f"{path} has no config.json", "pass a folder written by save_pretrained")
     try:
         with open(config, encoding="utf-8") as f:
             json.load(f)
     except (ValueError, OSError) as e:
-        raise UsageError(f"{config} is not valid JSON ({str(e)[:80]})") from None
+        raise UsageError(
+            f"{config} is not valid JSON ({str(e)[:80]})",
+            "restore the config.json saved with these weights (save_pretrained writes it)",
+        ) from None
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -239,6 +245,29 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
+def _smar_warnings_in_one_line():
+    """A warning of smar's own is one line, ``smar: warning: <problem>; fix: <fix>``, rather than
+    Python's two (the second a line of smar's code); other libraries' warnings are left as
+    they are."""
+    import warnings
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    show = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if not os.path.abspath(filename).startswith(here + os.sep):
+            return show(message, category, filename, lineno, file, line)
+        text = (str(message).splitlines() or [category.__name__])[0]
+        print(f"smar: warning: {text}", file=file or sys.stderr)
+
+    warnings.showwarning = one_line
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
+
+
+@contextlib.contextmanager
 def _sigterm_as_interrupt():
     """SIGTERM stops the command as Ctrl-C does (workers stopped, finished work kept)."""
     if threading.current_thread() is not threading.main_thread():
@@ -267,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
 
     resume = shlex.join(["smar", *argv])
     try:
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), _smar_warnings_in_one_line():
             return args.func(args)
     except KeyboardInterrupt as e:
         if debug:

@@ -86,12 +86,22 @@ def _check_model(model) -> None:
         raise UsageError(f"model folder {d} does not exist; fix: pass a local model folder")
     if (d / "adapter_config.json").is_file() and not (d / "config.json").is_file():
         return  # a PEFT adapter folder: its base model is checked when it loads
-    try:
-        cfg = json.loads((d / "config.json").read_text())
-    except (OSError, ValueError):
+    file = d / "config.json"
+    if file.is_dir():
+        raise UsageError(f"{d} has a folder where config.json should be; fix: pass a folder "
+                         "written by save_pretrained")  # fmt: skip
+    if not file.is_file():
         raise UsageError(
-            f"{d} has no readable config.json: not a model folder; fix: pass a Hugging Face "
-            "model folder (config.json + weights), e.g. one written by save_pretrained"
+            f"{d} has no readable config.json: not a model folder; fix: pass a Hugging Face model "
+            "folder (config.json + weights), e.g. one written by save_pretrained"
+        )
+    try:
+        cfg = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:100]
+        raise UsageError(
+            f"{file} is not readable JSON ({first}); fix: restore the config.json saved with "
+            "these weights (save_pretrained writes it)"
         ) from None
     if not isinstance(cfg, dict) or not ("model_type" in cfg or "architectures" in cfg):
         raise UsageError(
@@ -119,7 +129,7 @@ def _open_model(model, batch_size: int | None, bias: bool = True):
 
     loaded = load_model_folder(model, bias=bias, tokenizer=True)
     print(f"smar retention: {loaded.note}", file=sys.stderr)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(loaded.tokenizer_path)
+    tokenizer = _tokenizer(transformers, loaded.tokenizer_path)
     # A vision-language model run on input_ids alone is its language model (the text row of
     # the bias applies): retention measures what the vision training left of it.
     lm = HFLM(pretrained=loaded.model, tokenizer=tokenizer, backend="causal",
@@ -127,6 +137,25 @@ def _open_model(model, batch_size: int | None, bias: bool = True):
               device="cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
     lm._smar_loaded = loaded  # the bias wrappers live as long as the LM
     return lm
+
+
+def _tokenizer(transformers, folder: str):
+    """The folder's tokenizer, with a bos or eos token: lm-eval puts one before every text it
+    scores (without, it fails deep inside)."""
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 (a garbled vocabulary or model file: any error)
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise UsageError(f"{folder}: its tokenizer does not load ({type(e).__name__}: {first}); "
+                         "fix: save the tokenizer into the folder again with "
+                         "save_pretrained") from None  # fmt: skip
+    if tok.bos_token_id is None and tok.eos_token_id is None:
+        raise UsageError(
+            f"{folder}: its tokenizer has neither a bos nor an eos token, and lm-eval puts one "
+            "before every text it scores; fix: set eos_token (the token the model ends a text "
+            "with) in tokenizer_config.json"
+        )
+    return tok
 
 
 def evaluate_tasks(

@@ -132,6 +132,8 @@ def _bias_line(path) -> str:
     """What the folder's ``smar_bias.safetensors`` holds, in one line."""
     from smar.hf.saving import BIAS_FILE, _read
 
+    if os.path.isdir(os.path.join(path, BIAS_FILE)):
+        return f"{BIAS_FILE}: a folder, not a file (smar analyze and retention refuse it)"
     if not os.path.isfile(os.path.join(path, BIAS_FILE)):
         return f"{BIAS_FILE}: none (no trained modality bias)"
     try:

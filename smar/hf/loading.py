@@ -15,7 +15,11 @@ of the two it is, and the commands print it.
 A folder that cannot give a usable model is refused before (or while) it loads, in one line that
 names the folder or file and the fix: no weights, weights that are not safetensors (smar never
 loads pickles: unpickling can run code), a truncated or unreadable weights file, NaN or inf in a
-weight, no tokenizer (``tokenizer=True``), no MoE router (``routers=True``).
+weight, a config.json that is not JSON or does not match its weights (a layer, width or expert
+count edited: transformers would fill the difference with random weights), a router choosing
+more experts than it has, a tokenizer missing or not JSON (``tokenizer=True``), no MoE router
+(``routers=True``). A bias file trained with other router weights is loaded with a warning, and
+the note says so (as it says when an older file cannot be checked).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from smar.adapters import find_routers
 from smar.errors import MissingFile, UsageError
 from smar.hf.config import _check_local
 from smar.hf.inspect import load_model_dir
-from smar.hf.saving import BIAS_FILE, load_bias
+from smar.hf.saving import BIAS_FILE, bias_origin, load_bias
 from smar.routing import Regularizer
 
 __all__ = ["Loaded", "load_model_folder"]
@@ -39,7 +43,16 @@ __all__ = ["Loaded", "load_model_folder"]
 ADAPTER_CONFIG = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json",
                    "vocab.txt", "spiece.model")  # fmt: skip
+# the tokenizer's JSON files: a garbled one would otherwise fail deep inside transformers
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                  "added_tokens.json", "vocab.json")  # fmt: skip
 _RESAVE = "fix: load the model in a trusted session and save it again with save_pretrained"
+_ORIGIN = {
+    "same": "",
+    "other": ", trained with other router weights than this model's: see the warning",
+    "unrecorded": "; an older file that does not record its routers, so not checked against "
+    "this model",
+}
 
 
 @dataclass
@@ -114,14 +127,20 @@ def load_model_folder(
     Raises:
         FileNotFoundError: ``path`` is not a folder, or has no config.json, weights or
             (``tokenizer=True``) tokenizer.
-        ValueError: the weights are pickles, unreadable or not finite; an adapter folder whose
-            base model is not local; a bad bias file; (``routers=True``) no router.
+        ValueError: the weights are pickles, unreadable or not finite; a config.json that is
+            not JSON, does not match its weights or gives a router more experts than it has; a
+            tokenizer file that is not JSON; an adapter folder whose base model is not local; a
+            bad bias file; (``routers=True``) no router.
     """
     _check_local(path)
     folder = Path(path).expanduser()
     is_adapter = _is_adapter_folder(folder)
+    if not is_adapter:
+        _check_config_json(folder)
     tokens = tokenizer_folder(folder, _adapter_base(folder) if is_adapter else None) if (
         tokenizer) else None  # fmt: skip
+    if tokens is not None:
+        check_json_files(tokens, TOKENIZER_JSON, "the tokenizer")
     if is_adapter:
         model, what = _load_adapter_folder(folder), "PEFT adapter"
     else:
@@ -131,12 +150,17 @@ def load_model_folder(
     model.eval()
     if weights:
         _check_finite(model, folder)
-    if routers and not find_routers(model, adapter):
+    sites = find_routers(model, adapter)
+    _check_top_k(sites, folder)
+    if routers and not sites:
         raise UsageError(
             f"{folder}: no MoE router smar knows in {type(model).__name__} (a dense model?); "
             "fix: upcycle it with smar.hf.upcycle_hf and save_pretrained, or pass adapter= "
             "(smar.adapters.Adapter) for a MoE architecture smar does not know"
         )
+    if (folder / BIAS_FILE).exists() and not (folder / BIAS_FILE).is_file():
+        raise UsageError(f"{folder} has a folder where {BIAS_FILE} should be",
+                         "remove it, or pass bias=False / --no-bias")  # fmt: skip
     has_bias = (folder / BIAS_FILE).is_file()
     reg = None
     if has_bias and bias and weights:
@@ -146,7 +170,8 @@ def load_model_folder(
             if str(folder) in str(e):
                 raise
             raise UsageError(f"{folder / BIAS_FILE}: {e}") from None
-        note = f"modality bias loaded ({BIAS_FILE}, {len(reg.sites)} routers)"
+        origin = _ORIGIN[bias_origin(reg, folder)]
+        note = f"modality bias loaded ({BIAS_FILE}, {len(reg.sites)} routers{origin})"
     elif has_bias:
         note = f"{BIAS_FILE} not loaded (--no-bias): the model without its trained bias"
     else:
@@ -162,7 +187,9 @@ def _load(folder: Path, weights: bool = True) -> nn.Module:
 
     # never a pickle, whatever is there; the loading report tells a config edited against its
     # weights (missing, unexpected or reshaped weights) from a whole model
-    kwargs = {"use_safetensors": True, "output_loading_info": True} if weights else {}
+    # (reshaped weights are reported rather than raised, so the message can name one)
+    kwargs = {"use_safetensors": True, "output_loading_info": True,
+              "ignore_mismatched_sizes": True} if weights else {}  # fmt: skip
     try:
         with _quiet_transformers():
             out = load_model_dir(str(folder), weights=weights, **kwargs)
@@ -180,10 +207,21 @@ def _load(folder: Path, weights: bool = True) -> nn.Module:
     wrong = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys",
                                                       "mismatched_keys")}  # fmt: skip
     if any(wrong.values()):
-        what = "; ".join(f"{len(v)} {k.replace('_keys', '')}, e.g. {str(v[0])[:80]}"
-                         for k, v in wrong.items() if v)  # fmt: skip
+        what = "; ".join(f"{len(v)} {_KINDS[k]}, e.g. {_key(v[0])}" for k, v in wrong.items() if v)
         raise UsageError(f"{folder}: config.json does not match its weights ({what})", _CONFIG_FIX)
     return model
+
+
+_KINDS = {"missing_keys": "missing", "unexpected_keys": "unexpected",
+          "mismatched_keys": "of another shape"}  # fmt: skip
+
+
+def _key(entry) -> str:
+    """A loading report's entry: a weight's name, or (name, saved shape, config's shape)."""
+    if isinstance(entry, tuple) and len(entry) == 3:
+        name, saved, built = entry
+        return f"{name[:80]} saved {list(saved)}, config.json makes {list(built)}"
+    return str(entry)[:80]
 
 
 _CONFIG_FIX = ("restore the config.json saved with these weights (an edited width, number of "
@@ -306,3 +344,49 @@ def type_name(folder: Path) -> str:
         return "model"
     names = config.get("architectures") if isinstance(config, dict) else None
     return names[0] if names else str(config.get("model_type", "model"))
+
+
+def _check_config_json(folder: Path) -> None:
+    """config.json is a file that parses (transformers' own error for a garbled one suggests
+    another transformers release)."""
+    file = folder / "config.json"
+    if not file.is_file():
+        return  # missing, or a folder: said by load_model_dir, with the fix
+    try:
+        json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:100]
+        raise UsageError(f"{file} is not readable JSON ({first})",
+                         "restore the config.json saved with these weights (save_pretrained "
+                         "writes it)") from None  # fmt: skip
+
+
+def check_json_files(folder, names, what: str) -> None:
+    """The JSON files ``names`` of a folder parse: a corrupt one is named in one line, where
+    transformers would fail deep inside (or fall back and report it as missing)."""
+    for name in names:
+        path = Path(folder) / name
+        if not path.exists():
+            continue
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            first = (str(e).splitlines() or [type(e).__name__])[0][:100]
+            fix = f"restore it: save {what} again with save_pretrained"
+            raise UsageError(f"{path} is not readable JSON ({first})", fix) from None
+
+
+def _check_top_k(sites, folder: Path) -> None:
+    """No router chooses more experts than it has (an edited num_experts_per_tok would fail in
+    the first forward, inside torch.topk)."""
+    for s in sites:
+        try:
+            k, e = s.top_k, s.num_experts
+        except (ValueError, AttributeError):
+            continue
+        if k is not None and e is not None and k > e:
+            raise UsageError(
+                f"{folder}: config.json makes {s.name} choose top_k={k} of its {e} experts",
+                f"set num_experts_per_tok to at most {e} (restore the config.json saved with "
+                "these weights)",
+            )

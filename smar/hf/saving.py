@@ -9,7 +9,10 @@ adapter's directory):
 * metadata ``format = "smar-bias/1"``, ``smar_config`` = the :class:`smar.SMARConfig` as JSON,
   ``checksum = "sha256:<hex>"`` over the tensors' names, shapes and float32 bytes, and
   ``routers`` = four random projections of each router weight it was trained with (older files
-  have none): loaded into a model with other router weights, it is warned about.
+  have none and still load, with a note that they were not checked): loaded into a model with
+  other router weights (another model or checkpoint with the same router names), it is warned
+  about in one line. Projections rather than a hash of the bytes, so that the same model in
+  another dtype (bf16) agrees with them.
 
 :func:`save_bias` overwrites an existing file, as ``save_pretrained`` does, atomically.
 
@@ -43,7 +46,8 @@ from smar.atomic import publish
 from smar.errors import MissingFile, UsageError
 from smar.routing import Regularizer, SMARConfig, attach
 
-__all__ = ["BIAS_FILE", "FORMAT", "save_bias", "load_bias", "load_bias_into", "original_state_dict"]
+__all__ = ["BIAS_FILE", "FORMAT", "save_bias", "load_bias", "load_bias_into", "bias_origin",
+           "original_state_dict"]  # fmt: skip
 
 BIAS_FILE = "smar_bias.safetensors"
 FORMAT = "smar-bias/1"
@@ -229,8 +233,6 @@ def load_bias_into(reg: Regularizer, path: str | os.PathLike) -> None:
     """Copies the bias saved in ``path`` into an attached regularizer (same routers). A file that
     records other router weights than this model's (another model or checkpoint with the same
     router names) is loaded with a warning: its bias was trained for those routers."""
-    from safetensors import safe_open
-
     tensors, _ = _read(path)
     file = os.path.join(path, BIAS_FILE)
     mine = {_plain(k): k for k in reg.bias_state_dict()}
@@ -241,14 +243,34 @@ def load_bias_into(reg: Regularizer, path: str | os.PathLike) -> None:
             f"{file}: {e}; fix: load it into the model it was trained "
             "with (the same routers and num_modalities), or pass bias=False / --no-bias"
         ) from None
-    with safe_open(file, framework="pt") as f:
-        recorded = (f.metadata() or {}).get("routers")
-    if recorded is not None and not _same_routers(json.loads(recorded), router_fingerprint(reg)):
+    origin = bias_origin(reg, path)
+    if origin == "other":
         warnings.warn(
             f"{file} was trained with other router weights than this model's (another model or "
-            "checkpoint): its bias may not route as it did in training; load it into the model "
-            "saved beside it", stacklevel=2,
+            "checkpoint with the same router names): its bias may not route as it did in "
+            "training; fix: load it into the model saved beside it, or leave it out (bias=False "
+            "/ --no-bias)", stacklevel=3,
         )  # fmt: skip
+    elif origin == "unrecorded":
+        log.info("%s records no router weights (saved by an older smar): loaded without "
+                 "checking that it was trained with this model", file)  # fmt: skip
+
+
+def bias_origin(reg: Regularizer, path: str | os.PathLike) -> str:
+    """Whether ``path/smar_bias.safetensors`` was trained with the router weights ``reg`` sits
+    on: ``"same"``, ``"other"`` (another model or checkpoint), or ``"unrecorded"`` (a file
+    saved before bias files recorded their routers)."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(path, BIAS_FILE), framework="pt") as f:
+        recorded = (f.metadata() or {}).get("routers")
+    try:
+        recorded = None if recorded is None else [float(x) for x in json.loads(recorded)]
+    except (ValueError, TypeError):
+        recorded = None  # an edited record checks nothing
+    if recorded is None:
+        return "unrecorded"
+    return "same" if _same_routers(recorded, router_fingerprint(reg)) else "other"
 
 
 def load_bias(
@@ -270,6 +292,7 @@ def load_bias(
     _, saved = _read(path)
     if config is None:
         config = SMARConfig(**saved)
+        _check_kinds(model, path, config, adapter)  # (a caller's config: attach names the fix)
     elif not config.modality_bias:
         raise UsageError(
             f"load_bias({os.fspath(path)!r}, config=...): config.modality_bias must stay True to "
@@ -282,3 +305,20 @@ def load_bias(
         reg.detach()
         raise
     return reg
+
+
+def _check_kinds(model: nn.Module, path, config: SMARConfig, adapter) -> None:
+    """The saved config's ``routers`` (mlp, attention or all) names routers the model has: the
+    file is at fault, not a config the caller could change."""
+    from smar.adapters import find_routers
+
+    if find_routers(model, adapter, kinds=config.kinds):
+        return
+    has = [k for k in ("mlp", "attention") if find_routers(model, adapter, kinds=k)]
+    if has:
+        raise UsageError(
+            f"{os.path.join(path, BIAS_FILE)} was trained on {config.routers} routers (its "
+            f"smar_config routers={config.routers!r}), which {type(model).__name__} does not "
+            f"have (it has {' and '.join(has)} routers)",
+            "load it into the model it was trained with, or leave it out (bias=False / --no-bias)",
+        )

@@ -161,18 +161,9 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokeniz
 def check_json_files(model_dir) -> None:
     """The processor's and tokenizer's JSON files of a folder parse (a corrupt one is named in one
     line, where transformers' fallback would report it as missing)."""
-    for name in PROCESSOR_FILES:
-        path = Path(model_dir) / name
-        if not path.exists():
-            continue
-        try:
-            json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            first = (str(e).splitlines() or [type(e).__name__])[0][:100]
-            raise UsageError(
-                f"{path} is not readable JSON ({first})",
-                "restore it: save the processor again with save_pretrained",
-            ) from None
+    from smar.hf.loading import check_json_files as check
+
+    check(model_dir, PROCESSOR_FILES, "the processor")
 
 
 class HFEncoder:
@@ -294,7 +285,7 @@ def hf_source(
         why = f"all {len(skipped)} samples were skipped" if skipped else "it is empty or blank"
         raise UsageError(f"{data} holds no sample to analyse ({why}); fix: one JSON sample a line")
     loaded = load_model_folder(model_dir, bias=bias, tokenizer=True, routers=True)
-    log.info("%s", loaded.note)
+    log.debug("%s", loaded.note)  # the commands print it (source.info["bias"])
     model = loaded.model
     accepts = inspect.signature(model.forward).parameters
     encoder = HFEncoder(model_dir, model.config, "mm_token_type_ids" in accepts)
