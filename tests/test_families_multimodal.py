@@ -1,11 +1,21 @@
-"""Every multimodal MoE family with its own multimodal forward: an image through its image
-processor and vision tower, its placeholders in the text (tests/helpers/multimodal.py).
+"""Every multimodal MoE family with its own multimodal forward: images, video frames and audio
+features as its processor shapes them, its placeholders in the text (tests/helpers/multimodal.py).
 
-For each: the modality ids smar derives equal the ones the config's image token id (and, where
-the family takes them, the processor's ``mm_token_type_ids``) give; the router output smar captures
-is what the model records itself (the logits whose softmax a probability-recording router records);
-and one band-loss step changes the modality bias of text and of image. A family whose multimodal
-forward cannot run here is skipped with the reason; docs/huggingface.md lists them.
+Per family, four checks, each its own test (scripts/family_table.py writes their outcomes as the
+multimodal table of docs/huggingface.md):
+
+* its multimodal forward runs on its tiny model, every modality it takes in one batch;
+* the modality ids smar derives (from the forward's inputs: ``mm_token_type_ids`` where the family
+  takes them, else the config's token ids) equal the ones the config's token ids give, and so do
+  those :func:`smar.modality_ids` reads from the config alone;
+* the router output smar captures is each router's own pre-activation scores (the input of the
+  activation its MoE block runs over all experts: tests/helpers/router_scores.py), scored with
+  that activation: a probability-recording router read as logits, or a misread gating, fails;
+* with a zero modality bias the model's output is bit-identical, and one band-loss step changes
+  the bias row of each modality present (text and image; video and audio counted as image:
+  ``groups="nontext"``), in every MoE layer.
+
+A family whose multimodal forward cannot run is skipped with the reason.
 """
 
 import pathlib
@@ -19,60 +29,112 @@ transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "helpers"))
 import families  # noqa: E402
 import multimodal  # noqa: E402
-from test_families import PROBABILITY_RECORDERS, own_router_logits  # noqa: E402
+from router_scores import router_scores  # noqa: E402
 
 import smar  # noqa: E402
+from smar.modality import group_modalities, modality_ids, special_token_ids  # noqa: E402
 
-MULTIMODAL = """aria deepseek_ocr2 dots3_note ernie4_5_vl_moe gemma4 glm4v_moe glm5_next hy_v4_vl
-inkling inkling2 llama4 minimax_m3_vl mistral_large4 muse_spark nemotron_h_omni qwen3_5_moe
-qwen3_omni_moe qwen3_vl_moe qwen4_exp step3p7 unlimited_ocr""".split()
+MULTIMODAL = multimodal.multimodal_families()
+GROUPS = "nontext"  # today's two modalities: text 0, everything else 1
+_BUILT: dict = {}
 
 
-def _built(family):
-    if family not in families.families():
-        pytest.skip(f"{family}: not in the installed transformers")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = families.build(family)
+def built(family: str):
+    """The family's tiny multimodal model, its batch and the config's modality ids ``(1, S)``
+    (one build per family); a skip with the reason where its multimodal forward cannot run."""
+    if family not in _BUILT:
         try:
-            batch, ids = multimodal.multimodal_batch(family, model)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = multimodal.build(family)
+                batch, ids = multimodal.multimodal_batch(family, model)
+            _BUILT[family] = (model, batch, ids, None)
         except multimodal.CannotRun as e:
-            pytest.skip(f"{family}: multimodal forward cannot run here: {e}")
+            _BUILT[family] = (None, None, None, str(e))
+    model, batch, ids, why = _BUILT[family]
+    if why:
+        pytest.skip(f"{family}: multimodal forward cannot run here: {why}")
     return model, batch, ids
 
 
+@pytest.fixture(autouse=True)
+def _detach_all():
+    yield
+    for model, *_ in _BUILT.values():
+        reg = getattr(model, "_smar_regularizer", None) if model is not None else None
+        if reg is not None and reg() is not None:
+            reg().detach()
+
+
+def test_every_multimodal_family_has_its_inputs():
+    assert len(MULTIMODAL) >= 20
+    assert {"qwen3_vl_moe", "gemma4", "qwen3_omni_moe", "muse_spark", "kimi_k25"} <= set(MULTIMODAL)
+    missing = sorted(set(MULTIMODAL) - set(multimodal.BUILDERS))
+    assert not missing, f"no multimodal inputs for {missing}: add them to multimodal_inputs.py"
+
+
 @pytest.mark.parametrize("family", MULTIMODAL)
-def test_multimodal_forward_ids_capture_and_bias(family):
-    model, batch, ids = _built(family)
-    bias = families.status(family) == "full"
+def test_multimodal_forward_runs(family):
+    model, batch, ids = built(family)
     with torch.no_grad():
-        own = own_router_logits(model, batch)
-    reg = smar.attach(model, smar.SMARConfig(modality_bias=bias, band=(5.0, 6.0)))
-    try:
-        out = model(**batch)
-        assert torch.equal(reg.modality_ids.reshape(ids.shape), ids), family
-        assert (ids == 1).sum() > 0 and (ids == 0).sum() > 0
-        mine = reg.logits()
-        assert len(mine) == len(own) > 0
-        for a, theirs in zip(mine, own, strict=True):
-            theirs = theirs.reshape(a.shape)
-            if family in PROBABILITY_RECORDERS:
-                torch.testing.assert_close(torch.softmax(a.float(), -1), theirs.float())
-            else:
-                assert torch.equal(a.detach(), theirs), family
-        if not bias:
-            return
-        before = [b.detach().clone() for b in reg.bias_parameters()]
-        params = reg.bias_parameters()
-        opt = torch.optim.SGD(params, lr=1.0)
-        loss = reg.loss()
-        assert loss > 0  # the band (5, 6) is above any tiny model's MRD: the loss pulls
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        moved = torch.stack([(b.detach() - o).abs().sum(dim=1) for b, o in zip(params, before,
-                                                                                  strict=True)])  # fmt: skip
-        assert (moved[:, :2] > 0).all(), moved  # (layers, modalities): text and image rows
-        del out
-    finally:
-        reg.detach()
+        model(**batch)
+    kinds = set(ids.unique().tolist())
+    assert {0, 1} <= kinds, kinds  # text and image at least (video and audio where it takes them)
+
+
+@pytest.mark.parametrize("family", MULTIMODAL)
+def test_modality_ids_are_the_configs(family):
+    model, batch, ids = built(family)
+    found = special_token_ids(model.config)
+    assert modality_ids(batch["input_ids"], token_ids=found).equal(ids), found
+    reg = smar.attach(model, smar.SMARConfig(modality_bias=False, groups=GROUPS))
+    with torch.no_grad():
+        model(**batch)
+    derived = reg.modality_ids.reshape(ids.shape)
+    assert derived.equal(group_modalities(ids, GROUPS)), (derived, ids)
+
+
+@pytest.mark.parametrize("family", MULTIMODAL)
+def test_router_read_is_the_routers_own_pre_activation_scores(family):
+    model, batch, ids = built(family)
+    reg = smar.attach(model, smar.SMARConfig(modality_bias=False, groups=GROUPS))
+    with torch.no_grad():
+        model(**batch)
+    mine = [z.detach().clone() for z in reg.logits()]
+    T = ids.numel()
+    theirs = router_scores(model, reg.sites, batch, T, [z.shape[-1] for z in mine])
+    assert len(mine) == len(theirs) > 0
+    for site, z, (activation, scores) in zip(reg.sites, mine, theirs, strict=True):
+        assert z.shape[0] == T, site.name  # one row per token of the multimodal sequence
+        assert scores is not None, f"{site.name}: no activation over its experts, no linear layer"
+        if activation is not None:
+            assert site.adapter.router == activation, site.name
+        torch.testing.assert_close(z.float(), scores[:, : z.shape[-1]].float(), rtol=1e-5,
+                                   atol=1e-6, msg=lambda m, n=site.name: f"{n}: {m}")  # fmt: skip
+
+
+@pytest.mark.parametrize("family", MULTIMODAL)
+def test_band_loss_step_moves_the_bias_of_each_present_modality(family):
+    status = families.status(family)
+    if status != "full":
+        reason = {**families.CAPTURE_ONLY, **families.NOT_SUPPORTED}.get(family, "")
+        pytest.skip(f"{family}: {status}: {reason}")
+    model, batch, ids = built(family)
+    with torch.no_grad():
+        plain = model(**batch)[0]
+    reg = smar.attach(model, smar.SMARConfig(band=(5.0, 6.0), groups=GROUPS))
+    with torch.no_grad():  # a zero bias changes no output bit
+        assert model(**batch)[0].equal(plain)
+    params = reg.bias_parameters()
+    before = [b.detach().clone() for b in params]
+    opt = torch.optim.SGD(params, lr=1.0)
+    model(**batch)
+    loss = reg.loss()
+    assert loss > 0  # the band (5, 6) lies above any tiny model's MRD: the loss pulls
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    moved = torch.stack([(b.detach() - o).abs().sum(dim=1) for b, o in zip(params, before,
+                                                                              strict=True)])  # fmt: skip
+    present = group_modalities(ids, GROUPS).unique().tolist()  # [0, 1]
+    assert (moved[:, present] > 0).all(), moved  # (layers, modalities)
