@@ -19,6 +19,7 @@ A family whose multimodal forward cannot run is skipped with the reason.
 """
 
 import pathlib
+import re
 import sys
 import warnings
 
@@ -40,21 +41,22 @@ _BUILT: dict = {}
 
 
 def built(family: str):
-    """The family's tiny multimodal model, its batch and the config's modality ids ``(1, S)``
-    (one build per family); a skip with the reason where its multimodal forward cannot run."""
+    """The family's tiny multimodal model, its batch, the config's modality ids ``(1, S)`` and
+    what each token was placed for (one build per family); a skip with the reason where its
+    multimodal forward cannot run."""
     if family not in _BUILT:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = multimodal.build(family)
-                batch, ids = multimodal.multimodal_batch(family, model)
-            _BUILT[family] = (model, batch, ids, None)
+                batch, ids, placed = multimodal.multimodal_batch(family, model)
+            _BUILT[family] = (model, batch, ids, placed, None)
         except multimodal.CannotRun as e:
-            _BUILT[family] = (None, None, None, str(e))
-    model, batch, ids, why = _BUILT[family]
+            _BUILT[family] = (None, None, None, None, str(e))
+    model, batch, ids, placed, why = _BUILT[family]
     if why:
         pytest.skip(f"{family}: multimodal forward cannot run here: {why}")
-    return model, batch, ids
+    return model, batch, ids, placed
 
 
 @pytest.fixture(autouse=True)
@@ -74,17 +76,19 @@ def test_every_multimodal_family_has_its_inputs():
 
 
 @pytest.mark.parametrize("family", MULTIMODAL)
-def test_multimodal_forward_runs(family):
-    model, batch, ids = built(family)
+def test_multimodal_forward_runs(family, record_property):
+    model, batch, ids, placed = built(family)
     with torch.no_grad():
         model(**batch)
-    kinds = set(ids.unique().tolist())
+    kinds = set(placed.unique().tolist())
+    names = ", ".join(n for i, n in enumerate(("image", "video", "audio"), 1) if i in kinds)
+    record_property("modalities", {family: names})  # for scripts/family_table.py
     assert {0, 1} <= kinds, kinds  # text and image at least (video and audio where it takes them)
 
 
 @pytest.mark.parametrize("family", MULTIMODAL)
 def test_modality_ids_are_the_configs(family):
-    model, batch, ids = built(family)
+    model, batch, ids, _ = built(family)
     found = special_token_ids(model.config)
     assert modality_ids(batch["input_ids"], token_ids=found).equal(ids), found
     reg = smar.attach(model, smar.SMARConfig(modality_bias=False, groups=GROUPS))
@@ -96,7 +100,7 @@ def test_modality_ids_are_the_configs(family):
 
 @pytest.mark.parametrize("family", MULTIMODAL)
 def test_router_read_is_the_routers_own_pre_activation_scores(family):
-    model, batch, ids = built(family)
+    model, batch, ids, _ = built(family)
     reg = smar.attach(model, smar.SMARConfig(modality_bias=False, groups=GROUPS))
     with torch.no_grad():
         model(**batch)
@@ -119,7 +123,7 @@ def test_band_loss_step_moves_the_bias_of_each_present_modality(family):
     if status != "full":
         reason = {**families.CAPTURE_ONLY, **families.NOT_SUPPORTED}.get(family, "")
         pytest.skip(f"{family}: {status}: {reason}")
-    model, batch, ids = built(family)
+    model, batch, ids, _ = built(family)
     with torch.no_grad():
         plain = model(**batch)[0]
     reg = smar.attach(model, smar.SMARConfig(band=(5.0, 6.0), groups=GROUPS))
@@ -138,3 +142,17 @@ def test_band_loss_step_moves_the_bias_of_each_present_modality(family):
                                                                               strict=True)])  # fmt: skip
     present = group_modalities(ids, GROUPS).unique().tolist()  # [0, 1]
     assert (moved[:, present] > 0).all(), moved  # (layers, modalities)
+
+
+def test_docs_multimodal_table_lists_every_multimodal_family():
+    """docs/huggingface.md's multimodal table (written by scripts/family_table.py) has one row per
+    multimodal family of its release, each run here, so neither can change without the other."""
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "huggingface.md").read_text()
+    block = text.split("<!-- multimodal:begin -->")[1].split("<!-- multimodal:end -->")[0]
+    rows = dict(re.findall(r"^\| ([a-z0-9_]+) \| [^|]* \| ([^|]*) \|", block, re.M))
+    rows.pop("family", None)  # the header
+    assert len(rows) >= 20
+    release = re.search(r"on transformers (\S+):", block).group(1)
+    if release == transformers.__version__:
+        assert set(rows) == set(MULTIMODAL)
+        assert all(forward.strip() == "yes" for forward in rows.values()), rows

@@ -138,10 +138,13 @@ def _features(model, modality: str, kwargs: dict):
         raise CannotRun(f"its {modality} encoder failed: {type(e).__name__}: {str(e)[:160]}") from e
 
 
-def multimodal_batch(family: str, model: torch.nn.Module) -> tuple[dict, torch.Tensor]:
-    """``(batch, ids)``: a one-sample batch with text and one item of each modality the
-    family's builder gives, and the modality ids ``(1, S)`` of its tokens from the config's
-    token ids (0 text, 1 image, 2 video, 3 audio).
+def multimodal_batch(
+    family: str, model: torch.nn.Module
+) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """``(batch, ids, placed)``: a one-sample batch with text and one item of each modality the
+    family's builder gives, the modality ids ``(1, S)`` of its tokens from the config's token ids
+    (0 text, 1 image, 2 video, 3 audio), and what each token was placed for (the same ids; a
+    family whose video frames take the image token has 2 there and 1 in ``ids``).
 
     Raises:
         CannotRun: with the reason.
@@ -154,8 +157,8 @@ def multimodal_batch(family: str, model: torch.nn.Module) -> tuple[dict, torch.T
         for name, value in tokens.items():
             if owner is not None and name in vars(owner):
                 setattr(owner, name, value)
-    if _placeholder(tokens, "image") is None:
-        raise CannotRun("its config names no image token id")
+    if not any(_placeholder(tokens, m) is not None for m in NAMES):
+        raise CannotRun("its config names no image, video or audio token id")
     media = BUILDERS[family](model)
     accepted = set(inspect.signature(model.forward).parameters)
     hidden = config.get_text_config().hidden_size
@@ -183,7 +186,8 @@ def multimodal_batch(family: str, model: torch.nn.Module) -> tuple[dict, torch.T
         token = tokens.get(f"{modality}_token_id")
         if token is not None:
             ids[input_ids == token] = mod_id
+    placed = torch.tensor([kinds])  # what each placeholder stands for
     batch = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **inputs)
     if "mm_token_type_ids" in accepted:  # what its processor returns beside input_ids
-        batch["mm_token_type_ids"] = torch.tensor([kinds])
-    return batch, ids
+        batch["mm_token_type_ids"] = placed
+    return batch, ids, placed
