@@ -6,6 +6,8 @@
 use.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from smar.errors import SmarError, UsageError
 from smar.losses import (
     Routing,
@@ -22,6 +24,9 @@ from smar.losses import (
 )
 from smar.metrics import RoutingStats
 from smar.routing import SMARConfig, attach, record
+
+if TYPE_CHECKING:
+    from smar.hf import upcycle_hf
 
 __version__ = "0.1.0"
 
@@ -47,7 +52,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name == "upcycle_hf":  # smar.hf imports transformers: only when asked for
         from smar.hf import upcycle_hf
 

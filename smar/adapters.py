@@ -24,6 +24,7 @@ import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -81,7 +82,7 @@ class Adapter:
     note: str = ""
     from_linear: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.router not in ROUTERS:
             raise UsageError(f"router must be one of {ROUTERS}; got {self.router!r}")
         if not self.classes:
@@ -93,7 +94,7 @@ class Adapter:
         cls = type(module)
         return any(c is cls or c == cls.__name__ for c in self.classes)
 
-    def logits(self, output) -> Tensor:
+    def logits(self, output: Any) -> Tensor:
         """The raw logits ``(T, E)`` from a router's output."""
         # A router that returns a bare tensor under index 0 (DBRX declares index=0 and returns
         # the logits alone) records the tensor itself, as transformers' OutputRecorder does.
@@ -168,7 +169,13 @@ class RouterSite:
 
 
 def _ernie_top_k(module: nn.Module, parent: nn.Module | None) -> int:
-    return module.text_moe.top_k
+    text_moe: Any = module.text_moe  # the block's text experts and their router
+    return text_moe.top_k
+
+
+def _block_top_k(module: nn.Module, parent: nn.Module | None) -> int:
+    block: Any = parent  # smar.moe.MoEBlock
+    return block.top_k
 
 
 ERNIE_NO_BIAS = (
@@ -200,13 +207,13 @@ ADAPTERS: tuple[Adapter, ...] = (
         "smar",
         ("smar.moe.Router",),
         index=None,
-        top_k=lambda module, parent: parent.top_k,
+        top_k=_block_top_k,
         note="smar.moe.Router (upcycled or own MoE block)",
     ),
 )
 
 
-def _smar_router_class():
+def _smar_router_class() -> type[nn.Module]:
     from smar.moe import Router
 
     return Router
@@ -359,7 +366,9 @@ def find_routers(
 _ROUTER_LIKE = re.compile(r"(?:router|gate|gating)$", re.IGNORECASE)
 
 
-def no_router_error(model: nn.Module, adapters: Adapter | Sequence[Adapter] | None = None):
+def no_router_error(
+    model: nn.Module, adapters: Adapter | Sequence[Adapter] | None = None
+) -> UsageError:
     """The :class:`UsageError` for a model without any recognised router, its fix for what the
     model holds: a module named like a router (an ``adapter=`` for its class; a class of its own
     for a bare ``nn.Linear``), or none (a dense model: upcycle it)."""

@@ -39,7 +39,7 @@ def load_balancing_loss(
     mask: Tensor | None = None,
     variant: str = "switch",
     router: str = "softmax",
-    group=None,
+    group: torch.distributed.ProcessGroup | None = None,
 ) -> Tensor:
     """Load-balancing loss (Switch Transformer).
 

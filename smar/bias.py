@@ -15,7 +15,8 @@ Shapes legend: T tokens, D model width, E experts, M modalities.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,9 @@ from torch.overrides import TorchFunctionMode
 
 from smar.adapters import Adapter
 from smar.errors import UsageError
+
+if TYPE_CHECKING:
+    from smar.modality import ModalityState
 
 __all__ = ["ModalityBiasRouter", "RouterLinear", "logit_weight", "builtin_linear"]
 
@@ -84,7 +88,12 @@ class RouterLinear(TorchFunctionMode):
             adds Gumbel noise to its logits in place) leaves :attr:`logits` as computed.
     """
 
-    def __init__(self, weight_shape: tuple[int, ...], transform=None, keep: bool = False):
+    def __init__(
+        self,
+        weight_shape: tuple[int, ...],
+        transform: Callable[[Tensor], Tensor] | None = None,
+        keep: bool = False,
+    ):
         super().__init__()
         self.weight_shape = tuple(weight_shape)
         self.transform = transform
@@ -95,7 +104,13 @@ class RouterLinear(TorchFunctionMode):
     def done(self) -> bool:
         return self.logits is not None
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Sequence[type],
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if self.logits is None and func is _BUILTIN_LINEAR:
@@ -139,7 +154,12 @@ class ModalityBiasRouter(nn.Module):
     """
 
     def __init__(
-        self, router: nn.Module, adapter: Adapter, num_modalities: int, num_experts: int, state
+        self,
+        router: nn.Module,
+        adapter: Adapter,
+        num_modalities: int,
+        num_experts: int,
+        state: ModalityState,
     ):
         super().__init__()
         if not adapter.bias:
@@ -165,7 +185,7 @@ class ModalityBiasRouter(nn.Module):
             torch.zeros(num_modalities, num_experts, device=None if ref is None else ref.device)
         )
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
@@ -191,7 +211,7 @@ class ModalityBiasRouter(nn.Module):
         bias = self.modality_bias[ids.clamp(min=0, max=M - 1)] * valid  # (T, E)
         return (flat + bias.to(flat.dtype)).reshape(z.shape)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.adapter.reroute is not None:
             out = self.router(*args, **kwargs)
             z = self.adapter.logits(out)  # (T, E)

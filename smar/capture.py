@@ -18,7 +18,8 @@ This module does not import transformers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -39,10 +40,13 @@ from smar.modality import (
 from smar.wrapping import check_adapters as _check_adapters
 from smar.wrapping import unwrap
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 __all__ = ["RouterCapture", "record", "unwrap"]
 
 
-def _continues_cache(kwargs: dict) -> bool:
+def _continues_cache(kwargs: dict[str, Any]) -> bool:
     """The forward continues a cached sequence (a decode step of ``generate()``): its KV cache
     already holds tokens."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -63,7 +67,7 @@ def _top_k(site: RouterSite) -> int | None:
     return site.extra["top_k"]
 
 
-def _choice_in(output, num_tokens: int, top_k: int | None) -> Tensor | None:
+def _choice_in(output: object, num_tokens: int, top_k: int | None) -> Tensor | None:
     """The selected experts ``(T, K)`` in a router's output tuple: its one integer tensor of
     ``T * K`` elements shaped ``(..., K)``, else None."""
     if top_k is None or not isinstance(output, (tuple, list)):
@@ -157,11 +161,11 @@ class RouterCapture:
         shape = tuple(logit_weight(site.module).shape)
         modes: list[RouterLinear] = []
 
-        def before(module, args):
+        def before(module: nn.Module, args: tuple[Any, ...]) -> None:
             modes.append(RouterLinear(shape, keep=True))
             modes[-1].__enter__()
 
-        def after(module, args, output):
+        def after(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             mode = modes.pop()
             mode.__exit__(None, None, None)
             if mode.logits is not None:
@@ -170,10 +174,13 @@ class RouterCapture:
         self._handles.append(target.register_forward_pre_hook(before))
         self._handles.append(target.register_forward_hook(after, always_call=True))
 
-    def _capture_hook(self, site: RouterSite):
-        def hook(module, args, output):
+    def _capture_hook(
+        self, site: RouterSite
+    ) -> Callable[[nn.Module, tuple[Any, ...], Any], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if site.adapter.from_linear:  # the bias wrapper kept them
-                z = module.last_logits
+                z = cast(ModalityBiasRouter, module).last_logits
+                assert z is not None  # the wrapper's forward has just set them
                 self._logits[site.layer] = z.reshape(-1, z.shape[-1])  # (T, E)
                 return
             z = site.adapter.logits(output)  # (T, E)
@@ -188,7 +195,7 @@ class RouterCapture:
 
         return hook
 
-    def _before_forward(self, module, args, kwargs):
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._logits = {}
         self._chosen = {}
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -237,7 +244,7 @@ class RouterCapture:
             return None
         # A text-only model (no placeholder token in its config) sees text only.
         token_ids = self.token_ids if self.token_ids else None
-        if mm is None and token_ids is None:
+        if mm is None and token_ids is None and input_ids is not None:
             ids = torch.zeros_like(input_ids, dtype=torch.long)
             ids = ids if mask is None else ids.masked_fill(mask == 0, -1)
         else:
@@ -352,10 +359,10 @@ class RouterCapture:
         self._handles = []
         self._logits = {}
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.detach()
 
     def __repr__(self) -> str:

@@ -9,12 +9,14 @@ Shapes legend: L MoE layers, T tokens, E experts, B batch, S sequence.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from smar.errors import UsageError
+from smar.errors import UsageError, WrongType
 
 ROUTERS = ("softmax", "sigmoid", "sqrtsoftplus")  # how a router scores experts
 _ROUTERS = ROUTERS
@@ -172,3 +174,31 @@ def check_modalities(modalities: Sequence[int], name: str = "modalities") -> tup
     if not mods or any(m < 0 for m in mods) or len(set(mods)) != len(mods):
         raise UsageError(f"{name} must be distinct non-negative ids; got {tuple(modalities)}")
     return mods
+
+
+def check_weight(name: str, value: object) -> None:
+    """A loss weight must be a finite number >= 0 (NaN would make the total NaN, a negative
+    weight rewards the term it weighs)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise WrongType(f"{name} must be a number >= 0; got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise UsageError(
+            f"{name}={value!r} must be a finite number >= 0; fix: {name}=0.0 turns the term off"
+        )
+
+
+def check_logits(router_logits: object) -> None:
+    """Router logits with values to read: not on the meta device, at least one token."""
+    first = router_logits
+    if isinstance(first, (list, tuple)) and first:
+        first = first[0]
+    if not isinstance(first, Tensor):
+        return  # a Routing, or an error the canonical checks word
+    if first.is_meta:
+        raise UsageError(
+            "router_logits are on the meta device (shapes without values, e.g. a model built "
+            "under init_empty_weights); fix: load the model's weights before its forward"
+        )
+    if first.dim() >= 2 and first.shape[-2] == 0:
+        shape = tuple(first.shape)
+        raise UsageError(f"router_logits have no token (T=0, shape {shape})", "route a token")

@@ -29,7 +29,9 @@ __all__ = ["default_group", "all_reduce_sums", "StepSums", "CarriedSums"]
 STATS = ("global", "local")
 
 
-def default_group(stats: str = "global", group=None):
+def default_group(
+    stats: str = "global", group: torch.distributed.ProcessGroup | None = None
+) -> torch.distributed.ProcessGroup | None:
     """The process group routing statistics are reduced over, or None for local statistics.
 
     Args:
@@ -54,7 +56,9 @@ def default_group(stats: str = "global", group=None):
     return dist.group.WORLD if group is None else group
 
 
-def all_reduce_sums(parts: dict[str, Tensor], group) -> dict[str, Tensor]:
+def all_reduce_sums(
+    parts: dict[str, Tensor], group: torch.distributed.ProcessGroup | None
+) -> dict[str, Tensor]:
     """Sums every tensor of ``parts`` over ``group`` in one all-reduce.
 
     Each result's value is the global sum; its gradient flows through the local tensor only,
@@ -154,7 +158,7 @@ class CarriedSums:
         self._sums = self._counts = None
 
     def fill(self, sums: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-        if self._sums is None or self._sums.shape != sums.shape:
+        if self._sums is None or self._counts is None or self._sums.shape != sums.shape:
             self._sums, self._counts = torch.zeros_like(sums.detach()), torch.zeros_like(counts)
         present = counts > 0  # (M,)
         out_sums = torch.where(present[None, :, None], sums, self._sums.to(sums.dtype))

@@ -89,7 +89,7 @@ class SMARConfig:
     carry: bool = False
     check: str = "first"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("smar_weight", "lb_weight", "z_weight"):
             if not _number(getattr(self, name)):  # the type here, with its fix; values below
                 raise WrongType(f"{name} must be a number >= 0; got {getattr(self, name)!r}",
@@ -147,7 +147,7 @@ class SMARConfig:
         self.held_pairs  # noqa: B018  (checks the pairs)
         if self.pair_bands is not None:
             self.pair_bands = check_pair_bands(self.pair_bands)
-            unknown = set(self.pair_bands) - {tuple(sorted(p)) for p in self.held_pairs}
+            unknown = set(self.pair_bands) - {(min(p), max(p)) for p in self.held_pairs}
             if unknown:
                 raise UsageError(
                     f"pair_bands names {sorted(unknown)}, not among the pairs held in a band "
@@ -179,25 +179,25 @@ class SMARConfig:
         return ("mlp", "attention") if self.routers == "all" else (self.routers,)
 
 
-def _one_of(name: str, value, allowed: Sequence) -> None:
+def _one_of(name: str, value: object, allowed: Sequence[str]) -> None:
     if not isinstance(value, str) or value not in allowed:
         choices = " or ".join(repr(a) for a in allowed)
         raise UsageError(f"{name} must be {choices}; got {value!r}", f"e.g. {name}={allowed[0]!r}")
 
 
-def _number(x) -> bool:
+def _number(x: object) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _pair(band) -> bool:
+def _pair(band: object) -> bool:
     return isinstance(band, (tuple, list)) and len(band) == 2 and all(map(_number, band))
 
 
-def _layer_pairs(band) -> bool:
+def _layer_pairs(band: object) -> bool:
     return isinstance(band, (tuple, list)) and len(band) > 0 and all(map(_pair, band))
 
 
-def check_config(config, who: str) -> SMARConfig:
+def check_config(config: object, who: str) -> SMARConfig:
     """``config`` as a :class:`SMARConfig` (None: the defaults), or one line naming the fix."""
     if config is None:
         return SMARConfig()

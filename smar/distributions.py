@@ -84,6 +84,8 @@ class Routing:
     __slots__ = ("_layers", "_logits", "router", "check", "_probs", "_layer_probs")
 
     def __init__(self, logits: Tensor | Sequence[Tensor], router: str, check: bool = True):
+        self._logits: Tensor | None  # (L, T, E), or None while the logits come per layer
+        self._layers: list[Tensor] | None  # L tensors (T, E), or None
         if isinstance(logits, Tensor):
             self._logits, self._layers = logits, None
         else:
@@ -97,6 +99,7 @@ class Routing:
     def logits(self) -> Tensor:
         """``(L, T, E)``, stacked on first use when the logits came per layer."""
         if self._logits is None:
+            assert self._layers is not None  # one of the two is always set
             self._logits = torch.stack(self._layers)
         return self._logits
 
@@ -128,8 +131,8 @@ class Routing:
         """``(L, R, E)``: ``weights (R, T) @ probs`` for every layer (gradient only with
         ``grad``). Per-layer logits are summed layer by layer, never stacked."""
         if self._per_layer:
-            probs = self.layer_probs()
-            return torch.stack([weights @ (p if grad else p.detach()) for p in probs])
+            layers = self.layer_probs()
+            return torch.stack([weights @ (p if grad else p.detach()) for p in layers])
         probs = self.probs if grad else self.probs.detach()
         return torch.matmul(weights, probs)  # (R, T) @ (L, T, E) -> (L, R, E)
 
@@ -146,15 +149,23 @@ class Routing:
     def shape(self) -> torch.Size:
         if self._logits is not None:
             return self._logits.shape
+        assert self._layers is not None  # one of the two is always set
         return torch.Size((len(self._layers), *self._layers[0].shape))
 
     @property
     def dtype(self) -> torch.dtype:
-        return (self._logits if self._logits is not None else self._layers[0]).dtype
+        return self._first_logits().dtype
 
     @property
     def device(self) -> torch.device:
-        return (self._logits if self._logits is not None else self._layers[0]).device
+        return self._first_logits().device
+
+    def _first_logits(self) -> Tensor:
+        """The stacked logits, or those of the first layer (same dtype and device)."""
+        if self._logits is not None:
+            return self._logits
+        assert self._layers is not None  # one of the two is always set
+        return self._layers[0]
 
 
 def prepare_routing(
@@ -214,7 +225,10 @@ def modality_onehot(ids: Tensor, modalities: Sequence[int], dtype: torch.dtype) 
 
 
 def modality_sums(
-    r: Routing, ids: Tensor, modalities: tuple[int, ...], group=None
+    r: Routing,
+    ids: Tensor,
+    modalities: tuple[int, ...],
+    group: torch.distributed.ProcessGroup | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per-modality probability sums ``(L, M, E)`` and token counts ``(M,)``, over the local batch
     or, with ``group``, the global one (gradient through the local part, see
@@ -234,7 +248,7 @@ def modality_distributions(
     *,
     modalities: Sequence[int] = (0, 1),
     router: str = "softmax",
-    group=None,
+    group: torch.distributed.ProcessGroup | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The modality routing distributions ``P_m^l``: mean router probability per modality.
 

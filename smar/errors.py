@@ -56,11 +56,11 @@ class AnalyzeError(UsageError):
 class CorruptFile(SmarError):
     """A file failed its check on load (truncated, garbled, unparsable); names its path."""
 
-    def __init__(self, path, why: str, fix: str | None = None):
+    def __init__(self, path: object, why: str, fix: str | None = None) -> None:
         super().__init__(f"{path} is corrupt ({why})", fix)
         self.path, self.why = str(path), why
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type, tuple[str, str, str | None]]:
         return (type(self), (self.path, self.why, self.fix))
 
 

@@ -8,8 +8,11 @@ Shape legend: T tokens, K experts per token, D model width, F expert hidden widt
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 __all__ = ["GroupedExperts"]
 
@@ -36,11 +39,21 @@ class GroupedExperts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, gate_up, down, gates, token, counts, keep=None):
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        gate_up: Tensor,
+        down: Tensor,
+        gates: Tensor,
+        token: Tensor,
+        counts: list[int],
+        keep: Tensor | None = None,
+    ) -> Tensor:
         F_ = down.shape[2]
         xs = x.index_select(0, token)  # (T*K, D)
         y = x.new_empty(xs.shape)  # (T*K, D) each assignment's expert output, before its gate
-        saved, start = [], 0
+        saved: list[tuple[Tensor, Tensor, Tensor, Tensor] | None] = []
+        start = 0
         for e, n in enumerate(counts):
             if n == 0:
                 saved.append(None)
@@ -60,14 +73,15 @@ class GroupedExperts(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         xs, y, gates, token, gate_up, down, keep = ctx.saved_tensors
         need_x, need_w1, need_w2, need_g = ctx.needs_input_grad[:4]
         F_ = down.shape[2]
         dy_full = grad_out.index_select(0, token)  # (T*K, D)
         d_gates = (dy_full * y).sum(1) if need_g else None  # (T*K,)
         dy = dy_full * gates[:, None]  # (T*K, D)
-        dy_w, xs_w = dy, xs  # what the weights' gradients see (T*K, D)
+        dy_w: Tensor | None = dy  # what the weights' gradients see (T*K, D)
+        xs_w: Tensor | None = xs
         if keep is not None:
             dy_w = dy * keep[:, None] if need_w2 else None
             xs_w = xs * keep[:, None] if need_w1 else None
@@ -84,20 +98,20 @@ class GroupedExperts(torch.autograd.Function):
                 continue
             g, u, s, a = ctx.hidden[e]
             dy_e = dy[start : start + n]  # (n, D)
-            if need_w2:
+            if d_down is not None and dy_w is not None:  # need_w2
                 torch.mm(dy_w[start : start + n].t(), a, out=d_down[e])  # (D, F)
             if need_x or need_w1:
                 da = torch.mm(dy_e, down[e])  # (n, F)
                 du = da * s
                 dg = torch.ops.aten.silu_backward(da * u, g)
-                if need_w1:
+                if d_gate_up is not None and xs_w is not None:  # need_w1
                     xw = xs_w[start : start + n]  # (n, D)
                     torch.mm(dg.t(), xw, out=d_gate_up[e, :F_])  # (F, D)
                     torch.mm(du.t(), xw, out=d_gate_up[e, F_:])
-                if need_x:
+                if dxs is not None:  # need_x
                     dxe = dxs[start : start + n]
                     torch.mm(dg, gate_up[e, :F_], out=dxe)  # (n, D)
                     torch.addmm(dxe, du, gate_up[e, F_:], out=dxe)
             start += n
-        dx = torch.zeros_like(grad_out).index_add_(0, token, dxs) if need_x else None
+        dx = torch.zeros_like(grad_out).index_add_(0, token, dxs) if dxs is not None else None
         return dx, d_gate_up, d_down, d_gates, None, None, None

@@ -23,7 +23,7 @@ from smar.checks import ROUTERS
 __all__ = ["gating", "recorded_activation"]
 
 
-def _held_activation(value) -> str | None:
+def _held_activation(value: object) -> str | None:
     """The scoring a module attribute computes, when it is an activation (transformers'
     ``ACT2FN[name]`` gives modules: ``nn.Sigmoid``, ``SqrtSoftplusActivation``)."""
     if isinstance(value, nn.Sigmoid) or value in (torch.sigmoid, F.sigmoid):
@@ -74,7 +74,7 @@ def _activation_of(node: ast.AST) -> str | None:
     return None
 
 
-def recorded_activation(cls: type, index: int | None) -> str | None:
+def recorded_activation(cls: type[nn.Module], index: int | None) -> str | None:
     """``"softmax"`` or ``"sigmoid"`` when the router output smar would read (``output[index]``)
     is the result of that activation: the router records probabilities, not logits (Gemma 4's
     ``router_probabilities``). None when it records logits, or when the source cannot tell."""

@@ -29,14 +29,15 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import Tensor
 
 from smar import baselines
 from smar.baselines import check_lb_variant, lb_from_sums, lb_sums
+from smar.checks import check_logits, check_weight
 from smar.collective import CarriedSums, StepSums, all_reduce_sums
 from smar.distributions import (
     EPS,
@@ -52,10 +53,12 @@ from smar.distributions import (
     prepare_routing,
     routing_probs,
 )
-from smar.errors import UsageError, WrongType
-from smar.pairs import Pair, pair_band_loss, pair_divergences, resolve_pairs
+from smar.errors import UsageError
+from smar.pairs import Band, Pair, pair_band_loss, pair_divergences, resolve_pairs
 from smar.pairs import _band_rows as _check_band  # noqa: F401  (re-exported: smar.config)
 from smar.pairs import pair_bands as _band_table
+
+_Loss = TypeVar("_Loss", bound=Callable[..., Tensor])
 
 __all__ = [
     "EPS",
@@ -75,46 +78,20 @@ __all__ = [
 _HINGES = ("linear", "squared")
 
 
-def check_weight(name: str, value) -> None:
-    """A loss weight must be a finite number >= 0 (NaN would make the total NaN, a negative
-    weight rewards the term it weighs)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise WrongType(f"{name} must be a number >= 0; got {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise UsageError(
-            f"{name}={value!r} must be a finite number >= 0; fix: {name}=0.0 turns the term off"
-        )
-
-
-def check_logits(router_logits) -> None:
-    """Router logits with values to read: not on the meta device, at least one token."""
-    first = router_logits
-    if isinstance(first, (list, tuple)) and first:
-        first = first[0]
-    if not isinstance(first, Tensor):
-        return  # a Routing, or an error the canonical checks word
-    if first.is_meta:
-        raise UsageError(
-            "router_logits are on the meta device (shapes without values, e.g. a model built "
-            "under init_empty_weights); fix: load the model's weights before its forward"
-        )
-    if first.dim() >= 2 and first.shape[-2] == 0:
-        shape = tuple(first.shape)
-        raise UsageError(f"router_logits have no token (T=0, shape {shape})", "route a token")
-
-
-def _checks_inputs(fn):
+def _checks_inputs(fn: _Loss) -> _Loss:
     """``fn`` from :mod:`smar.baselines` with the checks of this module's losses first."""
 
     @functools.wraps(fn)
-    def checked(router_logits, *args, mask=None, **kwargs):
+    def checked(
+        router_logits: Any, *args: Any, mask: Tensor | None = None, **kwargs: Any
+    ) -> Tensor:
         check_logits(router_logits)
         check_mask(mask)
         if mask is not None:
             kwargs["mask"] = mask
         return fn(router_logits, *args, **kwargs)
 
-    return checked
+    return cast(_Loss, checked)
 
 
 load_balancing_loss = _checks_inputs(baselines.load_balancing_loss)
@@ -122,7 +99,9 @@ z_loss = _checks_inputs(baselines.z_loss)
 limoe_loss = _checks_inputs(baselines.limoe_loss)
 
 
-def _pairs_of(text: int, image, pairs) -> tuple[tuple[Pair, ...], tuple[int, ...]]:
+def _pairs_of(
+    text: int, image: int | Sequence[int], pairs: str | Sequence[Sequence[int]] | None
+) -> tuple[tuple[Pair, ...], tuple[int, ...]]:
     """The pairs held in a band and the modalities they involve, in order (text first)."""
     images = (image,) if isinstance(image, int) else tuple(image)
     mods = check_modalities((text, *images), "text and image")
@@ -132,7 +111,13 @@ def _pairs_of(text: int, image, pairs) -> tuple[tuple[Pair, ...], tuple[int, ...
     return chosen, tuple(dict.fromkeys(m for p in chosen for m in p))  # (M,): order of first use
 
 
-def _pair_mrd(r: Routing, ids: Tensor, pairs, mods, group) -> tuple[Tensor, Tensor]:
+def _pair_mrd(
+    r: Routing,
+    ids: Tensor,
+    pairs: Sequence[Pair],
+    mods: tuple[int, ...],
+    group: torch.distributed.ProcessGroup | None,
+) -> tuple[Tensor, Tensor]:
     """D ``(P, L)`` and presence ``(P,)`` of each pair, from one product and one all-reduce."""
     sums, counts = modality_sums(r, ids, mods, group)  # (L, M, E), (M,)
     return pair_divergences(sums, counts, mods, pairs)
@@ -145,7 +130,7 @@ def mrd(
     text: int = 0,
     image: int | Sequence[int] = 1,
     router: str = "softmax",
-    group=None,
+    group: torch.distributed.ProcessGroup | None = None,
 ) -> Tensor:
     """MRD: symmetric KL between the text and image routing distributions, per layer.
 
@@ -179,7 +164,7 @@ def mrd_matrix(
     *,
     modalities: Sequence[int] = (0, 1, 2, 3),
     router: str = "softmax",
-    group=None,
+    group: torch.distributed.ProcessGroup | None = None,
 ) -> Tensor:
     """The MRD of every pair of modalities, per layer: ``D[l, i, j]``, symmetric.
 
@@ -219,14 +204,14 @@ def smar_loss(
     router_logits: Tensor | Sequence[Tensor] | Routing,
     modality_ids: Tensor,
     *,
-    band=(1.5, 2.0),
+    band: Band = (1.5, 2.0),
     hinge: str = "linear",
     text: int = 0,
     image: int | Sequence[int] = 1,
     pairs: str | Sequence[Sequence[int]] | None = None,
-    pair_bands=None,
+    pair_bands: Mapping[Pair, Band] | None = None,
     router: str = "softmax",
-    group=None,
+    group: torch.distributed.ProcessGroup | None = None,
 ) -> Tensor:
     """SMAR's tolerance-band loss on the per-layer MRD.
 
@@ -268,7 +253,7 @@ def routing_objective(
     top_k: int,
     mask: Tensor | None = None,
     smar_weight: float = 0.0,
-    band=(1.5, 2.0),
+    band: Band = (1.5, 2.0),
     hinge: str = "linear",
     lb_weight: float = 0.01,
     lb_variant: str = "switch",
@@ -278,9 +263,9 @@ def routing_objective(
     text: int = 0,
     image: int | Sequence[int] = 1,
     pairs: str | Sequence[Sequence[int]] | None = None,
-    pair_bands=None,
+    pair_bands: Mapping[Pair, Band] | None = None,
     router: str = "softmax",
-    group=None,
+    group: torch.distributed.ProcessGroup | None = None,
     step_sums: StepSums | None = None,
     carry: CarriedSums | None = None,
     chosen: Tensor | Sequence[Tensor] | None = None,
@@ -325,7 +310,7 @@ def routing_objective(
     check_mask(mask)
     r = prepare_routing(router_logits, router=router)
     from_ids = mask is None and modality_ids is not None
-    if from_ids:
+    if from_ids and modality_ids is not None:
         mask = modality_ids >= 0
     if (smar_weight or limoe_weight) and modality_ids is None:
         raise UsageError("modality_ids are required when smar_weight or limoe_weight is set")
@@ -357,7 +342,7 @@ def routing_objective(
         W = torch.cat(rows)  # (R, T)
         sums = r.weighted_sums(W, grad=bool(smar_weight or lb_weight))  # (L, R, E)
     if lb_weight:
-        if isinstance(chosen, (list, tuple)):
+        if chosen is not None and not isinstance(chosen, Tensor):
             chosen = torch.stack(list(chosen))  # (L, T, K)
         parts.update(lb_sums(r, top_k=top_k, mask=mask, chosen=chosen, prob_sum=sums[:, -1]))
     if modality_ids is not None:
@@ -391,7 +376,7 @@ def routing_objective(
     if z_weight:
         terms["z"] = z_loss(r, mask=mask)
         total = total + z_weight * terms["z"]
-    if limoe_weight:
+    if limoe_weight and modality_ids is not None:  # ids are required with limoe_weight
         tau = math.log(r.shape[-1]) / 2 if limoe_tau is None else limoe_tau
         terms["limoe"] = limoe_loss(r, modality_ids, tau=tau, modalities=mods, router=router)
         total = total + limoe_weight * terms["limoe"]

@@ -106,55 +106,54 @@ class RoutingStats:
                 f"batch has L={L}, E={E}, top_k={top_k} but the accumulator holds "
                 f"L={self.num_layers}, E={self.num_experts}, top_k={self.top_k}"
             )
+        prob_sum, select_count, entropy_sum, tokens = self._require_data()  # added to in place
         probs = probabilities(z, self.router)  # (L, T, E)
         onehot = modality_onehot(ids, self.modalities, probs.dtype)  # (M, T)
         chosen = torch.topk(probs, top_k, dim=-1).indices  # (L, T, K)
         selected = torch.zeros_like(probs).scatter_(-1, chosen, 1.0)  # (L, T, E) 0/1
-        self.prob_sum += torch.matmul(onehot, probs).double().cpu()  # (L, M, E)
-        self.select_count += torch.matmul(onehot, selected).double().cpu()  # (L, M, E)
+        prob_sum += torch.matmul(onehot, probs).double().cpu()  # (L, M, E)
+        select_count += torch.matmul(onehot, selected).double().cpu()  # (L, M, E)
         ent = torch.matmul(onehot, entropy(probs).unsqueeze(-1)).squeeze(-1)  # (L, M)
-        self.entropy_sum += ent.double().cpu()
-        self.tokens += onehot.sum(dim=1).double().cpu()
+        entropy_sum += ent.double().cpu()
+        tokens += onehot.sum(dim=1).double().cpu()
         return self
 
     def merge(self, other: RoutingStats) -> RoutingStats:
         """Adds another accumulator's counts into this one (in place) and returns self."""
         if other.prob_sum is None:
             return self
+        theirs = other._require_data()
         if other.modalities != self.modalities or other.router != self.router:
             raise UsageError("cannot merge RoutingStats with different modalities or router")
         if self.prob_sum is None:
             self.top_k = other.top_k
-            self.prob_sum = other.prob_sum.clone()
-            self.select_count = other.select_count.clone()
-            self.entropy_sum = other.entropy_sum.clone()
-            self.tokens = other.tokens.clone()
+            self.prob_sum, self.select_count, self.entropy_sum, self.tokens = (
+                t.clone() for t in theirs
+            )
             return self
         if other.prob_sum.shape != self.prob_sum.shape or other.top_k != self.top_k:
             raise UsageError(
                 f"cannot merge RoutingStats of shape {tuple(other.prob_sum.shape)}, top_k="
                 f"{other.top_k} into {tuple(self.prob_sum.shape)}, top_k={self.top_k}"
             )
-        self.prob_sum += other.prob_sum
-        self.select_count += other.select_count
-        self.entropy_sum += other.entropy_sum
-        self.tokens += other.tokens
+        for mine, t in zip(self._require_data(), theirs, strict=True):
+            mine += t  # in place
         return self
 
-    def all_reduce(self, group=None) -> RoutingStats:
+    def all_reduce(self, group: torch.distributed.ProcessGroup | None = None) -> RoutingStats:
         """Sums the statistics over a ``torch.distributed`` process group, in place."""
         import torch.distributed as dist
 
         if self.prob_sum is None:
             raise UsageError("RoutingStats.all_reduce: no batch was added on this rank")
-        for t in (self.prob_sum, self.select_count, self.entropy_sum, self.tokens):
+        for t in self._require_data():
             dist.all_reduce(t, group=group)
         return self
 
     def distributions(self) -> Tensor:
         """Modality routing distributions ``P`` ``(L, M, E)``; NaN rows for unseen modalities."""
-        self._require_data()
-        return self.prob_sum / self.tokens[None, :, None]
+        prob_sum, _, _, tokens = self._require_data()
+        return prob_sum / tokens[None, :, None]
 
     def mrd(self, text: int = 0, image: int = 1) -> Tensor:
         """Per-layer MRD ``(L,)`` over everything seen; NaN if a modality was never seen."""
@@ -167,18 +166,22 @@ class RoutingStats:
         symmetric, 0 on the diagonal, NaN in the rows and columns of a modality never seen."""
         P = self.distributions()  # (L, M, E)
         D = jeffreys(P[:, :, None, :], P[:, None, :, :])  # (L, M, M)
-        seen = self.tokens > 0  # (M,)
+        seen = self._require_data()[3] > 0  # (M,) tokens seen
         both = seen[:, None] & seen[None, :]  # (M, M)
         return torch.where(both[None], D, torch.full_like(D, float("nan")))
 
     def load(self) -> Tensor:
         """Expert load per modality ``(L, M, E)``: share of each modality's top-k slots."""
-        self._require_data()
-        return self.select_count / (self.tokens[None, :, None] * self.top_k)
+        _, select_count, _, tokens = self._require_data()
+        assert self.top_k is not None  # set with the sums
+        return select_count / (tokens[None, :, None] * self.top_k)
 
-    def _require_data(self) -> None:
-        if self.prob_sum is None:
+    def _require_data(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``prob_sum, select_count, entropy_sum, tokens`` (the first batch sets them all)."""
+        p, s, h, n = self.prob_sum, self.select_count, self.entropy_sum, self.tokens
+        if p is None or s is None or h is None or n is None:
             raise UsageError("RoutingStats is empty: call update() with at least one batch first")
+        return p, s, h, n
 
     def summary(self) -> dict[str, float]:
         """A flat dict of floats with slash names, per layer ``routing/layerNN/...``:
@@ -196,20 +199,20 @@ class RoutingStats:
         Plus ``routing/tokens/<modality>`` and the layer means ``routing/mrd``,
         ``routing/imbalance``.
         """
-        self._require_data()
-        L, M, E = self.prob_sum.shape
+        prob_sum, select_count, entropy_sum, tokens = self._require_data()
+        L, M, E = prob_sum.shape
         names = [_name(m) for m in self.modalities]
         P = self.distributions()  # (L, M, E)
         load = self.load()  # (L, M, E)
-        slots = self.select_count.sum(dim=1)  # (L, E)
-        share = self.select_count / slots.clamp_min(1.0)[:, None, :]  # (L, M, E)
+        slots = select_count.sum(dim=1)  # (L, E)
+        share = select_count / slots.clamp_min(1.0)[:, None, :]  # (L, M, E)
         all_load = slots / slots.sum(dim=-1, keepdim=True)  # (L, E); NaN when nothing was seen
         imbalance = all_load.max(dim=-1).values * E  # (L,)
-        tok_entropy = self.entropy_sum / self.tokens[None, :] / math.log(E)  # (L, M)
+        tok_entropy = entropy_sum / tokens[None, :] / math.log(E)  # (L, M)
         mean_entropy = entropy(P) / math.log(E)  # (L, M)
         out: dict[str, float] = {}
         for m, name in enumerate(names):
-            out[f"routing/tokens/{name}"] = float(self.tokens[m])
+            out[f"routing/tokens/{name}"] = float(tokens[m])
         mrds = {}
         if 0 in self.modalities:
             for m in self.modalities:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numbers
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -58,7 +59,7 @@ _TOKEN_ATTRS = {
 }
 
 
-def special_token_ids(config) -> dict[int, list[int]]:
+def special_token_ids(config: Any) -> dict[int, list[int]]:
     """Placeholder token ids per modality found in a (transformers) config.
 
     Looks at the top-level config, then at ``text_config``. Only non-negative integer ids count
@@ -93,18 +94,19 @@ def special_token_ids(config) -> dict[int, list[int]]:
     return {m: ids for m, ids in found.items() if ids}
 
 
-def _as_list(x) -> list:
+def _as_list(x: object) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def check_placeholders(model, token_ids: dict[int, list[int]]) -> None:
+def check_placeholders(model: torch.nn.Module, token_ids: dict[int, list[int]]) -> None:
     """Placeholder ids a text-only model (no ``vision_config`` or ``audio_config``) can never
     receive are refused: an id past its input embedding would fail in it, and without that id
     every token counts as text. One that is also its bos or eos token is warned about."""
     config = getattr(model, "config", None)
     multimodal = any(hasattr(config, f"{k}_config") for k in ("vision", "audio", "video"))
     try:
-        rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+        hf: Any = model  # a transformers model, or another module
+        rows = getattr(hf.get_input_embeddings(), "num_embeddings", None)
     except (AttributeError, NotImplementedError):  # not a transformers model, or none to give
         rows = None
     names = {IMAGE: "image", VIDEO: "video", AUDIO: "audio"}
@@ -132,7 +134,7 @@ def check_placeholders(model, token_ids: dict[int, list[int]]) -> None:
 def modality_ids(
     input_ids: Tensor | None = None,
     *,
-    token_ids: dict[int, int | Sequence[int]] | None = None,
+    token_ids: Mapping[int, int | Sequence[int]] | None = None,
     mm_token_type_ids: Tensor | None = None,
     attention_mask: Tensor | None = None,
     level: str = "token",
@@ -183,15 +185,15 @@ def modality_ids(
         sample_mod = torch.where(sample_mod == 1 << 30, torch.zeros_like(sample_mod), sample_mod)
         ids = torch.where(ids >= 0, sample_mod.expand_as(ids), ids)  # (B, S)
     if attention_mask is not None:
-        ids = ids.masked_fill(~token_mask(attention_mask, tuple(ids.shape)), IGNORE)
+        ids = ids.masked_fill(~token_mask(attention_mask, (ids.shape[0], ids.shape[1])), IGNORE)
     return ids
 
 
-def _placeholders(token_ids) -> dict[int, list[int]]:
+def _placeholders(token_ids: object) -> dict[int, list[int]]:
     """``token_ids`` as ``{modality id: [token ids]}``, or one line naming the fix."""
     fix = "e.g. token_ids={1: image_token_id} or {1: [image_id], 2: [video_id]}"
 
-    def integer(x) -> bool:
+    def integer(x: object) -> bool:
         return isinstance(x, int) and not isinstance(x, bool)
 
     if not isinstance(token_ids, Mapping):
@@ -271,7 +273,7 @@ GROUPS: dict[str, dict[int, int]] = {
 }
 
 
-def _group_id(x, groups) -> int:
+def _group_id(x: object, groups: object) -> int:
     """A modality id of a grouping: an integer, or its digits (JSON keys are strings)."""
     if isinstance(x, str) and x.strip().isdigit():
         return int(x)
@@ -345,7 +347,7 @@ def group_modalities(ids: Tensor, groups: dict[int, int] | str | None) -> Tensor
 class ModalityState:
     """The modality ids of the current forward, shared by the hooks and the bias wrappers."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.ids: Tensor | None = None  # (B, S) or (T,), derived from the last forward's inputs
         self.explicit: Tensor | None = None  # set by the caller; wins over derived ids
         self.shape: tuple[int, int] | None = None  # (B, S) of the last forward's inputs, if known

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -114,9 +115,9 @@ class Router(nn.Module):
                     )
                 allowed[m, list(group)] = True
             self.register_buffer("allowed", allowed, persistent=False)
-            self.partition = [list(g) for g in groups]
+            self.partition: list[list[int]] | None = [list(g) for g in groups]
         else:
-            self.allowed = None
+            self.allowed: torch.Tensor | None = None
             self.partition = None
 
     def forward(
@@ -154,7 +155,7 @@ class Router(nn.Module):
             if stop is not None:
                 bias = torch.where(stop[:, None], bias.detach(), bias)
             logits = logits + bias
-        if self.hard:
+        if self.hard and self.allowed is not None:  # allowed is set when hard
             blocked = ~self.allowed[index] & valid[:, None]  # (T, E)
             logits = logits.masked_fill(blocked, float("-inf"))
         return logits
@@ -253,7 +254,7 @@ class MoEBlock(nn.Module):
         ``(T, E)`` of the call are kept in ``last_router_logits``.
     """
 
-    def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int, **router_kwargs):
+    def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int, **router_kwargs: Any):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise UsageError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
@@ -311,7 +312,9 @@ class MoEBlock(nn.Module):
         order = flat_experts.argsort(stable=True)  # (T*K,) assignments grouped by expert
         token = order // self.top_k  # (T*K,) token of each grouped assignment
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-        w1, w2, gates = self.gate_up_proj, self.down_proj, gates.reshape(-1)[order]
+        w1: torch.Tensor = self.gate_up_proj  # (E, 2F, D)
+        w2: torch.Tensor = self.down_proj  # (E, D, F)
+        gates = gates.reshape(-1)[order]  # (T*K,)
         # (T*K,) 1 where an assignment's token gives to the expert weights' gradients, else 0
         keep = None if stop is None else (~stop).index_select(0, token).to(x.dtype)
         kind = x.device.type

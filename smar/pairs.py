@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,6 +32,8 @@ __all__ = ["MODALITY_NAMES", "modality_name", "pair_name", "resolve_pairs", "pai
 MODALITY_NAMES = {0: "text", 1: "image", 2: "video", 3: "audio"}
 PAIR_CHOICES = ("text", "all")
 Pair = tuple[int, int]
+# a band: (low, high), or one (low, high) per MoE layer (a list, or an (L, 2) tensor)
+Band = Sequence[float] | Sequence[Sequence[float]] | Tensor
 
 
 def modality_name(m: int) -> str:
@@ -43,7 +46,7 @@ def pair_name(pair: Pair) -> str:
     return f"{modality_name(pair[0])}-{modality_name(pair[1])}"
 
 
-def _key(pair) -> Pair:
+def _key(pair: Any) -> Pair:
     """A pair as a sorted tuple of two distinct non-negative ids (``D_ij = D_ji``)."""
     try:
         i, j = (int(x) for x in pair)
@@ -97,7 +100,7 @@ def resolve_pairs(
     return tuple(sorted(out, key=lambda p: (p[0] != text, p)))
 
 
-def _band_rows(band, num_layers: int) -> Tensor:
+def _band_rows(band: Any, num_layers: int) -> Tensor:
     """Validates ``band`` and returns it as a float tensor ``(L, 2)`` of (low, high).
 
     The values are checked in Python (a band tensor is read back once), never on the device.
@@ -129,7 +132,7 @@ def _band_rows(band, num_layers: int) -> Tensor:
     return torch.tensor(rows, dtype=torch.float64)
 
 
-def check_pair_bands(pair_bands: Mapping | None) -> dict[Pair, object]:
+def check_pair_bands(pair_bands: Mapping[Any, Any] | None) -> dict[Pair, Any]:
     """``{(i, j): band}`` with sorted pair keys; each band a pair or a list of per-layer pairs
     (its values checked; the number of layers is checked when the model is known)."""
     if pair_bands is None:
@@ -139,7 +142,7 @@ def check_pair_bands(pair_bands: Mapping | None) -> dict[Pair, object]:
             f"pair_bands must be a dict {{(i, j): (low, high)}}; got {pair_bands!r}",
             "e.g. {(1, 2): (0.0, 0.5)} keeps image and video alike",
         )
-    out: dict[Pair, object] = {}
+    out: dict[Pair, Any] = {}
     for pair, band in pair_bands.items():
         if isinstance(pair, str):  # "1,2" or "1-2", as JSON keys come back
             pair = pair.replace("-", ",").split(",")
@@ -154,7 +157,9 @@ def check_pair_bands(pair_bands: Mapping | None) -> dict[Pair, object]:
     return out
 
 
-def pair_bands(pairs: Sequence[Pair], band, overrides: Mapping | None, num_layers: int) -> Tensor:
+def pair_bands(
+    pairs: Sequence[Pair], band: Band, overrides: Mapping[Any, Any] | None, num_layers: int
+) -> Tensor:
     """``(P, L, 2)``: each pair's band per layer, ``overrides[pair]`` where given, else ``band``."""
     own = check_pair_bands(overrides)
     unknown = set(own) - {_key(p) for p in pairs}

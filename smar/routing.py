@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from smar.adapters import Adapter
+from smar.adapters import Adapter, RouterSite
 from smar.bias import ModalityBiasRouter, check_modality_id
 from smar.capture import RouterCapture, record, unwrap
 from smar.collective import CarriedSums, StepSums, default_group
@@ -140,7 +140,7 @@ class Regularizer(RouterCapture):
             model, adapter=adapter, modality=config.modality, groups=config.groups,
             kinds=config.kinds,
         )  # fmt: skip
-        model._smar_regularizer = weakref.ref(self)
+        setattr(model, "_smar_regularizer", weakref.ref(self))  # noqa: B010  (a plain attribute)
         self._terms: dict[str, Tensor] | None = None
         self._step_sums = StepSums() if config.accumulate else None
         self._carry = CarriedSums() if config.carry else None
@@ -174,10 +174,13 @@ class Regularizer(RouterCapture):
             target = site.extra.get("wrapper", site.module)
             self._hook(site, target)
 
-    def _slot(self, site) -> tuple[nn.Module, str, nn.Module]:
+    def _slot(self, site: RouterSite) -> tuple[nn.Module, str, nn.Module]:
         """Where the bias wrapper goes: in place of the router, or, where PEFT put a tuner layer
         around the router (LoRA on the router's weight: ``gate.base_layer``), of that layer, so
         that PEFT's parametrization of the router's weight still finds the router."""
+        if site.parent is None:  # the model is the router itself: no slot for a wrapper
+            raise UsageError(f"cannot wrap the model itself ({type(site.module).__name__}) in "
+                             "a bias router", "attach to the model holding the router")  # fmt: skip
         if site.attr == "base_layer" and "." in site.name:
             outer = site.name.rsplit(".", 1)[0]
             grand_name, _, grand_attr = outer.rpartition(".")
@@ -185,7 +188,7 @@ class Regularizer(RouterCapture):
             return grand, grand_attr, site.parent
         return site.parent, site.attr, site.module
 
-    def _before_forward(self, module, args, kwargs):
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._terms = None
         return super()._before_forward(module, args, kwargs)
 
@@ -286,6 +289,7 @@ class Regularizer(RouterCapture):
             with torch.no_grad():
                 self.loss()
         t = self._terms
+        assert t is not None  # loss() has set them
         out = {"smar/total": t["total"]}
         out.update({f"smar/{k}": v for k, v in t.items() if k not in ("total", "mrd")})
         if "mrd" in t:
@@ -366,7 +370,7 @@ class Regularizer(RouterCapture):
                 setattr(slot[0], slot[1], slot[2])
         self.wrappers = []
         if getattr(self.model, "_smar_regularizer", None) is not None:
-            self.model._smar_regularizer = None
+            setattr(self.model, "_smar_regularizer", None)  # noqa: B010  (a plain attribute)
 
 
 def attach(

@@ -4,6 +4,8 @@ DataParallel over several devices), and ``adapter=`` checked (:mod:`smar.capture
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from smar.adapters import Adapter
@@ -12,7 +14,7 @@ from smar.errors import UsageError, WrongType
 __all__ = ["unwrap", "check_adapters"]
 
 
-def unwrap(model, who: str, *, new_parameters: bool = False) -> nn.Module:
+def unwrap(model: object, who: str, *, new_parameters: bool = False) -> nn.Module:
     """The model smar acts on: ``model``, or the module inside ``nn.DataParallel`` or
     ``DistributedDataParallel`` (their forward calls it with the inputs, so its hooks see them,
     and its config names the placeholder tokens; hooked on the wrapper, every token read as
@@ -48,11 +50,12 @@ def unwrap(model, who: str, *, new_parameters: bool = False) -> nn.Module:
                 "synchronise the modality bias smar adds; fix: attach before wrapping "
                 "(reg = smar.attach(model); model = DDP(model)), or SMARConfig(modality_bias=False)"
             )
-        model = model.module
+        inner: nn.Module = model.module
+        model = inner
     return model
 
 
-def check_adapters(adapter) -> list[Adapter] | None:
+def check_adapters(adapter: Any) -> list[Adapter] | None:
     """``adapter=`` as a list of :class:`Adapter` (None: none), or one line naming the fix."""
     if adapter is None:
         return None
