@@ -23,9 +23,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -60,7 +61,7 @@ def stream_stats(
     *,
     top_k: int,
     router: str = "softmax",
-    modalities=(0, 1),
+    modalities: Sequence[int] = (0, 1),
     total: int | None = None,
     desc: str = "routing",
     progress: bool = True,
@@ -95,7 +96,7 @@ def analyze(source: Source, *, progress: bool = True) -> Analysis:
 
 
 # ------------------------------------------------------------------------------ Hugging Face
-def hf_source(model_dir: str | os.PathLike, data: str | os.PathLike, **kwargs) -> Source:
+def hf_source(model_dir: str | os.PathLike, data: str | os.PathLike, **kwargs: Any) -> Source:
     """A Hugging Face model folder and a JSONL file of samples as a :class:`Source`; see
     :func:`smar.hf.source.hf_source` (imports transformers)."""
     from smar.hf.source import hf_source as source
@@ -104,7 +105,7 @@ def hf_source(model_dir: str | os.PathLike, data: str | os.PathLike, **kwargs) -
 
 
 # ------------------------------------------------------------------------------------ output
-def _floats(x: Tensor):
+def _floats(x: Tensor) -> list | float | None:
     """Nested lists of floats, NaN as None (strict JSON)."""
     return [_floats(v) for v in x] if x.dim() else (None if math.isnan(float(x)) else float(x))
 
@@ -112,8 +113,9 @@ def _floats(x: Tensor):
 def exclusive_experts(stats: RoutingStats, threshold: float = 0.9) -> list[dict]:
     """Experts that one modality holds almost alone (``share >= threshold`` of their top-k
     slots), as ``{"layer", "expert", "modality", "share", "slots"}`` (layers count from 0)."""
-    slots = stats.select_count.sum(dim=1)  # (L, E)
-    top, which = (stats.select_count / slots.clamp_min(1.0)[:, None, :]).max(dim=1)  # (L, E)
+    select_count = stats._require_data()[1]  # (L, M, E)
+    slots = select_count.sum(dim=1)  # (L, E)
+    top, which = (select_count / slots.clamp_min(1.0)[:, None, :]).max(dim=1)  # (L, E)
     names = modality_names(stats)
     hits = torch.nonzero((top >= threshold) & (slots > 0)).tolist()
     return [
@@ -133,10 +135,12 @@ def routing_record(a: Analysis, threshold: float = 0.9) -> dict:
     and the raw sums (``sums``) from which :class:`RoutingStats` can be rebuilt and merged."""
     st, src = a.stats, a.source
     names = modality_names(st)
-    per_slot = st.select_count / st.select_count.sum(dim=1, keepdim=True).clamp_min(1.0)
-    ent = st.entropy_sum / st.tokens[None, :] / math.log(st.num_experts)  # (L, M)
-    loads = st.select_count.sum(dim=1)  # (L, E)
-    imbalance = loads.max(-1).values / loads.sum(-1).clamp_min(1.0) * st.num_experts  # (L,)
+    _, select_count, entropy_sum, tokens = st._require_data()
+    E = select_count.shape[-1]
+    per_slot = select_count / select_count.sum(dim=1, keepdim=True).clamp_min(1.0)
+    ent = entropy_sum / tokens[None, :] / math.log(E)  # (L, M)
+    loads = select_count.sum(dim=1)  # (L, E)
+    imbalance = loads.max(-1).values / loads.sum(-1).clamp_min(1.0) * E  # (L,)
     arrays = {"mass": st.distributions(), "load": st.load(), "share": per_slot, "entropy": ent}
     sums = ("prob_sum", "select_count", "entropy_sum", "tokens")
     return {
@@ -149,7 +153,7 @@ def routing_record(a: Analysis, threshold: float = 0.9) -> dict:
         "router": st.router,
         "modalities": names,
         "band": list(src.band) if src.band else None,
-        "tokens": {n: float(st.tokens[m]) for m, n in enumerate(names)},
+        "tokens": {n: float(tokens[m]) for m, n in enumerate(names)},
         "mrd": _floats(st.mrd()) if {0, 1} <= set(st.modalities) else None,
         **{k: {n: _floats(x[:, m]) for m, n in enumerate(names)} for k, x in arrays.items()},
         "imbalance": _floats(imbalance),
@@ -161,11 +165,13 @@ def routing_record(a: Analysis, threshold: float = 0.9) -> dict:
     }
 
 
-def held_pairs(src: Source, modalities) -> dict[tuple[int, int], tuple[float, float] | None]:
+def held_pairs(
+    src: Source, modalities: Sequence[int]
+) -> dict[tuple[int, int], tuple[float, float] | None]:
     """The pairs a source holds in a band and their bands (None: no band to draw)."""
-    if src.pairs is not None:
-        return {tuple(p): tuple(b) if b is not None else None for p, b in src.pairs.items()}
-    band = tuple(src.band) if src.band else None
+    if src.pairs is not None:  # pairs and bands as tuples (JSON gives lists)
+        return {(p[0], p[1]): (b[0], b[1]) if b is not None else None for p, b in src.pairs.items()}
+    band = (src.band[0], src.band[1]) if src.band else None
     return {(0, m): band for m in modalities if m != 0} if 0 in modalities else {}
 
 
@@ -185,7 +191,13 @@ def pair_record(st: RoutingStats, src: Source) -> dict:
     return {"modality_ids": list(st.modalities), "mrd_matrix": _floats(D), "pairs": pairs}
 
 
-def write_analysis(analyses: list[Analysis], out_dir, *, title=None, threshold=0.9) -> dict:
+def write_analysis(
+    analyses: list[Analysis],
+    out_dir: str | os.PathLike,
+    *,
+    title: str | None = None,
+    threshold: float = 0.9,
+) -> dict[str, Path]:
     """Writes ``routing.json``, the PNGs and ``index.html`` into ``out_dir`` and returns their
     paths by name (see :func:`smar.html_report.write_report`)."""
     from smar.html_report import write_report

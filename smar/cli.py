@@ -20,6 +20,12 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Iterator
+from types import FrameType
+from typing import TYPE_CHECKING, NoReturn, TextIO
+
+if TYPE_CHECKING:
+    from smar.adapters import Adapter
 
 log = logging.getLogger("smar")
 
@@ -29,7 +35,7 @@ COMMANDS = ("analyze", "demo", "inspect", "real", "retention", "sweep")
 class _Parser(argparse.ArgumentParser):
     """argparse with its errors in one line (and exit code 2, as argparse has)."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -211,7 +217,7 @@ def _inspect(args: argparse.Namespace) -> int:
     _check_model_dir(args.model_dir)
     from smar.hf.inspect import inspect_model_dir, load_adapter
 
-    adapters = []
+    adapters: list[Adapter] = []
     for spec in args.adapter or ():
         try:
             adapters += load_adapter(spec)
@@ -245,7 +251,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _smar_warnings_in_one_line():
+def _smar_warnings_in_one_line() -> Iterator[None]:
     """A warning of smar's own is one line, ``smar: warning: <problem>; fix: <fix>``, rather than
     Python's two (the second a line of smar's code); other libraries' warnings are left as
     they are."""
@@ -254,7 +260,14 @@ def _smar_warnings_in_one_line():
     here = os.path.dirname(os.path.abspath(__file__))
     show = warnings.showwarning
 
-    def one_line(message, category, filename, lineno, file=None, line=None):
+    def one_line(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: TextIO | None = None,
+        line: str | None = None,
+    ) -> None:
         if not os.path.abspath(filename).startswith(here + os.sep):
             return show(message, category, filename, lineno, file, line)
         text = (str(message).splitlines() or [category.__name__])[0]
@@ -268,13 +281,13 @@ def _smar_warnings_in_one_line():
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
+def _sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM stops the command as Ctrl-C does (workers stopped, finished work kept)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def handler(signum, frame):
+    def handler(signum: int, frame: FrameType | None) -> NoReturn:
         raise KeyboardInterrupt("SIGTERM")
 
     old = signal.signal(signal.SIGTERM, handler)

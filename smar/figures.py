@@ -8,13 +8,20 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from smar.atomic import publish
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
 __all__ = ["pyplot", "integer_ticks", "save", "mrd_scale"]
 
 
-def pyplot():
+def pyplot() -> ModuleType:
     try:
         import matplotlib
     except ImportError as e:
@@ -25,13 +32,13 @@ def pyplot():
     return plt
 
 
-def integer_ticks():
+def integer_ticks() -> MaxNLocator:
     from matplotlib.ticker import MaxNLocator
 
     return MaxNLocator(integer=True)
 
 
-def save(fig, path: str | os.PathLike) -> Path:
+def save(fig: Figure, path: str | os.PathLike) -> Path:
     """Writes the figure atomically (temp file, then rename) and closes it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,7 +55,7 @@ def save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
-def mrd_scale(ax, values: Sequence[float]) -> None:
+def mrd_scale(ax: Axes, values: Sequence[float]) -> None:
     """Chooses the MRD axis' scale from the values (band included) and labels its ticks as plain
     numbers.
 

@@ -19,9 +19,14 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from smar.atomic import publish
 from smar.errors import UsageError
+
+if TYPE_CHECKING:
+    from smar.analyze import Analysis
 
 __all__ = ["Section", "Table", "write_html", "render_html", "write_report", "SECTIONS"]
 
@@ -78,12 +83,12 @@ class Section:
     images: Sequence[tuple[str | os.PathLike, str]] = ()
     tables: Sequence[Table] = field(default_factory=list)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not self.id or not all(c.isalnum() or c in "-_" for c in self.id):
             raise UsageError(f"section id {self.id!r} must be letters, digits, '-' or '_'")
 
 
-def _cell(value, fmt: str) -> str:
+def _cell(value: object, fmt: str) -> str:
     if isinstance(value, float):
         return "n/a" if value != value else html.escape(fmt.format(value))
     return html.escape(str(value))
@@ -102,7 +107,7 @@ def _table(t: Table) -> str:
     return "\n".join(out)
 
 
-def _image(path, caption: str) -> str:
+def _image(path: str | os.PathLike, caption: str) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
     alt = html.escape(caption or Path(path).name)
     return (
@@ -178,18 +183,23 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.") or "run"
 
 
-def _mean(values) -> float:
+def _mean(values: Sequence[float | None]) -> float:
     xs = [v for v in values if v is not None]
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def _nan(v) -> float:
+def _nan(v: float | None) -> float:
     return float("nan") if v is None else float(v)
 
 
 def write_report(
-    analyses, records, out_dir, *, title: str | None = None, threshold: float = 0.9
-) -> dict:
+    analyses: Sequence[Analysis],
+    records: list[dict[str, Any]],
+    out_dir: str | os.PathLike,
+    *,
+    title: str | None = None,
+    threshold: float = 0.9,
+) -> dict[str, Path]:
     """The ``smar analyze`` page: ``routing.json``, the plots and ``index.html`` in ``out_dir``.
 
     Args:
@@ -231,16 +241,17 @@ def write_report(
     for a, r in zip(analyses, records, strict=True):
         slug, mods = _slug(r["name"]), r["modalities"]
         st = a.stats
+        select_count = st._require_data()[1]  # (L, M, E)
         paths[f"usage_{slug}"] = plots.plot_expert_usage(
             st.distributions(), st.load(), mods, out / f"usage_{slug}.png",
             title=f"Expert usage per modality: {r['name']}")  # fmt: skip
         usage.append((paths[f"usage_{slug}"], f"{r['name']}: probability mass and top-k share"))
         paths[f"composition_{slug}"] = plots.plot_expert_composition(
-            st.select_count / st.select_count.sum(dim=1, keepdim=True).clamp_min(1.0), mods,
+            select_count / select_count.sum(dim=1, keepdim=True).clamp_min(1.0), mods,
             out / f"composition_{slug}.png", threshold=threshold,
             title=f"Modality composition of each expert: {r['name']}")  # fmt: skip
         comp.append((paths[f"composition_{slug}"], f"{r['name']}: share of slots per modality"))
-        unused += int((st.select_count.sum(dim=1) == 0).sum())
+        unused += int((select_count.sum(dim=1) == 0).sum())
         flagged_rows += [[r["name"], x["layer"], x["expert"], x["modality"], x["share"],
                           int(x["slots"])] for x in r["exclusive"]]  # fmt: skip
     secs.append(
@@ -281,7 +292,7 @@ def write_report(
     return paths
 
 
-def _metrics(r: dict) -> dict[str, float]:
+def _metrics(r: dict[str, Any]) -> dict[str, float]:
     m = {"mean MRD": _mean(r["mrd"] or []), "mean imbalance": _mean(r["imbalance"])}
     for mod in r["modalities"]:
         m[f"entropy {mod}"] = _mean(r["entropy"][mod])
@@ -289,7 +300,7 @@ def _metrics(r: dict) -> dict[str, float]:
     return m
 
 
-def _summary(records: list[dict], threshold: float) -> Section:
+def _summary(records: list[dict[str, Any]], threshold: float) -> Section:
     mods = records[0]["modalities"]
     header = ["run", "layers", "experts", "top-k"] + [f"{m} tokens" for m in mods]
     header += list(_metrics(records[0]))
@@ -302,7 +313,9 @@ def _summary(records: list[dict], threshold: float) -> Section:
         tables=[Table(header, rows)])  # fmt: skip
 
 
-def _comparison(records, out: Path, paths: dict, plots) -> Section:
+def _comparison(
+    records: list[dict[str, Any]], out: Path, paths: dict[str, Path], plots: ModuleType
+) -> Section:
     if len(records) < 2:
         return Section("comparison", "Runs compared",
                        ["One run analysed: give several folders to compare them."])  # fmt: skip
@@ -315,7 +328,9 @@ def _comparison(records, out: Path, paths: dict, plots) -> Section:
         [(paths["comparison"], "runs compared")], [Table(["run"] + names, rows)])  # fmt: skip
 
 
-def _history(records, out: Path, paths: dict, plots) -> Section:
+def _history(
+    records: list[dict[str, Any]], out: Path, paths: dict[str, Path], plots: ModuleType
+) -> Section:
     images, rows = [], []
     for r in records:
         hist = [h for h in (r["history"] or []) if h.get("mrd")]
@@ -339,7 +354,7 @@ def _history(records, out: Path, paths: dict, plots) -> Section:
                caption="MRD at the last recorded step")])  # fmt: skip
 
 
-def _pairs(records, out: Path, paths: dict) -> Section:
+def _pairs(records: list[dict[str, Any]], out: Path, paths: dict[str, Path]) -> Section:
     """More than two modalities: each run's MRD matrix per layer and its held pairs by layer."""
     from smar import pair_plots
 
@@ -349,7 +364,10 @@ def _pairs(records, out: Path, paths: dict) -> Section:
             continue
         slug, ids = _slug(r["name"]), r["modality_ids"]
         pos = {m: k for k, m in enumerate(ids)}
-        bands = {tuple(sorted((pos[p["ids"][0]], pos[p["ids"][1]]))): p["band"] for p in r["pairs"]}
+        bands: dict[tuple[int, int], Any] = {}  # by positions in the matrix, sorted
+        for p in r["pairs"]:
+            i, j = sorted((pos[p["ids"][0]], pos[p["ids"][1]]))
+            bands[i, j] = p["band"]
         paths[f"matrix_{slug}"] = pair_plots.plot_mrd_matrix(
             r["mrd_matrix"], r["modalities"], out / f"matrix_{slug}.png", bands=bands,
             title=f"MRD of every pair of modalities, per MoE layer: {r['name']}")  # fmt: skip

@@ -10,22 +10,29 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeGuard
 
 from smar.figures import integer_ticks, mrd_scale, pyplot, save
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from torch import Tensor
+
+    Bands = Mapping[tuple[int, int], tuple[float, float] | None]
 
 __all__ = ["plot_mrd_matrix", "plot_pair_mrd"]
 
 
-def _finite(v) -> bool:
+def _finite(v: float | None) -> TypeGuard[float]:
     return v is not None and math.isfinite(float(v))
 
 
 def plot_mrd_matrix(
-    matrix,
+    matrix: Tensor | Sequence[Sequence[Sequence[float | None]]],
     modalities: Sequence[str],
     path: str | os.PathLike,
     *,
-    bands: Mapping[tuple[int, int], tuple[float, float] | None] | None = None,
+    bands: Bands | None = None,
     title: str = "MRD of every pair of modalities, per MoE layer",
 ) -> Path:
     """One heatmap per MoE layer: ``D[i, j]``, the MRD of modalities ``i`` and ``j``.
@@ -43,7 +50,13 @@ def plot_mrd_matrix(
     return save(_matrix_figure(matrix, modalities, bands=bands, title=title), path)
 
 
-def _matrix_figure(matrix, modalities, *, bands, title):
+def _matrix_figure(
+    matrix: Tensor | Sequence[Sequence[Sequence[float | None]]],
+    modalities: Sequence[str],
+    *,
+    bands: Bands | None,
+    title: str,
+) -> Figure:
     """The figure of :func:`plot_mrd_matrix`, not saved (the tests read its texts)."""
     plt = pyplot()
     from matplotlib.patches import Rectangle
@@ -80,7 +93,8 @@ def _matrix_figure(matrix, modalities, *, bands, title):
                                            edgecolor=edge))  # fmt: skip
                 light = v < 0.55 * vmax
                 label = f"{v:.2f}"
-                if outside and band[0] <= float(label) <= band[1]:  # 1.4996 is not "1.50"
+                # 1.4996 is not "1.50"
+                if outside and band is not None and band[0] <= float(label) <= band[1]:
                     label = f"{v:.4f}"
                 ax.text(j, i, label + ("!" if outside else ""), ha="center", va="center",
                         fontsize=7, color="black" if light else "white")  # fmt: skip

@@ -12,12 +12,22 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from smar.errors import UsageError
 from smar.figures import integer_ticks as _integer_ticks
 from smar.figures import mrd_scale as _mrd_scale
 from smar.figures import pyplot as _pyplot
 from smar.figures import save as _save
+
+if TYPE_CHECKING:
+    from matplotlib.artist import Artist
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.image import AxesImage
+    from torch import Tensor
+
+    Grid3 = Tensor | Sequence[Sequence[Sequence[float]]]  # (L, M, E)
 
 __all__ = [
     "plot_mrd",
@@ -47,7 +57,9 @@ def plot_mrd(
     return _save(_mrd_figure(mrd_per_arm, band=band, title=title), path)
 
 
-def _mrd_figure(mrd_per_arm, *, band, title):
+def _mrd_figure(
+    mrd_per_arm: Mapping[str, Sequence[float]], *, band: tuple[float, float] | None, title: str
+) -> Figure:
     """The figure of :func:`plot_mrd`, not saved (the tests read its axes)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -65,7 +77,16 @@ def _mrd_figure(mrd_per_arm, *, band, title):
     return fig
 
 
-def _heatmap(ax, grid, *, title: str, cmap: str, vmin=None, vmax=None, annotate=True):
+def _heatmap(
+    ax: Axes,
+    grid: Sequence[Sequence[float]],
+    *,
+    title: str,
+    cmap: str,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    annotate: bool = True,
+) -> AxesImage:
     L, E = len(grid), len(grid[0])
     im = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     ax.set_title(title, fontsize=9)
@@ -89,8 +110,8 @@ def _size(L: int, E: int, cols: int, rows: int) -> tuple[float, float]:
 
 
 def plot_expert_usage(
-    mass,
-    load,
+    mass: Grid3,
+    load: Grid3,
     modalities: Sequence[str],
     path: str | os.PathLike,
     *,
@@ -121,14 +142,14 @@ def plot_expert_usage(
     return _save(fig, path)
 
 
-def _grid3(values) -> list[list[list[float]]]:
+def _grid3(values: Any) -> list[list[list[float]]]:
     if hasattr(values, "tolist"):
         values = values.tolist()
     return [[[float(v) for v in row] for row in layer] for layer in values]
 
 
 def plot_expert_composition(
-    share,
+    share: Grid3,
     modalities: Sequence[str],
     path: str | os.PathLike,
     *,
@@ -159,7 +180,9 @@ def plot_expert_composition(
 _NO_TOKENS = "#767676"
 
 
-def _composition_figure(share, modalities, *, threshold, title):
+def _composition_figure(
+    share: Grid3, modalities: Sequence[str], *, threshold: float, title: str
+) -> Figure:
     """The figure of :func:`plot_expert_composition`, not saved (the tests read its artists)."""
     import matplotlib.patheffects as pe
     import numpy as np
@@ -200,9 +223,10 @@ def _composition_figure(share, modalities, *, threshold, title):
                 held.add(m)
                 ax.text(e, i, modalities[m][0].upper(), ha="center", va="center", fontsize=size,
                         fontweight="bold", color="white", path_effects=outline)  # fmt: skip
-    handles = [Line2D([], [], linestyle="none", marker=rf"$\mathbf{{{modalities[m][0].upper()}}}$",
-                      markersize=8, color="black", label=f"{modalities[m]} >= {threshold:.0%}")
-               for m in sorted(held)]  # fmt: skip
+    handles: list[Artist] = [
+        Line2D([], [], linestyle="none", marker=rf"$\mathbf{{{modalities[m][0].upper()}}}$",
+               markersize=8, color="black", label=f"{modalities[m]} >= {threshold:.0%}")
+        for m in sorted(held)]  # fmt: skip
     handles.append(Patch(facecolor=_NO_TOKENS, edgecolor="white", hatch="///", label="no tokens"))
     # Below the x label, outside the grid: inside it would hide cells.
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=7,
@@ -272,7 +296,7 @@ def plot_comparison(
 
 
 def plot_mrd_history(
-    history: Sequence[Mapping],
+    history: Sequence[Mapping[str, Any]],
     path: str | os.PathLike,
     *,
     band: tuple[float, float] | None = (1.5, 2.0),
@@ -292,7 +316,9 @@ def plot_mrd_history(
     return _save(_mrd_history_figure(rows, band=band, title=title), path)
 
 
-def _mrd_history_figure(rows, *, band, title):
+def _mrd_history_figure(
+    rows: Sequence[Mapping[str, Any]], *, band: tuple[float, float] | None, title: str
+) -> Figure:
     """The figure of :func:`plot_mrd_history` from records that hold MRD, not saved."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
@@ -313,7 +339,7 @@ def _mrd_history_figure(rows, *, band, title):
     return fig
 
 
-def _value(values, i: int) -> float:
+def _value(values: Sequence[float | None], i: int) -> float:
     """``values[i]`` as a float; NaN where it is missing or null (an MRD where a modality was
     absent is written as JSON null)."""
     v = values[i] if i < len(values) else None

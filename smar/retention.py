@@ -17,11 +17,22 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from smar.errors import UsageError
+
+if TYPE_CHECKING:
+    from lm_eval.api.model import LM
+    from lm_eval.tasks import TaskManager
+    from transformers import PreTrainedTokenizerBase
+
+    IncludePath: TypeAlias = str | os.PathLike | Sequence[str | os.PathLike]  # task folders
+    Model: TypeAlias = LM | str | os.PathLike  # an lm-eval LM, or a model or adapter folder
 
 __all__ = [
     "make_task_manager",
@@ -39,19 +50,21 @@ PRIMARY = ("acc", "exact_match", "pass@1", "bits_per_byte", "f1", "acc_norm", "m
 LOWER_IS_BETTER = ("bits_per_byte", "byte_perplexity", "word_perplexity", "perplexity")
 
 
-def make_task_manager(include_path=None, *, local_only: bool = False):
+def make_task_manager(
+    include_path: IncludePath | None = None, *, local_only: bool = False
+) -> TaskManager:
     """lm-eval's ``TaskManager`` over ``include_path`` (a folder or a list of folders) and, unless
     ``local_only``, every task of the installed harness (indexing those takes seconds)."""
     from lm_eval.tasks import TaskManager
 
-    if include_path is not None and not isinstance(include_path, (str, Path)):
+    if include_path is not None and not isinstance(include_path, (str, os.PathLike)):
         include_path = [str(p) for p in include_path]
     elif include_path is not None:
         include_path = str(include_path)
     return TaskManager(include_path=include_path, include_defaults=not local_only)
 
 
-def check_tasks(tasks: Sequence[str], task_manager) -> None:
+def check_tasks(tasks: Sequence[str], task_manager: TaskManager) -> None:
     """Raises ``ValueError`` naming each task lm-eval does not know, with close names."""
     if not tasks:
         raise UsageError("no task given; fix: name lm-eval tasks, e.g. --tasks mmlu,gsm8k")
@@ -74,7 +87,7 @@ def check_tasks(tasks: Sequence[str], task_manager) -> None:
             )
 
 
-def _check_model(model) -> None:
+def _check_model(model: Model) -> None:
     """An LM object, or a local Hugging Face model or PEFT adapter folder; anything else a
     ``ValueError`` naming the fix (checked for both models before either runs)."""
     from lm_eval.api.model import LM
@@ -111,7 +124,7 @@ def _check_model(model) -> None:
         )
 
 
-def _open_model(model, batch_size: int | None, bias: bool = True):
+def _open_model(model: Model, batch_size: int | None, bias: bool = True) -> LM:
     """An ``lm_eval`` LM: an LM object as is; a local folder loaded by
     :func:`smar.hf.loading.load_model_folder` (a causal LM, a vision-language model read on text
     alone, a PEFT adapter; its trained modality bias attached unless ``bias=False``) and served
@@ -129,6 +142,7 @@ def _open_model(model, batch_size: int | None, bias: bool = True):
 
     loaded = load_model_folder(model, bias=bias, tokenizer=True)
     print(f"smar retention: {loaded.note}", file=sys.stderr)
+    assert loaded.tokenizer_path is not None  # asked for with tokenizer=True
     tokenizer = _tokenizer(transformers, loaded.tokenizer_path)
     # A vision-language model run on input_ids alone is its language model (the text row of
     # the bias applies): retention measures what the vision training left of it.
@@ -139,7 +153,7 @@ def _open_model(model, batch_size: int | None, bias: bool = True):
     return lm
 
 
-def _tokenizer(transformers, folder: str):
+def _tokenizer(transformers: ModuleType, folder: str) -> PreTrainedTokenizerBase:
     """The folder's tokenizer, with a bos or eos token: lm-eval puts one before every text it
     scores (without, it fails deep inside)."""
     try:
@@ -159,16 +173,16 @@ def _tokenizer(transformers, folder: str):
 
 
 def evaluate_tasks(
-    model,
+    model: Model,
     tasks: Sequence[str],
     *,
-    include_path=None,
+    include_path: IncludePath | None = None,
     limit: int | float | None = None,
     batch_size: int | None = None,
     metrics: Mapping[str, str] | None = None,
-    task_manager=None,
+    task_manager: TaskManager | None = None,
     bias: bool = True,
-) -> dict[str, dict]:
+) -> dict[str, dict[str, Any]]:
     """Runs lm-eval's ``simple_evaluate`` on one model and returns its score per task.
 
     Args:
@@ -202,7 +216,7 @@ def evaluate_tasks(
     return task_scores(out, tasks, metrics)
 
 
-def _metric(row: Mapping, wanted: str | None, task: str) -> str | None:
+def _metric(row: Mapping[str, Any], wanted: str | None, task: str) -> str | None:
     keys = [k for k in row if "," in k and "_stderr" not in k and _number(row[k])]
     names = [wanted] if wanted else list(PRIMARY)
     for name in names:
@@ -215,13 +229,13 @@ def _metric(row: Mapping, wanted: str | None, task: str) -> str | None:
     return keys[0] if keys else None
 
 
-def _number(v) -> bool:
+def _number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def task_scores(
-    results: Mapping, tasks: Sequence[str], metrics: Mapping[str, str] | None = None
-) -> dict[str, dict]:
+    results: Mapping[str, Any], tasks: Sequence[str], metrics: Mapping[str, str] | None = None
+) -> dict[str, dict[str, Any]]:
     """Score per task from lm-eval's results dict: a task or a group with an aggregate score is
     one entry; a group without one or a tag gives one entry per task in it.
 
@@ -233,7 +247,7 @@ def task_scores(
     rows, groups = results["results"], results.get("group_subtasks", {})
     hib = results.get("higher_is_better", {})
     configs = results.get("configs", {})
-    out: dict[str, dict] = {}
+    out: dict[str, dict[str, Any]] = {}
 
     def add(name: str, metric: str | None = None) -> None:
         row = rows.get(name, {})
@@ -260,17 +274,19 @@ def task_scores(
     return out
 
 
-def _as_list(x) -> list:
+def _as_list(x: object) -> list:
     return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def summarize(base: Mapping[str, dict], tuned: Mapping[str, dict]) -> dict:
+def summarize(
+    base: Mapping[str, dict[str, Any]], tuned: Mapping[str, dict[str, Any]]
+) -> dict[str, Any]:
     """Retention per task (``tuned score / base score``), the mean, the mean without the task
     that moved most (largest ``|retention - 1|``) and that task, as a JSON-ready dict."""
     missing = sorted(set(base) ^ set(tuned))
     if missing:
         raise UsageError(f"tasks scored for one model only: {missing}")
-    tasks = {}
+    tasks: dict[str, dict[str, Any]] = {}
     for name, b in base.items():
         t = tuned[name]
         if not b["score"] > 0:
@@ -285,7 +301,7 @@ def summarize(base: Mapping[str, dict], tuned: Mapping[str, dict]) -> dict:
             "retention": t["score"] / b["score"],
         }
     ret = {k: v["retention"] for k, v in tasks.items()}
-    out = {"tasks": tasks, "mean": sum(ret.values()) / len(ret)}
+    out: dict[str, Any] = {"tasks": tasks, "mean": sum(ret.values()) / len(ret)}
     if len(ret) >= 2:
         worst = max(ret, key=lambda k: abs(ret[k] - 1.0))
         rest = [v for k, v in ret.items() if k != worst]
@@ -296,18 +312,18 @@ def summarize(base: Mapping[str, dict], tuned: Mapping[str, dict]) -> dict:
 
 
 def measure_retention(
-    base,
-    tuned,
+    base: Model,
+    tuned: Model,
     tasks: Sequence[str],
     *,
-    include_path=None,
+    include_path: IncludePath | None = None,
     limit: int | float | None = None,
     batch_size: int | None = None,
     metrics: Mapping[str, str] | None = None,
-    task_manager=None,
+    task_manager: TaskManager | None = None,
     local_only: bool = False,
     bias: bool = True,
-) -> dict:
+) -> dict[str, Any]:
     """Both models on ``tasks`` (see :func:`evaluate_tasks` for the arguments; ``local_only``:
     see :func:`make_task_manager`) and their :func:`summarize`, plus the task list and lm-eval's
     version."""
@@ -317,7 +333,9 @@ def measure_retention(
         _check_model(m)
     tm = task_manager or make_task_manager(include_path, local_only=local_only)
     check_tasks(tasks, tm)
-    kw = dict(limit=limit, batch_size=batch_size, metrics=metrics, task_manager=tm, bias=bias)
+    kw: dict[str, Any] = dict(
+        limit=limit, batch_size=batch_size, metrics=metrics, task_manager=tm, bias=bias
+    )
     b = evaluate_tasks(base, tasks, **kw)
     t = evaluate_tasks(tuned, tasks, **kw)
     return {

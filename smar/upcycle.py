@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from smar.moe import MoEBlock
 __all__ = ["upcycle", "check_options"]
 
 
-def check_options(num_experts, top_k, noise) -> None:
+def check_options(num_experts: int, top_k: int, noise: float) -> None:
     """The options of an upcycling (:func:`upcycle`, :func:`smar.hf.upcycle_hf`), one line each,
     before any layer changes."""
     for name, value in (("num_experts", num_experts), ("top_k", top_k)):
@@ -50,10 +51,12 @@ def _dense_weights(dense_mlp: nn.Module) -> tuple[torch.Tensor, torch.Tensor, to
                     f"{type(dense_mlp).__name__}.{n} has a bias; upcycle supports bias-free SwiGLU "
                     "MLPs (Llama, Qwen, Mistral, Phi-3 style)"
                 )
-        return tuple(getattr(dense_mlp, n).weight for n in names)  # type: ignore[return-value]
+        gate, up, down = (getattr(dense_mlp, n).weight for n in names)
+        return gate, up, down
     if hasattr(dense_mlp, "gate_up_proj") and hasattr(dense_mlp, "down_proj"):
-        gate, up = dense_mlp.gate_up_proj.weight.chunk(2, dim=0)  # Phi-3: fused (2F, D)
-        return gate, up, dense_mlp.down_proj.weight
+        fused: Any = dense_mlp  # Phi-3's MLP
+        gate, up = fused.gate_up_proj.weight.chunk(2, dim=0)  # fused (2F, D)
+        return gate, up, fused.down_proj.weight
     raise UsageError(
         f"cannot upcycle {type(dense_mlp).__name__}: expected a SwiGLU MLP with gate_proj, up_proj "
         "and down_proj linear layers (or a fused gate_up_proj)"
@@ -80,7 +83,7 @@ def upcycle(
     top_k: int,
     noise: float = 0.0,
     generator: torch.Generator | None = None,
-    **router_kwargs,
+    **router_kwargs: Any,
 ) -> MoEBlock:
     """Turns a dense SwiGLU FFN into a :class:`MoEBlock` whose experts all copy it (MoE-LLaVA).
 

@@ -64,7 +64,7 @@ def load_model_dir(path: str, *, weights: bool = True, **kwargs) -> nn.Module:
         return cls._from_config(config)
 
 
-def load_adapter(spec: str) -> Adapter:
+def load_adapter(spec: str) -> list[Adapter]:
     """An :class:`smar.adapters.Adapter` named ``"package.module:NAME"`` (``smar inspect
     --adapter``); ``NAME`` may be an adapter or a list of them."""
     import importlib
