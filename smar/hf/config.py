@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+from typing import Any, TypeGuard
 
 import transformers
+from transformers import PretrainedConfig, PreTrainedModel
 
 from smar.errors import MissingFile, UsageError
 
@@ -19,11 +21,11 @@ __all__ = ["config_model_class", "upcycle_spec"]
 log = logging.getLogger("smar.hf.inspect")
 
 
-def _where(path) -> str:
+def _where(path: str | os.PathLike) -> str:
     return os.path.join(os.fspath(path), "config.json")
 
 
-def _config(path):
+def _config(path: str | os.PathLike) -> PretrainedConfig:
     """The folder's config; a local folder without a readable config.json says so in one line
     (a model-hub id is left to transformers)."""
     p = os.path.expanduser(os.fspath(path))
@@ -46,7 +48,9 @@ def _config(path):
 _AUTO = ("AutoModelForImageTextToText", "AutoModelForCausalLM", "AutoModel")
 
 
-def config_model_class(config, path: str = "the model") -> type:
+def config_model_class(
+    config: PretrainedConfig, path: str = "the model"
+) -> type[PreTrainedModel]:
     """The transformers model class that builds ``config``.
 
     The first of ``config.architectures`` that is a ``PreTrainedModel`` class made for this
@@ -81,7 +85,7 @@ def config_model_class(config, path: str = "the model") -> type:
     )
 
 
-def _transformers_attr(name):
+def _transformers_attr(name: object) -> Any:
     if not isinstance(name, str) or not name.isidentifier():
         return None
     try:  # transformers imports lazily: a name may pull in a module missing a dependency
@@ -90,8 +94,8 @@ def _transformers_attr(name):
         return None
 
 
-def _builds(cls, config) -> bool:
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+def _builds(cls: object, config: PretrainedConfig) -> TypeGuard[type[PreTrainedModel]]:
+    if not (isinstance(cls, type) and issubclass(cls, PreTrainedModel)):
         return False
     expected = getattr(cls, "config_class", None)
     if expected is None:
@@ -104,7 +108,7 @@ def _builds(cls, config) -> bool:
 _UPCYCLE_KEYS = ("num_experts", "top_k", "layers")
 
 
-def _finite_number(v) -> bool:
+def _finite_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -114,7 +118,7 @@ _UPCYCLE_FIX = (
 )
 
 
-def upcycle_spec(config, path: str = "the model") -> dict | None:
+def upcycle_spec(config: PretrainedConfig, path: str = "the model") -> dict[str, Any] | None:
     """``config.smar_upcycle`` (written by :func:`smar.hf.upcycle_hf`) checked, or None.
 
     Raises:
@@ -126,7 +130,7 @@ def upcycle_spec(config, path: str = "the model") -> dict | None:
         return None
     where = f"{_where(path)} smar_upcycle"
 
-    def integer(v) -> bool:
+    def integer(v: object) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
     if not isinstance(spec, dict):
@@ -154,7 +158,7 @@ def upcycle_spec(config, path: str = "the model") -> dict | None:
     raise UsageError(f"{where}: {problem}; {_UPCYCLE_FIX}")
 
 
-def _check_local(path) -> None:
+def _check_local(path: str | os.PathLike) -> None:
     """A path that is plainly local (absolute, ``./``, ``~``, a file) must be a folder: say so
     here rather than let the model hub answer for a missing folder."""
     p = os.fspath(path)

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Any
 
 import torch
 from torch import nn
 
-from smar.adapters import Adapter, find_routers
+from smar.adapters import Adapter, RouterSite, find_routers
 from smar.errors import UsageError
 from smar.hf.config import (
     _UPCYCLE_FIX,
@@ -29,7 +30,7 @@ __all__ = ["load_model_dir", "inspect_model_dir", "config_model_class", "upcycle
 log = logging.getLogger(__name__)
 
 
-def load_model_dir(path: str, *, weights: bool = True, **kwargs) -> nn.Module:
+def load_model_dir(path: str, *, weights: bool = True, **kwargs: Any) -> nn.Module:
     """A model from a ``save_pretrained`` directory: upcycled, or the class of its config.
 
     Args:
@@ -128,7 +129,7 @@ def inspect_model_dir(path: str, adapter: Adapter | list[Adapter] | None = None)
     return "\n".join(lines)
 
 
-def _bias_line(path) -> str:
+def _bias_line(path: str) -> str:
     """What the folder's ``smar_bias.safetensors`` holds, in one line."""
     from smar.hf.saving import BIAS_FILE, _read
 
@@ -149,7 +150,7 @@ def _bias_line(path) -> str:
     )
 
 
-def _can_bias(site) -> str:
+def _can_bias(site: RouterSite) -> str:
     if not site.adapter.bias:
         return "no: " + site.adapter.note.split(":")[0]
     if site.adapter.reroute is not None:

@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
-from smar.adapters import find_routers
+from smar.adapters import Adapter, RouterSite, find_routers
 from smar.errors import MissingFile, UsageError
 from smar.hf.config import _check_local
 from smar.hf.inspect import load_model_dir
@@ -106,7 +109,8 @@ def _load_adapter_folder(path: Path) -> nn.Module:
 
 
 def load_model_folder(
-    path, *, bias: bool = True, weights: bool = True, adapter=None, tokenizer: bool = False,
+    path: str | os.PathLike, *, bias: bool = True, weights: bool = True,
+    adapter: Adapter | Sequence[Adapter] | None = None, tokenizer: bool = False,
     routers: bool = False,
 ) -> Loaded:  # fmt: skip
     """The model of a folder, with its trained modality bias where it has one.
@@ -192,7 +196,8 @@ def _load(folder: Path, weights: bool = True) -> nn.Module:
               "ignore_mismatched_sizes": True} if weights else {}  # fmt: skip
     try:
         with _quiet_transformers():
-            out = load_model_dir(str(folder), weights=weights, **kwargs)
+            # (model, loading info) with output_loading_info
+            out: Any = load_model_dir(str(folder), weights=weights, **kwargs)
     except FileNotFoundError:
         raise
     except (OSError, RuntimeError, SafetensorError) as e:
@@ -216,7 +221,7 @@ _KINDS = {"missing_keys": "missing", "unexpected_keys": "unexpected",
           "mismatched_keys": "of another shape"}  # fmt: skip
 
 
-def _key(entry) -> str:
+def _key(entry: object) -> str:
     """A loading report's entry: a weight's name, or (name, saved shape, config's shape)."""
     if isinstance(entry, tuple) and len(entry) == 3:
         name, saved, built = entry
@@ -229,7 +234,7 @@ _CONFIG_FIX = ("restore the config.json saved with these weights (an edited widt
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def _quiet_transformers() -> Iterator[None]:
     """transformers prints a loading report before it raises; the one line here replaces it."""
     import transformers
 
@@ -361,7 +366,7 @@ def _check_config_json(folder: Path) -> None:
                          "writes it)") from None  # fmt: skip
 
 
-def check_json_files(folder, names, what: str) -> None:
+def check_json_files(folder: str | os.PathLike, names: Iterable[str], what: str) -> None:
     """The JSON files ``names`` of a folder parse: a corrupt one is named in one line, where
     transformers would fail deep inside (or fall back and report it as missing)."""
     for name in names:
@@ -376,7 +381,7 @@ def check_json_files(folder, names, what: str) -> None:
             raise UsageError(f"{path} is not readable JSON ({first})", fix) from None
 
 
-def _check_top_k(sites, folder: Path) -> None:
+def _check_top_k(sites: Sequence[RouterSite], folder: Path) -> None:
     """No router chooses more experts than it has (an edited num_experts_per_tok would fail in
     the first forward, inside torch.topk)."""
     for s in sites:

@@ -37,11 +37,13 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import fields
 
 import torch
 from torch import Tensor, nn
 
+from smar.adapters import Adapter
 from smar.atomic import publish
 from smar.errors import MissingFile, UsageError
 from smar.routing import Regularizer, SMARConfig, attach
@@ -68,17 +70,18 @@ def original_state_dict(reg: Regularizer, state: dict[str, Tensor]) -> dict[str,
     wrapped = [s.name for s in reg.sites if "wrapper" in s.extra]
     out = {}
     for key, value in state.items():
+        new: str | None = key  # None: left out
         for name in wrapped:
             inner = f"{name}.router."
             at = key.find(inner)
             if at >= 0 and (at == 0 or key[at - 1] == "."):
-                key = key[:at] + f"{name}." + key[at + len(inner) :]
+                new = key[:at] + f"{name}." + key[at + len(inner) :]
                 break
             if key.endswith(f"{name}.modality_bias") or key.endswith(".modality_bias"):
-                key = None
+                new = None
                 break
-        if key is not None:
-            out[key] = value
+        if new is not None:
+            out[new] = value
     return out
 
 
@@ -274,7 +277,11 @@ def bias_origin(reg: Regularizer, path: str | os.PathLike) -> str:
 
 
 def load_bias(
-    model: nn.Module, path: str | os.PathLike, *, config: SMARConfig | None = None, adapter=None
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    config: SMARConfig | None = None,
+    adapter: Adapter | Sequence[Adapter] | None = None,
 ) -> Regularizer:
     """Attaches SMAR to a loaded model with the saved config and restores the trained bias.
 
@@ -307,7 +314,12 @@ def load_bias(
     return reg
 
 
-def _check_kinds(model: nn.Module, path, config: SMARConfig, adapter) -> None:
+def _check_kinds(
+    model: nn.Module,
+    path: str | os.PathLike,
+    config: SMARConfig,
+    adapter: Adapter | Sequence[Adapter] | None,
+) -> None:
     """The saved config's ``routers`` (mlp, attention or all) names routers the model has: the
     file is at fault, not a config the caller could change."""
     from smar.adapters import find_routers

@@ -15,12 +15,19 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
+from torch import nn
 
 from smar.errors import UsageError
 from smar.modality import modality_ids, special_token_ids
 from smar.source import Routed, Source
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, ProcessorMixin
+
+    from smar.capture import RouterCapture
 
 __all__ = ["read_jsonl", "check_sample", "HFEncoder", "hf_source"]
 
@@ -57,9 +64,10 @@ def read_jsonl(
             check_sample(sample, where)
             sample["images"] = [str((path.parent / p).resolve()) for p in _image_paths(sample)]
             bad = _unreadable(sample["images"])
-            if bad and skipped is None:
-                raise UsageError(f"{where}: {bad}; fix: correct the path or pass --skip-bad-images")
             if bad:
+                if skipped is None:
+                    raise UsageError(f"{where}: {bad}; fix: correct the path or pass "
+                                     "--skip-bad-images")  # fmt: skip
                 skipped.append(where)
                 continue
             n += 1
@@ -70,7 +78,7 @@ _FORMAT = ('fix: write {"image": "a.png", "conversations": [{"from": "human", "v
            '"<image>\\nWhat is it?"}, ...]} or {"text": "..."}')  # fmt: skip
 
 
-def check_sample(sample, where: str) -> None:
+def check_sample(sample: object, where: str) -> None:
     """Raises ``ValueError`` naming ``where`` (``file:line``) when ``sample`` is not a LLaVA
     conversation (a list of turns with a string ``value``) or a text sample (a non-empty
     ``text`` string), has image paths that are not strings, or has not one ``<image>`` mark per
@@ -110,7 +118,7 @@ def check_sample(sample, where: str) -> None:
         )
 
 
-def _image_paths(sample: dict):
+def _image_paths(sample: dict[str, Any]) -> Any:
     """The sample's ``image`` (or ``images``): a path as a list of one; None as no image."""
     images = sample.get("image", sample.get("images"))
     if images is None:
@@ -158,7 +166,7 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokeniz
                    "special_tokens_map.json", "video_preprocessor_config.json")  # fmt: skip
 
 
-def check_json_files(model_dir) -> None:
+def check_json_files(model_dir: str | os.PathLike) -> None:
     """The processor's and tokenizer's JSON files of a folder parse (a corrupt one is named in one
     line, where transformers' fallback would report it as missing)."""
     from smar.hf.loading import check_json_files as check
@@ -171,11 +179,11 @@ class HFEncoder:
     cannot be built (e.g. a video processor that needs torchvision), its tokenizer and image
     processor, each image's placeholder repeated as the processor would."""
 
-    def __init__(self, model_dir: str, config, mm_token_types: bool = False):
+    def __init__(self, model_dir: str, config: PretrainedConfig, mm_token_types: bool = False):
         import transformers
 
         self.config, self.mm_token_types = config, mm_token_types
-        self.processor = None
+        self.processor: ProcessorMixin | None = None
         check_json_files(model_dir)  # a garbled one would read as missing below
         try:
             proc = transformers.AutoProcessor.from_pretrained(model_dir)
@@ -187,14 +195,16 @@ class HFEncoder:
                 "AutoProcessor(%s) failed (%s); tokenizer + image processor", model_dir, why
             )
         tok = getattr(self.processor, "tokenizer", None)
-        self.tokenizer = tok or transformers.AutoTokenizer.from_pretrained(model_dir)
+        # of the class AutoTokenizer picks for the folder
+        self.tokenizer: Any = tok or transformers.AutoTokenizer.from_pretrained(model_dir)
         self.image_processor = getattr(self.processor, "image_processor", None)
         if self.processor is None and (Path(model_dir) / "preprocessor_config.json").exists():
             self.image_processor = transformers.AutoImageProcessor.from_pretrained(model_dir)
         image_id = getattr(config, "image_token_id", getattr(config, "image_token_index", None))
-        self.image_token = getattr(self.processor, "image_token", None) or (
+        token = getattr(self.processor, "image_token", None) or (
             self.tokenizer.convert_ids_to_tokens(image_id) if image_id is not None else None
         )
+        self.image_token = cast("str | None", token)  # one id: one token
         placeholder = self.tokenizer.convert_tokens_to_ids(self.image_token) if (
             self.image_token is not None and image_id is not None) else image_id  # fmt: skip
         if placeholder != image_id:  # the model would look for images where no text puts them
@@ -212,10 +222,10 @@ class HFEncoder:
         msgs = _messages(sample)
         if self.template:
             owner = self.processor if self.processor is not None else self.tokenizer
-            return owner.apply_chat_template(msgs, tokenize=False)
+            return cast(str, owner.apply_chat_template(msgs, tokenize=False))  # a str untokenized
         parts = []
         for m in msgs:
-            body = " ".join(self.image_token if c["type"] == "image" else c["text"]
+            body = " ".join(self._placeholder() if c["type"] == "image" else c["text"]
                             for c in m["content"])  # fmt: skip
             parts.append(f"{m['role']}: {body}")
         return "\n".join(parts)
@@ -225,8 +235,8 @@ class HFEncoder:
 
         texts = [self.text(s) for s in samples]
         images = [Image.open(p).convert("RGB") for s in samples for p in s["images"]]
-        if images and self.image_token is None:
-            raise UsageError("the model config names no image token: cannot place images")
+        if images:
+            self._placeholder()
         if self.processor is not None:
             return dict(self.processor(text=texts, images=images or None, padding=True,
                                        return_tensors="pt"))  # fmt: skip
@@ -253,9 +263,16 @@ class HFEncoder:
                              "whose processor loads with AutoProcessor")  # fmt: skip
         return [int(seq)] * n
 
+    def _placeholder(self) -> str:
+        """The image token the text holds for each image, or one line saying there is none."""
+        if self.image_token is None:
+            raise UsageError("the model config names no image token: cannot place images")
+        return self.image_token
+
     def _expand(self, text: str, counts: Iterator[int]) -> str:
-        pieces = text.split(self.image_token)
-        return pieces[0] + "".join(self.image_token * next(counts) + p for p in pieces[1:])
+        token = self._placeholder()
+        pieces = text.split(token)
+        return pieces[0] + "".join(token * next(counts) + p for p in pieces[1:])
 
 
 def hf_source(
@@ -288,7 +305,8 @@ def hf_source(
     log.debug("%s", loaded.note)  # the commands print it (source.info["bias"])
     model = loaded.model
     accepts = inspect.signature(model.forward).parameters
-    encoder = HFEncoder(model_dir, model.config, "mm_token_type_ids" in accepts)
+    config = cast("PretrainedConfig", model.config)
+    encoder = HFEncoder(model_dir, config, "mm_token_type_ids" in accepts)
     # With the bias attached, its regularizer captures the logits the routers route on.
     capture = loaded.regularizer or record(model)
     info = {
@@ -324,6 +342,8 @@ def hf_source(
     )
 
 
-def _forward(model, capture, inputs: dict) -> Routed:
+def _forward(model: nn.Module, capture: RouterCapture, inputs: dict[str, Any]) -> Routed:
     model(**inputs)
-    return [z.float() for z in capture.logits()], capture.modality_ids
+    ids = capture.modality_ids
+    assert ids is not None  # derived from the inputs' input_ids
+    return [z.float() for z in capture.logits()], ids

@@ -11,9 +11,12 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import transformers
+from torch import nn
+from transformers.trainer_utils import EvalLoopOutput
 
 from smar.adapters import Adapter
 from smar.collective import default_group
@@ -26,12 +29,17 @@ __all__ = ["SMARTrainerMixin", "SMARTrainer"]
 
 log = logging.getLogger(__name__)
 
+if TYPE_CHECKING:  # the class the mixin is mixed into, as the type checker sees it
+    _Trainer = transformers.Trainer
+else:
+    _Trainer = object
+
 
 # ----------------------------------------------------------------------------------------------
 # Trainer
 
 
-class SMARTrainerMixin:
+class SMARTrainerMixin(_Trainer):
     """Adds SMAR's routing loss to a ``transformers.Trainer`` subclass's loss and logs its terms.
 
     Keyword args (besides the Trainer's):
@@ -60,10 +68,10 @@ class SMARTrainerMixin:
 
     def __init__(
         self,
-        *args,
+        *args: Any,
         smar_config: SMARConfig | None = None,
         smar_adapter: Adapter | Sequence[Adapter] | None = None,
-        **kwargs,
+        **kwargs: Any,
     ):
         model = kwargs.get("model", args[0] if args else None)
         if model is None:
@@ -79,6 +87,7 @@ class SMARTrainerMixin:
         super().__init__(*args, **kwargs)
         self.add_callback(_StepBoundary(self.smar))
         # Checked once the Trainer is built: TRL's SFTTrainer sets output_router_logits inside.
+        assert self.model is not None  # given above
         double = balancing_loss_in_model(self.model)
         if double and config.lb_weight > 0:
             warnings.warn(f"SMARTrainer: load balancing would count twice: {double}", stacklevel=2)
@@ -90,6 +99,7 @@ class SMARTrainerMixin:
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        assert output_dir is not None  # TrainingArguments gives a default
         if state_dict is not None:
             state_dict = original_state_dict(self.smar, state_dict)
         with self.smar.original_routers():
@@ -97,7 +107,9 @@ class SMARTrainerMixin:
         if self.args.should_save:
             save_bias(self.smar, output_dir)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: nn.Module | None = None
+    ) -> None:
         with self.smar.original_routers():
             super()._load_from_checkpoint(resume_from_checkpoint, model=model)
             target = self.model if model is None else model
@@ -119,7 +131,7 @@ class SMARTrainerMixin:
 
     # -- evaluation: the routing terms and the LM loss beside eval_loss
 
-    def evaluation_loop(self, *args, **kwargs):
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> EvalLoopOutput:
         self._smar_eval_sums = None
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
@@ -132,12 +144,18 @@ class SMARTrainerMixin:
             output.metrics.update({f"{prefix}_{n}": v for n, v in means.items()})
         return output
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         # Only ask for the outputs if the caller does: TRL recomputes them with an extra forward.
         result = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
-        loss = result[0] if return_outputs else result
+        loss = cast(torch.Tensor, result[0] if return_outputs else result)
         reg = self.smar.loss()
         # The Trainer divides the loss by the accumulation steps unless the model already
         # normalised it by the number of items in the whole accumulated batch; then so do we.
@@ -164,7 +182,9 @@ class SMARTrainerMixin:
             return {}
         return self._smar_means(sums, default_group(self.smar.config.stats, self.smar.config.group))
 
-    def _smar_means(self, sums: _Sums, group) -> dict[str, float]:
+    def _smar_means(
+        self, sums: _Sums, group: torch.distributed.ProcessGroup | None
+    ) -> dict[str, float]:
         """Means of accumulated terms over their finite values, summed over ``group`` (None:
         this rank's) in one all-reduce, then the deferred checks of the regularizer."""
         names, total, count = sums
@@ -174,13 +194,13 @@ class SMARTrainerMixin:
 
             dist.all_reduce(both, group=group)
         values = both.tolist()
-        total, count = values[: len(names)], values[len(names) :]
+        totals, counts = values[: len(names)], values[len(names) :]
         self.smar.check()
         return {
-            n: (t / c if c else float("nan")) for n, t, c in zip(names, total, count, strict=True)
+            n: (t / c if c else float("nan")) for n, t, c in zip(names, totals, counts, strict=True)
         }
 
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._smar_sums is not None:
             logs.update(self._smar_flush())
         super().log(logs, *args, **kwargs)
@@ -208,7 +228,13 @@ class _StepBoundary(transformers.TrainerCallback):
     def __init__(self, regularizer: Regularizer):
         self.regularizer = regularizer
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
+    def on_optimizer_step(
+        self,
+        args: transformers.TrainingArguments,
+        state: transformers.TrainerState,
+        control: transformers.TrainerControl,
+        **kwargs: Any,
+    ) -> None:
         self.regularizer.step()
 
 

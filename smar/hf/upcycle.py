@@ -10,10 +10,13 @@ import contextlib
 import logging
 import numbers
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any, cast
 
 import torch
 import transformers
 from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
 
 from smar.errors import UsageError
 from smar.moe import MoEBlock
@@ -29,7 +32,8 @@ log = logging.getLogger(__name__)
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    hf: Any = model  # a transformers model, or its decoder itself
+    decoder = hf.get_decoder() if hasattr(model, "get_decoder") else model
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList) or not all(hasattr(la, "mlp") for la in layers):
         raise UsageError(
@@ -39,7 +43,7 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def _gathered(module: nn.Module):
+def _gathered(module: nn.Module) -> AbstractContextManager[Any]:
     """Under DeepSpeed ZeRO-3 (``zero.Init``), the full weights of ``module`` for the duration:
     its parameters are partitioned (``ds_id``) and read as empty tensors otherwise. The expert
     copies are made inside; new modules built under ``zero.Init`` are partitioned by it."""
@@ -104,14 +108,15 @@ def upcycle_hf(
     idx = _layer_indices(layers, len(decoder_layers))
     generator = torch.Generator().manual_seed(seed)
     for i in idx:
-        mlp = decoder_layers[i].mlp
+        mlp = decoder_layers[i].get_submodule("mlp")
         if isinstance(mlp, MoEBlock):
             raise UsageError(f"layer {i} is already a MoE block: upcycle a dense model once")
         with _gathered(mlp):
             decoder_layers[i].mlp = upcycle(
                 mlp, num_experts=num_experts, top_k=top_k, noise=noise, generator=generator
             )
-    model.config.smar_upcycle = {
+    config: Any = model.config  # a transformers config: it saves the attributes it is given
+    config.smar_upcycle = {
         "num_experts": num_experts,
         "top_k": top_k,
         "layers": idx,
@@ -128,14 +133,14 @@ def upcycle_hf(
     return model
 
 
-def model_class(config) -> type:
+def model_class(config: PretrainedConfig) -> type[PreTrainedModel]:
     """The model class that builds ``config`` (see :func:`smar.hf.inspect.config_model_class`)."""
     from smar.hf.config import config_model_class
 
     return config_model_class(config)
 
 
-def upcycled_class(cls: type, spec: dict) -> type:
+def upcycled_class(cls: type[PreTrainedModel], spec: dict[str, Any]) -> type[PreTrainedModel]:
     """A subclass of ``cls`` that upcycles itself in ``__init__`` as ``spec`` says.
 
     transformers' own loading (key renaming, tied weights, sharding, dtype, device map) then
@@ -144,15 +149,22 @@ def upcycled_class(cls: type, spec: dict) -> type:
     """
     options = {k: spec[k] for k in ("num_experts", "top_k", "layers")}
 
-    def __init__(self, config, *args, **kwargs):
-        cls.__init__(self, config, *args, **kwargs)
+    base: Any = cls  # the class built below derives from it at runtime
+
+    def __init__(
+        self: PreTrainedModel, config: PretrainedConfig, *args: Any, **kwargs: Any
+    ) -> None:
+        base.__init__(self, config, *args, **kwargs)
         upcycle_hf(self, **options)
         self.config.smar_upcycle = dict(spec)
 
-    return type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+    new = type(cls.__name__, (cls,), {"__init__": __init__, "__module__": cls.__module__})
+    return cast(type[PreTrainedModel], new)
 
 
-def from_pretrained_upcycled(path: str, cls: type | None = None, **kwargs) -> nn.Module:
+def from_pretrained_upcycled(
+    path: str, cls: type[PreTrainedModel] | None = None, **kwargs: Any
+) -> nn.Module:
     """Loads a model saved after :func:`upcycle_hf` (``save_pretrained``), bit-exactly.
 
     Builds the architecture recorded in ``config.smar_upcycle`` and lets transformers load the
