@@ -6,7 +6,9 @@ The analysis itself is :mod:`smar.analyze`.
 
 from __future__ import annotations
 
+import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from smar.analyze import Source, analyze, hf_source, write_analysis
@@ -15,8 +17,11 @@ from smar.errors import AnalyzeError
 
 __all__ = ["add_parser", "main", "sources_for", "report_dir", "AnalyzeError"]
 
+# (path, batch_size=, max_samples=) -> the run's sources, or None when it is not a testbed run
+RunLoader = Callable[..., list[Source] | None]
 
-def add_parser(subparsers) -> None:
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Adds ``smar analyze`` to an argparse subparsers object (``func=main``)."""
     p = subparsers.add_parser(
         "analyze", help="routing statistics, plots and an HTML report for runs or HF models"
@@ -37,12 +42,12 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=main)
 
 
-def report_dir(args) -> Path:
+def report_dir(args: argparse.Namespace) -> Path:
     """``--out``, else ``analysis/`` in the first folder."""
     return Path(args.out) if args.out else Path(args.dirs[0]) / "analysis"
 
 
-def sources_for(args, run_loader=None) -> list[Source]:
+def sources_for(args: argparse.Namespace, run_loader: RunLoader | None = None) -> list[Source]:
     """One :class:`Source` per folder: testbed runs through ``run_loader`` (a callable
     ``(path, batch_size=, max_samples=) -> list[Source] | None``, None when the folder is not a
     testbed run), else HF model folders with ``--data``."""
@@ -94,7 +99,7 @@ def sources_for(args, run_loader=None) -> list[Source]:
     return out
 
 
-def main(args, run_loader=None) -> int:
+def main(args: argparse.Namespace, run_loader: RunLoader | None = None) -> int:
     """``smar analyze``: analyses every folder and writes the report; 0 on success, 2 (and one
     line on stderr) for a bad argument."""
     import sys

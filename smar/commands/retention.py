@@ -22,7 +22,7 @@ __all__ = ["add_parser", "main"]
 log = logging.getLogger("smar.retention")
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Adds ``smar retention`` to an argparse subparsers object and returns its parser."""
     p = subparsers.add_parser(
         "retention",

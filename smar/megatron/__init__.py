@@ -19,8 +19,14 @@ need only torch; ``router`` (:class:`SMARRouter`) and ``spec`` (:func:`smar_rout
 used. ``import smar`` imports none of them.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from smar.megatron.config import BAND_LOSS, MRD, TRACK_NAMES, SMARRouterConfig
 from smar.megatron.ids import clear_modality_ids, modality_ids, set_modality_ids
+
+if TYPE_CHECKING:
+    from smar.megatron.router import SMARRouter
+    from smar.megatron.spec import smar_router, use_smar_router
 
 __all__ = [
     "BAND_LOSS",
@@ -38,7 +44,7 @@ __all__ = [
 _NEED_MEGATRON = {"SMARRouter": "router", "smar_router": "spec", "use_smar_router": "spec"}
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _NEED_MEGATRON:  # megatron-core is imported only when asked for
         import importlib
 

@@ -47,7 +47,7 @@ class SMARRouterConfig:
     image: int = 1
     stats: str = "global"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_weight("smar_weight", self.smar_weight)
         if self.hinge not in ("linear", "squared"):
             raise UsageError(f"hinge must be 'linear' or 'squared'; got {self.hinge!r}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -38,6 +39,10 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
         f"smar.megatron.SMARRouter needs megatron-core ({e}); fix: pip install 'smar[megatron]'"
     ) from e
+
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.transformer_config import TransformerConfig
 
 __all__ = ["SMARRouter"]
 
@@ -60,8 +65,14 @@ class SMARRouter(TopKRouter):
         ``modality_bias`` ``(M, E)``; logits ``(S, B, E)`` viewed as ``(T, E)``, T = S * B.
     """
 
-    def __init__(self, config, pg_collection=None, *, smar: SMARRouterConfig | None = None,
-                 **kwargs):  # fmt: skip
+    def __init__(
+        self,
+        config: TransformerConfig,
+        pg_collection: ProcessGroupCollection | None = None,
+        *,
+        smar: SMARRouterConfig | None = None,
+        **kwargs: Any,
+    ):
         if pg_collection is None:
             pg_collection = moe_utils.get_default_pg_collection()
         super().__init__(config=config, pg_collection=pg_collection, **kwargs)
@@ -69,13 +80,13 @@ class SMARRouter(TopKRouter):
         if not isinstance(self.smar, SMARRouterConfig):
             raise TypeError(f"smar must be a SMARRouterConfig; got {type(self.smar).__name__}")
         self.smar.layer_band(1, config.num_layers)  # a band that does not fit fails here
-        self.modality_bias = None
+        self.modality_bias: torch.nn.Parameter | None = None
         if self.smar.modality_bias:
             M, E = self.smar.num_modalities, config.num_moe_experts
             self.modality_bias = torch.nn.Parameter(torch.zeros(M, E, device=self.weight.device))
             # its gradient comes from this rank's tokens: summed over TP under sequence
             # parallelism by finalize_model_grads, like the router weight
-            self.modality_bias.sequence_parallel = config.sequence_parallel
+            setattr(self.modality_bias, "sequence_parallel", config.sequence_parallel)  # noqa: B010
         self._ids_checked = False
         self._replay: deque[Tensor] = deque()  # ids of checkpointed forwards, for recomputation
 
@@ -109,7 +120,9 @@ class SMARRouter(TopKRouter):
             )
         return ids
 
-    def _modality_ids(self, S: int, B: int, device, padding_mask: Tensor | None) -> Tensor:
+    def _modality_ids(
+        self, S: int, B: int, device: torch.device, padding_mask: Tensor | None
+    ) -> Tensor:
         """The ids of this router's ``T = S * B`` tokens, ``(T,)`` in the logits' row order."""
         ids = self._ids_of_this_forward()
         where = f"SMARRouter (layer {self.layer_number})"
@@ -145,6 +158,7 @@ class SMARRouter(TopKRouter):
     def _add_bias(self, logits: Tensor, ids: Tensor) -> Tensor:
         """``z + b[m(t)]``; tokens with id -1 get none."""
         bias = self.modality_bias
+        assert bias is not None  # called with the bias only
         if bias.device != logits.device:  # as TopKRouter.gating moves its weight
             bias.data = bias.data.to(logits.device)
         M, E = bias.shape
@@ -154,7 +168,7 @@ class SMARRouter(TopKRouter):
 
     # -- statistics -------------------------------------------------------------------------------
 
-    def _stats_group(self):
+    def _stats_group(self) -> tuple[torch.distributed.ProcessGroup | None, float]:
         """The group the sums are reduced over, and the gradient scale of the local part."""
         group = self.tp_dp_cp_group if self.smar.stats == "global" else None
         if group is None or group.size() <= 1:
@@ -181,7 +195,9 @@ class SMARRouter(TopKRouter):
             )  # fmt: skip
         return terms
 
-    def routing(self, logits: Tensor, padding_mask: Tensor | None = None):
+    def routing(
+        self, logits: Tensor, padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Megatron's routing on the biased logits, with the band loss attached to ``probs``.
 
         Args:
@@ -237,7 +253,7 @@ def _in_backward() -> bool:
     return task is not None and task() != -1
 
 
-def _metrics_tracker():
+def _metrics_tracker() -> Any:
     """megatron-core >= 0.17's ``MoEMetricsTracker``, or None on older versions."""
     try:
         from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import fields, is_dataclass
+from typing import Any
 
 from smar.errors import UsageError
 from smar.megatron.config import SMARRouterConfig
@@ -25,13 +26,13 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 __all__ = ["smar_router", "use_smar_router"]
 
 
-def smar_router(config: SMARRouterConfig | None = None):
+def smar_router(config: SMARRouterConfig | None = None) -> functools.partial[SMARRouter]:
     """The router builder for ``MoESubmodules(router=...)``: :class:`SMARRouter` with ``config``."""
     config = SMARRouterConfig() if config is None else config
     return functools.partial(SMARRouter, smar=config)
 
 
-def use_smar_router(spec, config: SMARRouterConfig | None = None) -> int:
+def use_smar_router(spec: Any, config: SMARRouterConfig | None = None) -> int:
     """Puts :class:`SMARRouter` into every MoE layer of a Megatron module spec, in place.
 
     Args:
@@ -46,7 +47,7 @@ def use_smar_router(spec, config: SMARRouterConfig | None = None) -> int:
     builder = smar_router(config)
     seen: set[int] = set()
 
-    def visit(node) -> int:
+    def visit(node: object) -> int:
         if id(node) in seen or node is None or isinstance(node, (str, int, float, type)):
             return 0
         seen.add(id(node))
