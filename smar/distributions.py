@@ -77,6 +77,13 @@ class Routing:
     :attr:`probs` (z-loss, LIMoE). On 24 layers of 8192 tokens and 64 experts that is 3x faster
     than one stacked softmax and its backward (``benchmarks/bench_losses.py``).
 
+    Args:
+        logits: L tensors (T, E) or one (L, T, E) tensor of raw router logits.
+        router: ``"softmax"``, ``"sigmoid"`` or ``"sqrtsoftplus"``: how the router turns its
+            logits into scores (:func:`routing_probs`).
+        check: False skips the checks that wait for the device (NaN or infinite logits, an
+            empty mask): a training loop that checked its first forward can skip them later.
+
     Shapes:
         logits: (L, T, E) float.   probs: (L, T, E), rows summing to 1.
     """

@@ -38,7 +38,12 @@ class SmarError(Exception):
 
 
 class UsageError(SmarError, ValueError):
-    """A bad argument, option, override or input file, found before the work on it starts."""
+    """A bad argument, option, override or input file, found before the work on it starts.
+
+    Args:
+        problem: what is wrong, naming the argument or file.
+        fix: what to do instead, when known.
+    """
 
 
 class WrongType(UsageError, TypeError):

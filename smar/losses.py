@@ -294,7 +294,10 @@ def routing_objective(
             represented by its routing the last time it was present (detached).
         chosen: the experts the routers chose, ``(T, K)`` per layer or ``(L, T, K)`` (e.g.
             :meth:`smar.RouterCapture.chosen`): load balancing counts them instead of a top-k.
-        Others: as in :func:`smar_loss`, :func:`load_balancing_loss`.
+        smar_weight, lb_weight, z_weight, limoe_weight: the weights of the terms in ``total``;
+            0 leaves a term out.
+        band, hinge, text, router: as in :func:`smar_loss`.
+        lb_variant: ``variant`` of :func:`load_balancing_loss` (``"switch"`` or ``"hf"``).
 
     Returns:
         ``(total, terms)``: ``terms`` maps ``"band"``, ``"lb"``, ``"z"``, ``"limoe"`` (those

@@ -88,6 +88,12 @@ def original_state_dict(reg: Regularizer, state: dict[str, Tensor]) -> dict[str,
 def save_bias(reg: Regularizer, path: str | os.PathLike) -> str | None:
     """Writes the regularizer's modality bias to ``path/smar_bias.safetensors``.
 
+    Args:
+        reg: the :class:`smar.routing.Regularizer` that :func:`smar.attach` returned (or
+            ``SMARTrainer.smar``).
+        path: the model's folder (made if missing); an earlier bias file there is replaced
+            atomically.
+
     Returns:
         The file written, or None when the regularizer has no bias (``modality_bias=False``).
     """

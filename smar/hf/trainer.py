@@ -241,6 +241,13 @@ class _StepBoundary(transformers.TrainerCallback):
 class SMARTrainer(SMARTrainerMixin, transformers.Trainer):
     """``transformers.Trainer`` with SMAR's routing loss; see :class:`SMARTrainerMixin`.
 
+    Args:
+        *args: the ``transformers.Trainer``'s positional arguments.
+        smar_config: :class:`smar.SMARConfig` (defaults if None).
+        smar_adapter: adapters for router classes smar does not know.
+        **kwargs: the ``transformers.Trainer``'s keyword arguments (``model``, ``args``,
+            ``train_dataset``, ...).
+
     Example:
         >>> trainer = SMARTrainer(model=model, args=TrainingArguments("out"),   # doctest: +SKIP
         ...                       train_dataset=ds, smar_config=smar.SMARConfig())
