@@ -28,7 +28,7 @@ from smar.routing import SMARConfig, attach, record
 if TYPE_CHECKING:
     from smar.hf import upcycle_hf
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Routing",
