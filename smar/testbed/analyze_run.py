@@ -10,12 +10,14 @@ imports the testbed); :func:`write_run_html` writes the same report beside ``rep
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from smar.analyze import Source, analyze, write_analysis
 from smar.errors import AnalyzeError, UsageError
+from smar.source import Routed
 from smar.testbed.arms import make_arm
 from smar.testbed.data.bundle import load_bundle
 from smar.testbed.data.mixing import TextStream, collate, mixed_items
@@ -70,7 +72,7 @@ def load_run(
     model = TinyModel.load(p).eval()
     n = max_samples or EVAL_SAMPLES
 
-    def batches():
+    def batches() -> Iterator[Routed]:
         bundle = load_bundle(cfg)
         tok = bundle.tok
         items = mixed_items(

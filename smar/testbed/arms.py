@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from smar.errors import UsageError
 
@@ -46,7 +47,7 @@ class Arm:
     limoe_weight: float = 0.0
     modality: str = "token"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.modality not in ("token", "sample"):
             raise UsageError(f"modality must be 'token' or 'sample'; got {self.modality!r}")
         if self.hard_routing and self.modality_bias:
@@ -71,7 +72,7 @@ def make_arm(
     if name.endswith("_sample"):
         base, modality = name[: -len("_sample")], "sample"
     lb = {"lb_weight": lb_weight}
-    table = {
+    table: dict[str, dict[str, Any]] = {
         "none": {},
         "lb": lb,
         "bias_lb": {**lb, "modality_bias": True},

@@ -8,7 +8,7 @@ image, H heads.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
-    ):
+    ) -> torch.Tensor:
         """``rope``: the complex rotations of the tokens' positions, ``(S, hd/2)`` or
         ``(B, 1, S, hd/2)``. ``mask``: ``(B, S, S)`` bool, true where query ``i`` may attend to
         key ``j``, in place of the causal mask (packed sequences)."""
@@ -80,7 +80,14 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim)
         self.ffn: nn.Module = SwiGLU(cfg.dim, cfg.ffn_hidden)
 
-    def forward(self, x, rope, modality_ids, mask=None, rows=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        modality_ids: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``rows``: a ``(B, S)`` bool mask; the FFN then runs at those positions alone and the
         layer returns ``(N, D)`` (the last layer, when only those positions are read)."""
         x = x + self.attn(self.attn_norm(x), rope, mask)
@@ -101,7 +108,9 @@ class VisionEncoder(nn.Module):
         super().__init__()
         V = cfg.vision_dim
         self.pool = cfg.vision_pool
-        patch = nn.Conv2d(cfg.vision_stem or cfg.channels, V, cfg.patch_size, stride=cfg.patch_size)
+        patch: nn.Module = nn.Conv2d(
+            cfg.vision_stem or cfg.channels, V, cfg.patch_size, stride=cfg.patch_size
+        )
         if cfg.vision_stem:
             stem = nn.Conv2d(cfg.channels, cfg.vision_stem, 3, padding=1)
             patch = nn.Sequential(stem, nn.GELU(), patch)
@@ -124,7 +133,8 @@ class VisionEncoder(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = self.patch(pixels).flatten(2).transpose(1, 2) + self.pos  # (N, P, V)
-        for layer in self.layers:
+        for module in self.layers:
+            layer = cast(nn.ModuleDict, module)
             x = x + layer["attn"](layer["norm1"](x))
             x = x + layer["mlp"](layer["norm2"](x))
         return self.norm(x)  # (N, P, V)
@@ -151,7 +161,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk):
+    def forward(
+        ctx: Any, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
         N = h.shape[0]
         need_h, need_w = ctx.needs_input_grad[:2]
         dh = torch.empty_like(h) if need_h else None
@@ -170,16 +182,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = e.mul_((norm * N).reciprocal_())  # softmax / N
                 g[torch.arange(len(tc)), tc] -= 1.0 / N  # d mean loss / d logits
                 g = g.to(h.dtype)
-                if need_h:
+                if dh is not None:  # need_h
                     torch.mm(g, weight, out=dh[i : i + chunk])
-                if need_w:
+                if dw is not None:  # need_w
                     torch.addmm(dw, g.t(), hc, out=dw)  # dw += g.T @ hc
         ctx.save_for_backward(dh, dw)
         return total / N
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         dh, dw = ctx.saved_tensors
         return (
             None if dh is None else dh * grad,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 from collections import defaultdict
+from typing import Any
 
 from smar.testbed.evaluate import learned_benchmarks, summarize
 from smar.testbed.stats import bootstrap_mean_retention, confidence_interval, image_driven_share
@@ -41,12 +42,12 @@ def aggregate(results: dict) -> dict[str, dict]:
     out = {}
     for g, runs in groups.items():
         sums = [summarize(r["scores"], base, include=include) for r in runs]
-        row = {"n": len(runs), "arm": runs[0]["arm"]}
+        row: dict[str, Any] = {"n": len(runs), "arm": runs[0]["arm"]}
         for key in ("retention/mean", "retention/mean_wo_outlier", "mm/mean"):
-            row[key] = confidence_interval([s[key] for s in sums])
+            row[key] = confidence_interval([float(s[key]) for s in sums])
         for key in sums[0]:
             if key.startswith("retention/") and key not in row and key != "retention/outlier":
-                row[key] = confidence_interval([s[key] for s in sums])
+                row[key] = confidence_interval([float(s[key]) for s in sums])
         for key in runs[0]["scores"]:
             if key.startswith("mm/"):
                 row[key] = confidence_interval([r["scores"][key] for r in runs])
@@ -70,7 +71,8 @@ def aggregate(results: dict) -> dict[str, dict]:
         }
         out[g] = row
     for g, row in out.items():  # paired over seeds: same data order, same router init
-        ref = out.get(_none_of(g, row, out))
+        none = _none_of(g, row, out)
+        ref = out.get(none) if none is not None else None
         row["delta_none"] = row["delta_mm_none"] = row["eval_noise"] = (float("nan"),) * 2
         if ref is not None and ref is not row:
             common = [s for s in row["seeds"] if s in ref["_mean_by_seed"]]
@@ -125,7 +127,9 @@ def significant(interval: tuple[float, float]) -> bool:
     return not (math.isnan(mean) or math.isnan(half)) and abs(mean) > half
 
 
-def _eval_noise(row: dict, ref: dict, seeds: list, base: dict, include: list[str]):
+def _eval_noise(
+    row: dict, ref: dict, seeds: list, base: dict, include: list[str]
+) -> tuple[float, float]:
     """The paired difference's evaluation noise alone: a bootstrap over the benchmark examples
     (models fixed) per seed, combined over seeds; ``(nan, nan)`` without per-example outcomes."""
     runs = [(row["_run_by_seed"][s], ref["_run_by_seed"][s]) for s in seeds]

@@ -9,6 +9,7 @@ tiny sizes for the tests) and :func:`sweep_config` (``smar sweep``). Change any 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import cast
 
 from smar.errors import UsageError
 
@@ -75,7 +76,7 @@ class TinyConfig:
     vision_pool: str = "mean"
     vision_summary: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
             raise UsageError(f"dim={self.dim} must split into n_heads={self.n_heads} even heads")
         if self.vision_dim % self.vision_heads:
@@ -178,7 +179,7 @@ class TuneConfig:
     lb_weight: float = 0.01
     base: str = "upcycle"
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.base not in BASES:
             raise UsageError(f"tune.base must be one of {BASES}; got {self.base!r}")
 
@@ -294,7 +295,7 @@ def config_from_dict(d: dict) -> RunConfig:
         instruct=InstructConfig(**d.pop("instruct", {})),
         tune=TuneConfig(**{**d.pop("tune")}),
     )
-    cfg.tune.band = tuple(cfg.tune.band)
+    cfg.tune.band = cast(tuple[float, float], tuple(cfg.tune.band))  # a JSON list; validated
     d["bands"] = [tuple(b) for b in d.get("bands", [])]
     for k, v in d.items():
         setattr(cfg, k, v)

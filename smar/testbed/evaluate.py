@@ -8,6 +8,7 @@ Benchmark names are ``text/<task>`` and ``mm/<question type>``; scores are highe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -20,6 +21,7 @@ from smar.testbed.data.mixing import TextStream, collate, mixed_items
 from smar.testbed.model import TinyModel
 from smar.testbed.overrides import config_hash
 from smar.testbed.scoring import (
+    ChoiceItem,
     choice_correct,
     choice_logprobs,
     mm_items,
@@ -31,10 +33,13 @@ from smar.testbed.stats import mean_retention, mean_without_outlier, retention
 __all__ = ["eval_sets", "evaluate_model", "routing_summary", "learned_benchmarks", "summarize"]
 
 
-_SETS: dict[str, tuple] = {}  # the last evaluation sets built in this process, by data key
+# benchmark name -> its items: the text skills' and the multimodal question types'
+EvalSets = tuple[dict[str, list[ChoiceItem]], dict[str, list[ChoiceItem]]]
+
+_SETS: dict[str, EvalSets] = {}  # the last evaluation sets built in this process, by data key
 
 
-def eval_sets(cfg: RunConfig, bundle: Bundle):
+def eval_sets(cfg: RunConfig, bundle: Bundle) -> EvalSets:
     """The held-out benchmarks (deterministic): text skills and multimodal question types.
 
     Built once per process and data config (a stage-3 worker evaluates several runs on the
@@ -46,7 +51,7 @@ def eval_sets(cfg: RunConfig, bundle: Bundle):
     return _SETS[key]
 
 
-def _build_eval_sets(cfg: RunConfig, bundle: Bundle):
+def _build_eval_sets(cfg: RunConfig, bundle: Bundle) -> EvalSets:
     seed = 10_000 + cfg.data.seed  # disjoint from the pretraining examples' seed
     text = {
         t: text_items(skills.skill_examples(t, cfg.data.eval_text, seed), bundle.tok)
@@ -61,13 +66,15 @@ def _build_eval_sets(cfg: RunConfig, bundle: Bundle):
     return text, mm
 
 
-def evaluate_model(model: TinyModel, cfg: RunConfig, bundle: Bundle, sets, modality="token"):
+def evaluate_model(
+    model: TinyModel, cfg: RunConfig, bundle: Bundle, sets: EvalSets, modality: str = "token"
+) -> tuple[dict[str, float], dict[str, Any]]:
     """Scores of ``model`` on every benchmark, and extras: the prose bits per byte and each
     benchmark's per-example outcomes (``examples``: ``"correct"`` as a 0/1 string for choice
     benchmarks, ``"bits"``/``"bytes"`` per window for prose) for bootstraps over examples."""
     model.eval()
     tok = bundle.tok
-    kw = dict(
+    kw: dict[str, Any] = dict(
         bos_id=tok.bos_id,
         pad_id=tok.pad_id,
         image_id=tok.image_id,

@@ -23,8 +23,9 @@ import os
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, NoReturn
 
 from smar.atomic import publish
 from smar.errors import CorruptFile, UsageError
@@ -52,7 +53,7 @@ ACTIVE_TEMP: set[str] = set()
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb"):
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     """Yields a file object for a unique temporary file beside ``path``; renames it to ``path``
     when the block ends without an error, removes it otherwise."""
     path = Path(path)
@@ -100,7 +101,7 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     return path
 
 
-def _no_constant(name: str):
+def _no_constant(name: str) -> NoReturn:
     raise UsageError(f"{name} is not strict JSON")
 
 
@@ -173,7 +174,7 @@ _HELD: dict[str, list] = {}  # lock path -> [fd, depth]: re-entrant within a pro
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike, what: str = ""):
+def file_lock(path: str | os.PathLike, what: str = "") -> Iterator[None]:
     """An exclusive lock on ``path`` (created if needed) between processes, re-entrant within
     one; says so in the log when another command holds it."""
     key = str(Path(path).resolve())
@@ -228,8 +229,15 @@ def http_get(url: str, accept: str | None = None) -> bytes:
         return r.read()
 
 
-def fetch_pypi_file(index_url: str, filename: str, sha256: str, *, error: type, fix: str,
-                    download=http_get) -> bytes:  # fmt: skip
+def fetch_pypi_file(
+    index_url: str,
+    filename: str,
+    sha256: str,
+    *,
+    error: type[Exception],
+    fix: str,
+    download: Callable[..., bytes] = http_get,
+) -> bytes:
     """The bytes of one file of a PyPI project, found through its JSON simple index
     (``index_url``) and checked by sha256 before anything opens it; ``error(problem, fix)``
     when it cannot be downloaded or is not that file. Nothing of the package runs."""

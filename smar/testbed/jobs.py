@@ -16,8 +16,11 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
 
 import torch
 
@@ -140,7 +143,7 @@ def _run(cfg: RunConfig, job: Job, base_dir: str, out: Path, resolved: dict) -> 
     return results
 
 
-def json_roundtrip(x):
+def json_roundtrip(x: Any) -> Any:
 
     return json.loads(json.dumps(x))
 
@@ -149,14 +152,15 @@ def jobs_for(cfg: RunConfig, sweep: bool = False) -> list[Job]:
     """The stage-3 runs: arms x seeds (x text ratios x bands x learning rates for a sweep),
     plus the calibration controls."""
     jobs = []
-    ratios = cfg.text_ratios or [None]
-    bands = cfg.bands or [None]
-    lrs = cfg.lrs or [None]
+    # None: the config's own value (not part of the run's name)
+    ratios: Sequence[float | None] = cfg.text_ratios or [None]
+    bands: Sequence[tuple[float, float] | None] = cfg.bands or [None]
+    lrs: Sequence[float | None] = cfg.lrs or [None]
     for arm in cfg.arms:
         make_arm(arm)  # fail early on an unknown name
         # an arm whose loss has no band (none, lb, hard, ...) runs once, not once per band; the
         # report pairs its runs with every band's
-        arm_bands = bands if _uses_band(arm) else [None]
+        arm_bands: Sequence[tuple[float, float] | None] = bands if _uses_band(arm) else [None]
         for seed in cfg.seeds:
             for r in ratios:
                 for b in arm_bands:
@@ -201,14 +205,14 @@ def _worker_init() -> None:
     files and exits; a watchdog exits when the parent dies (its children would run on)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    def stop(signum=None, frame=None):
+    def stop(signum: int | None = None, frame: FrameType | None = None) -> NoReturn:
         remove_active_temp()
         os._exit(143)
 
     signal.signal(signal.SIGTERM, stop)
     parent = os.getppid()
 
-    def watchdog():
+    def watchdog() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
         stop()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import lm_eval.models  # noqa: F401  (lm-eval loads its own models only while none is registered)
 import torch
@@ -25,10 +26,15 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from smar.errors import CorruptFile, UsageError
 from smar.testbed.config import RunConfig
 from smar.testbed.data import skills
-from smar.testbed.data.bundle import load_bundle
+from smar.testbed.data.bundle import Bundle, load_bundle
+from smar.testbed.data.tokenizer import Tokenizer
 from smar.testbed.jobs import recorded_config  # noqa: F401  (part of this module's interface)
-from smar.testbed.model import TinyModel
+from smar.testbed.model import TinyModel, TinyOutput
 from smar.testbed.scoring import ChoiceItem, choice_logprobs
+
+if TYPE_CHECKING:
+    from lm_eval.api.instance import Instance
+    from typing_extensions import Self
 
 __all__ = [
     "TASKS",
@@ -91,7 +97,7 @@ metadata:
 """
 
 
-def export_tasks(cfg: RunConfig, out_dir: str | Path, bundle=None) -> Path:
+def export_tasks(cfg: RunConfig, out_dir: str | Path, bundle: Bundle | None = None) -> Path:
     """Writes the testbed's text benchmarks of ``cfg`` as lm-eval tasks into ``out_dir`` (pass
     it as ``TaskManager(include_path=...)``): ``testbed_prose`` (bits per byte of the held-out
     prose) and ``testbed_<skill>`` (accuracy among four choices), grouped as ``testbed_text``.
@@ -142,9 +148,19 @@ class _Recorder:
     continuation."""
 
     def __init__(self, model: TinyModel):
-        self.model, self.greedy = model, {}
+        self.model = model
+        self.greedy: dict[tuple[int, ...], int] = {}  # context -> greedy next token
 
-    def __call__(self, ids, pixels=None, *, attention_mask, modality_ids, attn_mask=None, **kw):
+    def __call__(
+        self,
+        ids: torch.Tensor,
+        pixels: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor,
+        modality_ids: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        **kw: Any,
+    ) -> TinyOutput:
         kw["logits"] = "all"  # the argmax of every position, not only those scored
         out = self.model(
             ids, pixels, attention_mask=attention_mask, modality_ids=modality_ids,
@@ -170,7 +186,7 @@ class TestbedLM(LM):
     window lose their first tokens.
     """
 
-    def __init__(self, model: TinyModel, tok, *, batch_size: int = 256):
+    def __init__(self, model: TinyModel, tok: Tokenizer, *, batch_size: int = 256):
         super().__init__()
         if model.cfg.vocab_size != tok.vocab_size:
             raise UsageError(
@@ -180,7 +196,9 @@ class TestbedLM(LM):
         self.model, self.tok, self.batch_size = model.eval(), tok, batch_size
 
     @classmethod
-    def from_folder(cls, folder: str | Path, *, config: RunConfig | None = None, **kw):
+    def from_folder(
+        cls, folder: str | Path, *, config: RunConfig | None = None, **kw: Any
+    ) -> Self:
         """The model in a testbed run or stage folder, with the tokenizer of ``config`` (by
         default the config recorded with the run: :func:`recorded_config`)."""
         model = load_model(folder)
@@ -188,7 +206,9 @@ class TestbedLM(LM):
         return cls(model, load_bundle(cfg).tok, **kw)
 
     @classmethod
-    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+    def create_from_arg_string(
+        cls, arg_string: str, additional_config: dict | None = None
+    ) -> Self:
         """``pretrained=DIR[,batch_size=N]``, as lm-eval's ``--model_args``."""
         args = dict(kv.split("=", 1) for kv in arg_string.split(",") if kv)
         if "pretrained" not in args:
@@ -197,7 +217,7 @@ class TestbedLM(LM):
         return cls.from_folder(args["pretrained"], batch_size=bs)
 
     @torch.no_grad()
-    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         # one item per (task, document, context): its continuations are its choices, so that a
         # testbed task is scored item for item as evaluate_model scores it
         groups: dict[tuple, list[int]] = {}
@@ -242,7 +262,7 @@ class TestbedLM(LM):
         return out
 
     @torch.no_grad()
-    def loglikelihood_rolling(self, requests) -> list[float]:
+    def loglikelihood_rolling(self, requests: list[Instance]) -> list[float]:
         S = self.model.cfg.max_seq_len
         out = []
         for r in requests:
@@ -272,7 +292,7 @@ class TestbedLM(LM):
             out.append(total)
         return out
 
-    def generate_until(self, requests) -> list[str]:
+    def generate_until(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError(
             "the testbed model scores by log-likelihood only; generate_until tasks (GSM8K, "
             "MBPP, ...) need a generating model: use multiple_choice, loglikelihood or "
@@ -280,7 +300,9 @@ class TestbedLM(LM):
         )
 
 
-def _is_greedy(greedy: dict, item: ChoiceItem, j: int, bos_id: int) -> bool:
+def _is_greedy(
+    greedy: dict[tuple[int, ...], int], item: ChoiceItem, j: int, bos_id: int
+) -> bool:
     """Whether choice ``j`` is the model's greedy continuation: after the prompt and each of
     the choice's first tokens, the model's argmax is the choice's next token."""
     c = item.choices[j]
@@ -314,7 +336,9 @@ def _is_testbed_folder(folder: str | Path) -> bool:
     return isinstance(d, dict) and "n_layers" in d and "model_type" not in d
 
 
-def open_pair(base: str, tuned: str, workdir: str | Path, *, batch_size: int = 256):
+def open_pair(
+    base: str, tuned: str, workdir: str | Path, *, batch_size: int = 256
+) -> tuple[TestbedLM, TestbedLM, Path] | None:
     """For ``smar retention``: when both folders are testbed models, both as :class:`TestbedLM`
     and the testbed's tasks exported into ``workdir`` (returned as the include path); None when
     neither is (Hugging Face folders: smar's own loader serves them); a ``ValueError`` for one

@@ -11,14 +11,18 @@ only what differs: its forward, its routing loss, whether it clips, what it reco
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from smar.errors import Diverged
 
+if TYPE_CHECKING:
+    from tqdm.auto import tqdm
 
-def progress(iterable=None, **kw):
+
+def progress(iterable: Iterable[Any] | None = None, **kw: Any) -> tqdm:
     from tqdm.auto import tqdm
 
     return tqdm(iterable, disable=kw.pop("disable", None), mininterval=1.0, **kw)
@@ -102,6 +106,7 @@ def train(
             on_step(step, out, aux, terms)
         if bar is not None and step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+    assert loss is not None  # steps >= 1 (validated)
     return loss
 
 
@@ -113,9 +118,9 @@ def check_finite(
     lr: float,
     field: str,
     *,
-    router_logits=(),
+    router_logits: Sequence[torch.Tensor] = (),
     fix: str | None = None,
-):
+) -> None:
     """Raises :class:`Diverged` when ``loss`` or a router logit is NaN or +inf (checked before
     any routing loss reads them), naming the stage, step and rate; ``fix`` replaces the default
     fix (lower ``field`` or raise its warmup)."""

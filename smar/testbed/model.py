@@ -19,13 +19,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from smar.errors import UsageError
-from smar.moe import MoEBlock, Router
+from smar.moe import MoEBlock, Router, SwiGLU
 from smar.testbed.blocks import (
     DecoderLayer,
     RMSNorm,
@@ -60,6 +61,9 @@ class TinyOutput:
 
 class TinyModel(nn.Module):
     """The testbed's multimodal LM (see the module docstring for the data flow)."""
+
+    rope_cos: torch.Tensor  # (max_seq_len, hd/2) buffers
+    rope_sin: torch.Tensor
 
     def __init__(self, cfg: TinyConfig):
         super().__init__()
@@ -178,21 +182,23 @@ class TinyModel(nn.Module):
             rope = rope[:, None]  # (B, 1, S, hd/2)
         if attn_mask is not None and attn_mask.shape != (B, S, S):
             raise UsageError(f"attn_mask must be (B, S, S) = {(B, S, S)} bool")
-        masked = isinstance(logits, torch.Tensor)
-        if masked and (logits.shape != input_ids.shape or logits.dtype != torch.bool):
+        mask = logits if isinstance(logits, torch.Tensor) else None  # (B, S) positions read
+        if mask is not None and (mask.shape != input_ids.shape or mask.dtype != torch.bool):
             raise UsageError(
                 f"logits= takes a bool mask of shape {tuple(input_ids.shape)}; got "
-                f"{logits.dtype} {tuple(logits.shape)}"
+                f"{mask.dtype} {tuple(mask.shape)}"
             )
-        if not masked and logits not in ("all", "none"):
+        if mask is None and logits not in ("all", "none"):
             raise UsageError(f"logits must be 'all', 'none' or a bool mask; got {logits!r}")
         # no loss: the last layer's FFN and the head run at the positions read alone
-        rows = logits if masked and labels is None else None
-        router_logits = []
+        rows = mask if labels is None else None
+        router_logits: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, modality_ids, attn_mask, rows if i == len(self.layers) - 1 else None)
             if isinstance(layer.ffn, MoEBlock):
-                router_logits.append(layer.ffn.last_router_logits)  # (T, E)
+                z = layer.ffn.last_router_logits  # (T, E), set by the forward above
+                assert z is not None
+                router_logits.append(z)
         h = self.norm(x)  # (B, S, D), or (N, D) at the rows read
         loss = None
         if labels is not None:
@@ -200,8 +206,8 @@ class TinyModel(nn.Module):
             targets = labels[:, 1:]  # (B, S-1): position s predicts token s+1
             keep = targets != -100  # (B, S-1)
             loss = linear_cross_entropy(h[:, :-1][keep], self.embed.weight, targets[keep])
-        if masked:
-            out_logits = F.linear(h if rows is not None else h[logits], self.embed.weight)  # (N, V)
+        if mask is not None:
+            out_logits = F.linear(h if rows is not None else h[mask], self.embed.weight)  # (N, V)
         elif logits == "all":
             out_logits = F.linear(h, self.embed.weight)  # (B, S, vocab), tied head
         else:
@@ -223,7 +229,7 @@ class TinyModel(nn.Module):
         """
         idx = self._layer_indices(layers)
         for i in idx:
-            layer = self.layers[i]
+            layer = cast(DecoderLayer, self.layers[i])
             if isinstance(layer.ffn, MoEBlock):
                 raise UsageError(f"layer {i} is already a MoE layer")
             layer.ffn = upcycle(
@@ -240,7 +246,9 @@ class TinyModel(nn.Module):
         return self
 
     @torch.no_grad()
-    def make_moe_(self, *, layers: str | list[int] = "all", generator=None) -> TinyModel:
+    def make_moe_(
+        self, *, layers: str | list[int] = "all", generator: torch.Generator | None = None
+    ) -> TinyModel:
         """Replaces the FFNs of ``layers`` by MoE blocks with independent random experts (a
         natively-MoE LM, pretrained as MoE: experts differ from the start), with the config's E,
         K, bias and hard-routing options."""
@@ -248,7 +256,7 @@ class TinyModel(nn.Module):
             ffn = self.layers[i].ffn
             if isinstance(ffn, MoEBlock):
                 raise UsageError(f"layer {i} is already a MoE layer")
-            hidden = ffn.down_proj.weight.shape[1]
+            hidden = cast(SwiGLU, ffn).down_proj.weight.shape[1]  # a dense layer's SwiGLU
             block = MoEBlock(self.cfg.dim, hidden, self.cfg.num_experts, self.cfg.top_k)
             block.router.weight.copy_(
                 torch.randn(block.router.weight.shape, generator=generator) * self.cfg.dim**-0.5
@@ -266,7 +274,7 @@ class TinyModel(nn.Module):
         """Gives every MoE layer a router with the config's modality-bias and hard-routing options,
         keeping its learned weight (a new bias starts at zero: the routing is unchanged)."""
         for i in self.cfg.moe_layers:
-            block = self.layers[i].ffn
+            block = cast(MoEBlock, self.layers[i].ffn)  # the config's MoE layers
             old = block.router
             block.router = Router(
                 self.cfg.dim,

@@ -12,14 +12,19 @@ import difflib
 import hashlib
 import json
 import typing
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from smar.errors import UsageError
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_Config = TypeVar("_Config")
 
 __all__ = ["apply_overrides", "to_dict", "config_hash"]
 
 
-def to_dict(cfg) -> dict[str, Any]:
+def to_dict(cfg: DataclassInstance) -> dict[str, Any]:
     """A dataclass config as a JSON-ready dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
@@ -27,7 +32,11 @@ def to_dict(cfg) -> dict[str, Any]:
 def config_hash(*parts: Any) -> str:
     """A short stable hash of JSON-serialisable parts (dataclasses allowed)."""
     blob = json.dumps(
-        [to_dict(p) if dataclasses.is_dataclass(p) else p for p in parts], sort_keys=True
+        [
+            to_dict(p) if dataclasses.is_dataclass(p) and not isinstance(p, type) else p
+            for p in parts
+        ],
+        sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -80,7 +89,7 @@ def _parse(value: str, annotation: Any, current: Any) -> Any:
         raise UsageError(f"expected {_TYPE_WORDS.get(kind, kind.__name__)}") from None
 
 
-def apply_overrides(cfg, overrides: list[str]):
+def apply_overrides(cfg: _Config, overrides: list[str]) -> _Config:
     """Returns a copy of ``cfg`` with ``section.field=value`` overrides applied.
 
     Raises:
@@ -101,7 +110,7 @@ def apply_overrides(cfg, overrides: list[str]):
     return cfg
 
 
-def _set(obj, names: list[str], value: str, item: str, prefix: str = ""):
+def _set(obj: Any, names: list[str], value: str, item: str, prefix: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(obj)}
     name = names[0]
     where = f" in {prefix[:-1]}" if prefix else ""

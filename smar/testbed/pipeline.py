@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 from smar.testbed.compare import aggregate, control_shares
 from smar.testbed.config import RunConfig
@@ -114,7 +115,7 @@ def run_pipeline(cfg: RunConfig, *, quiet: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", to_dict(cfg))
     bundle = load_bundle(cfg)
-    timings = {"data_s": time.time() - t_start}
+    timings: dict[str, Any] = {"data_s": time.time() - t_start}
     stage_instruct(cfg, bundle, quiet)  # stages 0-2 (and stage II), cached
     timings["stages_0_2_s"] = time.time() - t_start - timings["data_s"]
     timings["stage_build_s"] = {  # when each stage was built (this run or an earlier one)

@@ -33,7 +33,7 @@ def summary_text(results: dict) -> str:
     agg = aggregate(results)
     seeds = sorted({s for row in agg.values() for s in row["seeds"]})
     header = ("arm", "n", "mean retention", "Δ vs none", "Δ multimodal", "Δ prose")
-    rows = [header]
+    rows: list[tuple[str, ...]] = [header]
     for g, row in agg.items():
         if g.startswith("control_"):
             continue

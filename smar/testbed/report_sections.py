@@ -383,5 +383,5 @@ def plot_section(agg: dict, arms: list[str], band: tuple, out: Path) -> list[str
     return lines
 
 
-def _ci(h: float):
+def _ci(h: float) -> float | None:
     return None if math.isnan(h) else h

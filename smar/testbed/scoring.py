@@ -9,8 +9,9 @@ and ``mm/<question type>``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,7 @@ def mm_items(samples: Sequence[MMSample], tok: Tokenizer) -> list[ChoiceItem]:
 
 @torch.no_grad()
 def choice_logprobs(
-    model,
+    model: Callable[..., Any],
     items: Sequence[ChoiceItem],
     *,
     bos_id: int,
@@ -97,16 +98,16 @@ def choice_logprobs(
             st for k, st in enumerate(stems) if not any(o[: len(st)] == st for o in stems[:k])
         ]
         todo = set(range(len(it.choices)))
-        ids, positions, groups = list(prefix), list(range(P)), []
+        seq, positions, groups = list(prefix), list(range(P)), []
         for st in maximal:
             mine = [
                 j for j in sorted(todo) if st[: len(it.choices[j]) - 1] == tuple(it.choices[j][:-1])
             ]
             todo -= set(mine)
-            groups.append((len(ids), len(st), mine))
-            ids += st
+            groups.append((len(seq), len(st), mine))
+            seq += st
             positions += range(P, P + len(st))
-        packs.append((i, ids, positions, P, it.image, groups))
+        packs.append((i, seq, positions, P, it.image, groups))
     out = [[0.0] * len(it.choices) for it in items]
     order = sorted(range(len(packs)), key=lambda k: len(packs[k][1]))  # similar lengths together
     for b in range(0, len(order), batch_size):
@@ -118,7 +119,8 @@ def choice_logprobs(
         # rows with two or more continuations need their positions and mask; rows with at most
         # one are laid out as one causal sequence already (and causal attention is faster)
         packed = any(sum(n > 0 for _, n, _ in p[5]) > 1 for p in chunk)
-        pos = attend = None
+        pos: torch.Tensor | None = None
+        attend: torch.Tensor | None = None  # set when packed
         if packed:
             pos = torch.tensor([p[2] + [0] * (S - len(p[2])) for p in chunk])  # (B, S)
             attend = torch.eye(S, dtype=torch.bool).repeat(B, 1, 1)  # (B, S, S); padding: itself
@@ -126,11 +128,11 @@ def choice_logprobs(
         read = torch.zeros(B, S, dtype=torch.bool)  # the positions whose predictions are read
         for r, (_, _, _, P, _, groups) in enumerate(chunk):
             read[r, P - 1] = True
-            if packed:
+            if attend is not None:
                 attend[r, :P, :P] = causal[:P, :P]
             for a, n, _ in groups:
                 read[r, a : a + n] = True
-                if packed:
+                if attend is not None:
                     attend[r, a : a + n, :P] = True
                     attend[r, a : a + n, a : a + n] = causal[:n, :n]
         images = [p[4].pixels for p in chunk if p[4] is not None]
@@ -189,14 +191,14 @@ def choice_accuracy(logprobs: Sequence[Sequence[float]], answers: Sequence[int])
 
 @torch.no_grad()
 def prose_bits_per_byte(
-    model,
+    model: Callable[..., Any],
     tok: Tokenizer,
     text: str,
     *,
     seq_len: int,
     max_bytes: int = 60_000,
     batch_size: int = 16,
-    windows_out: list | None = None,
+    windows_out: list[tuple[float, int]] | None = None,
 ) -> float:
     """Bits per byte of ``text[:max_bytes]`` under the model, in non-overlapping windows.
 

@@ -17,6 +17,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +27,7 @@ from smar.testbed.config import STAGE_VERSION, RunConfig
 from smar.testbed.data import images, questions
 from smar.testbed.data.bundle import Bundle, data_key
 from smar.testbed.data.mixing import TextStream, collate, mixed_items, qa_batch
+from smar.testbed.data.tokenizer import Tokenizer
 from smar.testbed.io import (
     cache_dir,
     file_lock,
@@ -35,11 +37,14 @@ from smar.testbed.io import (
     write_json,
 )
 from smar.testbed.loop import check_weights, train
-from smar.testbed.model import TinyConfig, TinyModel
+from smar.testbed.model import TinyConfig, TinyModel, TinyOutput
 from smar.testbed.overrides import config_hash
 
+# a stage's model and its metrics
+Built = tuple[TinyModel, dict[str, Any]]
 
-def model_config(cfg: RunConfig, tok) -> TinyConfig:
+
+def model_config(cfg: RunConfig, tok: Tokenizer) -> TinyConfig:
     """The stage models' config: ``cfg.model`` with the tokenizer's vocabulary and image id."""
     return dataclasses.replace(
         cfg.model,
@@ -137,7 +142,14 @@ def _cached(path: Path) -> TinyModel | None:
         return None
 
 
-def _stage(cfg: RunConfig, name: str, build, bundle: Bundle, quiet: bool, after=None) -> TinyModel:
+def _stage(
+    cfg: RunConfig,
+    name: str,
+    build: Callable[[Any, RunConfig, Bundle, bool], Built],
+    bundle: Bundle,
+    quiet: bool,
+    after: Callable[[RunConfig, Bundle, bool], TinyModel] | None = None,
+) -> TinyModel:
     """The cached model of stage ``name``, or ``build(model, cfg, bundle, quiet)`` -> (model,
     metrics) under its lock, where ``model`` is the stage ``after(cfg, bundle, quiet)`` gives (the
     earlier stage's, built first when not cached, not counted in the recorded ``seconds``; None
@@ -165,7 +177,7 @@ def stage_vision(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyMod
     return _stage(cfg, "vision", _vision, bundle, quiet)
 
 
-def _vision(_: None, cfg: RunConfig, bundle: Bundle, quiet: bool):
+def _vision(_: None, cfg: RunConfig, bundle: Bundle, quiet: bool) -> Built:
     torch.manual_seed(cfg.data.seed)
     model = TinyModel(model_config(cfg, bundle.tok))
     samples = images.vision_samples(cfg.data.vision_examples, cfg.data.seed, cfg.data.image_size)
@@ -211,7 +223,7 @@ def stage_pretrain(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyM
     return _stage(cfg, "pretrain", _pretrain, bundle, quiet, after=stage_vision)
 
 
-def _pretrain(model: TinyModel, cfg: RunConfig, bundle: Bundle, quiet: bool):
+def _pretrain(model: TinyModel, cfg: RunConfig, bundle: Bundle, quiet: bool) -> Built:
     torch.manual_seed(cfg.data.seed + 1)
     native = cfg.tune.base == "native"
     if native:
@@ -223,11 +235,12 @@ def _pretrain(model: TinyModel, cfg: RunConfig, bundle: Bundle, quiet: bool):
     stream = TextStream(bundle.train_ids, cfg.data.seed)
     S = cfg.model.max_seq_len
 
-    def forward(step: int):
+    def forward(step: int) -> TinyOutput:
         x, y = stream.batch(c.batch_size, S)
         return model(x, labels=y, logits="none")
 
-    def balance(out) -> tuple[torch.Tensor, dict]:  # the native MoE LM keeps its experts in use
+    # the native MoE LM keeps its experts in use
+    def balance(out: TinyOutput) -> tuple[torch.Tensor, dict]:
         lb = load_balancing_loss(out.router_logits, top_k=cfg.tune.top_k)
         return cfg.tune.lb_weight * lb, {}
 
@@ -246,7 +259,7 @@ def stage_align(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyMode
     return _stage(cfg, "align", _align, bundle, quiet, after=stage_pretrain)
 
 
-def _align(model: TinyModel, cfg: RunConfig, bundle: Bundle, quiet: bool):
+def _align(model: TinyModel, cfg: RunConfig, bundle: Bundle, quiet: bool) -> Built:
     torch.manual_seed(cfg.data.seed + 2)
     model.set_trainable("projector")
     c = cfg.align
@@ -279,7 +292,7 @@ def stage_instruct(cfg: RunConfig, bundle: Bundle, quiet: bool = False) -> TinyM
     return _stage(cfg, "instruct", _instruct, bundle, quiet, after=stage_align)
 
 
-def _instruct(model: TinyModel, cfg: RunConfig, bundle: Bundle, quiet: bool):
+def _instruct(model: TinyModel, cfg: RunConfig, bundle: Bundle, quiet: bool) -> Built:
     torch.manual_seed(cfg.data.seed + 3)
     model.set_trainable("all")
     for p in model.vision.parameters():

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from smar.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "retention",
@@ -97,7 +101,7 @@ def image_driven_share(r_none: float, r_noimage: float) -> float:
     return (r_noimage - r_none) / (1.0 - r_none)
 
 
-def _score_samples(example: Mapping, idx):
+def _score_samples(example: Mapping[str, Any], idx: torch.Tensor) -> torch.Tensor:
     """Scores of one benchmark under resampled example indices ``idx (n, N)`` -> ``(n,)``."""
     import torch
 
@@ -116,7 +120,7 @@ def bootstrap_mean_retention(
     *,
     samples: int = 400,
     seed: int = 0,
-):
+) -> torch.Tensor:
     """Mean retention of each run under a bootstrap over the evaluation examples.
 
     Every run and the base model were scored on the same examples, so one resampling of the

@@ -4,6 +4,7 @@ text ratio, a band, a learning rate), with the arm's routing objective."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
@@ -14,7 +15,7 @@ from smar.testbed.config import RunConfig
 from smar.testbed.data.bundle import Bundle
 from smar.testbed.data.mixing import TextStream, mixed_items, qa_batch
 from smar.testbed.loop import check_weights, train
-from smar.testbed.model import TinyModel
+from smar.testbed.model import TinyModel, TinyOutput
 
 
 @dataclass
@@ -50,7 +51,9 @@ def prepare(model: TinyModel, cfg: RunConfig, arm: Arm, generator: torch.Generat
     return model
 
 
-def arm_objective(out, cfg: RunConfig, arm: Arm):
+def arm_objective(
+    out: TinyOutput, cfg: RunConfig, arm: Arm
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The arm's routing objective on one forward's router logits: ``(aux, terms)``."""
     return routing_objective(
         out.router_logits,
@@ -64,12 +67,14 @@ def arm_objective(out, cfg: RunConfig, arm: Arm):
     )
 
 
-def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool = True):
+def tune(
+    cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool = True
+) -> tuple[TinyModel, Arm, list[dict[str, Any]]]:
     """Stage 3 for one job: upcycle with the arm's router options (``tune.base="upcycle"``) or
     give the MoE LM's routers those options (``"native"``), tune, return the model."""
     t = cfg.tune
     ratio = t.text_ratio if job.text_ratio is None else job.text_ratio
-    band = tuple(t.band if job.band is None else job.band)
+    band = cast(tuple[float, float], tuple(t.band if job.band is None else job.band))
     lr = t.lr if job.lr is None else job.lr
     arm = make_arm(job.arm, smar_weight=t.smar_weight, lb_weight=t.lb_weight, band=band)
     torch.manual_seed(1000 + job.seed)
@@ -88,7 +93,7 @@ def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool 
         shuffle_images=job.shuffle_images,
     )
 
-    def forward(step: int):
+    def forward(step: int) -> TinyOutput:
         b = qa_batch(
             items[step * t.batch_size : (step + 1) * t.batch_size],
             bundle.tok,
@@ -107,10 +112,11 @@ def tune(cfg: RunConfig, job: Job, bundle: Bundle, base: TinyModel, quiet: bool 
                 logits="none",
             )
 
-    history = []
+    history: list[dict[str, Any]] = []
 
-    def record(step: int, out, aux: torch.Tensor, terms: dict) -> None:
+    def record(step: int, out: TinyOutput, aux: torch.Tensor, terms: dict) -> None:
         if step % 25 == 0 or step == t.steps - 1:
+            assert out.loss is not None  # the batch has labels
             mrd = terms.get("mrd")
             history.append(
                 {

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from smar.errors import UsageError
-from smar.testbed.config import BASES, RunConfig
+from smar.testbed.config import BASES, InstructConfig, RunConfig, StageConfig, TuneConfig
 
 if TYPE_CHECKING:  # the job system (and torch) load only when the jobs are computed
     from smar.testbed.tune import Job
@@ -28,7 +30,7 @@ MAX_SEED = 2**31 - 1
 LAYERS = ("all", "alternate")
 
 
-def _at_least(name: str, value, low, fix: str | None = None) -> None:
+def _at_least(name: str, value: float, low: float, fix: str | None = None) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise UsageError(f"{name}={value} must be a finite number", fix)
     if value < low:
@@ -43,8 +45,6 @@ def _seed(name: str, value: int) -> None:
 
 def _writable(cfg: RunConfig) -> None:
     """The output folder and the cache (stages, data, locks) can be written."""
-    import os
-
     from smar.atomic import output_problem
     from smar.testbed.io import cache_dir
 
@@ -72,7 +72,7 @@ def _ratio(name: str, value: float) -> None:
         raise UsageError(f"{name}={value} must be between 0 and 1")
 
 
-def _band(name: str, band) -> None:
+def _band(name: str, band: tuple[float, float]) -> None:
     low, high = band
     if not (math.isfinite(low) and math.isfinite(high)):
         raise UsageError(f"{name}={low:g}:{high:g} must be finite")
@@ -82,7 +82,7 @@ def _band(name: str, band) -> None:
         raise UsageError(f"{name}={low:g}:{high:g}: low is above high", f"write {high:g}:{low:g}")
 
 
-def _unique(name: str, values, show=str) -> None:
+def _unique(name: str, values: Sequence[Any], show: Callable[[Any], str] = str) -> None:
     seen = set()
     for v in values:
         if v in seen:
@@ -91,7 +91,9 @@ def _unique(name: str, values, show=str) -> None:
         seen.add(v)
 
 
-def _stage(name: str, st, *, min_steps: int = 1) -> None:
+def _stage(
+    name: str, st: StageConfig | InstructConfig | TuneConfig, *, min_steps: int = 1
+) -> None:
     _at_least(f"{name}.steps", st.steps, min_steps)
     _at_least(f"{name}.batch_size", st.batch_size, 1)
     _positive(f"{name}.lr", st.lr)
@@ -216,7 +218,7 @@ def _jobs(cfg: RunConfig) -> list[Job]:
     return jobs
 
 
-def _resolve(f) -> Path:
+def _resolve(f: str | os.PathLike) -> Path:
     try:
         return Path(f).expanduser().resolve()
     except (RuntimeError, OSError):  # RuntimeError: a symlink loop (Python < 3.13)
@@ -225,7 +227,7 @@ def _resolve(f) -> Path:
         ) from None
 
 
-def check_text_files(files) -> int:
+def check_text_files(files: Sequence[str | os.PathLike]) -> int:
     """Checks that each file exists, is text (UTF-8, no NUL bytes) and is not empty, and that
     together they hold :data:`MIN_TEXT_CHARS` characters. Returns that count."""
     from smar.testbed.data.corpus import clean_text

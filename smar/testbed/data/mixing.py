@@ -16,6 +16,12 @@ from smar.testbed.data.images import ImageSample
 from smar.testbed.data.questions import QA_TYPES, qa_sample
 from smar.testbed.data.tokenizer import Tokenizer
 
+# (prompt ids, target ids, image or None), optionally with ``eos`` (default True)
+Item = (
+    tuple[list[int], list[int], ImageSample | None]
+    | tuple[list[int], list[int], ImageSample | None, bool]
+)
+
 
 @dataclass
 class Batch:
@@ -36,7 +42,7 @@ class Batch:
 
 
 def collate(
-    items: Sequence[tuple[list[int], list[int], ImageSample | None]],
+    items: Sequence[Item],
     tok: Tokenizer,
     *,
     image_tokens: int,
@@ -123,7 +129,7 @@ def mixed_items(
     if drop_images and shuffle_images:
         raise UsageError("drop_images and shuffle_images exclude each other")
     rng = random.Random(f"mix-{seed}")
-    items = []
+    items: list[tuple[list[int], list[int], ImageSample | None, bool]] = []
     for _ in range(n):
         if rng.random() < text_ratio:
             # a window cut from running text: no <eos> after it (the text goes on)
@@ -143,7 +149,7 @@ def mixed_items(
 
 
 def qa_batch(
-    items: Sequence[tuple[list[int], list[int], ImageSample | None]],
+    items: Sequence[Item],
     tok: Tokenizer,
     *,
     image_tokens: int,

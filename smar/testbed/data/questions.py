@@ -82,6 +82,7 @@ def image_for(qa_type: str, rng: random.Random, split: str, size: int = 32) -> I
 
 def answer_of(qa_type: str, img: ImageSample) -> str:
     if qa_type == "digit":
+        assert img.digit is not None  # a digit image
         return DIGIT_WORDS[img.digit]
     if qa_type == "count":
         return COUNT_WORDS[len(img.objects) - 1]

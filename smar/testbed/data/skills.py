@@ -82,7 +82,9 @@ TOWNS = (
 ).split()
 
 
-def _choices(rng: random.Random, correct: str, pool: Sequence[str], k: int = 4):
+def _choices(
+    rng: random.Random, correct: str, pool: Sequence[str], k: int = 4
+) -> tuple[tuple[str, ...], int]:
     others = rng.sample([p for p in pool if p != correct], k - 1)
     opts = others + [correct]
     rng.shuffle(opts)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    import tokenizers
 
 PAD, IMAGE, BOS, EOS = "<pad>", "<image>", "<bos>", "<eos>"
 SPECIALS = (PAD, IMAGE, BOS, EOS)
@@ -16,10 +20,10 @@ SPECIALS = (PAD, IMAGE, BOS, EOS)
 class Tokenizer:
     """A byte-level BPE tokenizer with the testbed's special tokens."""
 
-    def __init__(self, tok):
+    def __init__(self, tok: tokenizers.Tokenizer):
         self._tok = tok
         self.pad_id, self.image_id, self.bos_id, self.eos_id = (
-            tok.token_to_id(s) for s in SPECIALS
+            cast(int, tok.token_to_id(s)) for s in SPECIALS  # trained with them: never None
         )
         self.vocab_size = tok.get_vocab_size()
 
