@@ -42,10 +42,6 @@ else:
 class SMARTrainerMixin(_Trainer):
     """Adds SMAR's routing loss to a ``transformers.Trainer`` subclass's loss and logs its terms.
 
-    Keyword args (besides the Trainer's):
-        smar_config: :class:`smar.SMARConfig` (defaults if None).
-        smar_adapter: adapters for router classes smar does not know.
-
     The regularizer is attached before the Trainer is built, so the modality bias parameters are
     part of the model and of the optimizer. Logged at each logging step (means since the last
     log, over micro-batches and, with ``SMARConfig(stats="global")``, over ranks; kept on the
@@ -64,6 +60,12 @@ class SMARTrainerMixin(_Trainer):
     (:mod:`smar.hf.saving`); ``resume_from_checkpoint`` restores the bias and its optimizer
     state. With PEFT (a ``PeftModel``, or TRL's ``peft_config``) the bias trains as well, and
     is saved beside the adapter.
+
+    Args:
+        *args: the Trainer's positional arguments.
+        smar_config: :class:`smar.SMARConfig` (defaults if None).
+        smar_adapter: adapters for router classes smar does not know.
+        **kwargs: the Trainer's keyword arguments.
     """
 
     def __init__(
