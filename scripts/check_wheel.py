@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 "-m",
                 "pytest",
                 "-q",
+                "-rs",  # the reasons of the skips, one line each
                 "--import-mode=importlib",
                 "-c",
                 str(tests / "pytest.ini"),
@@ -217,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             env=venv_env,
             what=f"pytest on {len(args.tests)} copied test files",
         )
-        print("    " + out.strip().splitlines()[-1], flush=True)
+        lines = out.strip().splitlines()
+        for line in [*(x for x in lines if x.startswith("SKIPPED")), lines[-1]]:
+            print("    " + line, flush=True)
     except Failed as e:
         print(f"FAILED  {e}", file=sys.stderr)
         return 1
