@@ -68,6 +68,7 @@ def test_cli_options_are_pinned():
             "--align-steps",
             "--arms",
             "--cache",
+            "--eval-precision",
             "--force",
             "--freeze-dense",
             "--help",

@@ -47,7 +47,8 @@ def no_model(monkeypatch, tmp_path):
 
 
 def _refused(capsys, argv, message):
-    code = main(["real", "run", "--smoke", "--quiet", "--precision", "fp32", *argv])
+    code = main(["real", "run", "--smoke", "--quiet", "--precision", "fp32", "--eval-precision", "fp32",
+                *argv])
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("smar: error:"), err

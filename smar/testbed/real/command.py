@@ -26,8 +26,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--precision",
         default="auto",
         choices=("auto", "bf16", "fp32"),
-        help="bf16 autocast where the CPU has bf16 matrix instructions (auto)",
+        help="training: bf16 autocast where the CPU has bf16 matrix instructions (auto)",
     )
+    real.add_argument("--eval-precision", default="auto", choices=("auto", "bf16", "fp32"),
+                      help="run: the scores' precision (stage 1's and every run's; auto: bf16 "
+                      "autocast where the CPU has bf16 matrix instructions)")  # fmt: skip
     real.add_argument("--cache", help="folder of the model file (default <smar cache>/real)")
     real.add_argument("--out", default="smar-real", help="run: output folder (smar-real)")
     real.add_argument("--smoke", action="store_true",
@@ -84,11 +87,12 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
     return values
 
 
-def _config(args: argparse.Namespace, precision: str):
+def _config(args: argparse.Namespace, precision: str, eval_precision: str = "fp32"):
     from smar.testbed.real.run import MAX_STEPS, RealConfig
     from smar.testbed.real.train import ARMS
 
-    kw: dict = {"precision": precision, "freeze_dense": args.freeze_dense}
+    kw: dict = {"precision": precision, "eval_precision": eval_precision,
+                "freeze_dense": args.freeze_dense}  # fmt: skip
     if args.arms is not None:
         kw["arms"] = tuple(_items(args.arms, "--arms", "none,smar,stop"))
         bad = [a for a in kw["arms"] if a not in ARMS]
@@ -131,9 +135,12 @@ def main(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, precision: str) -> int:
     from smar.testbed.real import outdir
     from smar.testbed.real.base import MODEL_ID, check_cache, load_base
+    from smar.testbed.real.precision import resolve_precision
     from smar.testbed.real.run import run
 
-    cfg = _config(args, precision)
+    evaluation, why = resolve_precision(args.eval_precision)
+    print(f"evaluation precision: {evaluation} ({why})")
+    cfg = _config(args, precision, evaluation)
     check_cache(args.cache)
     out = outdir.claim(args.out)  # before the model loads: a folder it may not write is refused
     # the model loads once the folder is held and its finished runs judged (other settings

@@ -3,10 +3,12 @@
 * :func:`text_bpb`: bits per byte of texts (code, prose) after an unscored context, the model used
   as a plain language model (no chat template).
 * :func:`answer_bpb`: bits per byte of the assistant's turns of chats (the base model's own answers
-  to held-out instructions), through the chat template.
+  to held-out instructions), through the chat template; :func:`answer_scores` adds the
+  log-probabilities of their first answer tokens from the same forwards.
 * :func:`generate`: greedy answers to a batch of chats (left-padded, batched).
 * :func:`multimodal_accuracy`: per question type, the share of image questions whose greedy answer
-  names the right choice first.
+  names the right choice first; :func:`image_answer_loss`: the teacher-forced loss of their
+  answers.
 
 Every function takes a ``transformers`` processor or tokenizer with the chat template and runs
 under ``torch.no_grad`` in eval mode, in the precision context it is given.
@@ -20,39 +22,53 @@ import re
 
 import torch
 
-__all__ = ["text_bpb", "answer_bpb", "generate", "chosen", "multimodal_accuracy"]
+__all__ = ["text_bpb", "answer_bpb", "answer_scores", "generate", "chosen", "multimodal_accuracy",
+           "image_answer_loss"]
 
 
 def _tokenizer(proc):
     return getattr(proc, "tokenizer", proc)
 
 
+def _padded(rows: list[list[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, mask)`` of token rows padded to one width (right, or left)."""
+    width = max(map(len, rows))
+    x = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(x)
+    for i, r in enumerate(rows):
+        at = slice(width - len(r), width) if left else slice(0, len(r))
+        x[i, at], mask[i, at] = torch.tensor(r, dtype=torch.long), 1
+    return x, mask
+
+
 @torch.no_grad()
-def _nll_sums(model, ids: list[list[int]], starts: list[int], batch: int, cast) -> list[float]:
-    """Summed NLL (nats) of ``ids[i][starts[i]:]`` given what precedes it, per sequence."""
-    out = []
+def _nll_sums(model, ids: list[list[int]], starts: list[int], batch: int, cast,
+              first: int = 0) -> tuple[list[float], list[torch.Tensor | None]]:  # fmt: skip
+    """Summed NLL (nats) of ``ids[i][starts[i]:]`` given what precedes it, per sequence, and
+    (``first > 0``) the log-probabilities ``(first, V)`` (float32) the model gives each of the
+    first ``first`` scored tokens of each sequence (None for a sequence with fewer), from the same
+    forward. Only the scored positions' logits are normalised (no ``(B, S, V)`` log-softmax)."""
+    out: list[float] = []
+    kept: list[torch.Tensor | None] = []
     for b in range(0, len(ids), batch):
         rows, firsts = ids[b : b + batch], starts[b : b + batch]
-        width = max(map(len, rows))
-        x = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            x[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        x, mask = _padded(rows)
         with cast:
             logits = model(input_ids=x, attention_mask=mask).logits
-        logp = logits[:, :-1].float().log_softmax(-1)
-        tok = logp.gather(-1, x[:, 1:, None])[..., 0]  # (B, S-1)
         for i, (r, s) in enumerate(zip(rows, firsts, strict=True)):
-            out.append(-float(tok[i, max(s, 1) - 1 : len(r) - 1].sum()))
-    return out
+            at = max(s, 1) - 1  # position p predicts token p + 1
+            logp = logits[i, at : len(r) - 1].float().log_softmax(-1)  # (T, V)
+            out.append(-float(logp.gather(-1, x[i, at + 1 : len(r), None]).sum()))
+            if first:
+                kept.append(logp[:first].clone() if len(logp) >= first else None)
+    return out, kept
 
 
 def _bpb(model, tok, rows: list[tuple[list[int], int]], batch: int, cast) -> float:
     """Bits per byte of each row's tokens from its start on (``(ids, start)`` rows), pooled."""
     ids, starts = [r for r, _ in rows], [s for _, s in rows]
     nbytes = sum(len(tok.decode(r[s:]).encode()) for r, s in rows)
-    nll = sum(_nll_sums(model, ids, starts, batch, cast or contextlib.nullcontext()))
+    nll = sum(_nll_sums(model, ids, starts, batch, cast or contextlib.nullcontext())[0])
     return nll / math.log(2) / max(nbytes, 1)
 
 
@@ -70,8 +86,8 @@ def text_bpb(model, proc, pairs: list[tuple[str, str]], *, batch: int = 4, max_t
     return _bpb(model, tok, rows, batch, cast)
 
 
-def answer_bpb(model, proc, chats: list[list[dict]], *, batch: int = 4, cast=None) -> float:
-    """Bits per byte of the last (assistant) turn of each chat, given the turns before it."""
+def _answer_rows(proc, chats: list[list[dict]]) -> list[tuple[list[int], int]]:
+    """``(ids, start)`` of each chat: all its turns, scored from the last (assistant) turn on."""
     tok = _tokenizer(proc)
     rows = []
     for chat in chats:
@@ -79,12 +95,29 @@ def answer_bpb(model, proc, chats: list[list[dict]], *, batch: int = 4, cast=Non
         full = proc.apply_chat_template(chat, tokenize=False)
         h = tok(head, add_special_tokens=False)["input_ids"]
         rows.append((tok(full, add_special_tokens=False)["input_ids"], len(h)))
-    return _bpb(model, tok, rows, batch, cast)
+    return rows
+
+
+def answer_bpb(model, proc, chats: list[list[dict]], *, batch: int = 8, cast=None) -> float:
+    """Bits per byte of the last (assistant) turn of each chat, given the turns before it."""
+    return _bpb(model, _tokenizer(proc), _answer_rows(proc, chats), batch, cast)
+
+
+def answer_scores(model, proc, chats: list[list[dict]], *, first: int = 4, batch: int = 8,
+                  cast=None) -> tuple[float, torch.Tensor]:  # fmt: skip
+    """:func:`answer_bpb` and, from the same forwards, the log-probabilities ``(N, first, V)``
+    of the first ``first`` answer tokens (chats whose answer is shorter are left out: the same
+    ones for every model), as :func:`smar.testbed.real.probes.first_token_logprobs` gives."""
+    tok, rows = _tokenizer(proc), _answer_rows(proc, chats)
+    nll, kept = _nll_sums(model, [r for r, _ in rows], [s for _, s in rows], batch,
+                          cast or contextlib.nullcontext(), first=first)  # fmt: skip
+    nbytes = sum(len(tok.decode(r[s:]).encode()) for r, s in rows)
+    return sum(nll) / math.log(2) / max(nbytes, 1), torch.stack([k for k in kept if k is not None])
 
 
 @torch.no_grad()
 def generate(model, proc, chats: list[list[dict]], images=None, *, max_new_tokens: int = 24,
-             batch: int = 16, cast=None) -> list[str]:  # fmt: skip
+             batch: int = 64, cast=None) -> list[str]:  # fmt: skip
     """Greedy answers to ``chats`` (each ends with the user's turn), batched with left padding.
 
     ``images``: one list of images per chat (for a processor), or None."""
@@ -122,7 +155,7 @@ def chosen(answer: str, choices: list[str]) -> int | None:
     return best
 
 
-def multimodal_accuracy(model, proc, samples: list[dict], *, batch: int = 16,
+def multimodal_accuracy(model, proc, samples: list[dict], *, batch: int = 40,
                         cast=None) -> dict[str, float]:  # fmt: skip
     """Accuracy per question type (``sample["task"]``) of greedy answers to image questions
     (samples of :func:`smar.testbed.real.data.qa_chat`, scored by :func:`chosen`)."""
@@ -133,3 +166,29 @@ def multimodal_accuracy(model, proc, samples: list[dict], *, batch: int = 16,
     for s, a in zip(samples, answers, strict=True):
         right.setdefault(s["task"], []).append(chosen(a, s["choices"]) == s["answer"])
     return {t: sum(r) / len(r) for t, r in right.items()}
+
+
+@torch.no_grad()
+def image_answer_loss(model, proc, samples: list[dict], *, batch: int = 40, cast=None) -> float:
+    """Mean NLL (nats per token) of the assistant's answers to held-out image questions,
+    teacher-forced and labelled as in training (:func:`smar.testbed.real.data.collate`): whether
+    a run still learns the multimodal task."""
+    from smar.testbed.real.data import collate
+
+    tok = _tokenizer(proc)
+    side, tok.padding_side = tok.padding_side, "right"
+    total, count = 0.0, 0
+    try:
+        for b in range(0, len(samples), batch):
+            inputs = collate(proc, samples[b : b + batch])
+            labels = inputs.pop("labels")
+            with cast or contextlib.nullcontext():
+                logits = model(**inputs).logits
+            target = labels[:, 1:]
+            keep = target != -100
+            logp = logits[:, :-1][keep].float().log_softmax(-1)  # (T, V)
+            total -= float(logp.gather(-1, target[keep][:, None]).sum())
+            count += int(keep.sum())
+    finally:
+        tok.padding_side = side
+    return total / max(count, 1)

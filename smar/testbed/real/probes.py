@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import inspect
 import re
 
 import torch
 from torch import Tensor
 
-from smar.testbed.real.evaluate import _nll_sums, _tokenizer
+from smar.testbed.real.evaluate import _padded, _tokenizer, answer_scores
 
 __all__ = ["candidate_ranks", "format_free", "answer_frame", "format_kept",
            "first_token_logprobs", "first_token_kl", "code_answer", "code_scores"]  # fmt: skip
@@ -36,25 +37,61 @@ def _head(proc, question: str) -> str:
                                     add_generation_prompt=True)  # fmt: skip
 
 
-def candidate_ranks(model, proc, items: list[dict], *, batch: int = 16, cast=None) -> list[int]:
+@torch.no_grad()
+def candidate_ranks(model, proc, items: list[dict], *, batch: int = 32, cast=None) -> list[int]:
     """The rank (0: first) of each item's right answer (``candidates[0]``) among its candidates,
     by the summed log-likelihood of ``" " + candidate`` after the question's chat and the fixed
-    ``prefix`` of the answer (items of :func:`smar.testbed.real.texts.knowledge_items`)."""
+    ``prefix`` of the answer (items of :func:`smar.testbed.real.texts.knowledge_items`).
+
+    Each context runs once (left-padded, its key-value cache repeated for its candidates); the
+    candidates' tokens follow it in a second forward."""
     tok = _tokenizer(proc)
-    ids, starts, owner = [], [], []
-    for i, item in enumerate(items):
-        context = _head(proc, item["question"]) + item["prefix"]
-        start = len(tok(context, add_special_tokens=False)["input_ids"])
-        for c in item["candidates"]:
-            ids.append(tok(f"{context} {c}", add_special_tokens=False)["input_ids"])
-            starts.append(start)
-            owner.append(i)
-    nll = _nll_sums(model, ids, starts, batch, cast or contextlib.nullcontext())
+    cast = cast or contextlib.nullcontext()
     ranks = []
-    for i in range(len(items)):
-        mine = [n for n, o in zip(nll, owner, strict=True) if o == i]  # right answer first
-        ranks.append(sum(n < mine[0] for n in mine[1:]))  # ties count for the right answer
+    for b in range(0, len(items), batch):
+        part = items[b : b + batch]
+        contexts, tails = [], []
+        for item in part:
+            context = _head(proc, item["question"]) + item["prefix"]
+            ctx = tok(context, add_special_tokens=False)["input_ids"]
+            contexts.append(ctx)
+            tails.append([tok(f"{context} {c}", add_special_tokens=False)["input_ids"][len(ctx) :]
+                          for c in item["candidates"]])  # fmt: skip
+        n = max(map(len, tails))
+        tails = [t + [t[0]] * (n - len(t)) for t in tails]  # (extra candidates are not ranked)
+        x, mask = _padded(contexts, left=True)
+        with cast:
+            out = model(input_ids=x, attention_mask=mask, position_ids=_positions(mask),
+                        use_cache=True)  # fmt: skip
+        last = out.logits[:, -1].float().log_softmax(-1).repeat_interleave(n, 0)  # (B n, V)
+        cache = getattr(out, "cache", None) or out.past_key_values  # (renamed in transformers 5.25)
+        cache.batch_repeat_interleave(n)
+        flat = [c for t in tails for c in t]
+        y, ymask = _padded(flat)
+        at = mask.sum(1).repeat_interleave(n)[:, None] + torch.arange(y.shape[1])
+        with cast:
+            logits = model(input_ids=y, attention_mask=torch.cat(
+                [mask.repeat_interleave(n, 0), ymask], 1), position_ids=at,
+                **{_cache_argument(model): cache}).logits  # fmt: skip
+        nll = []
+        for r, c in enumerate(flat):  # token 0 follows the context, token j > 0 follows j - 1
+            logp = torch.cat([last[r : r + 1], logits[r, : len(c) - 1].float().log_softmax(-1)])
+            nll.append(-float(logp.gather(-1, y[r, : len(c), None]).sum()))
+        for i, t in enumerate(part):
+            mine = nll[i * n : i * n + len(t["candidates"])]  # right answer first
+            ranks.append(sum(v < mine[0] for v in mine[1:]))  # ties count for the right answer
     return ranks
+
+
+def _cache_argument(model) -> str:
+    """The forward's name for a key-value cache: ``cache`` (transformers >= 5.25, where
+    ``past_key_values`` is deprecated) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: 0 at each row's first token."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def format_free(model, proc, items: list[dict], **kw) -> float:
@@ -87,34 +124,13 @@ def format_kept(base_answers: list[str], answers: list[str], golds: list[str]) -
     return sum(kept) / max(len(kept), 1)
 
 
-@torch.no_grad()
 def first_token_logprobs(model, proc, chats: list[list[dict]], *, k: int = 4, batch: int = 8,
                          cast=None) -> Tensor:  # fmt: skip
     """``(N, K, V)``: the log-probabilities the model gives each of the first ``k`` tokens of the
     last (assistant) turn of each chat, teacher-forced (float32). A chat whose answer is shorter
-    than ``k`` tokens is left out (the same ones for every model)."""
-    tok = _tokenizer(proc)
-    rows = []
-    for chat in chats:
-        head = proc.apply_chat_template(chat[:-1], tokenize=False, add_generation_prompt=True)
-        full = proc.apply_chat_template(chat, tokenize=False)
-        h = len(tok(head, add_special_tokens=False)["input_ids"])
-        ids = tok(full, add_special_tokens=False)["input_ids"]
-        if len(ids) >= h + k:
-            rows.append((ids[: h + k], h))
-    out = []
-    for b in range(0, len(rows), batch):
-        part = rows[b : b + batch]
-        width = max(len(r) for r, _ in part)
-        x = torch.zeros(len(part), width, dtype=torch.long)
-        mask = torch.zeros_like(x)
-        for i, (r, _) in enumerate(part):
-            x[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-        with cast or contextlib.nullcontext():
-            logits = model(input_ids=x, attention_mask=mask).logits.float()  # (B, S, V)
-        for i, (_, h) in enumerate(part):  # position p predicts token p + 1
-            out.append(logits[i, h - 1 : h - 1 + k].log_softmax(-1))  # (K, V)
-    return torch.stack(out)  # (N, K, V)
+    than ``k`` tokens is left out (the same ones for every model). The same forwards as
+    :func:`smar.testbed.real.evaluate.answer_scores`, which gives them with the bits per byte."""
+    return answer_scores(model, proc, chats, first=k, batch=batch, cast=cast)[1]
 
 
 def first_token_kl(reference: Tensor, logprobs: Tensor) -> float:

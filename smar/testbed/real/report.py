@@ -35,6 +35,14 @@ def retention(language: dict, base: dict) -> dict[str, float]:
     return {k: (base[k] / v if k in LOWER_IS_BETTER else v / base[k]) for k, v in language.items()}
 
 
+LEARNS = {"train_loss": "training loss (mean of logged steps)",
+          "image_answer_loss": "held-out image-answer loss (nats/token)"}
+
+
+def _share(part, whole) -> float | None:
+    return part / whole if part is not None and whole else None
+
+
 def _mean(values) -> float:
     """The mean of the finite values (None: not measured, e.g. no image token), NaN if none."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
@@ -56,9 +64,12 @@ def aggregate(stage1: dict, runs: dict) -> dict:
         mm = r["multimodal"]
         last = r["log"][-1] if r["log"] else {}
         mrd = {k.split("/")[1]: v for k, v in last.items() if k.startswith("smar/layer")}
+        losses = [row["loss"] for row in r["log"] if "loss" in row]
         by_arm.setdefault(r["arm"], {})[r["seed"]] = {
             "retention": ret, "R": sum(ret.values()) / len(ret), "mm": mm,
             "mm_mean": sum(mm.values()) / len(mm), "mrd": mrd, "probes": r.get("probes", {}),
+            "learns": {"train_loss": _mean(losses), "image_answer_loss": r.get("image_answer_loss"),
+                       "eval_share": _share(r.get("eval_seconds"), r.get("train_seconds"))},
         }  # fmt: skip
     out = {}
     for arm, seeds in by_arm.items():
@@ -71,6 +82,9 @@ def aggregate(stage1: dict, runs: dict) -> dict:
             "multimodal_mean": _ci(r["mm_mean"] for r in rows),
             "mrd": {k: _mean([r["mrd"].get(k) for r in rows]) for k in rows[0]["mrd"]},
             "R_by_seed": {s: r["R"] for s, r in seeds.items()},
+            "learns": {k: _ci(r["learns"][k] for r in rows) for k in LEARNS
+                       if all(r["learns"][k] is not None for r in rows)},
+            "eval_share_max": max((r["learns"]["eval_share"] or math.nan) for r in rows),
             "probes": {
                 p: _ci(r["probes"][p] for r in rows)
                 for p in PROBES
@@ -87,6 +101,11 @@ def aggregate(stage1: dict, runs: dict) -> dict:
                 for b in none[paired[0]]["retention"]}  # fmt: skip
         diff["R"] = _ci(seeds[s]["R"] - none[s]["R"] for s in paired)
         diff["multimodal_mean"] = _ci(seeds[s]["mm_mean"] - none[s]["mm_mean"] for s in paired)
+        out[arm]["learns_vs_none"] = {  # ratios to none's, paired by seed
+            k: _ci(seeds[s]["learns"][k] / none[s]["learns"][k] for s in paired)
+            for k in ("train_loss", "image_answer_loss")
+            if all(x[s]["learns"][k] for s in paired for x in (seeds, none))
+        }  # fmt: skip
         out[arm]["vs_none"] = diff
         if arm in CONTROLS:
             shares = [image_driven_share(none[s]["R"], seeds[s]["R"]) for s in paired]
@@ -147,6 +166,7 @@ def _markdown(cfg, stage1: dict, agg: dict, meta: dict) -> str:
                 f"(R_{arm} - R_none) / (1 - R_none): {_f(agg[arm]['share'], 2)}"
             )
     lines += _probe_lines(stage1, agg, arms)
+    lines += _learn_lines(stage1, agg, arms)
     lines += ["", "## Per-layer MRD (last logged training step, mean over seeds)", "",
               "| arm | " + " | ".join(next(iter(agg.values()))["mrd"]) + " |",
               "|---" * (len(next(iter(agg.values()))["mrd"]) + 1) + "|"]  # fmt: skip
@@ -160,6 +180,25 @@ def _markdown(cfg, stage1: dict, agg: dict, meta: dict) -> str:
               f"{t['workers']} process(es) side by side); peak memory "
               f"{meta['peak_memory_gib']:.1f} GiB a process."]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _learn_lines(stage1: dict, agg: dict, arms: list[str]) -> list[str]:
+    """Whether each arm still learns the multimodal task (its losses, and their ratio to none's
+    paired by seed), and what evaluation cost against training."""
+    lines = ["", "## Still learning, and the cost of evaluation", "",
+             "| arm | " + " | ".join(LEARNS.values()) + " | training loss / none's | "
+             "image-answer loss / none's | evaluation / training time (largest run) |",
+             "|---" * 6 + "|"]  # fmt: skip
+    if stage1.get("image_answer_loss") is not None:
+        lines.append(f"| stage 1 | - | {stage1['image_answer_loss']:.3f} | - | - | - |")
+    for arm in arms:
+        a, vs = agg[arm], agg[arm].get("learns_vs_none", {})
+        cells = [_f(a["learns"][k]) if k in a["learns"] else "-" for k in LEARNS]
+        cells += [_f(vs[k]) if k in vs else "-" for k in ("train_loss", "image_answer_loss")]
+        share = a.get("eval_share_max", math.nan)
+        cells.append("-" if math.isnan(share) else f"{share:.0%}")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
 
 
 PROBES = {
@@ -196,7 +235,8 @@ def write(out: str | Path, cfg, stage1: dict, runs: dict, meta: dict) -> dict:
     agg = aggregate(stage1, runs)
     results = {"stage1": stage1, "arms": agg, **meta,
                "runs": {k: {x: v.get(x) for x in ("arm", "seed", "language", "multimodal",
-                                                  "probes", "train_seconds", "eval_seconds")}
+                                                  "probes", "image_answer_loss",
+                                                  "train_seconds", "eval_seconds")}
                         for k, v in runs.items()}}  # fmt: skip
     write_json(out / "results.json", results)
     write_text(out / "report.md", _markdown(cfg, stage1, agg, meta))

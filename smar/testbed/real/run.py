@@ -88,15 +88,23 @@ class RealConfig:
     eval_chat: int = 32  # held-out instructions (base answers scored by likelihood)
     eval_code: int = 16  # HumanEval problems
     eval_prose: int = 8  # Shakespeare passages
-    eval_knowledge: int = 120  # questions asked (those the base answers right are scored)
+    # questions asked, None: the whole pool (those the base answers right are scored)
+    eval_knowledge: int | None = None
     eval_images: int = 16  # image questions per type
     precision: str = "fp32"
+    # the scores' precision (stage 1's and every run's; the base's answers stay float32): bf16
+    # autocast makes evaluation 2-3x cheaper where the CPU has bf16 matrix units
+    eval_precision: str = "fp32"
     freeze_dense: bool = False  # the dense MLPs between the MoE layers frozen in stage 3
 
     def __post_init__(self):
         bad = [a for a in self.arms if a not in ARMS]
         if bad:
             raise UsageError(f"unknown arm(s) {bad}; known: {', '.join(ARMS)}")
+        for name in ("precision", "eval_precision"):
+            if getattr(self, name) not in ("bf16", "fp32"):
+                raise UsageError(f"{name} {getattr(self, name)!r} is not bf16 or fp32",
+                                 "resolve 'auto' first (smar.testbed.real.precision)")  # fmt: skip
         if not self.arms or not self.seeds or self.steps < 1 or self.batch < 1:
             raise UsageError("need at least one arm and seed, steps >= 1 and batch >= 1")
         bad = [s for s in self.seeds if not _seed(s)]
@@ -300,7 +308,7 @@ def _run(cfg, out: Path, base, model_id, stages, progress, workers, force) -> di
     stage1 = _cached_scores(stages / f"stage1-scores-{key}.json",
                             lambda: score(model, proc, cfg, answers, images))  # fmt: skip
     first = stages / f"stage1-first-tokens-{key}.safetensors"
-    reference = first_token_reference(model, proc, cfg.precision, answers, first)
+    reference = first_token_reference(model, proc, cfg.eval_precision, answers, first)
     for *_, folder in jobs:
         outdir.clear_unfinished(folder)  # an interrupted run starts again
     workers = max(1, min(workers, len(jobs)))
@@ -336,8 +344,11 @@ def train_and_score(model, proc, cfg: RealConfig, answers: dict, images: list[di
                        router_lr=cfg.router_lr, freeze_dense=cfg.freeze_dense)  # fmt: skip
     trained = time.perf_counter() - t
     res = score(model, proc, cfg, answers, images, reference)
+    evaluated = time.perf_counter() - t - trained
+    log.info("%s-seed%d: trained in %.0f s, evaluated in %.0f s (%.0f%% of training)", arm, seed,
+             trained, evaluated, 100 * evaluated / max(trained, 1e-9))  # fmt: skip
     res.update(arm=arm, seed=seed, train_seconds=trained,
-               eval_seconds=time.perf_counter() - t - trained, peak_memory_gib=_peak_gib(),
+               eval_seconds=evaluated, peak_memory_gib=_peak_gib(),
                log=[r for r in trainer.state.log_history if "loss" in r])  # fmt: skip
     trainer.smar.detach()
     model_file = folder / outdir.MODEL_FILE

@@ -70,6 +70,7 @@ STAGE1_SCORES: dict[str, Check] = {
     "multimodal": _scores,
     "knowledge_asked": _count,
     "probes": lambda x: isinstance(x, dict),
+    "image_answer_loss": _number,
 }
 RUN_SCORES: dict[str, Check] = {
     **STAGE1_SCORES,
@@ -79,7 +80,7 @@ RUN_SCORES: dict[str, Check] = {
     "settings": lambda x: isinstance(x, dict),
     "model_sha256": _optional(lambda x: isinstance(x, str) and len(x) == 64),
 }
-OPTIONAL = ("probes", "settings", "model_sha256")
+OPTIONAL = ("probes", "settings", "model_sha256", "image_answer_loss")
 
 
 def problem(data, schema: dict[str, Check]) -> str | None:

@@ -34,7 +34,7 @@ def score(model, proc, cfg, answers: dict, images: list[dict],
     multimodal accuracy per question type, and the format and fact probes
     (:mod:`smar.testbed.real.probes`; the first-token KL against ``reference``, the stage-1
     model's log-probabilities)."""
-    cast = _cast(cfg.precision)
+    cast = _cast(cfg.eval_precision)
     model.eval()
     chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
              for q, a in answers["chat_eval"]]  # fmt: skip
@@ -43,8 +43,9 @@ def score(model, proc, cfg, answers: dict, images: list[dict],
                              max_new_tokens=KNOWLEDGE_TOKENS, cast=cast)  # fmt: skip
     code = texts.humaneval()[: cfg.eval_code]
     prose = [("", p) for p in texts.prose(cfg.eval_prose)]
+    chat_bpb, firsts = evaluate.answer_scores(model, proc, chats, first=FIRST_TOKENS, cast=cast)
     language = {
-        "chat_bpb": evaluate.answer_bpb(model, proc, chats, cast=cast),
+        "chat_bpb": chat_bpb,
         "code_bpb": evaluate.text_bpb(model, proc, code, cast=cast),
         "prose_bpb": evaluate.text_bpb(model, proc, prose, cast=cast),
     }
@@ -54,14 +55,15 @@ def score(model, proc, cfg, answers: dict, images: list[dict],
         ) / len(known)
     return {
         "language": language,
-        "probes": _probes(model, proc, answers, known, said, chats, reference, cast),
+        "probes": _probes(model, proc, answers, known, said, firsts, reference, cast),
         "knowledge_asked": len(known),
         "knowledge_answers": [[q, a] for (q, _), a in zip(known, said, strict=True)],
         "multimodal": evaluate.multimodal_accuracy(model, proc, images, cast=cast),
+        "image_answer_loss": evaluate.image_answer_loss(model, proc, images, cast=cast),
     }
 
 
-def _probes(model, proc, answers, known, said, chats, reference, cast) -> dict:
+def _probes(model, proc, answers, known, said, firsts, reference, cast) -> dict:
     """Format and fact apart: the format-free knowledge score and the base's answer frame kept
     (the known questions), code instructions, and the first-token KL to stage 1."""
     asked = {q for q, _ in known}
@@ -82,8 +84,7 @@ def _probes(model, proc, answers, known, said, chats, reference, cast) -> dict:
         "code_answers": [[q, a] for (q, _, _), a in zip(code, coded, strict=True)],
     }
     if reference is not None:
-        now = probes.first_token_logprobs(model, proc, chats, k=FIRST_TOKENS, cast=cast)
-        out["first_token_kl"] = probes.first_token_kl(reference, now)
+        out["first_token_kl"] = probes.first_token_kl(reference, firsts)
     return out
 
 
