@@ -191,6 +191,28 @@ def test_chat_samples_collate_with_labels_on_the_answer_only():
     assert torch.isfinite(out.loss)
 
 
+def test_image_answer_loss_is_the_training_loss_pooled_over_answer_tokens():
+    """The held-out image-answer loss against a by-hand value: each sample alone through
+    collate (the training labels), its mean loss weighted by its answer tokens; batched and
+    padded it is the same."""
+    from smar.testbed.real.data import collate, description_chat, qa_chat
+    from smar.testbed.real.evaluate import image_answer_loss
+
+    lm, spec, model, tok, proc = _tiny_vlm()
+    model.eval()
+    samples = qa_chat(5, seed=1, split="eval") + description_chat(2, seed=1)
+    total = count = 0.0
+    with torch.no_grad():
+        for s in samples:
+            batch = collate(proc, [s])
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total += float(model(**batch).loss) * n
+            count += n
+    got = image_answer_loss(model, proc, samples, batch=3)
+    assert got == pytest.approx(total / count, rel=1e-5)
+    assert tok.padding_side == "right"  # (restored)
+
+
 SMOLLM2_TEMPLATE = (  # the tokenizer's own, as the GGUF carries it
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ "
     "'<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"

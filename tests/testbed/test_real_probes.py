@@ -44,6 +44,20 @@ def test_candidate_ranks_equal_the_by_hand_likelihood_ranks(tiny):
                                 ["input_ids"], start).sum()) for c in item["candidates"]]  # fmt: skip
         assert rank == sum(x > ll[0] for x in ll[1:])
     assert probes.format_free(model, tok, items) == sum(r == 0 for r in got) / 2
+    assert probes.candidate_ranks(model, tok, items, batch=1) == got  # padding apart
+
+
+def test_answer_scores_are_the_bits_per_byte_and_first_tokens_of_one_forward(tiny):
+    from smar.testbed.real import evaluate
+
+    model, tok = tiny
+    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+             for q, a in (("what is the colour", "it is red and blue ."), ("hi", "one"),
+                          ("tell me a number", "one two three four five"))]  # fmt: skip
+    bpb, first = evaluate.answer_scores(model, tok, chats, first=3, batch=2)
+    assert bpb == pytest.approx(evaluate.answer_bpb(model, tok, chats, batch=3), rel=1e-5)
+    torch.testing.assert_close(first, probes.first_token_logprobs(model, tok, chats, k=3, batch=3))
+    assert first.shape == (2, 3, len(tok))  # the one-token answer is left out
 
 
 def test_answer_frame_and_format_kept():
