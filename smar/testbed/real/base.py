@@ -15,7 +15,9 @@ import copy
 import io
 import logging
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,6 +30,12 @@ from smar.testbed.io import (
     set_aside,
     sha256_file,
 )
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
+
+    class CausalLM(PreTrainedModel, GenerationMixin):
+        """A ``...ForCausalLM`` (a model with ``generate``), as the type checker sees it."""
 
 __all__ = [
     "GGUF_FILE",
@@ -115,7 +123,7 @@ def fetch_model(root: str | Path | None = None) -> Path:
     return root
 
 
-def load_base(root: str | Path | None = None):
+def load_base(root: str | Path | None = None) -> tuple[CausalLM, PreTrainedTokenizerBase]:
     """``(model, tokenizer)``: SmolLM2-135M-Instruct in float32, eval mode."""
     try:
         import gguf  # noqa: F401  (transformers' GGUF reader needs it)
@@ -131,7 +139,8 @@ def load_base(root: str | Path | None = None):
     return model.eval(), tok
 
 
-def greedy(model, tok, prompts=SANITY_PROMPTS, max_new_tokens: int = 32) -> list[str]:
+def greedy(model: GenerationMixin, tok: Any, prompts: Sequence[str] = SANITY_PROMPTS,
+           max_new_tokens: int = 32) -> list[str]:  # fmt: skip
     """The model's greedy answer to each prompt, asked through its chat template."""
     answers = []
     for prompt in prompts:
@@ -146,7 +155,8 @@ def greedy(model, tok, prompts=SANITY_PROMPTS, max_new_tokens: int = 32) -> list
     return answers
 
 
-def upcycle_gap(model, *, num_experts: int = 4, top_k: int = 2, layers="alternate",
+def upcycle_gap(model: PreTrainedModel, *, num_experts: int = 4, top_k: int = 2,
+                layers: str | Sequence[int] = "alternate",
                 tokens: int = 64, seed: int = 0) -> float:  # fmt: skip
     """The largest ``|logit difference|`` between ``model`` and a copy upcycled with
     :func:`smar.hf.upcycle_hf` (experts copy the MLP: the function is unchanged), on two

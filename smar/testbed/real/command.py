@@ -8,13 +8,17 @@ import math
 import os
 import resource
 import time
+from typing import TYPE_CHECKING
 
 from smar.testbed.errors import UsageError
+
+if TYPE_CHECKING:
+    from smar.testbed.real.run import RealConfig
 
 __all__ = ["add_parser", "main"]
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     real = subparsers.add_parser(
         "real", help="SMAR on a real pretrained LM (SmolLM2-135M-Instruct)"
     )
@@ -87,7 +91,7 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
     return values
 
 
-def _config(args: argparse.Namespace, precision: str, eval_precision: str = "fp32"):
+def _config(args: argparse.Namespace, precision: str, eval_precision: str = "fp32") -> RealConfig:
     from smar.testbed.real.run import MAX_STEPS, RealConfig
     from smar.testbed.real.train import ARMS
 

@@ -19,14 +19,23 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    from PIL import Image
+    from transformers import GenerationMixin, PreTrainedModel
+
+    Cast = AbstractContextManager[Any]  # the precision context (bf16 autocast, or none)
 
 __all__ = ["text_bpb", "answer_bpb", "answer_scores", "generate", "chosen", "multimodal_accuracy",
            "image_answer_loss"]
 
 
-def _tokenizer(proc):
+def _tokenizer(proc: Any) -> Any:
     return getattr(proc, "tokenizer", proc)
 
 
@@ -42,7 +51,8 @@ def _padded(rows: list[list[int]], left: bool = False) -> tuple[torch.Tensor, to
 
 
 @torch.no_grad()
-def _nll_sums(model, ids: list[list[int]], starts: list[int], batch: int, cast,
+def _nll_sums(model: PreTrainedModel, ids: list[list[int]], starts: list[int], batch: int,
+              cast: Cast,
               first: int = 0) -> tuple[list[float], list[torch.Tensor | None]]:  # fmt: skip
     """Summed NLL (nats) of ``ids[i][starts[i]:]`` given what precedes it, per sequence, and
     (``first > 0``) the log-probabilities ``(first, V)`` (float32) the model gives each of the
@@ -64,7 +74,8 @@ def _nll_sums(model, ids: list[list[int]], starts: list[int], batch: int, cast,
     return out, kept
 
 
-def _bpb(model, tok, rows: list[tuple[list[int], int]], batch: int, cast) -> float:
+def _bpb(model: PreTrainedModel, tok: Any, rows: list[tuple[list[int], int]], batch: int,
+         cast: Cast | None) -> float:  # fmt: skip
     """Bits per byte of each row's tokens from its start on (``(ids, start)`` rows), pooled."""
     ids, starts = [r for r, _ in rows], [s for _, s in rows]
     nbytes = sum(len(tok.decode(r[s:]).encode()) for r, s in rows)
@@ -72,8 +83,8 @@ def _bpb(model, tok, rows: list[tuple[list[int], int]], batch: int, cast) -> flo
     return nll / math.log(2) / max(nbytes, 1)
 
 
-def text_bpb(model, proc, pairs: list[tuple[str, str]], *, batch: int = 4, max_tokens: int = 384,
-             cast=None) -> float:  # fmt: skip
+def text_bpb(model: PreTrainedModel, proc: Any, pairs: list[tuple[str, str]], *, batch: int = 4,
+             max_tokens: int = 384, cast: Cast | None = None) -> float:  # fmt: skip
     """Bits per byte of each ``target`` after its ``context`` (pairs), pooled over the pairs.
 
     Sequences are cut at ``max_tokens`` (the target's bytes are counted up to the cut)."""
@@ -86,7 +97,7 @@ def text_bpb(model, proc, pairs: list[tuple[str, str]], *, batch: int = 4, max_t
     return _bpb(model, tok, rows, batch, cast)
 
 
-def _answer_rows(proc, chats: list[list[dict]]) -> list[tuple[list[int], int]]:
+def _answer_rows(proc: Any, chats: list[list[dict]]) -> list[tuple[list[int], int]]:
     """``(ids, start)`` of each chat: all its turns, scored from the last (assistant) turn on."""
     tok = _tokenizer(proc)
     rows = []
@@ -98,13 +109,15 @@ def _answer_rows(proc, chats: list[list[dict]]) -> list[tuple[list[int], int]]:
     return rows
 
 
-def answer_bpb(model, proc, chats: list[list[dict]], *, batch: int = 8, cast=None) -> float:
+def answer_bpb(model: PreTrainedModel, proc: Any, chats: list[list[dict]], *, batch: int = 8,
+               cast: Cast | None = None) -> float:  # fmt: skip
     """Bits per byte of the last (assistant) turn of each chat, given the turns before it."""
     return _bpb(model, _tokenizer(proc), _answer_rows(proc, chats), batch, cast)
 
 
-def answer_scores(model, proc, chats: list[list[dict]], *, first: int = 4, batch: int = 8,
-                  cast=None) -> tuple[float, torch.Tensor]:  # fmt: skip
+def answer_scores(model: PreTrainedModel, proc: Any, chats: list[list[dict]], *, first: int = 4,
+                  batch: int = 8,
+                  cast: Cast | None = None) -> tuple[float, torch.Tensor]:  # fmt: skip
     """:func:`answer_bpb` and, from the same forwards, the log-probabilities ``(N, first, V)``
     of the first ``first`` answer tokens (chats whose answer is shorter are left out: the same
     ones for every model), as :func:`smar.testbed.real.probes.first_token_logprobs` gives."""
@@ -116,8 +129,9 @@ def answer_scores(model, proc, chats: list[list[dict]], *, first: int = 4, batch
 
 
 @torch.no_grad()
-def generate(model, proc, chats: list[list[dict]], images=None, *, max_new_tokens: int = 24,
-             batch: int = 64, cast=None) -> list[str]:  # fmt: skip
+def generate(model: GenerationMixin, proc: Any, chats: list[list[dict]],
+             images: list[list[Image.Image]] | None = None, *, max_new_tokens: int = 24,
+             batch: int = 64, cast: Cast | None = None) -> list[str]:  # fmt: skip
     """Greedy answers to ``chats`` (each ends with the user's turn), batched with left padding.
 
     ``images``: one list of images per chat (for a processor), or None."""
@@ -130,7 +144,7 @@ def generate(model, proc, chats: list[list[dict]], images=None, *, max_new_token
             part = chats[b : b + batch]
             texts = [proc.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                      for c in part]  # fmt: skip
-            kw = {"text": texts}
+            kw: dict[str, Any] = {"text": texts}
             if images is not None:
                 kw["images"] = [im for ims in images[b : b + batch] for im in ims] or None
             inputs = proc(**kw, padding=True, return_tensors="pt", add_special_tokens=False)
@@ -150,13 +164,14 @@ def chosen(answer: str, choices: list[str]) -> int | None:
     low = answer.lower()
     for i, c in enumerate(choices):
         m = re.search(rf"\b{re.escape(c.lower())}\b", low)
-        if m and (m.start() < where or (m.start() == where and len(c) > len(choices[best]))):
+        if m and (m.start() < where or (m.start() == where and best is not None
+                                        and len(c) > len(choices[best]))):  # fmt: skip
             best, where = i, m.start()
     return best
 
 
-def multimodal_accuracy(model, proc, samples: list[dict], *, batch: int = 40,
-                        cast=None) -> dict[str, float]:  # fmt: skip
+def multimodal_accuracy(model: GenerationMixin, proc: Any, samples: list[dict], *,
+                        batch: int = 40, cast: Cast | None = None) -> dict[str, float]:  # fmt: skip
     """Accuracy per question type (``sample["task"]``) of greedy answers to image questions
     (samples of :func:`smar.testbed.real.data.qa_chat`, scored by :func:`chosen`)."""
     chats = [s["messages"][:-1] for s in samples]
@@ -169,7 +184,8 @@ def multimodal_accuracy(model, proc, samples: list[dict], *, batch: int = 40,
 
 
 @torch.no_grad()
-def image_answer_loss(model, proc, samples: list[dict], *, batch: int = 40, cast=None) -> float:
+def image_answer_loss(model: PreTrainedModel, proc: Any, samples: list[dict], *, batch: int = 40,
+                      cast: Cast | None = None) -> float:  # fmt: skip
     """Mean NLL (nats per token) of the assistant's answers to held-out image questions,
     teacher-forced and labelled as in training (:func:`smar.testbed.real.data.collate`): whether
     a run still learns the multimodal task."""

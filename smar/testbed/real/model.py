@@ -14,9 +14,19 @@ become 4 experts top-2, the others stay dense and shared by both modalities.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import (
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+    )
 
 __all__ = ["VisionSpec", "IMAGE_TOKEN", "CHAT_TEMPLATE", "build_vlm", "build_run_vlm", "text_gap"]
 
@@ -50,8 +60,11 @@ class VisionSpec:
         return (self.image_size // self.patch_size) ** 2
 
 
-def build_vlm(base, tokenizer, *, vision: VisionSpec = VisionSpec(), num_experts: int = 4,
-              top_k: int = 2, layers="alternate", chat_template: str | None = None):  # fmt: skip
+def build_vlm(base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
+              vision: VisionSpec = VisionSpec(), num_experts: int = 4, top_k: int = 2,
+              layers: str | Sequence[int] = "alternate", chat_template: str | None = None,
+              ) -> tuple[LlavaForConditionalGeneration, PreTrainedTokenizerBase,
+                         LlavaProcessor]:  # fmt: skip
     """``(model, tokenizer, processor)``: LLaVA around ``base`` (a ``...ForCausalLM``), upcycled.
 
     ``tokenizer`` gets the ``<image>`` token (a copy is returned; the base's is unchanged); the
@@ -64,7 +77,7 @@ def build_vlm(base, tokenizer, *, vision: VisionSpec = VisionSpec(), num_experts
 
     import smar.hf
 
-    tok = copy.deepcopy(tokenizer)
+    tok: Any = copy.deepcopy(tokenizer)  # Any: its stubs give one token's id as int | list[int]
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     text = base.config.to_dict()
@@ -106,7 +119,9 @@ def build_vlm(base, tokenizer, *, vision: VisionSpec = VisionSpec(), num_experts
     return model.eval(), tok, processor
 
 
-def build_run_vlm(base, tokenizer, vision: VisionSpec, layers):
+def build_run_vlm(base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, vision: VisionSpec,
+                  layers: str | Sequence[int],
+                  ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:  # fmt: skip
     """``(model, processor)`` as ``smar real run`` trains them: :func:`build_vlm` with SmolLM2's
     chat template and right padding (training batches), its random parts from seed 0."""
     torch.manual_seed(0)
@@ -116,7 +131,8 @@ def build_run_vlm(base, tokenizer, vision: VisionSpec, layers):
     return model, proc
 
 
-def text_gap(base, model, *, tokens: int = 64, seed: int = 0) -> float:
+def text_gap(base: PreTrainedModel, model: PreTrainedModel, *, tokens: int = 64,
+             seed: int = 0) -> float:  # fmt: skip
     """The largest ``|logit difference|`` between the base LM and the vision-language model on
     two sequences of random text tokens (the base's vocabulary)."""
     vocab = base.config.vocab_size

@@ -24,12 +24,17 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from smar.atomic import output_problem
 from smar.testbed.errors import CorruptFile, UsageError
 from smar.testbed.io import read_json, set_aside, sha256_file, write_json
 from smar.testbed.real.schema import RUN_SCORES, problem, safetensors_problem
+
+if TYPE_CHECKING:
+    from smar.testbed.real.run import RealConfig
 
 __all__ = ["MARKER", "MODEL_FILE", "check_out", "claim", "hold", "run_settings", "reusable",
            "clear_unfinished", "record_legacy_settings"]  # fmt: skip
@@ -54,7 +59,7 @@ RUN_FILES = frozenset({
 })  # fmt: skip
 
 
-def check_out(out) -> Path:
+def check_out(out: str | Path | None) -> Path:
     """``--out`` as a folder smar can write, or a one-line error."""
     if out is None or not str(out).strip():
         raise UsageError("--out is empty", "give the output folder, e.g. --out smar-real")
@@ -76,7 +81,7 @@ def _legacy(out: Path) -> bool:
     return isinstance(cfg, dict) and set(cfg) == fields and (out / "runs").is_dir()
 
 
-def claim(out) -> Path:
+def claim(out: str | Path | None) -> Path:
     """Makes ``out`` this command's (creating it with the marker), or refuses a folder it did not
     make; nothing in a refused folder is read or written."""
     out = check_out(out)
@@ -100,7 +105,7 @@ def claim(out) -> Path:
 
 
 @contextlib.contextmanager
-def hold(out: Path):
+def hold(out: Path) -> Iterator[None]:
     """The folder for this process alone while it runs; a second command is refused at once
     (where :func:`smar.testbed.io.file_lock` would wait: the second would then find every run
     finished, but only after loading the model)."""
@@ -118,7 +123,7 @@ def hold(out: Path):
         os.close(fd)
 
 
-def run_settings(cfg) -> dict:
+def run_settings(cfg: RealConfig) -> dict:
     """What a run's result depends on besides its arm and seed, as plain data."""
     data = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
     return {k: v for k, v in data.items() if k not in NOT_A_SETTING}
@@ -206,7 +211,7 @@ def clear_unfinished(folder: Path) -> None:
                 "trained again", folder, ", ".join(others[:3]), dest.name)  # fmt: skip
 
 
-def record_legacy_settings(out: Path, folder_config) -> None:
+def record_legacy_settings(out: Path, folder_config: dict | None) -> None:
     """Writes the folder's settings into the ``scores.json`` of finished runs of a version that
     recorded none, before ``config.json`` is rewritten (they are judged by it)."""
     if not isinstance(folder_config, dict) or not (out / "runs").is_dir():

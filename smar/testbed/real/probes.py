@@ -22,23 +22,30 @@ import ast
 import contextlib
 import inspect
 import re
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from smar.testbed.real.evaluate import _padded, _tokenizer, answer_scores
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from smar.testbed.real.evaluate import Cast
+
 __all__ = ["candidate_ranks", "format_free", "answer_frame", "format_kept",
            "first_token_logprobs", "first_token_kl", "code_answer", "code_scores"]  # fmt: skip
 
 
-def _head(proc, question: str) -> str:
+def _head(proc: Any, question: str) -> str:
     return proc.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                     add_generation_prompt=True)  # fmt: skip
 
 
 @torch.no_grad()
-def candidate_ranks(model, proc, items: list[dict], *, batch: int = 32, cast=None) -> list[int]:
+def candidate_ranks(model: PreTrainedModel, proc: Any, items: list[dict], *, batch: int = 32,
+                    cast: Cast | None = None) -> list[int]:  # fmt: skip
     """The rank (0: first) of each item's right answer (``candidates[0]``) among its candidates,
     by the summed log-likelihood of ``" " + candidate`` after the question's chat and the fixed
     ``prefix`` of the answer (items of :func:`smar.testbed.real.texts.knowledge_items`).
@@ -83,7 +90,7 @@ def candidate_ranks(model, proc, items: list[dict], *, batch: int = 32, cast=Non
     return ranks
 
 
-def _cache_argument(model) -> str:
+def _cache_argument(model: PreTrainedModel) -> str:
     """The forward's name for a key-value cache: ``cache`` (transformers >= 5.25, where
     ``past_key_values`` is deprecated) or ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -94,7 +101,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def format_free(model, proc, items: list[dict], **kw) -> float:
+def format_free(model: PreTrainedModel, proc: Any, items: list[dict], **kw: Any) -> float:
     """The share of items whose right answer ranks first (:func:`candidate_ranks`)."""
     ranks = candidate_ranks(model, proc, items, **kw)
     return sum(r == 0 for r in ranks) / max(len(ranks), 1)
@@ -124,8 +131,8 @@ def format_kept(base_answers: list[str], answers: list[str], golds: list[str]) -
     return sum(kept) / max(len(kept), 1)
 
 
-def first_token_logprobs(model, proc, chats: list[list[dict]], *, k: int = 4, batch: int = 8,
-                         cast=None) -> Tensor:  # fmt: skip
+def first_token_logprobs(model: PreTrainedModel, proc: Any, chats: list[list[dict]], *, k: int = 4,
+                         batch: int = 8, cast: Cast | None = None) -> Tensor:  # fmt: skip
     """``(N, K, V)``: the log-probabilities the model gives each of the first ``k`` tokens of the
     last (assistant) turn of each chat, teacher-forced (float32). A chat whose answer is shorter
     than ``k`` tokens is left out (the same ones for every model). The same forwards as

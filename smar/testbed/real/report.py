@@ -10,12 +10,17 @@ shares are ``(R_control - R_none) / (1 - R_none)`` per seed.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from smar.atomic import write_text
 from smar.testbed.io import write_json
 from smar.testbed.real.train import ARMS
 from smar.testbed.stats import confidence_interval, image_driven_share
+
+if TYPE_CHECKING:
+    from smar.testbed.real.run import RealConfig
 
 __all__ = ["retention", "aggregate", "write"]
 
@@ -39,17 +44,17 @@ LEARNS = {"train_loss": "training loss (mean of logged steps)",
           "image_answer_loss": "held-out image-answer loss (nats/token)"}
 
 
-def _share(part, whole) -> float | None:
+def _share(part: float | None, whole: float | None) -> float | None:
     return part / whole if part is not None and whole else None
 
 
-def _mean(values) -> float:
+def _mean(values: Iterable[float | None]) -> float:
     """The mean of the finite values (None: not measured, e.g. no image token), NaN if none."""
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def _ci(values) -> list[float]:
+def _ci(values: Iterable[float]) -> list[float]:
     mean, half = confidence_interval(list(values))
     return [mean, half]
 
@@ -121,7 +126,7 @@ def _f(x: list[float] | float, digits: int = 3) -> str:
     return f"{x:.{digits}f}"
 
 
-def _markdown(cfg, stage1: dict, agg: dict, meta: dict) -> str:
+def _markdown(cfg: RealConfig, stage1: dict, agg: dict, meta: dict) -> str:
     arms = [a for a in ARMS if a in agg]
     lines = ["# smar real: SMAR on SmolLM2-135M-Instruct", "",
              f"Model: {meta['model']}; seeds {list(cfg.seeds)}; stage 3: {cfg.steps} steps of "
@@ -229,7 +234,7 @@ def _probe_lines(stage1: dict, agg: dict, arms: list[str]) -> list[str]:
     return lines
 
 
-def write(out: str | Path, cfg, stage1: dict, runs: dict, meta: dict) -> dict:
+def write(out: str | Path, cfg: RealConfig, stage1: dict, runs: dict, meta: dict) -> dict:
     """Writes ``results.json`` and ``report.md`` into ``out``; returns the results."""
     out = Path(out)
     agg = aggregate(stage1, runs)

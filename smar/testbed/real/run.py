@@ -27,8 +27,10 @@ import logging
 import random
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,7 +45,7 @@ from smar.testbed.io import (
     write_json,
 )
 from smar.testbed.real import evaluate, outdir, texts
-from smar.testbed.real.data import description_chat, qa_chat
+from smar.testbed.real.data import description_chat, qa_chat, write_analyze_data
 from smar.testbed.real.model import VisionSpec, build_run_vlm
 from smar.testbed.real.schema import BASE_ANSWERS, STAGE1_SCORES, read_checked
 from smar.testbed.real.scores import (
@@ -55,6 +57,13 @@ from smar.testbed.real.scores import (
 )
 from smar.testbed.real.train import ARMS, align, instruct
 from smar.testbed.real.workers import run_parallel
+
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration, PreTrainedTokenizerBase, ProcessorMixin
+
+    from smar.testbed.real.base import CausalLM
+
+    Base = tuple[CausalLM, PreTrainedTokenizerBase]  # the language model and its tokenizer
 
 __all__ = ["RealConfig", "run", "MAX_SEED", "MAX_STEPS"]
 
@@ -97,8 +106,8 @@ class RealConfig:
     eval_precision: str = "fp32"
     freeze_dense: bool = False  # the dense MLPs between the MoE layers frozen in stage 3
 
-    def __post_init__(self):
-        bad = [a for a in self.arms if a not in ARMS]
+    def __post_init__(self) -> None:
+        bad: list[str | int] = [a for a in self.arms if a not in ARMS]
         if bad:
             raise UsageError(f"unknown arm(s) {bad}; known: {', '.join(ARMS)}")
         for name in ("precision", "eval_precision"):
@@ -117,7 +126,7 @@ class RealConfig:
                                  "give each once (a run would be trained twice)")  # fmt: skip
 
     @classmethod
-    def smoke(cls, **kw) -> RealConfig:
+    def smoke(cls, **kw: Any) -> RealConfig:
         """A couple of minutes: every stage and arm, tiny sizes."""
         small = dict(seeds=(0, 1), steps=2, batch=2, vision_steps=20, align_steps=2,
                      eval_chat=4, eval_code=2, eval_prose=2, eval_knowledge=8, eval_images=2,
@@ -125,11 +134,11 @@ class RealConfig:
         return cls(**{**small, **kw})
 
 
-def _seed(s) -> bool:
+def _seed(s: object) -> bool:
     return isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED
 
 
-def _key(*parts) -> str:
+def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -141,7 +150,8 @@ def _peak_gib() -> float:
 # stages
 
 
-def base_answers(lm, tok, cfg: RealConfig, stages: Path, model_id: str) -> dict:
+def base_answers(lm: CausalLM, tok: PreTrainedTokenizerBase, cfg: RealConfig, stages: Path,
+                 model_id: str) -> dict:  # fmt: skip
     """Stage 1's cached file: the base model's greedy answers."""
     chat_eval = texts.instructions("eval")[: cfg.eval_chat]
     n_text = max(1, round(cfg.steps * cfg.batch * cfg.text_ratio))
@@ -178,12 +188,13 @@ def base_answers(lm, tok, cfg: RealConfig, stages: Path, model_id: str) -> dict:
     return out
 
 
-def _vision_parts(model) -> dict[str, torch.Tensor]:
+def _vision_parts(model: LlavaForConditionalGeneration) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.model.state_dict().items()
             if k.startswith(("vision_tower.", "multi_modal_projector."))}  # fmt: skip
 
 
-def see(model, proc, cfg: RealConfig, stages: Path, model_id: str) -> dict:
+def see(model: LlavaForConditionalGeneration, proc: ProcessorMixin, cfg: RealConfig, stages: Path,
+        model_id: str) -> dict:  # fmt: skip
     """Stages 0 and 1, cached: the tower learns the images, then the projector aligns."""
     from smar.testbed.real.vision import pretrain_tower
 
@@ -237,8 +248,8 @@ def train_samples(cfg: RealConfig, seed: int, answers: dict) -> list[dict]:
 # the whole run
 
 
-def run(cfg: RealConfig, out: str | Path, *, base=None, model_id: str | None = None,
-        stages: str | Path | None = None, progress: bool = True,
+def run(cfg: RealConfig, out: str | Path, *, base: Base | Callable[[], Base] | None = None,
+        model_id: str | None = None, stages: str | Path | None = None, progress: bool = True,
         workers: int = 1, force: bool = False) -> dict:  # fmt: skip
     """Runs every stage not cached yet and writes ``<out>/results.json`` and ``report.md``.
 
@@ -259,7 +270,8 @@ def run(cfg: RealConfig, out: str | Path, *, base=None, model_id: str | None = N
         return _run(cfg, out, base, model_id, stages, progress, workers, force)
 
 
-def _run(cfg, out: Path, base, model_id, stages, progress, workers, force) -> dict:
+def _run(cfg: RealConfig, out: Path, base: Base | Callable[[], Base] | None, model_id: str | None,
+         stages: str | Path | None, progress: bool, workers: int, force: bool) -> dict:  # fmt: skip
     from smar.testbed.real import report
 
     t0 = time.perf_counter()
@@ -332,8 +344,9 @@ def _run(cfg, out: Path, base, model_id, stages, progress, workers, force) -> di
     return report.write(out, cfg, stage1, runs, meta)
 
 
-def train_and_score(model, proc, cfg: RealConfig, answers: dict, images: list[dict], arm: str,
-                    seed: int, folder: Path, progress: bool = True,
+def train_and_score(model: LlavaForConditionalGeneration, proc: ProcessorMixin, cfg: RealConfig,
+                    answers: dict, images: list[dict], arm: str, seed: int, folder: Path,
+                    progress: bool = True,
                     reference: torch.Tensor | None = None) -> dict:  # fmt: skip
     """Stage 3 of one ``(arm, seed)`` from ``model``'s weights, then its scores; writes the model
     and ``scores.json`` (last: a folder without it is an unfinished run) into ``folder``."""
@@ -358,31 +371,7 @@ def train_and_score(model, proc, cfg: RealConfig, answers: dict, images: list[di
     return res
 
 
-def write_analyze_data(folder: Path, images: list[dict], answers: dict, per_task: int = 8) -> Path:
-    """``<folder>/samples.jsonl`` for ``smar analyze``: image questions (LLaVA conversations,
-    their images as PNG files beside it) and the held-out chats as text samples."""
-    from smar.atomic import write_text
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rows, count = [], {}
-    for i, s in enumerate(images):
-        if count.setdefault(s["task"], 0) >= per_task:
-            continue
-        count[s["task"]] += 1
-        name = f"image{i:03d}.png"
-        s["images"][0].save(folder / name)
-        question = s["messages"][0]["content"][1]["text"]
-        answer = s["messages"][1]["content"][0]["text"]
-        rows.append({"image": name, "conversations": [
-            {"from": "human", "value": f"<image>\n{question}"},
-            {"from": "gpt", "value": answer}]})  # fmt: skip
-    rows += [{"text": f"{q}\n{a}"} for q, a in answers["chat_eval"][: 4 * per_task]]
-    path = folder / "samples.jsonl"
-    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def _cached_scores(path: Path, compute) -> dict:
+def _cached_scores(path: Path, compute: Callable[[], dict]) -> dict:
     cached = read_checked(path, STAGE1_SCORES)  # a corrupt one is set aside: computed again
     if cached is None:
         cached = compute()

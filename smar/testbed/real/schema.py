@@ -29,15 +29,15 @@ __all__ = [
 Check = Callable[[object], bool]
 
 
-def _number(x) -> bool:
+def _number(x: object) -> bool:
     return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
 
 
-def _count(x) -> bool:
+def _count(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def _scores(x) -> bool:
+def _scores(x: object) -> bool:
     """``{benchmark: number}``, not empty (the report divides by their count)."""
     return isinstance(x, dict) and bool(x) and all(_number(v) for v in x.values())
 
@@ -45,7 +45,7 @@ def _scores(x) -> bool:
 def _rows(width: int) -> Check:
     """A list of ``width``-string rows (``[question, answer]``, ...)."""
 
-    def check(x) -> bool:
+    def check(x: object) -> bool:
         return isinstance(x, list) and all(
             isinstance(r, list) and len(r) == width and all(isinstance(s, str) for s in r)
             for r in x
@@ -54,7 +54,7 @@ def _rows(width: int) -> Check:
     return check
 
 
-def _log(x) -> bool:
+def _log(x: object) -> bool:
     return isinstance(x, list) and all(isinstance(r, dict) for r in x)
 
 
@@ -83,7 +83,7 @@ RUN_SCORES: dict[str, Check] = {
 OPTIONAL = ("probes", "settings", "model_sha256", "image_answer_loss")
 
 
-def problem(data, schema: dict[str, Check]) -> str | None:
+def problem(data: object, schema: dict[str, Check]) -> str | None:
     """Why ``data`` is not a file of ``schema``, or None."""
     if not isinstance(data, dict):
         return f"not a JSON object but {type(data).__name__}"
@@ -96,7 +96,8 @@ def problem(data, schema: dict[str, Check]) -> str | None:
     return None
 
 
-def read_checked(path: str | Path, schema: dict[str, Check], expect: Callable | None = None):
+def read_checked(path: str | Path, schema: dict[str, Check],
+                 expect: Callable | None = None) -> dict | None:  # fmt: skip
     """The content of a cached JSON file when it parses and holds ``schema`` (and
     ``expect(data)``, a further check returning why not, says None); otherwise the file is set
     aside with a warning and None returned (the caller rebuilds it). None too when missing."""

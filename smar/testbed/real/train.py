@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -42,6 +43,16 @@ import smar
 import smar.hf
 from smar.errors import UsageError
 from smar.testbed.real.data import collate
+
+if TYPE_CHECKING:
+    import transformers
+    from transformers import LlavaForConditionalGeneration, ProcessorMixin
+
+    from smar.testbed.real.evaluate import Cast
+
+    _Trainer = transformers.Trainer  # the class _RouterLR is mixed into, as the checker sees it
+else:
+    _Trainer = object
 
 __all__ = ["ARMS", "HARD_BIAS", "arm_config", "align", "instruct", "drop_images"]
 
@@ -74,7 +85,7 @@ def drop_images(samples: list[dict]) -> list[dict]:
     return out
 
 
-def _fix_hard(trainer) -> None:
+def _fix_hard(trainer: smar.hf.SMARTrainer) -> None:
     """Sets each modality bias to the hard partition and freezes it (before the optimizer is
     built, so it never trains)."""
     for bias in trainer.smar.bias_parameters():  # (M, E)
@@ -86,14 +97,15 @@ def _fix_hard(trainer) -> None:
         bias.requires_grad_(False)
 
 
-class _RouterLR:
+class _RouterLR(_Trainer):
     """A Trainer mixin: the parameters under a ``.router.`` (router weights, modality biases) in
     their own AdamW group at ``router_lr``; the scheduler scales both groups alike."""
 
     router_lr: float
 
-    def create_optimizer(self, *args, **kwargs):
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         if self.optimizer is None:
+            assert self.model is not None  # the Trainer's, built before its optimizer
             named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
             rest = [p for n, p in named if ".router." not in n]
             routers = [p for n, p in named if ".router." in n]
@@ -117,7 +129,8 @@ class _StopTrainer(smar.hf.SMARTrainer):
 
     stop_level = "token"
 
-    def compute_loss(self, model, inputs, *args, **kwargs):
+    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any,
+                     **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, Any]:  # fmt: skip
         from smar.moe import weight_gradient_stop
 
         stop = stop_mask(inputs["input_ids"], model.config.image_token_index, self.stop_level)
@@ -129,14 +142,15 @@ class _StopSampleTrainer(_StopTrainer):
     stop_level = "sample"
 
 
-def _cast(precision: str):
+def _cast(precision: str) -> Cast:
     if precision == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def align(model, processor, samples: list[dict], *, steps: int, batch: int = 8,
-          lr: float = 1e-3, seed: int = 0, precision: str = "fp32") -> list[float]:  # fmt: skip
+def align(model: LlavaForConditionalGeneration, processor: ProcessorMixin, samples: list[dict], *,
+          steps: int, batch: int = 8, lr: float = 1e-3, seed: int = 0,
+          precision: str = "fp32") -> list[float]:  # fmt: skip
     """Trains ``model.model.multi_modal_projector`` alone on ``samples``; returns the losses."""
     model.requires_grad_(False)
     projector = model.model.multi_modal_projector
@@ -161,7 +175,7 @@ def align(model, processor, samples: list[dict], *, steps: int, batch: int = 8,
     return losses
 
 
-def trainable_for_instruct(model, freeze_dense: bool = False) -> list[str]:
+def trainable_for_instruct(model: torch.nn.Module, freeze_dense: bool = False) -> list[str]:
     """Sets stage 3's trainable parameters (the MLPs, MoE layers' experts and routers, the
     projector; with ``freeze_dense`` not the dense MLPs between the MoE layers) and returns their
     names."""
@@ -178,10 +192,12 @@ def trainable_for_instruct(model, freeze_dense: bool = False) -> list[str]:
     return names
 
 
-def instruct(model, processor, samples: list[dict], out_dir: str, *, arm: str, steps: int,
+def instruct(model: LlavaForConditionalGeneration, processor: ProcessorMixin, samples: list[dict],
+             out_dir: str, *, arm: str, steps: int,
              batch: int = 8, lr: float = 2e-5, seed: int = 0, precision: str = "fp32",
              lb_weight: float = 0.01, progress: bool = False,
-             router_lr: float | None = None, freeze_dense: bool = False):  # fmt: skip
+             router_lr: float | None = None,
+             freeze_dense: bool = False) -> smar.hf.SMARTrainer:  # fmt: skip
     """Stage 3 of one arm with :class:`smar.hf.SMARTrainer`; saves the model and its bias into
     ``out_dir`` and returns the trainer (its ``state.log_history`` holds the ``smar/*`` terms).
 
@@ -201,7 +217,8 @@ def instruct(model, processor, samples: list[dict], out_dir: str, *, arm: str, s
         samples = drop_images(samples)
     cls = {"stop": _StopTrainer, "stop_sample": _StopSampleTrainer}.get(arm, smar.hf.SMARTrainer)
     if router_lr is not None:
-        cls = type(cls.__name__, (_RouterLR, cls), {"router_lr": router_lr})
+        cls = cast(type[smar.hf.SMARTrainer],
+                   type(cls.__name__, (_RouterLR, cls), {"router_lr": router_lr}))  # fmt: skip
     trainer = cls(
         model=model, args=args, train_dataset=samples,
         data_collator=lambda rows: collate(processor, rows), smar_config=arm_config(arm, lb_weight),

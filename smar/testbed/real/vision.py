@@ -10,26 +10,32 @@ learn to answer from these features.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from smar.testbed.data import images, questions
 from smar.testbed.real.data import to_pil
 
+if TYPE_CHECKING:
+    from transformers import LlavaForConditionalGeneration, ProcessorMixin
+
 __all__ = ["pretrain_tower", "vision_probe"]
 
 
-def _pixels(processor, pictures) -> torch.Tensor:
+def _pixels(processor: ProcessorMixin, pictures: list[torch.Tensor]) -> torch.Tensor:
     return processor.image_processor(images=[to_pil(p) for p in pictures],
                                      return_tensors="pt")["pixel_values"]  # fmt: skip
 
 
-def _features(tower, pixels: torch.Tensor) -> torch.Tensor:
+def _features(tower: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return tower(pixel_values=pixels).pooler_output  # (N, H)
 
 
-def pretrain_tower(model, processor, *, steps: int = 300, batch: int = 64, lr: float = 1e-3,
-                   examples: int = 4000, seed: int = 0, probe: int = 200) -> dict:  # fmt: skip
+def pretrain_tower(model: LlavaForConditionalGeneration, processor: ProcessorMixin, *,
+                   steps: int = 300, batch: int = 64, lr: float = 1e-3, examples: int = 4000,
+                   seed: int = 0, probe: int = 200) -> dict:  # fmt: skip
     """Trains ``model.model.vision_tower`` on the testbed's images, then freezes it.
 
     Returns:
@@ -67,7 +73,8 @@ def pretrain_tower(model, processor, *, steps: int = 300, batch: int = 64, lr: f
 
 
 @torch.no_grad()
-def vision_probe(tower, head: nn.Module, processor, n: int = 200) -> dict[str, float]:
+def vision_probe(tower: nn.Module, head: nn.Module, processor: ProcessorMixin,
+                 n: int = 200) -> dict[str, float]:  # fmt: skip
     """The head's accuracy per question type on held-out images (its answer read off the head's
     block for that question's attribute)."""
     size = processor.image_processor.crop_size["height"]

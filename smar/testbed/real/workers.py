@@ -10,17 +10,26 @@ as in one process, and gives the same scores and weights at the same thread coun
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+    from smar.testbed.real.run import RealConfig
 
 __all__ = ["run_parallel"]
 
 _STATE: dict = {}
 
 
-def _init(config, lm_config, tok, start, threads: int, reference=None) -> None:
+def _init(config: RealConfig, lm_config: PretrainedConfig, tok: PreTrainedTokenizerBase,
+          start: dict[str, torch.Tensor], threads: int,
+          reference: torch.Tensor | None = None) -> None:  # fmt: skip
     import transformers
 
     from smar.testbed.real.model import build_run_vlm
@@ -42,8 +51,10 @@ def _job(arm: str, seed: int, folder: str, answers: dict, images: list[dict]) ->
                            Path(folder), progress=False, reference=s["reference"])  # fmt: skip
 
 
-def run_parallel(model, lm_config, tok, cfg, jobs, answers, images, workers: int, done,
-                 progress: bool = True, reference=None) -> None:  # fmt: skip
+def run_parallel(model: torch.nn.Module, lm_config: PretrainedConfig, tok: PreTrainedTokenizerBase,
+                 cfg: RealConfig, jobs: list[tuple[str, str, int, Path]], answers: dict,
+                 images: list[dict], workers: int, done: Callable[[str, dict], None],
+                 progress: bool = True, reference: torch.Tensor | None = None) -> None:  # fmt: skip
     """Runs ``jobs`` (``(name, arm, seed, folder)``) in ``workers`` processes from ``model``'s
     weights (``model`` built by :func:`~smar.testbed.real.model.build_run_vlm` from a language model
     of config ``lm_config`` and tokenizer ``tok``); ``done(name, result)`` is called here as each
