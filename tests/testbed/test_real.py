@@ -208,9 +208,13 @@ def test_image_answer_loss_is_the_training_loss_pooled_over_answer_tokens():
             n = int((batch["labels"][:, 1:] != -100).sum())
             total += float(model(**batch).loss) * n
             count += n
-    got = image_answer_loss(model, proc, samples, batch=3)
+    side, proc.tokenizer.padding_side = proc.tokenizer.padding_side, "left"  # as generation leaves it
+    try:
+        got = image_answer_loss(model, proc, samples, batch=3)
+        assert proc.tokenizer.padding_side == "left"  # restored after collating on the right
+    finally:
+        proc.tokenizer.padding_side = side
     assert got == pytest.approx(total / count, rel=1e-5)
-    assert tok.padding_side == "right"  # (restored)
 
 
 SMOLLM2_TEMPLATE = (  # the tokenizer's own, as the GGUF carries it

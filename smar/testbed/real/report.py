@@ -89,7 +89,8 @@ def aggregate(stage1: dict, runs: dict) -> dict:
             "R_by_seed": {s: r["R"] for s, r in seeds.items()},
             "learns": {k: _ci(r["learns"][k] for r in rows) for k in LEARNS
                        if all(r["learns"][k] is not None for r in rows)},
-            "eval_share_max": max((r["learns"]["eval_share"] or math.nan) for r in rows),
+            "eval_share_max": max((x for r in rows if (x := r["learns"]["eval_share"]) is not None),
+                                  default=math.nan),
             "probes": {
                 p: _ci(r["probes"][p] for r in rows)
                 for p in PROBES
