@@ -17,17 +17,21 @@ under ``torch.no_grad`` in eval mode, in the precision context it is given.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from smar.testbed.real import decode
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
     from PIL import Image
-    from transformers import GenerationMixin, PreTrainedModel
+    from transformers import PreTrainedModel
 
     Cast = AbstractContextManager[Any]  # the precision context (bf16 autocast, or none)
 
@@ -57,18 +61,21 @@ def _nll_sums(model: PreTrainedModel, ids: list[list[int]], starts: list[int], b
     """Summed NLL (nats) of ``ids[i][starts[i]:]`` given what precedes it, per sequence, and
     (``first > 0``) the log-probabilities ``(first, V)`` (float32) the model gives each of the
     first ``first`` scored tokens of each sequence (None for a sequence with fewer), from the same
-    forward. Only the scored positions' logits are normalised (no ``(B, S, V)`` log-softmax)."""
+    forward. The tokens every sequence shares before the first scored one run once
+    (:class:`~smar.testbed.real.decode.Prefix`); only the scored positions' logits are
+    normalised (no ``(B, S, V)`` log-softmax)."""
+    fro = [max(s, 1) - 1 for s in starts]  # position p predicts token p + 1
+    p = min([decode.shared_length(ids, until=decode.placeholders(model)), *fro]) if ids else 0
+    prefix = decode.Prefix(model, ids[0][:p] if ids else [], cast)
     out: list[float] = []
     kept: list[torch.Tensor | None] = []
     for b in range(0, len(ids), batch):
-        rows, firsts = ids[b : b + batch], starts[b : b + batch]
-        x, mask = _padded(rows)
-        with cast:
-            logits = model(input_ids=x, attention_mask=mask).logits
-        for i, (r, s) in enumerate(zip(rows, firsts, strict=True)):
-            at = max(s, 1) - 1  # position p predicts token p + 1
-            logp = logits[i, at : len(r) - 1].float().log_softmax(-1)  # (T, V)
-            out.append(-float(logp.gather(-1, x[i, at + 1 : len(r), None]).sum()))
+        rows = ids[b : b + batch]
+        logits = decode.forward(model, rows, prefix, cast=cast)[0]  # token j of a row at j - p
+        for i, (r, at) in enumerate(zip(rows, fro[b : b + batch], strict=True)):
+            logp = logits[i, at - p : len(r) - 1 - p].float().log_softmax(-1)  # (T, V)
+            target = torch.tensor(r[at + 1 :], dtype=torch.long)  # (T,)
+            out.append(-float(logp.gather(-1, target[:, None]).sum()))
             if first:
                 kept.append(logp[:first].clone() if len(logp) >= first else None)
     return out, kept
@@ -128,34 +135,47 @@ def answer_scores(model: PreTrainedModel, proc: Any, chats: list[list[dict]], *,
     return sum(nll) / math.log(2) / max(nbytes, 1), torch.stack([k for k in kept if k is not None])
 
 
-@torch.no_grad()
-def generate(model: GenerationMixin, proc: Any, chats: list[list[dict]],
-             images: list[list[Image.Image]] | None = None, *, max_new_tokens: int = 24,
-             batch: int = 64, cast: Cast | None = None) -> list[str]:  # fmt: skip
-    """Greedy answers to ``chats`` (each ends with the user's turn), batched with left padding.
+def _eos(model: Any, tok: Any) -> set[int]:
+    """The tokens that end a greedy answer: the model's generation config's end-of-sequence
+    tokens (as ``generate`` reads them), else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = tok.eos_token_id if eos is None else eos
+    return set(eos) if isinstance(eos, (list, tuple)) else {eos} - {None}
 
-    ``images``: one list of images per chat (for a processor), or None."""
+
+@torch.no_grad()
+def generate(model: PreTrainedModel, proc: Any, chats: list[list[dict]],
+             images: list[list[Image.Image]] | None = None, *, max_new_tokens: int = 24,
+             batch: int = 256, cast: Cast | None = None,
+             stop: Callable[[str], bool] | None = None) -> list[str]:  # fmt: skip
+    """Greedy answers to ``chats`` (each ends with the user's turn), batched
+    (:func:`smar.testbed.real.decode.greedy`: the system prompt runs once, finished answers
+    leave the batch).
+
+    ``images``: one list of images per chat (for a processor), or None. ``stop(text)``: an
+    answer whose text it accepts ends there (e.g. a closed code block)."""
     tok = _tokenizer(proc)
-    side = tok.padding_side
-    tok.padding_side = "left"
-    answers = []
-    try:
-        for b in range(0, len(chats), batch):
-            part = chats[b : b + batch]
-            texts = [proc.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                     for c in part]  # fmt: skip
-            kw: dict[str, Any] = {"text": texts}
-            if images is not None:
-                kw["images"] = [im for ims in images[b : b + batch] for im in ims] or None
-            inputs = proc(**kw, padding=True, return_tensors="pt", add_special_tokens=False)
-            with cast or contextlib.nullcontext():
-                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tok.pad_token_id or tok.eos_token_id)  # fmt: skip
-            new = out[:, inputs["input_ids"].shape[1] :]
-            answers += [s.strip() for s in tok.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tok.padding_side = side
-    return answers
+    texts = [proc.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+             for c in chats]  # fmt: skip
+    inputs = None
+    if images is None:
+        rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    else:
+        flat = [im for ims in images for im in ims]
+        enc = proc(text=texts, images=flat or None, padding=True, return_tensors="pt",
+                   add_special_tokens=False)  # fmt: skip
+        rows = [r[m.bool()].tolist() for r, m in zip(enc["input_ids"], enc["attention_mask"],
+                                                      strict=True)]  # fmt: skip
+        first = [0, *itertools.accumulate(len(ims) for ims in images)]  # each chat's first image
+
+        def inputs(s: slice) -> dict[str, Any]:
+            n = slice(first[s.start], first[s.stop])
+            return {"pixel_values": enc["pixel_values"][n]} if n.stop > n.start else {}
+
+    ends = None if stop is None else (lambda ids: stop(tok.decode(ids, skip_special_tokens=True)))
+    new = decode.greedy(model, rows, max_new_tokens=max_new_tokens, eos=_eos(model, tok),
+                        batch=batch, cast=cast, stop=ends, inputs=inputs)  # fmt: skip
+    return [tok.decode(n, skip_special_tokens=True).strip() for n in new]
 
 
 def chosen(answer: str, choices: list[str]) -> int | None:
@@ -170,8 +190,8 @@ def chosen(answer: str, choices: list[str]) -> int | None:
     return best
 
 
-def multimodal_accuracy(model: GenerationMixin, proc: Any, samples: list[dict], *,
-                        batch: int = 40, cast: Cast | None = None) -> dict[str, float]:  # fmt: skip
+def multimodal_accuracy(model: PreTrainedModel, proc: Any, samples: list[dict], *,
+                        batch: int = 80, cast: Cast | None = None) -> dict[str, float]:  # fmt: skip
     """Accuracy per question type (``sample["task"]``) of greedy answers to image questions
     (samples of :func:`smar.testbed.real.data.qa_chat`, scored by :func:`chosen`)."""
     chats = [s["messages"][:-1] for s in samples]
@@ -193,18 +213,28 @@ def image_answer_loss(model: PreTrainedModel, proc: Any, samples: list[dict], *,
 
     tok = _tokenizer(proc)
     side, tok.padding_side = tok.padding_side, "right"
-    total, count = 0.0, 0
     try:
-        for b in range(0, len(samples), batch):
-            inputs = collate(proc, samples[b : b + batch])
-            labels = inputs.pop("labels")
-            with cast or contextlib.nullcontext():
-                logits = model(**inputs).logits
-            target = labels[:, 1:]
-            keep = target != -100
-            logp = logits[:, :-1][keep].float().log_softmax(-1)  # (T, V)
-            total -= float(logp.gather(-1, target[keep][:, None]).sum())
-            count += int(keep.sum())
+        inputs = collate(proc, samples)
     finally:
         tok.padding_side = side
+    keep = inputs["attention_mask"].bool()  # (N, S)
+    rows = [r[k].tolist() for r, k in zip(inputs["input_ids"], keep, strict=True)]
+    labels = [r[k] for r, k in zip(inputs["labels"], keep, strict=True)]
+    # the shared tokens end before the first labelled one
+    p = min([decode.shared_length(rows, until=decode.placeholders(model)),
+             *(int(lab.ne(-100).nonzero()[0]) - 1 for lab in labels if lab.ne(-100).any())])
+    prefix = decode.Prefix(model, rows[0][:p], cast)
+    first = [0, *itertools.accumulate(len(s["images"]) for s in samples)]  # a sample's 1st image
+    total, count = 0.0, 0
+    for b in range(0, len(rows), batch):
+        e = min(b + batch, len(rows))
+        pixels = inputs["pixel_values"][first[b] : first[e]] if "pixel_values" in inputs else None
+        logits = decode.forward(model, rows[b:e], prefix, cast=cast,
+                                **({"pixel_values": pixels} if pixels is not None else {}))[0]
+        for i, lab in enumerate(labels[b:e]):
+            target = lab[p + 1 :]  # token j (j > p) is predicted at j - 1 - p
+            scored = target != -100
+            logp = logits[i, : len(target)][scored].float().log_softmax(-1)  # (T, V)
+            total -= float(logp.gather(-1, target[scored][:, None]).sum())
+            count += int(scored.sum())
     return total / max(count, 1)

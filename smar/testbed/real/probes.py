@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import inspect
 import re
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from smar.testbed.real import decode
 from smar.testbed.real.evaluate import _padded, _tokenizer, answer_scores
 
 if TYPE_CHECKING:
@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from smar.testbed.real.evaluate import Cast
 
 __all__ = ["candidate_ranks", "format_free", "answer_frame", "format_kept",
-           "first_token_logprobs", "first_token_kl", "code_answer", "code_scores"]  # fmt: skip
+           "first_token_logprobs", "first_token_kl", "code_answer", "code_closed",
+           "code_scores"]  # fmt: skip
 
 
 def _head(proc: Any, question: str) -> str:
@@ -44,61 +45,53 @@ def _head(proc: Any, question: str) -> str:
 
 
 @torch.no_grad()
-def candidate_ranks(model: PreTrainedModel, proc: Any, items: list[dict], *, batch: int = 32,
+def candidate_ranks(model: PreTrainedModel, proc: Any, items: list[dict], *, batch: int = 64,
                     cast: Cast | None = None) -> list[int]:  # fmt: skip
     """The rank (0: first) of each item's right answer (``candidates[0]``) among its candidates,
     by the summed log-likelihood of ``" " + candidate`` after the question's chat and the fixed
     ``prefix`` of the answer (items of :func:`smar.testbed.real.texts.knowledge_items`).
 
-    Each context runs once (left-padded, its key-value cache repeated for its candidates); the
-    candidates' tokens follow it in a second forward."""
+    The tokens all contexts share run once (:class:`~smar.testbed.real.decode.Prefix`), each
+    context once (left-padded); a candidate's first token is scored from its context's last
+    logits, and only candidates of two or more tokens run a second forward, from a copy of
+    their context's key-value cache."""
     tok = _tokenizer(proc)
-    cast = cast or contextlib.nullcontext()
+    contexts, tails = [], []
+    for item in items:
+        context = _head(proc, item["question"]) + item["prefix"]
+        ctx = tok(context, add_special_tokens=False)["input_ids"]
+        contexts.append(ctx)
+        tails.append([tok(f"{context} {c}", add_special_tokens=False)["input_ids"][len(ctx) :]
+                      for c in item["candidates"]])  # fmt: skip
+    prefix = decode.Prefix.of(model, contexts, cast)
     ranks = []
     for b in range(0, len(items), batch):
-        part = items[b : b + batch]
-        contexts, tails = [], []
-        for item in part:
-            context = _head(proc, item["question"]) + item["prefix"]
-            ctx = tok(context, add_special_tokens=False)["input_ids"]
-            contexts.append(ctx)
-            tails.append([tok(f"{context} {c}", add_special_tokens=False)["input_ids"][len(ctx) :]
-                          for c in item["candidates"]])  # fmt: skip
-        n = max(map(len, tails))
-        tails = [t + [t[0]] * (n - len(t)) for t in tails]  # (extra candidates are not ranked)
-        x, mask = _padded(contexts, left=True)
-        with cast:
-            out = model(input_ids=x, attention_mask=mask, position_ids=_positions(mask),
-                        use_cache=True)  # fmt: skip
-        last = out.logits[:, -1].float().log_softmax(-1).repeat_interleave(n, 0)  # (B n, V)
-        cache = getattr(out, "cache", None) or out.past_key_values  # (renamed in transformers 5.25)
-        cache.batch_repeat_interleave(n)
-        flat = [c for t in tails for c in t]
-        y, ymask = _padded(flat)
-        at = mask.sum(1).repeat_interleave(n)[:, None] + torch.arange(y.shape[1])
-        with cast:
-            logits = model(input_ids=y, attention_mask=torch.cat(
-                [mask.repeat_interleave(n, 0), ymask], 1), position_ids=at,
-                **{_cache_argument(model): cache}).logits  # fmt: skip
-        nll = []
-        for r, c in enumerate(flat):  # token 0 follows the context, token j > 0 follows j - 1
-            logp = torch.cat([last[r : r + 1], logits[r, : len(c) - 1].float().log_softmax(-1)])
-            nll.append(-float(logp.gather(-1, y[r, : len(c), None]).sum()))
-        for i, t in enumerate(part):
-            mine = nll[i * n : i * n + len(t["candidates"])]  # right answer first
+        part = tails[b : b + batch]
+        flat = [c for t in part for c in t]  # every candidate's tokens
+        owner = torch.tensor([i for i, t in enumerate(part) for _ in t])  # (C,) its context
+        logits, mask, cache = decode.forward(model, contexts[b : b + batch], prefix, cast=cast,
+                                             left=True, logits_to_keep=1)  # fmt: skip
+        last = logits[:, -1].float().log_softmax(-1)  # (B, V) each candidate's first token
+        nll = [-float(last[o, c[0]]) for o, c in zip(owner.tolist(), flat, strict=True)]
+        longer = [r for r, c in enumerate(flat) if len(c) > 1]  # the others need no forward
+        if longer:
+            index = owner[longer]  # (C',)
+            cache.batch_select_indices(index)  # each context's cache, once per longer candidate
+            y, ymask = _padded([flat[r][:-1] for r in longer])  # token j > 0 follows j - 1
+            at = mask.sum(1)[index][:, None] + torch.arange(y.shape[1])  # (C', W)
+            with cast or contextlib.nullcontext():
+                out = model(input_ids=y, attention_mask=torch.cat([mask[index], ymask], 1),
+                            position_ids=at, **{decode.cache_argument(model): cache}).logits
+            for j, r in enumerate(longer):
+                c = flat[r]
+                logp = out[j, : len(c) - 1].float().log_softmax(-1)  # (len - 1, V)
+                nll[r] -= float(logp.gather(-1, torch.tensor(c[1:])[:, None]).sum())
+        start = 0
+        for t in part:
+            mine = nll[start : start + len(t)]  # right answer first
             ranks.append(sum(v < mine[0] for v in mine[1:]))  # ties count for the right answer
+            start += len(t)
     return ranks
-
-
-def _cache_argument(model: PreTrainedModel) -> str:
-    """The forward's name for a key-value cache: ``cache`` (transformers >= 5.25, where
-    ``past_key_values`` is deprecated) or ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Position ids of left-padded rows: 0 at each row's first token."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def format_free(model: PreTrainedModel, proc: Any, items: list[dict], **kw: Any) -> float:
@@ -151,6 +144,12 @@ def code_answer(answer: str) -> str:
     """The code of an answer: its first fenced block (```python ... ```), else the answer."""
     fenced = re.search(r"```(?:python|py)?\s*\n(.*?)(?:```|$)", answer, re.S)
     return fenced.group(1) if fenced else answer
+
+
+def code_closed(answer: str) -> bool:
+    """Whether ``answer``'s first fenced code block is closed: where a code answer ends (the
+    answers are generated up to there, the base's too, so their lengths compare)."""
+    return re.search(r"```(?:python|py)?\s*\n.*?```", answer, re.S) is not None
 
 
 def _defines(code: str, name: str) -> bool:

@@ -47,10 +47,12 @@ from smar.testbed.io import (
 from smar.testbed.real import evaluate, outdir, texts
 from smar.testbed.real.data import description_chat, qa_chat, write_analyze_data
 from smar.testbed.real.model import VisionSpec, build_run_vlm
+from smar.testbed.real.probes import code_closed
 from smar.testbed.real.schema import BASE_ANSWERS, STAGE1_SCORES, read_checked
 from smar.testbed.real.scores import (
     CHAT_TOKENS,
     CODE_TOKENS,
+    EVALUATION,
     KNOWLEDGE_TOKENS,
     first_token_reference,
     score,
@@ -161,7 +163,7 @@ def base_answers(lm: CausalLM, tok: PreTrainedTokenizerBase, cfg: RealConfig, st
     questions = questions[: cfg.eval_knowledge]
     code = texts.code_instructions()
     key = _key(model_id, chat_eval, chat_train, questions, code, CHAT_TOKENS, KNOWLEDGE_TOKENS,
-               CODE_TOKENS)  # fmt: skip
+               CODE_TOKENS, EVALUATION)  # fmt: skip
     path = stages / f"base-answers-{key}.json"
     asked = {"chat_eval": chat_eval, "chat_train": chat_train,
              "knowledge": [q for q, _ in questions], "code": [q for q, _ in code]}  # fmt: skip
@@ -177,7 +179,7 @@ def base_answers(lm: CausalLM, tok: PreTrainedTokenizerBase, cfg: RealConfig, st
     know = evaluate.generate(lm, tok, [[{"role": "user", "content": q}] for q, _ in questions],
                              max_new_tokens=KNOWLEDGE_TOKENS)  # fmt: skip
     coded = evaluate.generate(lm, tok, [[{"role": "user", "content": q}] for q, _ in code],
-                              max_new_tokens=CODE_TOKENS)  # fmt: skip
+                              max_new_tokens=CODE_TOKENS, stop=code_closed)  # fmt: skip
     out = {
         "code": [[q, n, a] for (q, n), a in zip(code, coded, strict=True)],
         "chat_eval": [[q, a] for q, a in zip(chat_eval, said[: len(chat_eval)], strict=True)],
@@ -315,7 +317,8 @@ def _run(cfg: RealConfig, out: Path, base: Base | Callable[[], Base] | None, mod
     images = qa_chat(cfg.eval_images * 5, 0, "eval")
     write_analyze_data(out / "analyze", images, answers)
     evals = {k: v for k, v in dataclasses.asdict(cfg).items() if k.startswith("eval_")}
-    key = _key(model_id, seen, evals, answers["chat_eval"], answers["knowledge"], cfg.precision)
+    key = _key(model_id, seen, evals, answers["chat_eval"], answers["knowledge"], cfg.precision,
+               EVALUATION)  # fmt: skip
     log.info("scores of the stage-1 model")
     stage1 = _cached_scores(stages / f"stage1-scores-{key}.json",
                             lambda: score(model, proc, cfg, answers, images))  # fmt: skip

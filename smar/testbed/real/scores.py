@@ -6,14 +6,17 @@ as their reference."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from smar.errors import CorruptFile
+from smar.experts import bucketed_rows
 from smar.testbed.io import load_tensors, save_tensors, set_aside
 from smar.testbed.real import evaluate, probes, texts
+from smar.testbed.real.precision import autocast, bf16_weights
 
 if TYPE_CHECKING:
     from transformers import LlavaForConditionalGeneration, PreTrainedModel, ProcessorMixin
@@ -29,10 +32,18 @@ CODE_TOKENS = 96  # answers to "write a function" instructions
 FIRST_TOKENS = 4  # the first answer tokens of held-out chats compared with the stage-1 model
 
 
-def _cast(precision: str) -> Cast:
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+# Bumped when the evaluation changes what it answers or scores (cached stage-1 scores and base
+# answers of another version are computed again). 2: the shared prefix runs once, code answers
+# end at their closed code block.
+EVALUATION = 2
+
+
+@contextlib.contextmanager
+def _inference(model: PreTrainedModel, precision: str) -> Iterator[None]:
+    """Evaluation's settings: bf16 weights for bf16 autocast (the same products, no cast at each
+    call), and the experts' rows padded to a few sizes (:func:`smar.experts.bucketed_rows`)."""
+    with bf16_weights(model) if precision == "bf16" else contextlib.nullcontext(), bucketed_rows():
+        yield
 
 
 def score(model: LlavaForConditionalGeneration, proc: ProcessorMixin, cfg: RealConfig,
@@ -42,8 +53,14 @@ def score(model: LlavaForConditionalGeneration, proc: ProcessorMixin, cfg: RealC
     multimodal accuracy per question type, and the format and fact probes
     (:mod:`smar.testbed.real.probes`; the first-token KL against ``reference``, the stage-1
     model's log-probabilities)."""
-    cast = _cast(cfg.eval_precision)
     model.eval()
+    with _inference(model, cfg.eval_precision):
+        return _score(model, proc, cfg, answers, images, reference, autocast(cfg.eval_precision))
+
+
+def _score(model: LlavaForConditionalGeneration, proc: ProcessorMixin, cfg: RealConfig,
+           answers: dict, images: list[dict], reference: torch.Tensor | None,
+           cast: Cast) -> dict:  # fmt: skip
     chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
              for q, a in answers["chat_eval"]]  # fmt: skip
     known = [(q, g) for q, g, a in answers["knowledge"] if texts.is_right(a, g)]
@@ -81,7 +98,8 @@ def _probes(model: LlavaForConditionalGeneration, proc: ProcessorMixin, answers:
     base = {q: a for q, _, a in answers["knowledge"]}
     code = answers["code"]
     coded = evaluate.generate(model, proc, [[{"role": "user", "content": q}] for q, _, _ in code],
-                              max_new_tokens=CODE_TOKENS, cast=cast)  # fmt: skip
+                              max_new_tokens=CODE_TOKENS, cast=cast,
+                              stop=probes.code_closed)  # fmt: skip
     mine, theirs = probes.code_scores(coded, [n for _, n, _ in code]), probes.code_scores(
         [a for _, _, a in code], [n for _, n, _ in code])  # fmt: skip
     out = {
@@ -109,6 +127,8 @@ def first_token_reference(model: PreTrainedModel, proc: ProcessorMixin, precisio
             set_aside(path, getattr(e, "why", str(e)))
     chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
              for q, a in answers["chat_eval"]]  # fmt: skip
-    ref = probes.first_token_logprobs(model, proc, chats, k=FIRST_TOKENS, cast=_cast(precision))
+    with _inference(model, precision):
+        ref = probes.first_token_logprobs(model, proc, chats, k=FIRST_TOKENS,
+                                          cast=autocast(precision))  # fmt: skip
     save_tensors(path, {"logprobs": ref.contiguous()})
     return ref

@@ -1,0 +1,171 @@
+"""Batched forwards and greedy decoding for ``smar real``'s evaluation, the rows' common prefix
+computed once.
+
+Nearly every evaluation prompt begins with the chat template's system prompt (30 of a knowledge
+question's ~37 tokens): :class:`Prefix` runs the tokens every row of a call shares once, and each
+batch continues from a copy of its key-value cache. Rows are laid out as ``prefix | padding |
+row``: the padding is masked, and each token keeps the position it has in its unpadded sequence,
+so a row's logits are those of the row alone (up to the rounding of another batch size).
+
+:func:`greedy` decodes with the same rule as ``transformers``' greedy ``generate`` (argmax, a
+row stops at an end-of-sequence token), drops finished rows from the batch, and stops a row
+early where ``stop`` says its text is complete (e.g. a closed code block).
+
+Shapes legend: B rows, P shared prefix tokens, W padded row width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from smar.testbed.real.evaluate import Cast
+
+__all__ = ["shared_length", "placeholders", "Prefix", "forward", "greedy"]
+
+
+def shared_length(rows: Sequence[Sequence[int]], *, keep: int = 1,
+                  until: Collection[int] = ()) -> int:  # fmt: skip
+    """The number of leading tokens every row shares, leaving at least ``keep`` of each row's
+    own and ending before the first token of ``until`` (image placeholders: their features come
+    with the row); 0 for fewer than two rows (nothing is shared)."""
+    if len(rows) < 2:
+        return 0
+    first, n = rows[0], min(map(len, rows)) - keep
+    at = 0
+    while at < n and first[at] not in until and all(r[at] == first[at] for r in rows):
+        at += 1
+    return max(at, 0)
+
+
+def placeholders(model: PreTrainedModel) -> set[int]:
+    """The ids of the tokens a multimodal model replaces with features (its image token)."""
+    cfg = model.config
+    ids = (getattr(cfg, n, None) for n in ("image_token_id", "image_token_index",
+                                           "video_token_id", "audio_token_id"))  # fmt: skip
+    return {i for i in ids if isinstance(i, int)}
+
+
+def cache_argument(model: PreTrainedModel) -> str:
+    """The forward's name for a key-value cache: ``cache`` (transformers >= 5.25, where
+    ``past_key_values`` is deprecated) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    return getattr(out, "cache", None) or out.past_key_values  # (renamed in transformers 5.25)
+
+
+class Prefix:
+    """The key-value cache of ``ids`` (one row), computed once; :meth:`cache` gives each batch
+    its own copy. ``ids`` may be empty (nothing shared: no cache)."""
+
+    def __init__(self, model: PreTrainedModel, ids: Sequence[int], cast: Cast | None = None):
+        self.model, self.ids = model, list(ids)
+        self._cache = None
+        if self.ids:
+            x = torch.tensor([self.ids])  # (1, P)
+            with torch.no_grad(), cast or contextlib.nullcontext():
+                out = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True,
+                            logits_to_keep=1)  # fmt: skip
+            self._cache = _cache_of(out)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def cache(self, rows: int) -> Any:
+        """A copy of the cache for ``rows`` rows (None when nothing is shared)."""
+        if self._cache is None:
+            return None
+        out = copy.deepcopy(self._cache)
+        out.batch_repeat_interleave(rows)
+        return out
+
+    @classmethod
+    def of(cls, model: PreTrainedModel, rows: Sequence[Sequence[int]], cast: Cast | None = None,
+           *, keep: int = 1) -> Prefix:  # fmt: skip
+        """The prefix every one of ``rows`` shares (:func:`shared_length`; it ends before the
+        model's image placeholders)."""
+        n = shared_length(rows, keep=keep, until=placeholders(model))
+        return cls(model, rows[0][:n] if rows else [], cast)
+
+
+def _layout(rows: Sequence[Sequence[int]], p: int,
+            left: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(ids (B, W), mask (B, P + W), positions (B, W))`` of the rows' tokens after the first
+    ``p``, padded (left or right) after the prefix."""
+    width = max(len(r) - p for r in rows)
+    x = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(x)
+    for i, r in enumerate(rows):
+        n = len(r) - p
+        at = slice(width - n, width) if left else slice(0, n)
+        x[i, at], mask[i, at] = torch.tensor(r[p:], dtype=torch.long), 1
+    positions = p + (mask.cumsum(-1) - 1).clamp(min=0)  # (B, W) each token's unpadded position
+    return x, torch.cat([torch.ones(len(rows), p, dtype=torch.long), mask], 1), positions
+
+
+def forward(model: PreTrainedModel, rows: Sequence[Sequence[int]], prefix: Prefix, *,
+            cast: Cast | None = None, left: bool = False, logits_to_keep: int = 0,
+            **inputs: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:  # fmt: skip
+    """``(logits (B, W, V), mask (B, P + W), cache)`` of ``rows`` (each beginning with
+    ``prefix.ids``) after the prefix: right-padded (row ``i``'s token ``j >= P`` at ``j - P``)
+    or left-padded. ``inputs`` go to the model (``pixel_values``)."""
+    p = len(prefix)
+    x, mask, positions = _layout(rows, p, left)
+    cache = prefix.cache(len(rows))
+    kw = {cache_argument(model): cache} if cache is not None else {}
+    with cast or contextlib.nullcontext():
+        out = model(input_ids=x, attention_mask=mask, position_ids=positions, use_cache=True,
+                    logits_to_keep=logits_to_keep, **kw, **inputs)  # fmt: skip
+    return out.logits, mask, _cache_of(out)
+
+
+@torch.no_grad()
+def greedy(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, max_new_tokens: int,
+           eos: set[int], batch: int = 64, cast: Cast | None = None,
+           stop: Callable[[list[int]], bool] | None = None,
+           inputs: Callable[[slice], dict[str, Any]] | None = None) -> list[list[int]]:  # fmt: skip
+    """The greedy continuation of each row (token ids; an end-of-sequence token it produced
+    included), at most ``max_new_tokens``.
+
+    A row ends at a token of ``eos``, or where ``stop(its new tokens)`` is true. ``inputs(s)``
+    gives the model's other inputs for ``rows[s]`` (``pixel_values``), for the first forward."""
+    prefix = Prefix.of(model, rows, cast)
+    key = cache_argument(model)
+    out: list[list[int]] = [[] for _ in rows]
+    for b in range(0, len(rows), batch):
+        part = slice(b, min(b + batch, len(rows)))
+        extra = inputs(part) if inputs else {}
+        logits, mask, cache = forward(model, rows[part], prefix, cast=cast, left=True,
+                                      logits_to_keep=1, **extra)  # fmt: skip
+        alive = torch.arange(part.start, part.stop)  # (B,) which rows are still decoding
+        at = mask.sum(1)  # (B,) the next token's position
+        for step in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1)  # (B,) (bf16 logits rank as their float32 values)
+            done = []
+            for r, t in zip(alive.tolist(), nxt.tolist(), strict=True):
+                out[r].append(t)
+                done.append(t in eos or (stop is not None and stop(out[r])))
+            if step == max_new_tokens - 1 or all(done):
+                break
+            live = torch.tensor([not d for d in done])
+            if not bool(live.all()):
+                index = live.nonzero()[:, 0]
+                cache.batch_select_indices(index)
+                alive, nxt, mask, at = alive[index], nxt[index], mask[index], at[index]
+            mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=torch.long)], 1)
+            with cast or contextlib.nullcontext():
+                logits = model(input_ids=nxt[:, None], attention_mask=mask,
+                               position_ids=at[:, None], use_cache=True, logits_to_keep=1,
+                               **{key: cache}).logits  # fmt: skip
+            at = at + 1
+    return out

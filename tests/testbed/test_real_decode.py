@@ -1,0 +1,157 @@
+"""The evaluation's batched forwards and greedy decoding (smar/testbed/real/decode.py), its bf16
+weights (precision.bf16_weights) and the experts' padded rows (smar.experts.bucketed_rows),
+each against the plain computation: transformers' own greedy ``generate``, one unpadded forward
+per sequence, autocast on the float32 weights, the unpadded experts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from smar.testbed.real import decode, evaluate  # noqa: E402
+
+QUESTIONS = ["what is the capital of a picture ?", "tell me a number", "write a sentence",
+             "describe the colour of it", "what shape do you see ?"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from test_real_run import _tiny_base
+
+    return _tiny_base()
+
+
+def _rows(tok, questions=QUESTIONS):
+    return [tok(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                        add_generation_prompt=True),  # fmt: skip
+                add_special_tokens=False)["input_ids"] for q in questions]
+
+
+def test_shared_length_keeps_a_token_of_each_row_and_stops_at_placeholders():
+    assert decode.shared_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert decode.shared_length([[1, 2, 3], [1, 2, 3]]) == 2  # one token of each row left
+    assert decode.shared_length([[1, 2, 3], [1, 2, 3]], keep=2) == 1
+    assert decode.shared_length([[1, 7, 3, 4], [1, 7, 3, 5]], until={7}) == 1
+    assert decode.shared_length([[1, 2, 3]]) == 0  # one row: nothing to share
+    assert decode.shared_length([[5, 1], [6, 1]]) == 0
+
+
+def test_forward_after_a_shared_prefix_gives_each_rows_own_logits(tiny):
+    """Right- and left-padded rows after the prefix's cache: row i's logits are those of its
+    own unpadded forward."""
+    model, tok = tiny
+    rows = _rows(tok)
+    prefix = decode.Prefix.of(model, rows)
+    assert len(prefix) >= 5  # the chat template's system prompt
+    with torch.no_grad():
+        alone = [model(input_ids=torch.tensor([r])).logits[0] for r in rows]  # (S_i, V)
+        right = decode.forward(model, rows, prefix)[0]
+        left = decode.forward(model, rows, prefix, left=True)[0]
+    p, width = len(prefix), max(map(len, rows)) - len(prefix)
+    for i, r in enumerate(rows):
+        n = len(r) - p
+        torch.testing.assert_close(right[i, :n], alone[i][p:], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(left[i, width - n :], alone[i][p:], rtol=1e-5, atol=1e-5)
+
+
+def test_generate_gives_transformers_greedy_answers(tiny):
+    """The same answers as ``model.generate(do_sample=False)``, one chat at a time (no padding),
+    whatever the batch: finished rows leave it without changing the others."""
+    model, tok = tiny
+    chats = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    want = []
+    for row in _rows(tok):
+        x = torch.tensor([row])
+        with torch.no_grad():
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=9,
+                                 do_sample=False, pad_token_id=tok.pad_token_id)  # fmt: skip
+        want.append(tok.decode(out[0, len(row) :], skip_special_tokens=True).strip())
+    for batch in (1, 2, 5):
+        assert evaluate.generate(model, tok, chats, max_new_tokens=9, batch=batch) == want
+
+
+def test_greedy_ends_a_row_at_eos_or_where_stop_says(tiny):
+    model, tok = tiny
+    rows = _rows(tok)
+    free = decode.greedy(model, rows, max_new_tokens=8, eos=set())
+    assert all(len(r) == 8 for r in free)
+    first = free[0][2]
+    ended = decode.greedy(model, rows, max_new_tokens=8, eos={first})
+    for f, e in zip(free, ended, strict=True):  # each row ends at its first `first`, included
+        assert e == (f[: f.index(first) + 1] if first in f else f)
+    stopped = decode.greedy(model, rows, max_new_tokens=8, eos=set(), stop=lambda ids: len(ids) == 3)
+    assert stopped == [f[:3] for f in free]
+
+
+def test_generate_with_images_matches_one_chat_at_a_time():
+    """Image chats: each row's pixels go with the first forward of its batch; the answers equal
+    those of each chat alone."""
+    from test_real import _tiny_vlm
+
+    from smar.testbed.real.data import qa_chat
+
+    lm, spec, model, tok, proc = _tiny_vlm()
+    samples = qa_chat(5, seed=3, split="eval")
+    chats, images = [s["messages"][:-1] for s in samples], [s["images"] for s in samples]
+    alone = [evaluate.generate(model, proc, [c], [im], max_new_tokens=4)[0]
+             for c, im in zip(chats, images, strict=True)]  # fmt: skip
+    assert evaluate.generate(model, proc, chats, images, max_new_tokens=4, batch=2) == alone
+
+
+def test_bf16_weights_give_autocasts_products_bit_for_bit_and_are_given_back():
+    """Under bf16 autocast, a model whose matrix weights are held in bf16 computes the same
+    logits bit for bit as the float32 model (autocast casts those weights to the same values at
+    each call); the float32 parameters are back after, the same objects."""
+    from test_real import _tiny_vlm
+
+    from smar.testbed.real.precision import bf16_weights
+
+    lm, spec, model, tok, proc = _tiny_vlm()
+    x = torch.randint(0, len(tok), (3, 12))
+    before = {n: p for n, p in model.named_parameters()}
+    values = {n: p.detach().clone() for n, p in before.items()}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(input_ids=x).logits
+        with bf16_weights(model):
+            assert model.lm_head.weight.dtype == torch.bfloat16
+            assert model.model.language_model.embed_tokens.weight.dtype == torch.float32
+            got = model(input_ids=x).logits
+    assert torch.equal(got, want)
+    after = dict(model.named_parameters())
+    assert all(after[n] is p and torch.equal(p, values[n]) for n, p in before.items())
+
+
+def test_bucket_sizes():
+    from smar.experts import bucket
+
+    for n in range(1, 5000):
+        b = bucket(n)
+        assert b >= n and (b % 16 == 0)
+        assert b <= (n + 15 if n <= 128 else n * 9 / 8)
+    assert len({bucket(n) for n in range(1, 5000)}) <= 50  # few shapes for the kernel cache
+
+
+def test_bucketed_rows_give_the_unpadded_outputs_and_gradients():
+    """Padded rows change an MoE block's outputs and gradients by rounding only (zero rows add
+    nothing); outside the context nothing is padded."""
+    from smar.experts import bucketed_rows
+    from smar.moe import MoEBlock
+
+    torch.manual_seed(0)
+    block = MoEBlock(16, 32, num_experts=4, top_k=2)
+    x = torch.randn(37, 16, requires_grad=True)
+    want = block(x)
+    want.square().sum().backward()
+    grads = [x.grad.clone(), block.gate_up_proj.grad.clone(), block.down_proj.grad.clone()]
+    x.grad = block.gate_up_proj.grad = block.down_proj.grad = None
+    with bucketed_rows():
+        got = block(x)
+    got.square().sum().backward()
+    torch.testing.assert_close(got, want)
+    for g, w in zip([x.grad, block.gate_up_proj.grad, block.down_proj.grad], grads, strict=True):
+        torch.testing.assert_close(g, w)
