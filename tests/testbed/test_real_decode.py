@@ -155,3 +155,23 @@ def test_bucketed_rows_give_the_unpadded_outputs_and_gradients():
     torch.testing.assert_close(got, want)
     for g, w in zip([x.grad, block.gate_up_proj.grad, block.down_proj.grad], grads, strict=True):
         torch.testing.assert_close(g, w)
+
+
+def test_image_scores_are_the_accuracy_and_the_answer_loss_from_one_forward():
+    """Accuracy and image-answer loss from one forward of each question (its answer scored from
+    the question's cache, cropped back before decoding): the values of multimodal_accuracy and
+    image_answer_loss, which run apart."""
+    from test_real import _tiny_vlm
+
+    from smar.testbed.real.data import qa_chat
+
+    lm, spec, model, tok, proc = _tiny_vlm()
+    model.eval()
+    samples = qa_chat(6, seed=2, split="eval")
+    acc, loss = evaluate.image_scores(model, proc, samples, batch=4)
+    assert acc == evaluate.multimodal_accuracy(model, proc, samples, batch=4)
+    assert loss == pytest.approx(evaluate.image_answer_loss(model, proc, samples), rel=1e-5)
+    more = qa_chat(11, seed=5, split="eval")  # batches of 3 and one of 2
+    assert evaluate.image_scores(model, proc, more, batch=3) == (
+        evaluate.multimodal_accuracy(model, proc, more),
+        pytest.approx(evaluate.image_answer_loss(model, proc, more, batch=11), rel=1e-5))

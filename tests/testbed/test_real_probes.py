@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from smar.testbed.real import probes  # noqa: E402
+from smar.testbed.real import evaluate, probes  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,11 @@ def test_candidate_ranks_equal_the_by_hand_likelihood_ranks(tiny):
         assert rank == sum(x > ll[0] for x in ll[1:])
     assert probes.format_free(model, tok, items) == sum(r == 0 for r in got) / 3
     assert probes.candidate_ranks(model, tok, items, batch=1) == got  # padding apart
+    # with the greedy answers, from one forward of each question
+    said, ranks = probes.knowledge_scores(model, tok, items, max_new_tokens=5, batch=2)
+    assert ranks == got
+    assert said == evaluate.generate(model, tok, [[{"role": "user", "content": it["question"]}]
+                                                  for it in items], max_new_tokens=5)  # fmt: skip
 
 
 def test_answer_scores_are_the_bits_per_byte_and_first_tokens_of_one_forward(tiny):

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
     from smar.testbed.real.evaluate import Cast
 
-__all__ = ["shared_length", "placeholders", "Prefix", "forward", "greedy"]
+__all__ = ["shared_length", "placeholders", "copy_cache", "select_cache", "Prefix", "forward",
+           "greedy"]
 
 
 def shared_length(rows: Sequence[Sequence[int]], *, keep: int = 1,
@@ -64,6 +65,21 @@ def _cache_of(out: Any) -> Any:
     return getattr(out, "cache", None) or out.past_key_values  # (renamed in transformers 5.25)
 
 
+def copy_cache(cache: Any) -> Any:
+    """An independent copy of a key-value cache (its tensors copied)."""
+    return copy.deepcopy(cache)
+
+
+def select_cache(cache: Any, index: torch.Tensor) -> Any:
+    """A cache of the rows ``index`` of ``cache`` (repeats allowed), which stays as it is: each
+    layer is copied shallowly and selects its rows into new tensors, as a cache updates its
+    layers (by assignment, never in place)."""
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    out.batch_select_indices(index)
+    return out
+
+
 class Prefix:
     """The key-value cache of ``ids`` (one row), computed once; :meth:`cache` gives each batch
     its own copy. ``ids`` may be empty (nothing shared: no cache)."""
@@ -85,7 +101,7 @@ class Prefix:
         """A copy of the cache for ``rows`` rows (None when nothing is shared)."""
         if self._cache is None:
             return None
-        out = copy.deepcopy(self._cache)
+        out = copy_cache(self._cache)
         out.batch_repeat_interleave(rows)
         return out
 
@@ -133,12 +149,16 @@ def forward(model: PreTrainedModel, rows: Sequence[Sequence[int]], prefix: Prefi
 def greedy(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, max_new_tokens: int,
            eos: set[int], batch: int = 64, cast: Cast | None = None,
            stop: Callable[[list[int]], bool] | None = None,
-           inputs: Callable[[slice], dict[str, Any]] | None = None) -> list[list[int]]:  # fmt: skip
+           inputs: Callable[[slice], dict[str, Any]] | None = None,
+           prefilled: Callable[[slice, torch.Tensor, torch.Tensor, Any], None] | None = None,
+           ) -> list[list[int]]:  # fmt: skip
     """The greedy continuation of each row (token ids; an end-of-sequence token it produced
     included), at most ``max_new_tokens``.
 
     A row ends at a token of ``eos``, or where ``stop(its new tokens)`` is true. ``inputs(s)``
-    gives the model's other inputs for ``rows[s]`` (``pixel_values``), for the first forward."""
+    gives the model's other inputs for ``rows[s]`` (``pixel_values``), for the first forward.
+    ``prefilled(s, last logits (B, V), mask (B, P + W), cache)`` is called after each batch's
+    first forward, before its decoding; it may extend the cache if it crops it back."""
     prefix = Prefix.of(model, rows, cast)
     key = cache_argument(model)
     out: list[list[int]] = [[] for _ in rows]
@@ -147,6 +167,8 @@ def greedy(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, max_new_tok
         extra = inputs(part) if inputs else {}
         logits, mask, cache = forward(model, rows[part], prefix, cast=cast, left=True,
                                       logits_to_keep=1, **extra)  # fmt: skip
+        if prefilled is not None:
+            prefilled(part, logits[:, -1], mask, cache)
         alive = torch.arange(part.start, part.stop)  # (B,) which rows are still decoding
         at = mask.sum(1)  # (B,) the next token's position
         for step in range(max_new_tokens):

@@ -8,7 +8,7 @@
 * :func:`generate`: greedy answers to a batch of chats (left-padded, batched).
 * :func:`multimodal_accuracy`: per question type, the share of image questions whose greedy answer
   names the right choice first; :func:`image_answer_loss`: the teacher-forced loss of their
-  answers.
+  answers; :func:`image_scores`: both from one forward of each question.
 
 Every function takes a ``transformers`` processor or tokenizer with the chat template and runs
 under ``torch.no_grad`` in eval mode, in the precision context it is given.
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     Cast = AbstractContextManager[Any]  # the precision context (bf16 autocast, or none)
 
 __all__ = ["text_bpb", "answer_bpb", "answer_scores", "generate", "chosen", "multimodal_accuracy",
-           "image_answer_loss"]
+           "image_answer_loss", "image_scores"]
 
 
 def _tokenizer(proc: Any) -> Any:
@@ -166,11 +166,7 @@ def generate(model: PreTrainedModel, proc: Any, chats: list[list[dict]],
                    add_special_tokens=False)  # fmt: skip
         rows = [r[m.bool()].tolist() for r, m in zip(enc["input_ids"], enc["attention_mask"],
                                                       strict=True)]  # fmt: skip
-        first = [0, *itertools.accumulate(len(ims) for ims in images)]  # each chat's first image
-
-        def inputs(s: slice) -> dict[str, Any]:
-            n = slice(first[s.start], first[s.stop])
-            return {"pixel_values": enc["pixel_values"][n]} if n.stop > n.start else {}
+        inputs = _pixels(enc, [{"images": ims} for ims in images])
 
     ends = None if stop is None else (lambda ids: stop(tok.decode(ids, skip_special_tokens=True)))
     new = decode.greedy(model, rows, max_new_tokens=max_new_tokens, eos=_eos(model, tok),
@@ -197,18 +193,19 @@ def multimodal_accuracy(model: PreTrainedModel, proc: Any, samples: list[dict], 
     chats = [s["messages"][:-1] for s in samples]
     answers = generate(model, proc, chats, [s["images"] for s in samples], max_new_tokens=8,
                        batch=batch, cast=cast)  # fmt: skip
+    return _accuracy(samples, answers)
+
+
+def _accuracy(samples: list[dict], answers: list[str]) -> dict[str, float]:
     right: dict[str, list[bool]] = {}
     for s, a in zip(samples, answers, strict=True):
         right.setdefault(s["task"], []).append(chosen(a, s["choices"]) == s["answer"])
     return {t: sum(r) / len(r) for t, r in right.items()}
 
 
-@torch.no_grad()
-def image_answer_loss(model: PreTrainedModel, proc: Any, samples: list[dict], *, batch: int = 40,
-                      cast: Cast | None = None) -> float:  # fmt: skip
-    """Mean NLL (nats per token) of the assistant's answers to held-out image questions,
-    teacher-forced and labelled as in training (:func:`smar.testbed.real.data.collate`): whether
-    a run still learns the multimodal task."""
+def _labelled(proc: Any, samples: list[dict]) -> tuple[dict, list[list[int]], list[torch.Tensor]]:
+    """``(inputs, rows, labels)``: the samples as training labels them
+    (:func:`smar.testbed.real.data.collate`), each row and its labels without padding."""
     from smar.testbed.real.data import collate
 
     tok = _tokenizer(proc)
@@ -219,18 +216,72 @@ def image_answer_loss(model: PreTrainedModel, proc: Any, samples: list[dict], *,
         tok.padding_side = side
     keep = inputs["attention_mask"].bool()  # (N, S)
     rows = [r[k].tolist() for r, k in zip(inputs["input_ids"], keep, strict=True)]
-    labels = [r[k] for r, k in zip(inputs["labels"], keep, strict=True)]
+    return inputs, rows, [r[k] for r, k in zip(inputs["labels"], keep, strict=True)]
+
+
+def _pixels(inputs: dict, samples: list[dict]) -> Callable[[slice], dict[str, Any]]:
+    """The ``pixel_values`` of ``samples[s]`` (each sample's images, in order)."""
+    first = [0, *itertools.accumulate(len(s["images"]) for s in samples)]
+
+    def of(s: slice) -> dict[str, Any]:
+        n = slice(first[s.start], first[s.stop])
+        return {"pixel_values": inputs["pixel_values"][n]} if n.stop > n.start else {}
+
+    return of
+
+
+@torch.no_grad()
+def image_scores(model: PreTrainedModel, proc: Any, samples: list[dict], *, batch: int = 80,
+                 cast: Cast | None = None) -> tuple[dict[str, float], float]:  # fmt: skip
+    """:func:`multimodal_accuracy` and :func:`image_answer_loss` from one forward of each
+    question: its answer's tokens are scored from the question's key-value cache (cropped back
+    after) before the greedy answer is decoded from it."""
+    inputs, rows, labels = _labelled(proc, samples)
+    heads = [r[: int(lab.ne(-100).nonzero()[0])] for r, lab in zip(rows, labels, strict=True)]
+    nll = [0.0, 0.0]  # summed NLL, answer tokens
+
+    def score(s: slice, last: torch.Tensor, mask: torch.Tensor, cache: Any) -> None:
+        answers = [r[len(h) :] for r, h in zip(rows[s], heads[s], strict=True)]
+        logp0 = last.float().log_softmax(-1)  # (B, V) each answer's first token
+        for i, a in enumerate(answers):
+            nll[0] -= float(logp0[i, a[0]])
+        nll[1] += sum(map(len, answers))
+        if max(map(len, answers)) < 2:
+            return
+        y, ymask = _padded([a[:-1] for a in answers])  # token j > 0 follows j - 1
+        at = mask.sum(1)[:, None] + torch.arange(y.shape[1])  # (B, A)
+        with cast or contextlib.nullcontext():
+            logits = model(input_ids=y, attention_mask=torch.cat([mask, ymask], 1),
+                           position_ids=at, use_cache=True,
+                           **{decode.cache_argument(model): cache}).logits  # fmt: skip
+        cache.crop(-y.shape[1])  # back to the question alone, for decoding (minus: remove)
+        for i, a in enumerate(answers):
+            logp = logits[i, : len(a) - 1].float().log_softmax(-1)  # (len - 1, V)
+            nll[0] -= float(logp.gather(-1, torch.tensor(a[1:])[:, None]).sum())
+
+    tok = _tokenizer(proc)
+    new = decode.greedy(model, heads, max_new_tokens=8, eos=_eos(model, tok), batch=batch,
+                        cast=cast, inputs=_pixels(inputs, samples), prefilled=score)  # fmt: skip
+    said = [tok.decode(n, skip_special_tokens=True).strip() for n in new]
+    return _accuracy(samples, said), nll[0] / max(nll[1], 1)
+
+
+@torch.no_grad()
+def image_answer_loss(model: PreTrainedModel, proc: Any, samples: list[dict], *, batch: int = 40,
+                      cast: Cast | None = None) -> float:  # fmt: skip
+    """Mean NLL (nats per token) of the assistant's answers to held-out image questions,
+    teacher-forced and labelled as in training (:func:`smar.testbed.real.data.collate`): whether
+    a run still learns the multimodal task."""
+    inputs, rows, labels = _labelled(proc, samples)
     # the shared tokens end before the first labelled one
     p = min([decode.shared_length(rows, until=decode.placeholders(model)),
              *(int(lab.ne(-100).nonzero()[0]) - 1 for lab in labels if lab.ne(-100).any())])
     prefix = decode.Prefix(model, rows[0][:p], cast)
-    first = [0, *itertools.accumulate(len(s["images"]) for s in samples)]  # a sample's 1st image
+    pixels = _pixels(inputs, samples)
     total, count = 0.0, 0
     for b in range(0, len(rows), batch):
         e = min(b + batch, len(rows))
-        pixels = inputs["pixel_values"][first[b] : first[e]] if "pixel_values" in inputs else None
-        logits = decode.forward(model, rows[b:e], prefix, cast=cast,
-                                **({"pixel_values": pixels} if pixels is not None else {}))[0]
+        logits = decode.forward(model, rows[b:e], prefix, cast=cast, **pixels(slice(b, e)))[0]
         for i, lab in enumerate(labels[b:e]):
             target = lab[p + 1 :]  # token j (j > p) is predicted at j - 1 - p
             scored = target != -100

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from smar.testbed.real.evaluate import Cast
 
-__all__ = ["candidate_ranks", "format_free", "answer_frame", "format_kept",
+__all__ = ["candidate_ranks", "knowledge_scores", "format_free", "answer_frame", "format_kept",
            "first_token_logprobs", "first_token_kl", "code_answer", "code_closed",
            "code_scores"]  # fmt: skip
 
@@ -61,36 +61,97 @@ def candidate_ranks(model: PreTrainedModel, proc: Any, items: list[dict], *, bat
         context = _head(proc, item["question"]) + item["prefix"]
         ctx = tok(context, add_special_tokens=False)["input_ids"]
         contexts.append(ctx)
-        tails.append([tok(f"{context} {c}", add_special_tokens=False)["input_ids"][len(ctx) :]
-                      for c in item["candidates"]])  # fmt: skip
+        tails.append(_tails(tok, context, ctx, item["candidates"]))
     prefix = decode.Prefix.of(model, contexts, cast)
     ranks = []
     for b in range(0, len(items), batch):
-        part = tails[b : b + batch]
-        flat = [c for t in part for c in t]  # every candidate's tokens
-        owner = torch.tensor([i for i, t in enumerate(part) for _ in t])  # (C,) its context
         logits, mask, cache = decode.forward(model, contexts[b : b + batch], prefix, cast=cast,
                                              left=True, logits_to_keep=1)  # fmt: skip
-        last = logits[:, -1].float().log_softmax(-1)  # (B, V) each candidate's first token
-        nll = [-float(last[o, c[0]]) for o, c in zip(owner.tolist(), flat, strict=True)]
-        longer = [r for r, c in enumerate(flat) if len(c) > 1]  # the others need no forward
-        if longer:
-            index = owner[longer]  # (C',)
-            cache.batch_select_indices(index)  # each context's cache, once per longer candidate
-            y, ymask = _padded([flat[r][:-1] for r in longer])  # token j > 0 follows j - 1
-            at = mask.sum(1)[index][:, None] + torch.arange(y.shape[1])  # (C', W)
-            with cast or contextlib.nullcontext():
-                out = model(input_ids=y, attention_mask=torch.cat([mask[index], ymask], 1),
-                            position_ids=at, **{decode.cache_argument(model): cache}).logits
-            for j, r in enumerate(longer):
-                c = flat[r]
-                logp = out[j, : len(c) - 1].float().log_softmax(-1)  # (len - 1, V)
-                nll[r] -= float(logp.gather(-1, torch.tensor(c[1:])[:, None]).sum())
-        start = 0
-        for t in part:
-            mine = nll[start : start + len(t)]  # right answer first
-            ranks.append(sum(v < mine[0] for v in mine[1:]))  # ties count for the right answer
-            start += len(t)
+        first = logits[:, -1].float().log_softmax(-1)  # (B, V) each candidate's first token
+        ranks += _ranks(model, tails[b : b + batch], first, mask, cache, cast)
+    return ranks
+
+
+@torch.no_grad()
+def knowledge_scores(model: PreTrainedModel, proc: Any, items: list[dict], *,
+                     max_new_tokens: int, batch: int = 256,
+                     cast: Cast | None = None) -> tuple[list[str], list[int]]:  # fmt: skip
+    """``(answers, ranks)``: the greedy answers to the items' questions
+    (:func:`smar.testbed.real.evaluate.generate`) and their right answers' ranks
+    (:func:`candidate_ranks`), from one forward of each question: its answer prefix and
+    candidates are scored from the question's key-value cache (a copy), which is cropped back
+    before the answer is decoded from it. Where a question's tokens do not begin its context's
+    (a tokenizer that merges across the two), the ranks are computed apart."""
+    from smar.testbed.real.evaluate import _eos
+
+    tok = _tokenizer(proc)
+    heads = [tok(_head(proc, it["question"]), add_special_tokens=False)["input_ids"]
+             for it in items]  # fmt: skip
+    contexts = [tok(_head(proc, it["question"]) + it["prefix"], add_special_tokens=False)
+                ["input_ids"] for it in items]  # fmt: skip
+    if any(c[: len(h)] != h or len(c) == len(h) for h, c in zip(heads, contexts, strict=True)):
+        said = decode.greedy(model, heads, max_new_tokens=max_new_tokens, eos=_eos(model, tok),
+                             batch=batch, cast=cast)  # fmt: skip
+        answers = [tok.decode(n, skip_special_tokens=True).strip() for n in said]
+        return answers, candidate_ranks(model, proc, items, cast=cast)
+    tails = [_tails(tok, _head(proc, it["question"]) + it["prefix"], c, it["candidates"])
+             for it, c in zip(items, contexts, strict=True)]  # fmt: skip
+    ranks: list[int] = []
+
+    def rank(s: slice, last: torch.Tensor, mask: torch.Tensor, cache: Any) -> None:
+        prefixes = [c[len(h) :] for h, c in zip(heads[s], contexts[s], strict=True)]
+        y, ymask = _padded(prefixes)  # (B, W') each answer prefix, after its question
+        at = mask.sum(1)[:, None] + torch.arange(y.shape[1])
+        mask = torch.cat([mask, ymask], 1)
+        with cast or contextlib.nullcontext():
+            logits = model(input_ids=y, attention_mask=mask, position_ids=at, use_cache=True,
+                           **{decode.cache_argument(model): cache}).logits  # fmt: skip
+        ends = torch.tensor([len(p) - 1 for p in prefixes])  # each prefix's last token
+        first = logits[torch.arange(len(prefixes)), ends].float().log_softmax(-1)  # (B, V)
+        ranks.extend(_ranks(model, tails[s], first, mask, cache, cast))
+        cache.crop(-y.shape[1])  # back to the questions alone, for decoding (minus: remove)
+
+    said = decode.greedy(model, heads, max_new_tokens=max_new_tokens, eos=_eos(model, tok),
+                         batch=batch, cast=cast, prefilled=rank)  # fmt: skip
+    return [tok.decode(n, skip_special_tokens=True).strip() for n in said], ranks
+
+
+def _tails(tok: Any, context: str, ctx: list[int], candidates: list[str]) -> list[list[int]]:
+    """Each candidate's tokens after its context's (``" " + candidate``)."""
+    return [tok(f"{context} {c}", add_special_tokens=False)["input_ids"][len(ctx) :]
+            for c in candidates]  # fmt: skip
+
+
+def _ranks(model: PreTrainedModel, tails: list[list[list[int]]], first: torch.Tensor,
+           mask: torch.Tensor, cache: Any, cast: Cast | None) -> list[int]:  # fmt: skip
+    """The rank of each context's first candidate among its ``tails`` (token lists), given the
+    log-probabilities ``first (B, V)`` after each context and its key-value ``cache`` (``mask
+    (B, S)``; left as it is): a candidate's first token is scored from ``first``; only candidates of
+    two or more tokens run a forward, one per length, from their contexts' caches."""
+    flat = [c for t in tails for c in t]  # every candidate's tokens
+    owner = torch.tensor([i for i, t in enumerate(tails) for _ in t])  # (C,) its context
+    nll = [-float(first[o, c[0]]) for o, c in zip(owner.tolist(), flat, strict=True)]
+    widths: dict[int, list[int]] = {}  # candidates of two or more tokens, by their length - 1
+    for r, c in enumerate(flat):
+        if len(c) > 1:
+            widths.setdefault(len(c) - 1, []).append(r)
+    for width, rows in sorted(widths.items()):
+        index = owner[rows]  # (C',) one forward per width: no padding
+        mine = decode.select_cache(cache, index)  # each context's cache, once per candidate
+        y = torch.tensor([flat[r][:-1] for r in rows])  # (C', width) token j > 0 follows j - 1
+        at = mask.sum(1)[index][:, None] + torch.arange(width)  # (C', width)
+        with cast or contextlib.nullcontext():
+            out = model(input_ids=y, attention_mask=torch.cat(
+                [mask[index], torch.ones_like(y)], 1), position_ids=at,
+                **{decode.cache_argument(model): mine}).logits  # fmt: skip
+        logp = out.float().log_softmax(-1)  # (C', width, V)
+        for j, r in enumerate(rows):
+            nll[r] -= float(logp[j].gather(-1, torch.tensor(flat[r][1:])[:, None]).sum())
+    ranks, start = [], 0
+    for t in tails:
+        mine = nll[start : start + len(t)]  # right answer first
+        ranks.append(sum(v < mine[0] for v in mine[1:]))  # ties count for the right answer
+        start += len(t)
     return ranks
 
 

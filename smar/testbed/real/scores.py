@@ -64,11 +64,15 @@ def _score(model: LlavaForConditionalGeneration, proc: ProcessorMixin, cfg: Real
     chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
              for q, a in answers["chat_eval"]]  # fmt: skip
     known = [(q, g) for q, g, a in answers["knowledge"] if texts.is_right(a, g)]
-    said = evaluate.generate(model, proc, [[{"role": "user", "content": q}] for q, _ in known],
-                             max_new_tokens=KNOWLEDGE_TOKENS, cast=cast)  # fmt: skip
+    items = {it["question"]: it for it in texts.knowledge_items()}
+    said, ranks = probes.knowledge_scores(model, proc, [items[q] for q, _ in known],
+                                          max_new_tokens=KNOWLEDGE_TOKENS,
+                                          cast=cast) if known else ([], [])  # fmt: skip
     code = texts.humaneval()[: cfg.eval_code]
     prose = [("", p) for p in texts.prose(cfg.eval_prose)]
-    chat_bpb, firsts = evaluate.answer_scores(model, proc, chats, first=FIRST_TOKENS, cast=cast)
+    chat_bpb, firsts = evaluate.answer_scores(model, proc, chats, first=FIRST_TOKENS, batch=32,
+                                              cast=cast)  # fmt: skip
+    multimodal, image_loss = evaluate.image_scores(model, proc, images, cast=cast)
     language = {
         "chat_bpb": chat_bpb,
         "code_bpb": evaluate.text_bpb(model, proc, code, cast=cast),
@@ -80,21 +84,21 @@ def _score(model: LlavaForConditionalGeneration, proc: ProcessorMixin, cfg: Real
         ) / len(known)
     return {
         "language": language,
-        "probes": _probes(model, proc, answers, known, said, firsts, reference, cast),
+        "probes": _probes(model, proc, answers, known, said, ranks, firsts, reference, cast),
         "knowledge_asked": len(known),
         "knowledge_answers": [[q, a] for (q, _), a in zip(known, said, strict=True)],
-        "multimodal": evaluate.multimodal_accuracy(model, proc, images, cast=cast),
-        "image_answer_loss": evaluate.image_answer_loss(model, proc, images, cast=cast),
+        "multimodal": multimodal,
+        "image_answer_loss": image_loss,
     }
 
 
 def _probes(model: LlavaForConditionalGeneration, proc: ProcessorMixin, answers: dict,
-            known: list[tuple[str, str]], said: list[str], firsts: torch.Tensor,
-            reference: torch.Tensor | None, cast: Cast) -> dict:  # fmt: skip
-    """Format and fact apart: the format-free knowledge score and the base's answer frame kept
-    (the known questions), code instructions, and the first-token KL to stage 1."""
-    asked = {q for q, _ in known}
-    items = [it for it in texts.knowledge_items() if it["question"] in asked]
+            known: list[tuple[str, str]], said: list[str], ranks: list[int],
+            firsts: torch.Tensor, reference: torch.Tensor | None,
+            cast: Cast) -> dict:  # fmt: skip
+    """Format and fact apart: the format-free knowledge score (the right answers' ``ranks``) and
+    the base's answer frame kept (the known questions), code instructions, and the first-token
+    KL to stage 1."""
     base = {q: a for q, _, a in answers["knowledge"]}
     code = answers["code"]
     coded = evaluate.generate(model, proc, [[{"role": "user", "content": q}] for q, _, _ in code],
@@ -103,7 +107,7 @@ def _probes(model: LlavaForConditionalGeneration, proc: ProcessorMixin, answers:
     mine, theirs = probes.code_scores(coded, [n for _, n, _ in code]), probes.code_scores(
         [a for _, _, a in code], [n for _, n, _ in code])  # fmt: skip
     out = {
-        "format_free": probes.format_free(model, proc, items, cast=cast) if items else None,
+        "format_free": sum(r == 0 for r in ranks) / len(ranks) if ranks else None,
         "format_kept": probes.format_kept([base[q] for q, _ in known], said, [g for _, g in known])
         if known
         else None,  # fmt: skip
