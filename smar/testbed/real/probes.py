@@ -100,14 +100,13 @@ def knowledge_scores(model: PreTrainedModel, proc: Any, items: list[dict], *,
 
     def rank(s: slice, last: torch.Tensor, mask: torch.Tensor, cache: Any) -> None:
         prefixes = [c[len(h) :] for h, c in zip(heads[s], contexts[s], strict=True)]
-        y, ymask = _padded(prefixes)  # (B, W') each answer prefix, after its question
-        at = mask.sum(1)[:, None] + torch.arange(y.shape[1])
+        y, ymask = _padded(prefixes, left=True)  # (B, W') each answer prefix, last at the end
+        at = mask.sum(1)[:, None] + (ymask.cumsum(1) - 1).clamp(min=0)
         mask = torch.cat([mask, ymask], 1)
         with cast or contextlib.nullcontext():
             logits = model(input_ids=y, attention_mask=mask, position_ids=at, use_cache=True,
-                           **{decode.cache_argument(model): cache}).logits  # fmt: skip
-        ends = torch.tensor([len(p) - 1 for p in prefixes])  # each prefix's last token
-        first = logits[torch.arange(len(prefixes)), ends].float().log_softmax(-1)  # (B, V)
+                           logits_to_keep=1, **{decode.cache_argument(model): cache}).logits
+        first = logits[:, -1].float().log_softmax(-1)  # (B, V)
         ranks.extend(_ranks(model, tails[s], first, mask, cache, cast))
         cache.crop(-y.shape[1])  # back to the questions alone, for decoding (minus: remove)
 
