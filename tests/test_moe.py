@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from smar.experts import bucket, bucketed_rows
 from smar.losses import load_balancing_loss, smar_loss
 from smar.moe import MoEBlock, Router, SwiGLU, default_partition, weight_gradient_stop
 from smar.upcycle import upcycle
@@ -467,3 +468,46 @@ def test_weight_gradient_stop_through_the_modality_bias_wrapper():
     assert torch.equal(image[name][1], torch.zeros(4, dtype=torch.float64))
     torch.testing.assert_close(image[name][0], plain[name][0], rtol=1e-10, atol=1e-12)
     assert plain[name][1].abs().sum() > 0
+
+
+def test_bucket_sizes():
+    for n in range(1, 5000):
+        b = bucket(n)
+        assert b >= n and (b % 16 == 0)
+        assert b <= (n + 15 if n <= 128 else n * 9 / 8)
+    assert len({bucket(n) for n in range(1, 5000)}) <= 50  # few shapes for the kernel cache
+
+
+def test_bucketed_rows_give_the_unpadded_outputs_and_gradients():
+    """Padded rows change an MoE block's outputs and gradients by rounding only (zero rows add
+    nothing); inside the context every expert product has a bucket's row count, outside each has
+    its expert's own."""
+    from torch.overrides import TorchFunctionMode
+
+    class Rows(TorchFunctionMode):  # the row counts of the forward's expert products
+        def __init__(self):
+            super().__init__()
+            self.rows: list[int] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.mm:
+                self.rows.append(args[0].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    block = MoEBlock(16, 32, num_experts=4, top_k=2)
+    x = torch.randn(37, 16, requires_grad=True)
+    with Rows() as plain:
+        want = block(x)
+    assert sum(plain.rows) == 3 * 37 * 2 and any(n % 16 for n in plain.rows)  # 3 per expert
+    want.square().sum().backward()
+    grads = [x.grad.clone(), block.gate_up_proj.grad.clone(), block.down_proj.grad.clone()]
+    x.grad = block.gate_up_proj.grad = block.down_proj.grad = None
+    with bucketed_rows(), Rows() as padded:
+        got = block(x)
+    assert len(padded.rows) == len(plain.rows)
+    assert all(p == bucket(n) for p, n in zip(padded.rows, plain.rows, strict=True))
+    got.square().sum().backward()
+    torch.testing.assert_close(got, want)
+    for g, w in zip([x.grad, block.gate_up_proj.grad, block.down_proj.grad], grads, strict=True):
+        torch.testing.assert_close(g, w)

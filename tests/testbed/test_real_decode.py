@@ -1,7 +1,7 @@
-"""The evaluation's batched forwards and greedy decoding (smar/testbed/real/decode.py), its bf16
-weights (precision.bf16_weights) and the experts' padded rows (smar.experts.bucketed_rows),
-each against the plain computation: transformers' own greedy ``generate``, one unpadded forward
-per sequence, autocast on the float32 weights, the unpadded experts."""
+"""The evaluation's batched forwards and greedy decoding (smar/testbed/real/decode.py) and its bf16
+weights (precision.bf16_weights), each against the plain computation: transformers' own greedy
+``generate``, one unpadded forward per sequence, autocast on the float32 weights. (The experts'
+padded rows, smar.experts.bucketed_rows: tests/test_moe.py.)"""
 
 from __future__ import annotations
 
@@ -124,37 +124,6 @@ def test_bf16_weights_give_autocasts_products_bit_for_bit_and_are_given_back():
     assert torch.equal(got, want)
     after = dict(model.named_parameters())
     assert all(after[n] is p and torch.equal(p, values[n]) for n, p in before.items())
-
-
-def test_bucket_sizes():
-    from smar.experts import bucket
-
-    for n in range(1, 5000):
-        b = bucket(n)
-        assert b >= n and (b % 16 == 0)
-        assert b <= (n + 15 if n <= 128 else n * 9 / 8)
-    assert len({bucket(n) for n in range(1, 5000)}) <= 50  # few shapes for the kernel cache
-
-
-def test_bucketed_rows_give_the_unpadded_outputs_and_gradients():
-    """Padded rows change an MoE block's outputs and gradients by rounding only (zero rows add
-    nothing); outside the context nothing is padded."""
-    from smar.experts import bucketed_rows
-    from smar.moe import MoEBlock
-
-    torch.manual_seed(0)
-    block = MoEBlock(16, 32, num_experts=4, top_k=2)
-    x = torch.randn(37, 16, requires_grad=True)
-    want = block(x)
-    want.square().sum().backward()
-    grads = [x.grad.clone(), block.gate_up_proj.grad.clone(), block.down_proj.grad.clone()]
-    x.grad = block.gate_up_proj.grad = block.down_proj.grad = None
-    with bucketed_rows():
-        got = block(x)
-    got.square().sum().backward()
-    torch.testing.assert_close(got, want)
-    for g, w in zip([x.grad, block.gate_up_proj.grad, block.down_proj.grad], grads, strict=True):
-        torch.testing.assert_close(g, w)
 
 
 def test_image_scores_are_the_accuracy_and_the_answer_loss_from_one_forward():
