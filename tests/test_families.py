@@ -21,14 +21,13 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 transformers = pytest.importorskip("transformers")
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "helpers"))
 import families  # noqa: E402
-from router_scores import router_scores  # noqa: E402
+from router_scores import ACTIVATIONS, assert_router_reads  # noqa: E402
 
 import smar  # noqa: E402
 from smar.adapters import find_routers  # noqa: E402
@@ -157,9 +156,7 @@ def test_routers_found_and_captured_as_the_model_records_them(family):
 class _Activations(TorchFunctionMode):
     """Records which expert-scoring activations run on ``(T, E)`` routing tensors."""
 
-    _NAMES = {torch.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
-              torch.softmax: "softmax", torch.Tensor.softmax: "softmax", F.softmax: "softmax",
-              F.softplus: "sqrtsoftplus"}  # fmt: skip
+    _NAMES = ACTIVATIONS
 
     def __init__(self, tokens: int, experts: int):
         super().__init__()
@@ -221,16 +218,7 @@ def test_captured_logits_are_the_routers_own_pre_activation_scores(family):
     with torch.no_grad(), smar.record(model, kinds=ALL) as rec:
         model(**batch)
         mine = rec.logits()
-    T = batch["input_ids"].numel()
-    theirs = router_scores(model, sites, batch, T, [z.shape[-1] for z in mine])
-    assert len(mine) == len(theirs) == len(sites) > 0
-    for site, z, (activation, scores) in zip(sites, mine, theirs, strict=True):
-        assert scores is not None, f"{site.name}: no activation over its experts, no linear layer"
-        if activation is not None:
-            assert site.adapter.router == activation, site.name
-        # where the linear layer also scores shared experts (Inkling), the routed ones come first
-        torch.testing.assert_close(z.float(), scores[:, : z.shape[-1]].float(), rtol=1e-5,
-                                   atol=1e-6, msg=lambda m, n=site.name: f"{n}: {m}")  # fmt: skip
+    assert_router_reads(model, sites, batch, mine)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

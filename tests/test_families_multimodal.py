@@ -30,7 +30,7 @@ transformers = pytest.importorskip("transformers")
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "helpers"))
 import families  # noqa: E402
 import multimodal  # noqa: E402
-from router_scores import router_scores  # noqa: E402
+from router_scores import assert_router_reads  # noqa: E402
 
 import smar  # noqa: E402
 from smar.modality import group_modalities, modality_ids, special_token_ids  # noqa: E402
@@ -104,17 +104,8 @@ def test_router_read_is_the_routers_own_pre_activation_scores(family):
     reg = smar.attach(model, smar.SMARConfig(modality_bias=False, groups=GROUPS))
     with torch.no_grad():
         model(**batch)
-    mine = [z.detach().clone() for z in reg.logits()]
-    T = ids.numel()
-    theirs = router_scores(model, reg.sites, batch, T, [z.shape[-1] for z in mine])
-    assert len(mine) == len(theirs) > 0
-    for site, z, (activation, scores) in zip(reg.sites, mine, theirs, strict=True):
-        assert z.shape[0] == T, site.name  # one row per token of the multimodal sequence
-        assert scores is not None, f"{site.name}: no activation over its experts, no linear layer"
-        if activation is not None:
-            assert site.adapter.router == activation, site.name
-        torch.testing.assert_close(z.float(), scores[:, : z.shape[-1]].float(), rtol=1e-5,
-                                   atol=1e-6, msg=lambda m, n=site.name: f"{n}: {m}")  # fmt: skip
+    assert_router_reads(model, reg.sites, batch, [z.detach().clone() for z in reg.logits()],
+                        tokens=ids.numel())  # fmt: skip
 
 
 @pytest.mark.parametrize("family", MULTIMODAL)

@@ -144,24 +144,26 @@ RETENTION = [c for c in CASES if not c[0].startswith(("image_", "processor_"))] 
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("name,damage,pattern", CASES, ids=[c[0] for c in CASES])
-def test_smar_analyze_on_a_broken_folder_is_one_line_exit_2(good, tmp_path, capsys, name, damage,
-                                                            pattern):  # fmt: skip
-    folder, data = good
+def _refused(tmp_path, capsys, folder, name, damage, pattern, argv) -> None:
+    """A damaged copy of ``folder``, a command on it (``argv(copy)``): exit 2, one ``smar:`` line
+    matching ``pattern``, and the copy unchanged."""
     d = tmp_path / name
     shutil.copytree(folder, d)
     damage(d)
     before = _hashes(d)
-    code = main(["analyze", str(d), "--data", str(data), "--out", str(tmp_path / "out"),
-                 "--quiet"])  # fmt: skip
+    code = main(argv(d))
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("smar:")]
     assert code == 2 and len(err) == 1, err
     assert re.search(pattern, err[0]), err[0]
     assert _hashes(d) == before
 
 
-def _one_line(capsys) -> list[str]:
-    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("smar:")]
+@pytest.mark.parametrize("name,damage,pattern", CASES, ids=[c[0] for c in CASES])
+def test_smar_analyze_on_a_broken_folder_is_one_line_exit_2(good, tmp_path, capsys, name, damage,
+                                                            pattern):  # fmt: skip
+    folder, data = good
+    _refused(tmp_path, capsys, folder, name, damage, pattern, lambda d: [
+        "analyze", str(d), "--data", str(data), "--out", str(tmp_path / "out"), "--quiet"])
 
 
 @pytest.mark.parametrize("name,damage,pattern", RETENTION, ids=[c[0] for c in RETENTION])
@@ -169,17 +171,11 @@ def test_smar_retention_on_a_broken_folder_is_one_line_exit_2(good, tmp_path, ca
                                                               damage, pattern):  # fmt: skip
     pytest.importorskip("lm_eval")
     folder, _ = good
-    d = tmp_path / name
-    shutil.copytree(folder, d)
-    damage(d)
-    before = _hashes(d)
-    code = main(["retention", "--base", str(d), "--tuned", str(folder), "--tasks", "tiny_text",
-                 "--include-path", str(folder.parent / "tasks"), "--local-only",
-                 "--out", str(tmp_path / "r.json")])  # fmt: skip
-    err = _one_line(capsys)
-    assert code == 2 and len(err) == 1, err
-    assert re.search(pattern, err[0]), err[0]
-    assert _hashes(d) == before and not (tmp_path / "r.json").exists()
+    _refused(tmp_path, capsys, folder, name, damage, pattern, lambda d: [
+        "retention", "--base", str(d), "--tuned", str(folder), "--tasks", "tiny_text",
+        "--include-path", str(folder.parent / "tasks"), "--local-only",
+        "--out", str(tmp_path / "r.json")])  # fmt: skip
+    assert not (tmp_path / "r.json").exists()
 
 
 INSPECT = [c for c in CASES if c[0] == "config_json_a_folder"] + [
@@ -190,16 +186,7 @@ INSPECT = [c for c in CASES if c[0] == "config_json_a_folder"] + [
 @pytest.mark.parametrize("name,damage,pattern", INSPECT, ids=[c[0] for c in INSPECT])
 def test_smar_inspect_on_a_broken_config_is_one_line_exit_2(good, tmp_path, capsys, name, damage,
                                                             pattern):  # fmt: skip
-    folder, _ = good
-    d = tmp_path / name
-    shutil.copytree(folder, d)
-    damage(d)
-    before = _hashes(d)
-    code = main(["inspect", str(d)])
-    err = _one_line(capsys)
-    assert code == 2 and len(err) == 1, err
-    assert re.search(pattern, err[0]), err[0]
-    assert _hashes(d) == before
+    _refused(tmp_path, capsys, good[0], name, damage, pattern, lambda d: ["inspect", str(d)])
 
 
 def test_a_missing_file_is_still_a_file_not_found_error(good, tmp_path):

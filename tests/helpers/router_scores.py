@@ -14,6 +14,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# the functions that score a router's experts, by the name smar.gating gives the activation
+ACTIVATIONS = {torch.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+               torch.softmax: "softmax", torch.Tensor.softmax: "softmax", F.softmax: "softmax",
+               F.softplus: "sqrtsoftplus"}  # fmt: skip
+
 
 class _Scores(torch.overrides.TorchFunctionMode):
     """Records, while active, the first expert-scoring activation (softmax, sigmoid, softplus)
@@ -21,9 +26,7 @@ class _Scores(torch.overrides.TorchFunctionMode):
     Llama 4 and PhiMoE mask all but the top-k with -inf first), and the output of the first
     ``F.linear`` with the router's ``(E', D)`` logit weight, if it has one."""
 
-    NAMES = {torch.sigmoid: "sigmoid", torch.Tensor.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
-             torch.softmax: "softmax", torch.Tensor.softmax: "softmax", F.softmax: "softmax",
-             F.softplus: "sqrtsoftplus"}  # fmt: skip
+    NAMES = ACTIVATIONS
 
     def __init__(self, tokens: int, experts: int, weight: torch.Tensor | None):
         super().__init__()
@@ -91,3 +94,21 @@ def router_scores(
         for h in handles:
             h.remove()
     return [(m.activation, m.scores if m.scores is not None else m.linear) for m in modes]
+
+
+def assert_router_reads(model, sites, batch, mine: list[torch.Tensor],
+                        tokens: int | None = None) -> None:  # fmt: skip
+    """smar's reading of each router (``mine``, one ``(T, E)`` per site) equals the router's own
+    pre-activation scores (:func:`router_scores`), and the activation smar applies is the one
+    the router's MoE block runs; ``tokens``: the sequence's (default: ``input_ids``'). Where the
+    linear layer also scores shared experts (Inkling), the routed ones come first."""
+    tokens = batch["input_ids"].numel() if tokens is None else tokens
+    theirs = router_scores(model, sites, batch, tokens, [z.shape[-1] for z in mine])
+    assert len(mine) == len(theirs) == len(sites) > 0
+    for site, z, (activation, scores) in zip(sites, mine, theirs, strict=True):
+        assert z.shape[0] == tokens, site.name  # one row per token of the sequence
+        assert scores is not None, f"{site.name}: no activation over its experts, no linear layer"
+        if activation is not None:
+            assert site.adapter.router == activation, site.name
+        torch.testing.assert_close(z.float(), scores[:, : z.shape[-1]].float(), rtol=1e-5,
+                                   atol=1e-6, msg=lambda m, n=site.name: f"{n}: {m}")  # fmt: skip

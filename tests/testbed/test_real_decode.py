@@ -84,7 +84,7 @@ def test_greedy_ends_a_row_at_eos_or_where_stop_says(tiny):
     ended = decode.greedy(model, rows, max_new_tokens=8, eos={first})
     for f, e in zip(free, ended, strict=True):  # each row ends at its first `first`, included
         assert e == (f[: f.index(first) + 1] if first in f else f)
-    stopped = decode.greedy(model, rows, max_new_tokens=8, eos=set(), stop=lambda ids: len(ids) == 3)
+    stopped = decode.greedy(model, rows, max_new_tokens=8, eos=set(), stop=lambda _, ids: len(ids) == 3)
     assert stopped == [f[:3] for f in free]
 
 
@@ -144,3 +144,47 @@ def test_image_scores_are_the_accuracy_and_the_answer_loss_from_one_forward():
     assert evaluate.image_scores(model, proc, more, batch=3) == (
         evaluate.multimodal_accuracy(model, proc, more),
         pytest.approx(evaluate.image_answer_loss(model, proc, more, batch=11), rel=1e-5))
+
+
+def test_image_rows_of_a_model_that_routes_by_sample_keep_their_sample_ids():
+    """With a sample-level modality bias every token of an image row routes as image, its system
+    prompt and its decode steps too: the evaluation gives such rows no prefix run as text and
+    keeps them in the batch, so that batched answers and answer losses equal each chat's
+    alone (and the loss each sample's own forward)."""
+    from test_real import _tiny_vlm
+
+    import smar
+    from smar.testbed.real.data import collate, qa_chat
+
+    from smar.moe import MoEBlock
+
+    lm, spec, model, tok, proc = _tiny_vlm()
+    reg = smar.attach(model, smar.SMARConfig(modality="sample", smar_weight=0.0))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for bias in reg.bias_parameters():  # (M, E): images to other experts than text
+            bias[1] = torch.tensor([8.0, 8.0, -8.0, -8.0])[: bias.shape[1]]
+        for block in model.modules():  # upcycled experts are copies: make routing matter
+            if isinstance(block, MoEBlock):
+                block.gate_up_proj.add_(torch.randn_like(block.gate_up_proj))
+    model.eval()
+    assert decode.routes_by_sample(model)
+    samples = qa_chat(5, seed=4, split="eval")
+    chats, images = [s["messages"][:-1] for s in samples], [s["images"] for s in samples]
+    alone = [evaluate.generate(model, proc, [c], [im], max_new_tokens=4)[0]
+             for c, im in zip(chats, images, strict=True)]  # fmt: skip
+    assert evaluate.generate(model, proc, chats, images, max_new_tokens=4, batch=3) == alone
+    total = count = 0.0
+    side, proc.tokenizer.padding_side = proc.tokenizer.padding_side, "right"
+    with torch.no_grad():
+        for s in samples:
+            batch = collate(proc, [s])
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            total, count = total + float(model(**batch).loss) * n, count + n
+    proc.tokenizer.padding_side = side
+    acc, loss = evaluate.image_scores(model, proc, samples, batch=3)
+    assert loss == pytest.approx(total / count, rel=1e-6)
+    assert evaluate.image_answer_loss(model, proc, samples, batch=2) == pytest.approx(
+        total / count, rel=1e-6)
+    assert acc == evaluate.multimodal_accuracy(model, proc, samples, batch=1)
+    reg.detach()

@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
     from smar.testbed.real.evaluate import Cast
 
-__all__ = ["shared_length", "placeholders", "copy_cache", "select_cache", "Prefix", "forward",
-           "greedy"]
+__all__ = ["shared_length", "placeholders", "routes_by_sample", "copy_cache", "select_cache",
+           "Prefix", "forward", "greedy"]
 
 
 def shared_length(rows: Sequence[Sequence[int]], *, keep: int = 1,
@@ -53,6 +53,17 @@ def placeholders(model: PreTrainedModel) -> set[int]:
     ids = (getattr(cfg, n, None) for n in ("image_token_id", "image_token_index",
                                            "video_token_id", "audio_token_id"))  # fmt: skip
     return {i for i in ids if isinstance(i, int)}
+
+
+def routes_by_sample(model: PreTrainedModel) -> bool:
+    """Whether a SMAR regularizer attached to ``model`` routes by sample-level ids (a modality
+    bias, or hard routing, with ``modality="sample"``): every token of a row that holds an image
+    then routes as an image token, its system prompt too, and its decode steps keep the row's id
+    only while the batch keeps its rows. Image rows are then neither given a shared prefix (run
+    as text) nor dropped from the batch when they finish."""
+    ref = getattr(model, "_smar_regularizer", None)
+    reg = ref() if ref is not None else None
+    return reg is not None and reg.config.modality == "sample" and bool(reg.config.modality_bias)
 
 
 def cache_argument(model: PreTrainedModel) -> str:
@@ -148,18 +159,21 @@ def forward(model: PreTrainedModel, rows: Sequence[Sequence[int]], prefix: Prefi
 @torch.no_grad()
 def greedy(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, max_new_tokens: int,
            eos: set[int], batch: int = 64, cast: Cast | None = None,
-           stop: Callable[[list[int]], bool] | None = None,
+           stop: Callable[[int, list[int]], bool] | None = None,
            inputs: Callable[[slice], dict[str, Any]] | None = None,
            prefilled: Callable[[slice, torch.Tensor, torch.Tensor, Any], None] | None = None,
-           ) -> list[list[int]]:  # fmt: skip
+           share: bool = True) -> list[list[int]]:  # fmt: skip
     """The greedy continuation of each row (token ids; an end-of-sequence token it produced
     included), at most ``max_new_tokens``.
 
-    A row ends at a token of ``eos``, or where ``stop(its new tokens)`` is true. ``inputs(s)``
-    gives the model's other inputs for ``rows[s]`` (``pixel_values``), for the first forward.
+    A row ends at a token of ``eos``, or where ``stop(its index, its new tokens)`` is true.
+    ``inputs(s)`` gives the model's other inputs for ``rows[s]`` (``pixel_values``), for the
+    first forward.
     ``prefilled(s, last logits (B, V), mask (B, P + W), cache)`` is called after each batch's
-    first forward, before its decoding; it may extend the cache if it crops it back."""
-    prefix = Prefix.of(model, rows, cast)
+    first forward, before its decoding; it may extend the cache if it crops it back.
+    ``share=False``: no shared prefix, and finished rows stay in the batch (their tokens dropped),
+    as ``generate`` keeps them (image rows of a model that :func:`routes_by_sample`)."""
+    prefix = Prefix.of(model, rows, cast) if share else Prefix(model, [])
     key = cache_argument(model)
     out: list[list[int]] = [[] for _ in rows]
     for b in range(0, len(rows), batch):
@@ -169,21 +183,21 @@ def greedy(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, max_new_tok
                                       logits_to_keep=1, **extra)  # fmt: skip
         if prefilled is not None:
             prefilled(part, logits[:, -1], mask, cache)
-        alive = torch.arange(part.start, part.stop)  # (B,) which rows are still decoding
+        alive = torch.arange(part.start, part.stop)  # (B,) the batch's rows
+        ended = torch.zeros(len(alive), dtype=torch.bool)  # (B,) finished (kept: share=False)
         at = mask.sum(1)  # (B,) the next token's position
         for step in range(max_new_tokens):
             nxt = logits[:, -1].argmax(-1)  # (B,) (bf16 logits rank as their float32 values)
-            done = []
-            for r, t in zip(alive.tolist(), nxt.tolist(), strict=True):
-                out[r].append(t)
-                done.append(t in eos or (stop is not None and stop(out[r])))
-            if step == max_new_tokens - 1 or all(done):
+            for i, (r, t) in enumerate(zip(alive.tolist(), nxt.tolist(), strict=True)):
+                if not ended[i]:
+                    out[r].append(t)
+                    ended[i] = t in eos or (stop is not None and stop(r, out[r]))
+            if step == max_new_tokens - 1 or bool(ended.all()):
                 break
-            live = torch.tensor([not d for d in done])
-            if not bool(live.all()):
-                index = live.nonzero()[:, 0]
+            if share and bool(ended.any()):  # finished rows leave the batch
+                index = (~ended).nonzero()[:, 0]
                 cache.batch_select_indices(index)
-                alive, nxt, mask, at = alive[index], nxt[index], mask[index], at[index]
+                alive, ended, nxt, mask, at = (t[index] for t in (alive, ended, nxt, mask, at))
             mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=torch.long)], 1)
             with cast or contextlib.nullcontext():
                 logits = model(input_ids=nxt[:, None], attention_mask=mask,

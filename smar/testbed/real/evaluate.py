@@ -62,32 +62,36 @@ def _nll_sums(model: PreTrainedModel, ids: list[list[int]], starts: list[int], b
     (``first > 0``) the log-probabilities ``(first, V)`` (float32) the model gives each of the
     first ``first`` scored tokens of each sequence (None for a sequence with fewer), from the same
     forward. The tokens every sequence shares before the first scored one run once
-    (:class:`~smar.testbed.real.decode.Prefix`); only the scored positions' logits are
-    normalised (no ``(B, S, V)`` log-softmax)."""
+    (:class:`~smar.testbed.real.decode.Prefix`), and the batches hold sequences of like length
+    (less padding); only the scored positions' logits are normalised (no ``(B, S, V)``
+    log-softmax)."""
     fro = [max(s, 1) - 1 for s in starts]  # position p predicts token p + 1
     p = min([decode.shared_length(ids, until=decode.placeholders(model)), *fro]) if ids else 0
     prefix = decode.Prefix(model, ids[0][:p] if ids else [], cast)
-    out: list[float] = []
-    kept: list[torch.Tensor | None] = []
+    out: list[float] = [0.0] * len(ids)
+    kept: list[torch.Tensor | None] = [None] * len(ids)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # batches of like lengths
     for b in range(0, len(ids), batch):
-        rows = ids[b : b + batch]
-        logits = decode.forward(model, rows, prefix, cast=cast)[0]  # token j of a row at j - p
-        for i, (r, at) in enumerate(zip(rows, fro[b : b + batch], strict=True)):
-            logp = logits[i, at - p : len(r) - 1 - p].float().log_softmax(-1)  # (T, V)
+        part = order[b : b + batch]
+        logits = decode.forward(model, [ids[i] for i in part], prefix, cast=cast)[0]  # j at j - p
+        for row, i in enumerate(part):
+            r, at = ids[i], fro[i]
+            logp = logits[row, at - p : len(r) - 1 - p].float().log_softmax(-1)  # (T, V)
             target = torch.tensor(r[at + 1 :], dtype=torch.long)  # (T,)
-            out.append(-float(logp.gather(-1, target[:, None]).sum()))
-            if first:
-                kept.append(logp[:first].clone() if len(logp) >= first else None)
+            out[i] = -float(logp.gather(-1, target[:, None]).sum())
+            if first and len(logp) >= first:
+                kept[i] = logp[:first].clone()
     return out, kept
 
 
 def _bpb(model: PreTrainedModel, tok: Any, rows: list[tuple[list[int], int]], batch: int,
-         cast: Cast | None) -> float:  # fmt: skip
-    """Bits per byte of each row's tokens from its start on (``(ids, start)`` rows), pooled."""
+         cast: Cast | None, first: int = 0) -> tuple[float, list[torch.Tensor | None]]:  # fmt: skip
+    """Bits per byte of each row's tokens from its start on (``(ids, start)`` rows), pooled, and
+    the first scored tokens' log-probabilities (:func:`_nll_sums`)."""
     ids, starts = [r for r, _ in rows], [s for _, s in rows]
     nbytes = sum(len(tok.decode(r[s:]).encode()) for r, s in rows)
-    nll = sum(_nll_sums(model, ids, starts, batch, cast or contextlib.nullcontext())[0])
-    return nll / math.log(2) / max(nbytes, 1)
+    nll, kept = _nll_sums(model, ids, starts, batch, cast or contextlib.nullcontext(), first)
+    return sum(nll) / math.log(2) / max(nbytes, 1), kept
 
 
 def text_bpb(model: PreTrainedModel, proc: Any, pairs: list[tuple[str, str]], *, batch: int = 4,
@@ -101,7 +105,7 @@ def text_bpb(model: PreTrainedModel, proc: Any, pairs: list[tuple[str, str]], *,
         c = tok(context, add_special_tokens=False)["input_ids"] if context else []
         t = tok(target, add_special_tokens=False)["input_ids"]
         rows.append(((c + t)[:max_tokens], len(c)))
-    return _bpb(model, tok, rows, batch, cast)
+    return _bpb(model, tok, rows, batch, cast)[0]
 
 
 def _answer_rows(proc: Any, chats: list[list[dict]]) -> list[tuple[list[int], int]]:
@@ -119,7 +123,7 @@ def _answer_rows(proc: Any, chats: list[list[dict]]) -> list[tuple[list[int], in
 def answer_bpb(model: PreTrainedModel, proc: Any, chats: list[list[dict]], *, batch: int = 8,
                cast: Cast | None = None) -> float:  # fmt: skip
     """Bits per byte of the last (assistant) turn of each chat, given the turns before it."""
-    return _bpb(model, _tokenizer(proc), _answer_rows(proc, chats), batch, cast)
+    return _bpb(model, _tokenizer(proc), _answer_rows(proc, chats), batch, cast)[0]
 
 
 def answer_scores(model: PreTrainedModel, proc: Any, chats: list[list[dict]], *, first: int = 4,
@@ -128,11 +132,8 @@ def answer_scores(model: PreTrainedModel, proc: Any, chats: list[list[dict]], *,
     """:func:`answer_bpb` and, from the same forwards, the log-probabilities ``(N, first, V)``
     of the first ``first`` answer tokens (chats whose answer is shorter are left out: the same
     ones for every model), as :func:`smar.testbed.real.probes.first_token_logprobs` gives."""
-    tok, rows = _tokenizer(proc), _answer_rows(proc, chats)
-    nll, kept = _nll_sums(model, [r for r, _ in rows], [s for _, s in rows], batch,
-                          cast or contextlib.nullcontext(), first=first)  # fmt: skip
-    nbytes = sum(len(tok.decode(r[s:]).encode()) for r, s in rows)
-    return sum(nll) / math.log(2) / max(nbytes, 1), torch.stack([k for k in kept if k is not None])
+    bits, kept = _bpb(model, _tokenizer(proc), _answer_rows(proc, chats), batch, cast, first)
+    return bits, torch.stack([k for k in kept if k is not None])
 
 
 def _eos(model: Any, tok: Any) -> set[int]:
@@ -168,9 +169,13 @@ def generate(model: PreTrainedModel, proc: Any, chats: list[list[dict]],
                                                       strict=True)]  # fmt: skip
         inputs = _pixels(enc, [{"images": ims} for ims in images])
 
-    ends = None if stop is None else (lambda ids: stop(tok.decode(ids, skip_special_tokens=True)))
+    def ends(_: int, ids: list[int]) -> bool:
+        return stop is not None and stop(tok.decode(ids, skip_special_tokens=True))
+
+    share = images is None or not decode.routes_by_sample(model)
     new = decode.greedy(model, rows, max_new_tokens=max_new_tokens, eos=_eos(model, tok),
-                        batch=batch, cast=cast, stop=ends, inputs=inputs)  # fmt: skip
+                        batch=batch, cast=cast, stop=ends if stop else None, inputs=inputs,
+                        share=share)  # fmt: skip
     return [tok.decode(n, skip_special_tokens=True).strip() for n in new]
 
 
@@ -261,7 +266,8 @@ def image_scores(model: PreTrainedModel, proc: Any, samples: list[dict], *, batc
 
     tok = _tokenizer(proc)
     new = decode.greedy(model, heads, max_new_tokens=8, eos=_eos(model, tok), batch=batch,
-                        cast=cast, inputs=_pixels(inputs, samples), prefilled=score)  # fmt: skip
+                        cast=cast, inputs=_pixels(inputs, samples), prefilled=score,
+                        share=not decode.routes_by_sample(model))  # fmt: skip
     said = [tok.decode(n, skip_special_tokens=True).strip() for n in new]
     return _accuracy(samples, said), nll[0] / max(nll[1], 1)
 
@@ -276,6 +282,7 @@ def image_answer_loss(model: PreTrainedModel, proc: Any, samples: list[dict], *,
     # the shared tokens end before the first labelled one
     p = min([decode.shared_length(rows, until=decode.placeholders(model)),
              *(int(lab.ne(-100).nonzero()[0]) - 1 for lab in labels if lab.ne(-100).any())])
+    p = 0 if decode.routes_by_sample(model) else p  # (its image rows' prefix routes as image)
     prefix = decode.Prefix(model, rows[0][:p], cast)
     pixels = _pixels(inputs, samples)
     total, count = 0.0, 0

@@ -79,9 +79,9 @@ def knowledge_scores(model: PreTrainedModel, proc: Any, items: list[dict], *,
     """``(answers, ranks)``: the greedy answers to the items' questions
     (:func:`smar.testbed.real.evaluate.generate`) and their right answers' ranks
     (:func:`candidate_ranks`), from one forward of each question: its answer prefix and
-    candidates are scored from the question's key-value cache (a copy), which is cropped back
-    before the answer is decoded from it. Where a question's tokens do not begin its context's
-    (a tokenizer that merges across the two), the ranks are computed apart."""
+    candidates are scored from the question's key-value cache, which is cropped back before the
+    answer is decoded from it. Where a question's tokens do not begin its context's (a tokenizer
+    that merges across the two), the ranks are computed apart."""
     from smar.testbed.real.evaluate import _eos
 
     tok = _tokenizer(proc)
