@@ -154,9 +154,8 @@ def test_image_rows_of_a_model_that_routes_by_sample_keep_their_sample_ids():
     from test_real import _tiny_vlm
 
     import smar
-    from smar.testbed.real.data import collate, qa_chat
-
     from smar.moe import MoEBlock
+    from smar.testbed.real.data import collate, qa_chat
 
     lm, spec, model, tok, proc = _tiny_vlm()
     reg = smar.attach(model, smar.SMARConfig(modality="sample", smar_weight=0.0))
