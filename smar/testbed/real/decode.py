@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
     from smar.testbed.real.evaluate import Cast
 
-__all__ = ["shared_length", "placeholders", "routes_by_sample", "copy_cache", "select_cache",
-           "Prefix", "forward", "greedy"]
+__all__ = ["shared_length", "placeholders", "routes_by_sample", "select_cache", "padded", "Prefix",
+           "extend", "forward", "greedy"]
 
 
 def shared_length(rows: Sequence[Sequence[int]], *, keep: int = 1,
@@ -76,11 +76,6 @@ def _cache_of(out: Any) -> Any:
     return getattr(out, "cache", None) or out.past_key_values  # (renamed in transformers 5.25)
 
 
-def copy_cache(cache: Any) -> Any:
-    """An independent copy of a key-value cache (its tensors copied)."""
-    return copy.deepcopy(cache)
-
-
 def select_cache(cache: Any, index: torch.Tensor) -> Any:
     """A cache of the rows ``index`` of ``cache`` (repeats allowed), which stays as it is: each
     layer is copied shallowly and selects its rows into new tensors, as a cache updates its
@@ -99,11 +94,9 @@ class Prefix:
         self.model, self.ids = model, list(ids)
         self._cache = None
         if self.ids:
-            x = torch.tensor([self.ids])  # (1, P)
-            with torch.no_grad(), cast or contextlib.nullcontext():
-                out = model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True,
-                            logits_to_keep=1)  # fmt: skip
-            self._cache = _cache_of(out)
+            with torch.no_grad():
+                self._cache = extend(model, None, torch.zeros(1, 0, dtype=torch.long),
+                                     [self.ids], cast=cast, logits_to_keep=1)[2]  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -112,7 +105,7 @@ class Prefix:
         """A copy of the cache for ``rows`` rows (None when nothing is shared)."""
         if self._cache is None:
             return None
-        out = copy_cache(self._cache)
+        out = copy.deepcopy(self._cache)
         out.batch_repeat_interleave(rows)
         return out
 
@@ -125,35 +118,46 @@ class Prefix:
         return cls(model, rows[0][:n] if rows else [], cast)
 
 
-def _layout(rows: Sequence[Sequence[int]], p: int,
-            left: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(ids (B, W), mask (B, P + W), positions (B, W))`` of the rows' tokens after the first
-    ``p``, padded (left or right) after the prefix."""
-    width = max(len(r) - p for r in rows)
+def padded(rows: Sequence[Sequence[int]],
+           left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(ids, mask)`` ``(B, W)`` of token rows padded to one width (right, or left)."""
+    width = max(map(len, rows))
     x = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros_like(x)
     for i, r in enumerate(rows):
-        n = len(r) - p
-        at = slice(width - n, width) if left else slice(0, n)
-        x[i, at], mask[i, at] = torch.tensor(r[p:], dtype=torch.long), 1
-    positions = p + (mask.cumsum(-1) - 1).clamp(min=0)  # (B, W) each token's unpadded position
-    return x, torch.cat([torch.ones(len(rows), p, dtype=torch.long), mask], 1), positions
+        at = slice(width - len(r), width) if left else slice(0, len(r))
+        x[i, at], mask[i, at] = torch.tensor(r, dtype=torch.long), 1
+    return x, mask
+
+
+def extend(model: PreTrainedModel, cache: Any, mask: torch.Tensor,
+           rows: Sequence[Sequence[int]], *, cast: Cast | None = None, left: bool = False,
+           logits_to_keep: int = 0,
+           **inputs: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:  # fmt: skip
+    """``(logits (B, W, V), mask (B, S + W), cache)``: ``rows`` continue the sequences a
+    key-value ``cache`` holds (``mask (B, S)``; None and ``(B, 0)`` for none yet), padded right
+    (row ``i``'s token ``j`` at ``j``) or left, each token at its unpadded position; the cache
+    takes the new tokens. ``inputs`` go to the model (``pixel_values``)."""
+    x, new = padded(rows, left)
+    at = mask.sum(1)[:, None] + (new.cumsum(1) - 1).clamp(min=0)  # (B, W)
+    mask = torch.cat([mask, new], 1)
+    kw = {} if cache is None else {cache_argument(model): cache}
+    with cast or contextlib.nullcontext():
+        out = model(input_ids=x, attention_mask=mask, position_ids=at, use_cache=True,
+                    logits_to_keep=logits_to_keep, **kw, **inputs)  # fmt: skip
+    return out.logits, mask, _cache_of(out)
 
 
 def forward(model: PreTrainedModel, rows: Sequence[Sequence[int]], prefix: Prefix, *,
             cast: Cast | None = None, left: bool = False, logits_to_keep: int = 0,
             **inputs: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:  # fmt: skip
     """``(logits (B, W, V), mask (B, P + W), cache)`` of ``rows`` (each beginning with
-    ``prefix.ids``) after the prefix: right-padded (row ``i``'s token ``j >= P`` at ``j - P``)
-    or left-padded. ``inputs`` go to the model (``pixel_values``)."""
+    ``prefix.ids``) after the prefix (:func:`extend`): right-padded (row ``i``'s token
+    ``j >= P`` at ``j - P``) or left-padded. ``inputs`` go to the model (``pixel_values``)."""
     p = len(prefix)
-    x, mask, positions = _layout(rows, p, left)
-    cache = prefix.cache(len(rows))
-    kw = {cache_argument(model): cache} if cache is not None else {}
-    with cast or contextlib.nullcontext():
-        out = model(input_ids=x, attention_mask=mask, position_ids=positions, use_cache=True,
-                    logits_to_keep=logits_to_keep, **kw, **inputs)  # fmt: skip
-    return out.logits, mask, _cache_of(out)
+    return extend(model, prefix.cache(len(rows)), torch.ones(len(rows), p, dtype=torch.long),
+                  [r[p:] for r in rows], cast=cast, left=left, logits_to_keep=logits_to_keep,
+                  **inputs)  # fmt: skip
 
 
 @torch.no_grad()
@@ -174,7 +178,6 @@ def greedy(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, max_new_tok
     ``share=False``: no shared prefix, and finished rows stay in the batch (their tokens dropped),
     as ``generate`` keeps them (image rows of a model that :func:`routes_by_sample`)."""
     prefix = Prefix.of(model, rows, cast) if share else Prefix(model, [])
-    key = cache_argument(model)
     out: list[list[int]] = [[] for _ in rows]
     for b in range(0, len(rows), batch):
         part = slice(b, min(b + batch, len(rows)))
@@ -185,7 +188,6 @@ def greedy(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, max_new_tok
             prefilled(part, logits[:, -1], mask, cache)
         alive = torch.arange(part.start, part.stop)  # (B,) the batch's rows
         ended = torch.zeros(len(alive), dtype=torch.bool)  # (B,) finished (kept: share=False)
-        at = mask.sum(1)  # (B,) the next token's position
         for step in range(max_new_tokens):
             nxt = logits[:, -1].argmax(-1)  # (B,) (bf16 logits rank as their float32 values)
             for i, (r, t) in enumerate(zip(alive.tolist(), nxt.tolist(), strict=True)):
@@ -197,11 +199,7 @@ def greedy(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, max_new_tok
             if share and bool(ended.any()):  # finished rows leave the batch
                 index = (~ended).nonzero()[:, 0]
                 cache.batch_select_indices(index)
-                alive, ended, nxt, mask, at = (t[index] for t in (alive, ended, nxt, mask, at))
-            mask = torch.cat([mask, torch.ones(len(alive), 1, dtype=torch.long)], 1)
-            with cast or contextlib.nullcontext():
-                logits = model(input_ids=nxt[:, None], attention_mask=mask,
-                               position_ids=at[:, None], use_cache=True, logits_to_keep=1,
-                               **{key: cache}).logits  # fmt: skip
-            at = at + 1
+                alive, ended, nxt, mask = (t[index] for t in (alive, ended, nxt, mask))
+            logits, mask, cache = extend(model, cache, mask, nxt[:, None].tolist(), cast=cast,
+                                         logits_to_keep=1)  # fmt: skip
     return out

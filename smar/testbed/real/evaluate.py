@@ -43,17 +43,6 @@ def _tokenizer(proc: Any) -> Any:
     return getattr(proc, "tokenizer", proc)
 
 
-def _padded(rows: list[list[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids, mask)`` of token rows padded to one width (right, or left)."""
-    width = max(map(len, rows))
-    x = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(x)
-    for i, r in enumerate(rows):
-        at = slice(width - len(r), width) if left else slice(0, len(r))
-        x[i, at], mask[i, at] = torch.tensor(r, dtype=torch.long), 1
-    return x, mask
-
-
 @torch.no_grad()
 def _nll_sums(model: PreTrainedModel, ids: list[list[int]], starts: list[int], batch: int,
               cast: Cast,
@@ -253,13 +242,9 @@ def image_scores(model: PreTrainedModel, proc: Any, samples: list[dict], *, batc
         nll[1] += sum(map(len, answers))
         if max(map(len, answers)) < 2:
             return
-        y, ymask = _padded([a[:-1] for a in answers])  # token j > 0 follows j - 1
-        at = mask.sum(1)[:, None] + torch.arange(y.shape[1])  # (B, A)
-        with cast or contextlib.nullcontext():
-            logits = model(input_ids=y, attention_mask=torch.cat([mask, ymask], 1),
-                           position_ids=at, use_cache=True,
-                           **{decode.cache_argument(model): cache}).logits  # fmt: skip
-        cache.crop(-y.shape[1])  # back to the question alone, for decoding (minus: remove)
+        # token j > 0 follows j - 1
+        logits = decode.extend(model, cache, mask, [a[:-1] for a in answers], cast=cast)[0]
+        cache.crop(-logits.shape[1])  # back to the question alone, for decoding (minus: remove)
         for i, a in enumerate(answers):
             logp = logits[i, : len(a) - 1].float().log_softmax(-1)  # (len - 1, V)
             nll[0] -= float(logp.gather(-1, torch.tensor(a[1:])[:, None]).sum())

@@ -19,7 +19,6 @@ Shapes legend: N chats, K first answer tokens, V vocabulary.
 from __future__ import annotations
 
 import ast
-import contextlib
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +26,7 @@ import torch
 from torch import Tensor
 
 from smar.testbed.real import decode
-from smar.testbed.real.evaluate import _padded, _tokenizer, answer_scores
+from smar.testbed.real.evaluate import _tokenizer, answer_scores
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -85,30 +84,26 @@ def knowledge_scores(model: PreTrainedModel, proc: Any, items: list[dict], *,
     from smar.testbed.real.evaluate import _eos
 
     tok = _tokenizer(proc)
-    heads = [tok(_head(proc, it["question"]), add_special_tokens=False)["input_ids"]
-             for it in items]  # fmt: skip
-    contexts = [tok(_head(proc, it["question"]) + it["prefix"], add_special_tokens=False)
-                ["input_ids"] for it in items]  # fmt: skip
+    texts = [_head(proc, it["question"]) for it in items]
+    heads = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    contexts = [tok(t + it["prefix"], add_special_tokens=False)["input_ids"]
+                for t, it in zip(texts, items, strict=True)]  # fmt: skip
     if any(c[: len(h)] != h or len(c) == len(h) for h, c in zip(heads, contexts, strict=True)):
         said = decode.greedy(model, heads, max_new_tokens=max_new_tokens, eos=_eos(model, tok),
                              batch=batch, cast=cast)  # fmt: skip
         answers = [tok.decode(n, skip_special_tokens=True).strip() for n in said]
         return answers, candidate_ranks(model, proc, items, cast=cast)
-    tails = [_tails(tok, _head(proc, it["question"]) + it["prefix"], c, it["candidates"])
-             for it, c in zip(items, contexts, strict=True)]  # fmt: skip
+    tails = [_tails(tok, t + it["prefix"], c, it["candidates"])
+             for t, it, c in zip(texts, items, contexts, strict=True)]  # fmt: skip
     ranks: list[int] = []
 
     def rank(s: slice, last: torch.Tensor, mask: torch.Tensor, cache: Any) -> None:
         prefixes = [c[len(h) :] for h, c in zip(heads[s], contexts[s], strict=True)]
-        y, ymask = _padded(prefixes, left=True)  # (B, W') each answer prefix, last at the end
-        at = mask.sum(1)[:, None] + (ymask.cumsum(1) - 1).clamp(min=0)
-        mask = torch.cat([mask, ymask], 1)
-        with cast or contextlib.nullcontext():
-            logits = model(input_ids=y, attention_mask=mask, position_ids=at, use_cache=True,
-                           logits_to_keep=1, **{decode.cache_argument(model): cache}).logits
+        logits, full, _ = decode.extend(model, cache, mask, prefixes, cast=cast, left=True,
+                                        logits_to_keep=1)  # each answer prefix, last at the end
         first = logits[:, -1].float().log_softmax(-1)  # (B, V)
-        ranks.extend(_ranks(model, tails[s], first, mask, cache, cast))
-        cache.crop(-y.shape[1])  # back to the questions alone, for decoding (minus: remove)
+        ranks.extend(_ranks(model, tails[s], first, full, cache, cast))
+        cache.crop(mask.shape[1] - full.shape[1])  # back to the questions, for decoding
 
     said = decode.greedy(model, heads, max_new_tokens=max_new_tokens, eos=_eos(model, tok),
                          batch=batch, cast=cast, prefilled=rank)  # fmt: skip
@@ -134,15 +129,11 @@ def _ranks(model: PreTrainedModel, tails: list[list[list[int]]], first: torch.Te
     for r, c in enumerate(flat):
         if len(c) > 1:
             widths.setdefault(len(c) - 1, []).append(r)
-    for width, rows in sorted(widths.items()):
-        index = owner[rows]  # (C',) one forward per width: no padding
+    for _, rows in sorted(widths.items()):
+        index = owner[rows]  # (C',) one forward per length: no padding
         mine = decode.select_cache(cache, index)  # each context's cache, once per candidate
-        y = torch.tensor([flat[r][:-1] for r in rows])  # (C', width) token j > 0 follows j - 1
-        at = mask.sum(1)[index][:, None] + torch.arange(width)  # (C', width)
-        with cast or contextlib.nullcontext():
-            out = model(input_ids=y, attention_mask=torch.cat(
-                [mask[index], torch.ones_like(y)], 1), position_ids=at,
-                **{decode.cache_argument(model): mine}).logits  # fmt: skip
+        out = decode.extend(model, mine, mask[index], [flat[r][:-1] for r in rows],
+                            cast=cast)[0]  # (C', length - 1, V): token j > 0 follows j - 1
         logp = out.float().log_softmax(-1)  # (C', width, V)
         for j, r in enumerate(rows):
             nll[r] -= float(logp[j].gather(-1, torch.tensor(flat[r][1:])[:, None]).sum())

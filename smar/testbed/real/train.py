@@ -33,7 +33,6 @@ optimizer state; smar's losses compute in float32 from the bf16 logits).
 
 from __future__ import annotations
 
-import contextlib
 import random
 from typing import TYPE_CHECKING, Any, cast
 
@@ -43,12 +42,12 @@ import smar
 import smar.hf
 from smar.errors import UsageError
 from smar.testbed.real.data import collate
+from smar.testbed.real.precision import autocast
 
 if TYPE_CHECKING:
     import transformers
     from transformers import LlavaForConditionalGeneration, ProcessorMixin
 
-    from smar.testbed.real.evaluate import Cast
 
     _Trainer = transformers.Trainer  # the class _RouterLR is mixed into, as the checker sees it
 else:
@@ -142,12 +141,6 @@ class _StopSampleTrainer(_StopTrainer):
     stop_level = "sample"
 
 
-def _cast(precision: str) -> Cast:
-    if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def align(model: LlavaForConditionalGeneration, processor: ProcessorMixin, samples: list[dict], *,
           steps: int, batch: int = 8, lr: float = 1e-3, seed: int = 0,
           precision: str = "fp32") -> list[float]:  # fmt: skip
@@ -161,7 +154,7 @@ def align(model: LlavaForConditionalGeneration, processor: ProcessorMixin, sampl
     model.train()
     for _ in range(steps):
         inputs = collate(processor, rng.sample(samples, min(batch, len(samples))))
-        with _cast(precision):
+        with autocast(precision):
             loss = model(**inputs).loss
         if not torch.isfinite(loss):
             from smar.testbed.errors import Diverged
