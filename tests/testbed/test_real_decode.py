@@ -126,6 +126,34 @@ def test_bf16_weights_give_autocasts_products_bit_for_bit_and_are_given_back():
     assert all(after[n] is p and torch.equal(p, values[n]) for n, p in before.items())
 
 
+def test_a_cache_in_autocasts_precision_gives_the_same_logits_bit_for_bit(tiny, monkeypatch):
+    """Under bf16 autocast the evaluation's caches hold keys and values in bf16, the values
+    autocast gives attention at every call: a prefill and two decode steps give the logits of
+    transformers' own (float32) cache bit for bit. Outside autocast the model makes its own."""
+    model, tok = tiny
+    rows = _rows(tok)
+
+    def run() -> tuple[list[torch.Tensor], object]:
+        out, mask, cache = [], torch.zeros(len(rows), 0, dtype=torch.long), None
+        new = rows
+        for _ in range(3):  # the rows, then two greedy steps
+            logits, mask, cache = decode.extend(model, cache, mask, new, left=True,
+                                                cast=torch.autocast("cpu", dtype=torch.bfloat16))
+            out.append(logits)
+            new = logits[:, -1].float().argmax(-1)[:, None].tolist()
+        return out, cache
+
+    with torch.no_grad():
+        cast, cache = run()
+        monkeypatch.setattr(decode, "new_cache", lambda: None)
+        plain, theirs = run()
+    assert cache.layers[0].keys.dtype == torch.bfloat16
+    assert theirs.layers[0].keys.dtype == torch.float32  # (rotary keeps float32 keys)
+    assert all(torch.equal(a, b) for a, b in zip(cast, plain, strict=True))
+    monkeypatch.undo()
+    assert decode.new_cache() is None  # no autocast: transformers' default
+
+
 def test_image_scores_are_the_accuracy_and_the_answer_loss_from_one_forward():
     """Accuracy and image-answer loss from one forward of each question (its answer scored from
     the question's cache, cropped back before decoding): the values of multimodal_accuracy and
