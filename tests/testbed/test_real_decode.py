@@ -126,6 +126,16 @@ def test_bf16_weights_give_autocasts_products_bit_for_bit_and_are_given_back():
     assert all(after[n] is p and torch.equal(p, values[n]) for n, p in before.items())
 
 
+def test_max_indices_pick_the_first_of_equal_maxima_as_argmax():
+    """greedy takes ``max(-1).indices`` for argmax (4x faster on bf16 logits): the same token
+    where bf16 logits tie, as they often do (8 bits of mantissa)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randint(0, 40, (64, 5003), generator=g).float() / 8).bfloat16()  # many ties
+    assert (x == x.max(-1, keepdim=True).values).sum(-1).gt(1).all()
+    assert torch.equal(x.max(-1).indices, x.argmax(-1))
+    assert torch.equal(x[:, ::3].max(-1).indices, x[:, ::3].argmax(-1))  # strided
+
+
 def test_a_cache_in_autocasts_precision_gives_the_same_logits_bit_for_bit(tiny, monkeypatch):
     """Under bf16 autocast the evaluation's caches hold keys and values in bf16, the values
     autocast gives attention at every call: a prefill and two decode steps give the logits of
