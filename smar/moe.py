@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smar.errors import UsageError
-from smar.experts import GroupedExperts
+from smar.experts import grouped_experts
 
 __all__ = [
     "Router",
@@ -326,8 +326,8 @@ class MoEBlock(nn.Module):
             x, w1, w2, gates = (t.to(dtype) for t in (x, w1, w2, gates))
             keep = None if keep is None else keep.to(dtype)
             with torch.autocast(kind, enabled=False):
-                return GroupedExperts.apply(x, w1, w2, gates, token, counts, keep)
-        return GroupedExperts.apply(x, w1, w2, gates, token, counts, keep)
+                return grouped_experts(x, w1, w2, gates, token, counts, keep)
+        return grouped_experts(x, w1, w2, gates, token, counts, keep)
 
     def extra_repr(self) -> str:
         return (

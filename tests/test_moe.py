@@ -511,3 +511,72 @@ def test_bucketed_rows_give_the_unpadded_outputs_and_gradients():
     torch.testing.assert_close(got, want)
     for g, w in zip([x.grad, block.gate_up_proj.grad, block.down_proj.grad], grads, strict=True):
         torch.testing.assert_close(g, w)
+
+
+class _Tiny(torch.nn.Module):
+    """A linear layer with a bias, then an MoE block: both kinds of product prepacked reorders."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+        self.moe = MoEBlock(16, 32, num_experts=4, top_k=2)
+
+    def forward(self, x):
+        return self.moe(self.proj(x))
+
+
+@pytest.mark.skipif(not __import__("smar.experts").experts.can_prepack(),
+                    reason="this torch has no oneDNN reordered-weight ops")  # fmt: skip
+@pytest.mark.parametrize("where", ["bf16 model", "bf16 autocast"])
+def test_prepacked_weights_give_the_plain_products_to_rounding_and_are_given_back(monkeypatch, where):
+    """Inside ``prepacked`` every bf16 linear layer and expert multiplies with its reordered
+    weight (each product counted) and gives the plain output up to bf16 rounding; a gradient
+    being recorded falls back to the plain products (bit for bit); the layers' own forward (a
+    hook's, where one was set) is back after."""
+    import contextlib
+
+    import smar.experts as experts
+
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    real = experts._linear
+    monkeypatch.setattr(experts, "_linear", counted)
+    torch.manual_seed(0)
+    model = _Tiny().to(torch.bfloat16)
+    x = torch.randn(37, 16)
+    cast = contextlib.nullcontext()
+    if where == "bf16 model":
+        x = x.to(torch.bfloat16)
+    else:
+        cast = torch.autocast("cpu", dtype=torch.bfloat16)
+    hooked = model.moe.router.forward  # a module whose forward is its instance's own (a hook's)
+    model.proj.__dict__["forward"] = own = model.proj.forward
+    with torch.no_grad(), cast:
+        want = model(x)
+        with experts.prepacked(model):
+            got = model(x)
+            assert len(calls) == 1 + 3 * 4  # the linear layer, 3 products per expert
+            with torch.enable_grad():
+                again = model(x)
+            assert len(calls) == 13  # recording a gradient: the plain products
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    assert torch.equal(again, want)
+    assert model.proj.__dict__["forward"] is own and model.moe.router.forward == hooked
+    del model.proj.__dict__["forward"]
+    with experts.prepacked(model):
+        pass
+    assert "forward" not in model.proj.__dict__
+
+
+def test_prepacked_changes_nothing_without_onednns_ops(monkeypatch):
+    import smar.experts as experts
+
+    monkeypatch.setattr(experts, "can_prepack", lambda: False)
+    model = _Tiny().to(torch.bfloat16)
+    with experts.prepacked(model):
+        assert "forward" not in model.proj.__dict__ and experts._PACKED.get() is None

@@ -50,6 +50,7 @@ from smar.testbed.real.model import VisionSpec, build_run_vlm
 from smar.testbed.real.probes import code_closed
 from smar.testbed.real.schema import BASE_ANSWERS, STAGE1_SCORES, read_checked
 from smar.testbed.real.scores import (
+    ANSWERS,
     CHAT_TOKENS,
     CODE_TOKENS,
     EVALUATION,
@@ -163,7 +164,7 @@ def base_answers(lm: CausalLM, tok: PreTrainedTokenizerBase, cfg: RealConfig, st
     questions = questions[: cfg.eval_knowledge]
     code = texts.code_instructions()
     key = _key(model_id, chat_eval, chat_train, questions, code, CHAT_TOKENS, KNOWLEDGE_TOKENS,
-               CODE_TOKENS, EVALUATION)  # fmt: skip
+               CODE_TOKENS, ANSWERS)  # fmt: skip
     path = stages / f"base-answers-{key}.json"
     asked = {"chat_eval": chat_eval, "chat_train": chat_train,
              "knowledge": [q for q, _ in questions], "code": [q for q, _ in code]}  # fmt: skip
