@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from smar.testbed.real.evaluate import Cast
 
 __all__ = ["shared_length", "placeholders", "routes_by_sample", "select_cache", "padded", "Prefix",
-           "extend", "forward", "greedy"]
+           "extend", "head", "forward", "greedy"]
 
 
 def shared_length(rows: Sequence[Sequence[int]], *, keep: int = 1,
@@ -157,33 +157,50 @@ def padded(rows: Sequence[Sequence[int]],
 
 def extend(model: PreTrainedModel, cache: Any, mask: torch.Tensor,
            rows: Sequence[Sequence[int]], *, cast: Cast | None = None, left: bool = False,
-           logits_to_keep: int = 0,
+           logits_to_keep: int = 0, hidden: bool = False,
            **inputs: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:  # fmt: skip
     """``(logits (B, W, V), mask (B, S + W), cache)``: ``rows`` continue the sequences a
     key-value ``cache`` holds (``mask (B, S)``; None and ``(B, 0)`` for none yet), padded right
     (row ``i``'s token ``j`` at ``j``) or left, each token at its unpadded position; the cache
-    takes the new tokens. ``inputs`` go to the model (``pixel_values``)."""
+    takes the new tokens. ``inputs`` go to the model (``pixel_values``). ``hidden``: the base
+    model's last hidden states ``(B, W, D)`` in place of the logits (:func:`head` makes them)."""
     x, new = padded(rows, left)
     at = mask.sum(1)[:, None] + (new.cumsum(1) - 1).clamp(min=0)  # (B, W)
     mask = torch.cat([mask, new], 1)
     with cast or contextlib.nullcontext():
         cache = new_cache() if cache is None else cache
         kw = {} if cache is None else {cache_argument(model): cache}
+        if hidden:
+            out = model.model(input_ids=x, attention_mask=mask, position_ids=at, use_cache=True,
+                              **kw, **inputs)  # fmt: skip
+            return out.last_hidden_state, mask, _cache_of(out)
         out = model(input_ids=x, attention_mask=mask, position_ids=at, use_cache=True,
                     logits_to_keep=logits_to_keep, **kw, **inputs)  # fmt: skip
     return out.logits, mask, _cache_of(out)
 
 
+def head(model: PreTrainedModel) -> torch.nn.Module | None:
+    """The layer that makes ``model``'s logits from its base model's last hidden states
+    (``extend(..., hidden=True)``), where the logits are just that layer's output (no logit
+    soft-capping); None otherwise."""
+    text = model.config.get_text_config()
+    out = model.get_output_embeddings()
+    plain = getattr(text, "final_logit_softcapping", None) is None
+    return out if plain and isinstance(getattr(model, "model", None), torch.nn.Module) else None
+
+
 def forward(model: PreTrainedModel, rows: Sequence[Sequence[int]], prefix: Prefix, *,
             cast: Cast | None = None, left: bool = False, logits_to_keep: int = 0,
+            hidden: bool = False,
             **inputs: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:  # fmt: skip
     """``(logits (B, W, V), mask (B, P + W), cache)`` of ``rows`` (each beginning with
     ``prefix.ids``) after the prefix (:func:`extend`): right-padded (row ``i``'s token
-    ``j >= P`` at ``j - P``) or left-padded. ``inputs`` go to the model (``pixel_values``)."""
+    ``j >= P`` at ``j - P``) or left-padded. ``inputs`` go to the model (``pixel_values``);
+    ``hidden``: the last hidden states in place of the logits."""
     p = len(prefix)
     return extend(model, prefix.cache(len(rows)), torch.ones(len(rows), p, dtype=torch.long),
                   [r[p:] for r in rows], cast=cast, left=left, logits_to_keep=logits_to_keep,
-                  **inputs)  # fmt: skip
+                  hidden=hidden, **inputs)  # fmt: skip
 
 
 @torch.no_grad()

@@ -52,20 +52,27 @@ def _nll_sums(model: PreTrainedModel, ids: list[list[int]], starts: list[int], b
     first ``first`` scored tokens of each sequence (None for a sequence with fewer), from the same
     forward. The tokens every sequence shares before the first scored one run once
     (:class:`~smar.testbed.real.decode.Prefix`), and the batches hold sequences of like length
-    (less padding); only the scored positions' logits are normalised (no ``(B, S, V)``
-    log-softmax)."""
+    (less padding); only the scored positions' logits are made and normalised (the output layer
+    on their hidden states, :func:`~smar.testbed.real.decode.head`)."""
     fro = [max(s, 1) - 1 for s in starts]  # position p predicts token p + 1
     p = min([decode.shared_length(ids, until=decode.placeholders(model)), *fro]) if ids else 0
     prefix = decode.Prefix(model, ids[0][:p] if ids else [], cast)
     out: list[float] = [0.0] * len(ids)
     kept: list[torch.Tensor | None] = [None] * len(ids)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # batches of like lengths
+    out_layer = decode.head(model)  # logits of the scored positions only, where it can
     for b in range(0, len(ids), batch):
         part = order[b : b + batch]
-        logits = decode.forward(model, [ids[i] for i in part], prefix, cast=cast)[0]  # j at j - p
+        # token j at j - p: logits (B, W, V), or last hidden states (B, W, D)
+        states = decode.forward(model, [ids[i] for i in part], prefix, cast=cast,
+                                hidden=out_layer is not None)[0]  # fmt: skip
         for row, i in enumerate(part):
             r, at = ids[i], fro[i]
-            logp = logits[row, at - p : len(r) - 1 - p].float().log_softmax(-1)  # (T, V)
+            logits = states[row, at - p : len(r) - 1 - p]  # (T, V) or (T, D)
+            if out_layer is not None:
+                with cast:
+                    logits = out_layer(logits)
+            logp = logits.float().log_softmax(-1)  # (T, V)
             target = torch.tensor(r[at + 1 :], dtype=torch.long)  # (T,)
             out[i] = -float(logp.gather(-1, target[:, None]).sum())
             if first and len(logp) >= first:
