@@ -75,6 +75,35 @@ def test_generate_gives_transformers_greedy_answers(tiny):
         assert evaluate.generate(model, tok, chats, max_new_tokens=9, batch=batch) == want
 
 
+def test_groups_of_like_length_cost_least():
+    assert decode._groups([5, 5, 5]) == [[0, 1, 2]]
+    # 256 tokens per forward: one group (12 * 12 + 256) beats two (10 * 10 + 2 * 12 + 512)
+    assert decode._groups([10] * 10 + [12] * 2) == [list(range(12))]
+    assert decode._groups([10] * 10 + [300] * 2) == [list(range(10)), [10, 11]]
+    long = [10] * 100 + [40] * 100  # one group: 8000; two: 1000 + 4000 + 512
+    assert decode._groups(long) == [list(range(100)), list(range(100, 200))]
+    assert decode._groups([40, 10, 40, 10] * 50) == [list(range(1, 200, 2)), list(range(0, 200, 2))]
+
+
+def test_rows_prefilled_in_groups_of_like_length_give_the_same_answers(tiny, monkeypatch):
+    """Rows of different lengths, their first forward run in groups and joined into one batch
+    (the padding between the prefix and each row): the answers of one forward of them all,
+    transformers' greedy answers, with per-row limits."""
+    model, tok = tiny
+    questions = [*QUESTIONS, "a much longer question about the picture, its colours and its shapes ?"]
+    rows = _rows(tok, questions)
+    limits = [9, 3, 9, 5, 9, 9]
+    want = decode.greedy(model, rows, max_new_tokens=limits, eos={tok.eos_token_id})
+    monkeypatch.setattr(decode, "GROUP_TOKENS", 0)  # every length its own group
+    prefix = decode.Prefix.of(model, rows)
+    last, mask, cache, order = decode.prefill(model, rows, prefix)
+    assert sorted(order) == list(range(6)) and order != list(range(6))
+    one = decode.forward(model, [rows[i] for i in order], prefix, left=True)[0][:, -1]
+    torch.testing.assert_close(last, one, rtol=1e-5, atol=1e-5)
+    got = decode.greedy(model, rows, max_new_tokens=limits, eos={tok.eos_token_id})
+    assert got == want and [len(g) for g in got][1] <= 3
+
+
 def test_greedy_ends_a_row_at_eos_or_where_stop_says(tiny):
     model, tok = tiny
     rows = _rows(tok)

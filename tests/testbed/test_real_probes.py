@@ -48,10 +48,24 @@ def test_candidate_ranks_equal_the_by_hand_likelihood_ranks(tiny):
     assert probes.format_free(model, tok, items) == sum(r == 0 for r in got) / 3
     assert probes.candidate_ranks(model, tok, items, batch=1) == got  # padding apart
     # with the greedy answers, from one forward of each question
-    said, ranks = probes.knowledge_scores(model, tok, items, max_new_tokens=5, batch=2)
-    assert ranks == got
+    said, ranks, none = probes.knowledge_scores(model, tok, items, max_new_tokens=5, batch=2)
+    assert ranks == got and none == []
     assert said == evaluate.generate(model, tok, [[{"role": "user", "content": it["question"]}]
                                                   for it in items], max_new_tokens=5)  # fmt: skip
+    # other chats decoded beside the questions (each with its own limit and stop), in one batch
+    # or split across two (some questions with chats, some without)
+    chats = [[{"role": "user", "content": q}] for q in ("write a function", "tell me a number",
+                                                        "count to three please")]  # fmt: skip
+
+    def stop(text: str) -> bool:
+        return len(text.split()) >= 2
+
+    alone = evaluate.generate(model, tok, chats, max_new_tokens=7, stop=stop)
+    for batch in (8, 4):
+        more = evaluate.Ask(chats, 7, stop)
+        with_more = probes.knowledge_scores(model, tok, items, max_new_tokens=5, batch=batch,
+                                            more=more)  # fmt: skip
+        assert with_more == (said, ranks, alone)
 
 
 def test_answer_scores_are_the_bits_per_byte_and_first_tokens_of_one_forward(tiny):

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from smar.testbed.real.evaluate import Cast
 
 __all__ = ["shared_length", "placeholders", "routes_by_sample", "select_cache", "padded", "Prefix",
-           "extend", "head", "forward", "greedy"]
+           "extend", "head", "forward", "prefill", "greedy"]
 
 
 def shared_length(rows: Sequence[Sequence[int]], *, keep: int = 1,
@@ -203,47 +203,120 @@ def forward(model: PreTrainedModel, rows: Sequence[Sequence[int]], prefix: Prefi
                   hidden=hidden, **inputs)  # fmt: skip
 
 
+GROUP_TOKENS = 256  # a forward's fixed cost, in padded tokens, when grouping rows by length
+
+
+def _groups(lengths: Sequence[int]) -> list[list[int]]:
+    """Positions of ``lengths`` in groups of like length (ascending), chosen to cost least: each
+    group runs ``len(group) * its longest`` tokens, plus :data:`GROUP_TOKENS` per forward."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    ends = [j + 1 for j in range(len(order)) if j + 1 == len(order)
+            or lengths[order[j + 1]] != lengths[order[j]]]  # fmt: skip  # group ends allowed
+    best: dict[int, tuple[float, int]] = {0: (0.0, 0)}  # end -> (cost, start of its last group)
+    for e in ends:
+        best[e] = min((best[b][0] + (e - b) * lengths[order[e - 1]] + GROUP_TOKENS, b)
+                      for b in [0, *ends] if b < e and b in best)  # fmt: skip
+    cuts, e = [], len(order)
+    while e:
+        cuts.append(e)
+        e = best[e][1]
+    bounds = [0, *reversed(cuts)]
+    return [order[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def prefill(model: PreTrainedModel, rows: Sequence[Sequence[int]], prefix: Prefix, *,
+            cast: Cast | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor, Any, list[int]]:  # fmt: skip
+    """``(last logits (B, V), mask (B, P + W), cache, order)``: the first forward of ``rows``
+    (each beginning with ``prefix.ids``), left-padded, run in groups of like length
+    (:func:`_groups`: less padding) and joined into one batch, rows in ``order`` (indices into
+    ``rows``): each group's cache and mask padded between the prefix and its rows, as one
+    forward of them all lays them out (the padding masked)."""
+    parts = []
+    for group in _groups([len(r) for r in rows]):
+        logits, mask, cache = forward(model, [rows[i] for i in group], prefix, cast=cast,
+                                      left=True, logits_to_keep=1)  # fmt: skip
+        parts.append((group, logits[:, -1], mask, cache))
+        plain = all(type(layer) in (DynamicLayer, _CastLayer) for layer in cache.layers)
+        if len(parts) == 1 and not plain:  # (a cache this does not know how to join)
+            order = list(range(len(rows)))
+            logits, mask, cache = forward(model, rows, prefix, cast=cast, left=True,
+                                          logits_to_keep=1)  # fmt: skip
+            return logits[:, -1], mask, cache, order
+    if len(parts) == 1:
+        return parts[0][1], parts[0][2], parts[0][3], parts[0][0]
+    p, width = len(prefix), max(m.shape[1] for _, _, m, _ in parts)
+
+    def widened(t: torch.Tensor, dim: int) -> torch.Tensor:  # padding after the prefix
+        pad = width - t.shape[dim]
+        if not pad:
+            return t
+        shape = list(t.shape)
+        shape[dim] = pad
+        rest = t.narrow(dim, p, t.shape[dim] - p)
+        return torch.cat([t.narrow(dim, 0, p), t.new_zeros(shape), rest], dim)
+
+    cache = parts[0][3]
+    for n, layer in enumerate(cache.layers):
+        layer.keys = torch.cat([widened(c.layers[n].keys, 2) for *_, c in parts])
+        layer.values = torch.cat([widened(c.layers[n].values, 2) for *_, c in parts])
+    mask = torch.cat([widened(m, 1) for _, _, m, _ in parts])
+    return (torch.cat([last for _, last, _, _ in parts]), mask, cache,
+            [i for group, *_ in parts for i in group])  # fmt: skip
+
+
 @torch.no_grad()
-def greedy(model: PreTrainedModel, rows: Sequence[Sequence[int]], *, max_new_tokens: int,
-           eos: set[int], batch: int = 64, cast: Cast | None = None,
-           stop: Callable[[int, list[int]], bool] | None = None,
+def greedy(model: PreTrainedModel, rows: Sequence[Sequence[int]], *,
+           max_new_tokens: int | Sequence[int], eos: set[int], batch: int = 64,
+           cast: Cast | None = None, stop: Callable[[int, list[int]], bool] | None = None,
            inputs: Callable[[slice], dict[str, Any]] | None = None,
-           prefilled: Callable[[slice, torch.Tensor, torch.Tensor, Any], None] | None = None,
+           prefilled: Callable[[list[int], torch.Tensor, torch.Tensor, Any], None] | None = None,
            share: bool = True) -> list[list[int]]:  # fmt: skip
     """The greedy continuation of each row (token ids; an end-of-sequence token it produced
-    included), at most ``max_new_tokens``.
+    included), at most ``max_new_tokens`` (one for all rows, or one per row).
 
     A row ends at a token of ``eos``, or where ``stop(its index, its new tokens)`` is true.
     ``inputs(s)`` gives the model's other inputs for ``rows[s]`` (``pixel_values``), for the
-    first forward.
-    ``prefilled(s, last logits (B, V), mask (B, P + W), cache)`` is called after each batch's
-    first forward, before its decoding; it may extend the cache if it crops it back.
+    first forward; without them the first forward runs rows of like length together
+    (:func:`prefill`).
+    ``prefilled(index, last logits (B, V), mask (B, P + W), cache)`` is called after each batch's
+    first forward, before its decoding (``index``: the batch's rows, in its order); it may extend
+    the cache if it crops it back.
     ``share=False``: no shared prefix, and finished rows stay in the batch (their tokens dropped),
     as ``generate`` keeps them (image rows of a model that :func:`routes_by_sample`)."""
+    limits = ([max_new_tokens] * len(rows) if isinstance(max_new_tokens, int)
+              else list(max_new_tokens))  # fmt: skip
     prefix = Prefix.of(model, rows, cast) if share else Prefix(model, [])
     out: list[list[int]] = [[] for _ in rows]
     for b in range(0, len(rows), batch):
         part = slice(b, min(b + batch, len(rows)))
-        extra = inputs(part) if inputs else {}
-        logits, mask, cache = forward(model, rows[part], prefix, cast=cast, left=True,
-                                      logits_to_keep=1, **extra)  # fmt: skip
+        if inputs is None and share:
+            last, mask, cache, order = prefill(model, rows[part], prefix, cast=cast)
+            index = [b + i for i in order]
+        else:
+            extra = inputs(part) if inputs else {}
+            logits, mask, cache = forward(model, rows[part], prefix, cast=cast, left=True,
+                                          logits_to_keep=1, **extra)  # fmt: skip
+            last, index = logits[:, -1], list(range(part.start, part.stop))
         if prefilled is not None:
-            prefilled(part, logits[:, -1], mask, cache)
-        alive = torch.arange(part.start, part.stop)  # (B,) the batch's rows
+            prefilled(index, last, mask, cache)
+        alive = torch.tensor(index)  # (B,) the batch's rows
         ended = torch.zeros(len(alive), dtype=torch.bool)  # (B,) finished (kept: share=False)
-        for step in range(max_new_tokens):
+        while True:
             # (B,) argmax: the first of equal maxima, as argmax gives (4x faster on bf16 logits)
-            nxt = logits[:, -1].max(-1).indices
+            nxt = last.max(-1).indices
             for i, (r, t) in enumerate(zip(alive.tolist(), nxt.tolist(), strict=True)):
                 if not ended[i]:
                     out[r].append(t)
-                    ended[i] = t in eos or (stop is not None and stop(r, out[r]))
-            if step == max_new_tokens - 1 or bool(ended.all()):
+                    ended[i] = (t in eos or len(out[r]) >= limits[r]
+                                or (stop is not None and stop(r, out[r])))  # fmt: skip
+            if bool(ended.all()):
                 break
             if share and bool(ended.any()):  # finished rows leave the batch
-                index = (~ended).nonzero()[:, 0]
-                cache.batch_select_indices(index)
-                alive, ended, nxt, mask = (t[index] for t in (alive, ended, nxt, mask))
+                keep = (~ended).nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                alive, ended, nxt, mask = (t[keep] for t in (alive, ended, nxt, mask))
             logits, mask, cache = extend(model, cache, mask, nxt[:, None].tolist(), cast=cast,
                                          logits_to_keep=1)  # fmt: skip
+            last = logits[:, -1]
     return out

@@ -21,6 +21,7 @@ import itertools
 import math
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,8 +36,8 @@ if TYPE_CHECKING:
 
     Cast = AbstractContextManager[Any]  # the precision context (bf16 autocast, or none)
 
-__all__ = ["text_bpb", "answer_bpb", "answer_scores", "generate", "chosen", "multimodal_accuracy",
-           "image_answer_loss", "image_scores"]
+__all__ = ["text_bpb", "answer_bpb", "answer_scores", "Ask", "chat_rows", "generate", "chosen",
+           "multimodal_accuracy", "image_answer_loss", "image_scores"]
 
 
 def _tokenizer(proc: Any) -> Any:
@@ -140,6 +141,24 @@ def _eos(model: Any, tok: Any) -> set[int]:
     return set(eos) if isinstance(eos, (list, tuple)) else {eos} - {None}
 
 
+@dataclass(frozen=True)
+class Ask:
+    """Chats to answer greedily in another evaluation's decoding batch (their rows decoded
+    beside its rows: :func:`smar.testbed.real.probes.knowledge_scores`): each ends with the
+    user's turn; an answer ends at ``max_new_tokens`` or where ``stop(its text)`` is true."""
+
+    chats: list[list[dict]]
+    max_new_tokens: int
+    stop: Callable[[str], bool] | None = None
+
+
+def chat_rows(proc: Any, chats: list[list[dict]]) -> list[list[int]]:
+    """The tokens of each chat (ending with the user's turn) up to the assistant's answer."""
+    tok = _tokenizer(proc)
+    return [tok(proc.apply_chat_template(c, tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False)["input_ids"] for c in chats]  # fmt: skip
+
+
 @torch.no_grad()
 def generate(model: PreTrainedModel, proc: Any, chats: list[list[dict]],
              images: list[list[Image.Image]] | None = None, *, max_new_tokens: int = 24,
@@ -152,12 +171,12 @@ def generate(model: PreTrainedModel, proc: Any, chats: list[list[dict]],
     ``images``: one list of images per chat (for a processor), or None. ``stop(text)``: an
     answer whose text it accepts ends there (e.g. a closed code block)."""
     tok = _tokenizer(proc)
-    texts = [proc.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-             for c in chats]  # fmt: skip
     inputs = None
     if images is None:
-        rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        rows = chat_rows(proc, chats)
     else:
+        texts = [proc.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                 for c in chats]  # fmt: skip
         flat = [im for ims in images for im in ims]
         enc = proc(text=texts, images=flat or None, padding=True, return_tensors="pt",
                    add_special_tokens=False)  # fmt: skip
@@ -241,8 +260,8 @@ def image_scores(model: PreTrainedModel, proc: Any, samples: list[dict], *, batc
     heads = [r[: int(lab.ne(-100).nonzero()[0])] for r, lab in zip(rows, labels, strict=True)]
     nll = [0.0, 0.0]  # summed NLL, answer tokens
 
-    def score(s: slice, last: torch.Tensor, mask: torch.Tensor, cache: Any) -> None:
-        answers = [r[len(h) :] for r, h in zip(rows[s], heads[s], strict=True)]
+    def score(index: list[int], last: torch.Tensor, mask: torch.Tensor, cache: Any) -> None:
+        answers = [rows[i][len(heads[i]) :] for i in index]
         logp0 = last.float().log_softmax(-1)  # (B, V) each answer's first token
         for i, a in enumerate(answers):
             nll[0] -= float(logp0[i, a[0]])

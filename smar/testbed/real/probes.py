@@ -31,7 +31,7 @@ from smar.testbed.real.evaluate import _tokenizer, answer_scores
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from smar.testbed.real.evaluate import Cast
+    from smar.testbed.real.evaluate import Ask, Cast
 
 __all__ = ["candidate_ranks", "knowledge_scores", "format_free", "answer_frame", "format_kept",
            "first_token_logprobs", "first_token_kl", "code_answer", "code_closed",
@@ -73,41 +73,66 @@ def candidate_ranks(model: PreTrainedModel, proc: Any, items: list[dict], *, bat
 
 @torch.no_grad()
 def knowledge_scores(model: PreTrainedModel, proc: Any, items: list[dict], *,
-                     max_new_tokens: int, batch: int = 256,
-                     cast: Cast | None = None) -> tuple[list[str], list[int]]:  # fmt: skip
-    """``(answers, ranks)``: the greedy answers to the items' questions
+                     max_new_tokens: int, batch: int = 512, cast: Cast | None = None,
+                     more: Ask | None = None,
+                     ) -> tuple[list[str], list[int], list[str]]:  # fmt: skip
+    """``(answers, ranks, more answers)``: the greedy answers to the items' questions
     (:func:`smar.testbed.real.evaluate.generate`) and their right answers' ranks
     (:func:`candidate_ranks`), from one forward of each question: its answer prefix and
-    candidates are scored from the question's key-value cache, which is cropped back before the
-    answer is decoded from it. Where a question's tokens do not begin its context's (a tokenizer
-    that merges across the two), the ranks are computed apart."""
-    from smar.testbed.real.evaluate import _eos
+    candidates are scored from the question's key-value cache before the answer is decoded from
+    it. ``more``: other chats answered in the same decoding batch (their first answer tokens
+    ride on the questions' forwards), their answers third. Where a question's tokens do not begin
+    its context's (a tokenizer that merges across the two), the ranks are computed apart."""
+    from smar.testbed.real.evaluate import _eos, chat_rows
 
     tok = _tokenizer(proc)
     texts = [_head(proc, it["question"]) for it in items]
     heads = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     contexts = [tok(t + it["prefix"], add_special_tokens=False)["input_ids"]
                 for t, it in zip(texts, items, strict=True)]  # fmt: skip
+    n = len(items)
+    rows, limits = heads, [max_new_tokens] * n
+    if more is not None:
+        rows = heads + chat_rows(proc, more.chats)
+        limits += [more.max_new_tokens] * len(more.chats)
+
+    def stop(r: int, ids: list[int]) -> bool:  # (the questions end at eos or their limit)
+        return r >= n and more is not None and more.stop is not None and more.stop(
+            tok.decode(ids, skip_special_tokens=True))  # fmt: skip
+
+    def answer(prefilled: Any = None) -> tuple[list[str], list[str]]:
+        said = decode.greedy(model, rows, max_new_tokens=limits, eos=_eos(model, tok),
+                             batch=batch, cast=cast, stop=stop, prefilled=prefilled)  # fmt: skip
+        text = [tok.decode(ids, skip_special_tokens=True).strip() for ids in said]
+        return text[:n], text[n:]
+
     if any(c[: len(h)] != h or len(c) == len(h) for h, c in zip(heads, contexts, strict=True)):
-        said = decode.greedy(model, heads, max_new_tokens=max_new_tokens, eos=_eos(model, tok),
-                             batch=batch, cast=cast)  # fmt: skip
-        answers = [tok.decode(n, skip_special_tokens=True).strip() for n in said]
-        return answers, candidate_ranks(model, proc, items, cast=cast)
+        said, others = answer()
+        return said, candidate_ranks(model, proc, items, cast=cast), others
     tails = [_tails(tok, t + it["prefix"], c, it["candidates"])
              for t, it, c in zip(texts, items, contexts, strict=True)]  # fmt: skip
-    ranks: list[int] = []
+    ranks: list[int] = [0] * n
 
-    def rank(s: slice, last: torch.Tensor, mask: torch.Tensor, cache: Any) -> None:
-        prefixes = [c[len(h) :] for h, c in zip(heads[s], contexts[s], strict=True)]
-        logits, full, _ = decode.extend(model, cache, mask, prefixes, cast=cast, left=True,
+    def rank(index: list[int], last: torch.Tensor, mask: torch.Tensor, cache: Any) -> None:
+        mine = [j for j, i in enumerate(index) if i < n]  # the batch's questions
+        if not mine:
+            return
+        asked = [index[j] for j in mine]
+        whole = len(mine) == len(index)  # else the questions' cache apart (a copy)
+        at = torch.tensor(mine)
+        own = cache if whole else decode.select_cache(cache, at)
+        prefixes = [contexts[i][len(heads[i]) :] for i in asked]
+        logits, full, _ = decode.extend(model, own, mask[at], prefixes, cast=cast, left=True,
                                         logits_to_keep=1)  # each answer prefix, last at the end
         first = logits[:, -1].float().log_softmax(-1)  # (B, V)
-        ranks.extend(_ranks(model, tails[s], first, full, cache, cast))
-        cache.crop(mask.shape[1] - full.shape[1])  # back to the questions, for decoding
+        for i, r in zip(asked, _ranks(model, [tails[i] for i in asked], first, full, own, cast),
+                        strict=True):  # fmt: skip
+            ranks[i] = r
+        if whole:
+            cache.crop(mask.shape[1] - full.shape[1])  # back to the questions, for decoding
 
-    said = decode.greedy(model, heads, max_new_tokens=max_new_tokens, eos=_eos(model, tok),
-                         batch=batch, cast=cast, prefilled=rank)  # fmt: skip
-    return [tok.decode(n, skip_special_tokens=True).strip() for n in said], ranks
+    said, others = answer(rank)
+    return said, ranks, others
 
 
 def _tails(tok: Any, context: str, ctx: list[int], candidates: list[str]) -> list[list[int]]:

@@ -74,9 +74,16 @@ def _score(model: LlavaForConditionalGeneration, proc: ProcessorMixin, cfg: Real
              for q, a in answers["chat_eval"]]  # fmt: skip
     known = [(q, g) for q, g, a in answers["knowledge"] if texts.is_right(a, g)]
     items = {it["question"]: it for it in texts.knowledge_items()}
-    said, ranks = probes.knowledge_scores(model, proc, [items[q] for q, _ in known],
-                                          max_new_tokens=KNOWLEDGE_TOKENS,
-                                          cast=cast) if known else ([], [])  # fmt: skip
+    ask = evaluate.Ask([[{"role": "user", "content": q}] for q, _, _ in answers["code"]],
+                       CODE_TOKENS, probes.code_closed)  # decoded beside the questions
+    if known:
+        said, ranks, coded = probes.knowledge_scores(model, proc, [items[q] for q, _ in known],
+                                                     max_new_tokens=KNOWLEDGE_TOKENS, cast=cast,
+                                                     more=ask)  # fmt: skip
+    else:
+        said, ranks = [], []
+        coded = evaluate.generate(model, proc, ask.chats, max_new_tokens=CODE_TOKENS, cast=cast,
+                                  stop=ask.stop)  # fmt: skip
     code = texts.humaneval()[: cfg.eval_code]
     prose = [("", p) for p in texts.prose(cfg.eval_prose)]
     chat_bpb, firsts = evaluate.answer_scores(model, proc, chats, first=FIRST_TOKENS, batch=32,
@@ -93,7 +100,7 @@ def _score(model: LlavaForConditionalGeneration, proc: ProcessorMixin, cfg: Real
         ) / len(known)
     return {
         "language": language,
-        "probes": _probes(model, proc, answers, known, said, ranks, firsts, reference, cast),
+        "probes": _probes(answers, known, said, ranks, coded, firsts, reference),
         "knowledge_asked": len(known),
         "knowledge_answers": [[q, a] for (q, _), a in zip(known, said, strict=True)],
         "multimodal": multimodal,
@@ -101,18 +108,14 @@ def _score(model: LlavaForConditionalGeneration, proc: ProcessorMixin, cfg: Real
     }
 
 
-def _probes(model: LlavaForConditionalGeneration, proc: ProcessorMixin, answers: dict,
-            known: list[tuple[str, str]], said: list[str], ranks: list[int],
-            firsts: torch.Tensor, reference: torch.Tensor | None,
-            cast: Cast) -> dict:  # fmt: skip
+def _probes(answers: dict, known: list[tuple[str, str]], said: list[str], ranks: list[int],
+            coded: list[str], firsts: torch.Tensor,
+            reference: torch.Tensor | None) -> dict:  # fmt: skip
     """Format and fact apart: the format-free knowledge score (the right answers' ``ranks``) and
-    the base's answer frame kept (the known questions), code instructions, and the first-token
-    KL to stage 1."""
+    the base's answer frame kept (the known questions), the answers to code instructions
+    (``coded``), and the first-token KL to stage 1."""
     base = {q: a for q, _, a in answers["knowledge"]}
     code = answers["code"]
-    coded = evaluate.generate(model, proc, [[{"role": "user", "content": q}] for q, _, _ in code],
-                              max_new_tokens=CODE_TOKENS, cast=cast,
-                              stop=probes.code_closed)  # fmt: skip
     mine, theirs = probes.code_scores(coded, [n for _, n, _ in code]), probes.code_scores(
         [a for _, _, a in code], [n for _, n, _ in code])  # fmt: skip
     out = {
