@@ -170,13 +170,16 @@ def extend(model: PreTrainedModel, cache: Any, mask: torch.Tensor,
     with cast or contextlib.nullcontext():
         cache = new_cache() if cache is None else cache
         kw = {} if cache is None else {cache_argument(model): cache}
-        if hidden:
-            out = model.model(input_ids=x, attention_mask=mask, position_ids=at, use_cache=True,
-                              **kw, **inputs)  # fmt: skip
-            return out.last_hidden_state, mask, _cache_of(out)
-        out = model(input_ids=x, attention_mask=mask, position_ids=at, use_cache=True,
-                    logits_to_keep=logits_to_keep, **kw, **inputs)  # fmt: skip
-    return out.logits, mask, _cache_of(out)
+        seen: list[torch.Tensor] = []  # the base model's last hidden states (hidden=True)
+        hook = model.model.register_forward_hook(
+            lambda _m, _a, o: seen.append(o.last_hidden_state)) if hidden else None  # fmt: skip
+        try:  # (the whole model runs: its hooks, e.g. SMAR's modality ids, see the forward)
+            out = model(input_ids=x, attention_mask=mask, position_ids=at, use_cache=True,
+                        logits_to_keep=1 if hidden else logits_to_keep, **kw, **inputs)  # fmt: skip
+        finally:
+            if hook is not None:
+                hook.remove()
+    return (seen[-1] if hidden else out.logits), mask, _cache_of(out)
 
 
 def head(model: PreTrainedModel) -> torch.nn.Module | None:
