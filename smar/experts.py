@@ -223,7 +223,6 @@ class GroupedExperts(torch.autograd.Function):
         return dx, d_gate_up, d_down, d_gates, None, None, None
 
 
-
 _Hidden = list[tuple[Tensor, Tensor, Tensor, Tensor] | None]  # each expert's (g, u, s, a)
 
 
@@ -252,14 +251,12 @@ def _forward(x: Tensor, gate_up: Tensor, down: Tensor, gates: Tensor, token: Ten
             g, u = _linear(xe, packs[e][0]), _linear(xe, packs[e][1])
         s = F.silu(g)
         a = s * u  # (n, F) or (m, F)
-        if packs is not None:
-            y[start : start + n] = _linear(a, packs[e][2])[:n]
-            g, u, s, a = g[:n], u[:n], s[:n], a[:n]
-        elif len(a) > n:
-            y[start : start + n] = torch.mm(a, down[e].t())[:n]
-            g, u, s, a = g[:n], u[:n], s[:n], a[:n]
-        else:
+        if packs is None and len(a) == n:
             torch.mm(a, down[e].t(), out=y[start : start + n])
+        else:  # padded rows, or the reordered weights (no out=): the first n rows
+            y[start : start + n] = (torch.mm(a, down[e].t()) if packs is None
+                                    else _linear(a, packs[e][2]))[:n]  # fmt: skip
+            g, u, s, a = g[:n], u[:n], s[:n], a[:n]
         saved.append((g, u, s, a))
         start += n
     out = torch.zeros_like(x).index_add_(0, token, y * gates[:, None])  # (T, D)
@@ -274,6 +271,7 @@ def grouped_experts(x: Tensor, gate_up: Tensor, down: Tensor, gates: Tensor, tok
     if packs is not None:
         return _forward(x, gate_up, down, gates, token, counts, packs)[0]
     return GroupedExperts.apply(x, gate_up, down, gates, token, counts, keep)
+
 
 def _packs(gate_up: Tensor) -> list[tuple[Tensor, Tensor, Tensor]] | None:
     """The experts' reordered weights inside :func:`prepacked` (None outside, or for weights
